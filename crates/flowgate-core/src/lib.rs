@@ -1,0 +1,55 @@
+//! # flowgate-core
+//!
+//! The sans-IO heart of flowgate, a network content filter: packets and time go in, verdicts
+//! and flow events come out. Nothing here reads a clock, opens a socket or touches a file, so
+//! the same engine runs behind NFQUEUE on a live host, over a capture file in `flowgate replay`,
+//! and in unit tests with virtual time.
+//!
+//! ## Rooms
+//!
+//! - [`packet`]: IP packet → 5-tuple, TCP flags, payload (via `etherparse`).
+//! - [`flow`]: flow identity, what providers see of a flow, the flow table.
+//! - [`rules`]: rules and their text forms, the compiled matcher, lints.
+//! - [`verdict`], [`provider`]: the content-filter model a product implements.
+//! - [`engine`]: the state machine that ties them together; [`handle`]: its remote control.
+//! - [`event`]: the JSON-lines event format; [`time`]: the core's clock type.
+//!
+//! ## Driving the engine
+//!
+//! ```
+//! use std::sync::Arc;
+//! use flowgate_core::{Engine, EngineConfig, Instant, Origin, PacketMeta, PacketAction};
+//! use flowgate_core::rules::{RuleSet, matcher::CompiledRules};
+//!
+//! let rules = Arc::new(CompiledRules::compile(RuleSet::default()));
+//! let mut engine = Engine::new(EngineConfig::default(), rules);
+//! # let packet: Vec<u8> = vec![];
+//! let meta = PacketMeta { interface: Some("eth0"), origin: Origin::Output };
+//! let decision = engine.handle_packet(Instant::from_micros(1), meta, &packet);
+//! assert_eq!(decision.action, PacketAction::Accept);
+//! while let Some(event) = engine.poll_event() {
+//!     println!("{}", event.kind.name());
+//! }
+//! ```
+//!
+//! A product adds its own judgement with [`Engine::set_flow_filter`] (a [`FlowFilter`]) and
+//! [`Engine::set_packet_filter`] (a [`PacketFilter`]), and changes verdicts later, from any
+//! thread, through a [`Handle`].
+
+pub mod engine;
+pub mod event;
+pub mod flow;
+pub mod handle;
+pub mod packet;
+pub mod provider;
+pub mod rules;
+pub mod time;
+pub mod verdict;
+
+pub use engine::{Engine, EngineConfig, Origin, PacketMeta, Release, Stats, Timeouts};
+pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
+pub use flow::{Counters, Direction, Flow, FlowId, Protocol};
+pub use handle::{EngineGone, FlowStatus, Handle, Snapshot};
+pub use provider::{FlowFilter, PacketContext, PacketFilter};
+pub use time::Instant;
+pub use verdict::{DataVerdict, Decision, FlowVerdict, NewFlowVerdict, PacketAction, PacketId, PacketVerdict};

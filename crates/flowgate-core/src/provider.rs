@@ -1,0 +1,49 @@
+//! The provider traits: how a product plugs its own judgement into the engine.
+//!
+//! A [`FlowFilter`] judges flows (at their start, on their first bytes, when a direction ends)
+//! and hears when they close; a [`PacketFilter`] judges single packets. Both are called on the
+//! engine's thread, synchronously, from inside `Engine::handle_*`: they must not block. To
+//! decide later, return `Pause` (or allow and change your mind) and use a [`crate::Handle`] from
+//! any thread. The built-in rule set judges beside them; the most restrictive answer wins.
+
+use crate::flow::{Direction, Flow, FlowId};
+use crate::event::FlowReport;
+use crate::verdict::{DataVerdict, NewFlowVerdict, PacketVerdict};
+
+/// Judges flows. Only `new_flow` is required.
+pub trait FlowFilter: Send {
+    /// A flow was seen for the first time (its full 5-tuple, interface and direction are known).
+    fn new_flow(&mut self, flow: &Flow) -> NewFlowVerdict;
+
+    /// Payload bytes of `direction`, starting at byte `offset` of that direction's stream. Called
+    /// only for flows this filter asked to inspect, only within the peek window it asked for.
+    fn data(&mut self, _flow: &Flow, _direction: Direction, _offset: u64, _bytes: &[u8]) -> DataVerdict {
+        DataVerdict::Allow
+    }
+
+    /// `direction` ended (TCP FIN) while the flow was being inspected.
+    fn data_complete(&mut self, _flow: &Flow, _direction: Direction) -> DataVerdict {
+        DataVerdict::Allow
+    }
+
+    /// The flow closed; `report` has its counts and last verdict.
+    fn closed(&mut self, _flow: &Flow, _report: &FlowReport) {}
+}
+
+/// One packet, as a [`PacketFilter`] sees it.
+#[derive(Debug)]
+pub struct PacketContext<'a> {
+    /// Interface the packet came in or goes out on, where known.
+    pub interface: Option<&'a str>,
+    /// Outbound = sent by the local side of its flow.
+    pub direction: Direction,
+    /// The flow the packet belongs to.
+    pub flow: FlowId,
+    /// The IP packet.
+    pub bytes: &'a [u8],
+}
+
+/// Judges single packets. Every packet of every flow is shown to it while it is installed.
+pub trait PacketFilter: Send {
+    fn packet(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict;
+}
