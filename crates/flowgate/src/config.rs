@@ -1,0 +1,475 @@
+//! The config file: TOML in, a validated rule set and engine settings out.
+//!
+//! Loading never touches the system: it reads one file, checks every key and value, and returns
+//! either a [`Config`] or a [`ConfigError`] that names the file, the line and the field. Unknown
+//! keys are errors (a misspelt key silently ignored is a rule silently not enforced). The meaning
+//! of each value (CIDR, ports, protocol, ...) is parsed by `flowgate_core::rules`; this module
+//! adds the TOML shape and the positions. Lints come back as [`Warning`]s with their line.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flowgate_core::rules::{self, Action, Rule, RuleSet, lint};
+use flowgate_core::{EngineConfig, Timeouts};
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// What traffic does while the daemon cannot answer.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    Open,
+    Closed,
+}
+
+/// A loaded, validated config.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub rules: RuleSet,
+    /// Line of each rule's `[[rule]]` header, for messages.
+    pub rule_lines: Vec<usize>,
+    pub engine: EngineConfig,
+    pub fail: FailMode,
+    pub warnings: Vec<Warning>,
+}
+
+/// A config that loads but probably does not say what its author meant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub path: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: warning: {}", self.path.display(), self.line, self.message)
+    }
+}
+
+/// Why a config could not be loaded: file, line, column and field where known.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    default_action: Option<Spanned<String>>,
+    fail: Option<Spanned<String>>,
+    local_addresses: Option<Vec<Spanned<String>>>,
+    max_flows: Option<Spanned<i64>>,
+    timeouts: Option<RawTimeouts>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    tcp: Option<Spanned<String>>,
+    tcp_closing: Option<Spanned<String>>,
+    udp: Option<Spanned<String>>,
+    icmp: Option<Spanned<String>>,
+    other: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<Spanned<String>>,
+    remote: Option<Spanned<toml::Value>>,
+    local: Option<Spanned<toml::Value>>,
+    remote_ports: Option<Spanned<toml::Value>>,
+    local_ports: Option<Spanned<toml::Value>>,
+    protocol: Option<Spanned<String>>,
+    direction: Option<Spanned<String>>,
+    interface: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    action: Option<Spanned<String>>,
+    peek: Option<Spanned<RawPeek>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeek {
+    outbound: Option<u32>,
+    inbound: Option<u32>,
+}
+
+/// Byte offsets → line and column, and the error builder for one file.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+        (line, column)
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.position(span.start).0
+    }
+
+    fn error(&self, span: Option<Range<usize>>, field: Option<&str>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = match span {
+            Some(s) => {
+                let (l, c) = self.position(s.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        ConfigError { path: self.path.to_path_buf(), line, column, field: field.map(str::to_string), message: message.into() }
+    }
+
+    fn at<T>(&self, v: &Spanned<T>, field: &str, message: impl Into<String>) -> ConfigError {
+        self.error(Some(v.span()), Some(field), message)
+    }
+
+    /// The key written on the line of `offset` (`key = value`), to name the field in errors
+    /// that come from the TOML layer without it.
+    fn key_at(&self, offset: usize) -> Option<String> {
+        let start = self.text[..offset.min(self.text.len())].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[start..].lines().next()?;
+        let (key, _) = line.split_once('=')?;
+        let key = key.trim();
+        (!key.is_empty() && !key.starts_with('[')).then(|| key.to_string())
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        path: path.to_path_buf(),
+        line: None,
+        column: None,
+        field: None,
+        message: format!("cannot read config: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Validates config text; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let src = Source { path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span();
+        let field = span.as_ref().and_then(|s| src.key_at(s.start));
+        src.error(span, field.as_deref(), e.message().trim().to_string())
+    })?;
+
+    let default_action = match &raw.default_action {
+        None => Action::Allow,
+        Some(v) => match v.get_ref().as_str() {
+            "allow" => Action::Allow,
+            "drop" => Action::Drop,
+            other => return Err(src.at(v, "default_action", format!("`{other}` is not a default action: expected allow or drop"))),
+        },
+    };
+    let fail = match &raw.fail {
+        None => FailMode::Open,
+        Some(v) => match v.get_ref().as_str() {
+            "open" => FailMode::Open,
+            "closed" => FailMode::Closed,
+            other => return Err(src.at(v, "fail", format!("`{other}` is not a fail mode: expected open or closed"))),
+        },
+    };
+    let mut engine = EngineConfig::default();
+    for a in raw.local_addresses.iter().flatten() {
+        let net = rules::parse_network(a.get_ref()).map_err(|e| src.at(a, "local_addresses", e.0))?;
+        engine.local_networks.push(net);
+    }
+    if let Some(m) = &raw.max_flows {
+        engine.max_flows = usize::try_from(*m.get_ref())
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| src.at(m, "max_flows", "must be a positive number of flows"))?;
+    }
+    if let Some(t) = &raw.timeouts {
+        engine.timeouts = timeouts(&src, t)?;
+    }
+
+    let mut warnings = Vec::new();
+    let mut rule_list = Vec::with_capacity(raw.rules.len());
+    let mut rule_lines = Vec::with_capacity(raw.rules.len());
+    let mut names = std::collections::HashMap::new();
+    for (i, r) in raw.rules.iter().enumerate() {
+        let line = src.line(&r.span());
+        let rule = rule(&src, i, r.get_ref(), &mut warnings)?;
+        if let Some(first) = names.insert(rule.name.clone(), line) {
+            let span = r.get_ref().name.as_ref().map(Spanned::span);
+            return Err(src.error(span, Some("name"), format!("rule name `{}` is already used by the rule at line {first}", rule.name)));
+        }
+        rule_lines.push(line);
+        rule_list.push(rule);
+    }
+    let set = RuleSet { rules: rule_list, default_action };
+    for l in lint::lint(&set) {
+        warnings.push(Warning { path: path.to_path_buf(), line: rule_lines[l.rule()], message: l.message(&set) });
+    }
+    warnings.sort_by_key(|w| w.line);
+    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, warnings })
+}
+
+fn timeouts(src: &Source<'_>, t: &RawTimeouts) -> Result<Timeouts, ConfigError> {
+    let mut out = Timeouts::default();
+    let fields = [
+        ("tcp", &t.tcp, &mut out.tcp),
+        ("tcp_closing", &t.tcp_closing, &mut out.tcp_closing),
+        ("udp", &t.udp, &mut out.udp),
+        ("icmp", &t.icmp, &mut out.icmp),
+        ("other", &t.other, &mut out.other),
+    ];
+    for (name, raw, slot) in fields {
+        if let Some(v) = raw {
+            let d: Duration = humantime::parse_duration(v.get_ref()).map_err(|e| {
+                src.at(v, &format!("timeouts.{name}"), format!("`{}` is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\"", v.get_ref()))
+            })?;
+            if d.is_zero() {
+                return Err(src.at(v, &format!("timeouts.{name}"), "a timeout of zero would close every flow at once"));
+            }
+            *slot = d;
+        }
+    }
+    Ok(out)
+}
+
+fn strings<'v>(src: &Source<'_>, v: &'v Spanned<toml::Value>, field: &str) -> Result<Vec<&'v str>, ConfigError> {
+    match v.get_ref() {
+        toml::Value::String(s) => Ok(vec![s.as_str()]),
+        toml::Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|i| i.as_str().ok_or_else(|| src.at(v, field, "expected a string or a list of strings")))
+            .collect(),
+        toml::Value::Array(_) => Err(src.at(v, field, "empty list: leave the field out to match anything")),
+        _ => Err(src.at(v, field, "expected a string or a list of strings")),
+    }
+}
+
+fn ports(src: &Source<'_>, v: &Spanned<toml::Value>, field: &str) -> Result<rules::PortSet, ConfigError> {
+    let text = match v.get_ref() {
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::String(s) => s.clone(),
+        _ => return Err(src.at(v, field, "expected ports as a string like \"80,443,8000-8080\" or a number")),
+    };
+    rules::parse_ports(&text).map_err(|e| src.at(v, field, e.0))
+}
+
+fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>) -> Result<Rule, ConfigError> {
+    let name = match &r.name {
+        Some(n) if n.get_ref().trim().is_empty() => return Err(src.at(n, "name", "a rule name cannot be empty")),
+        Some(n) => n.get_ref().trim().to_string(),
+        None => format!("rule-{}", index + 1),
+    };
+    let Some(action_text) = &r.action else {
+        return Err(src.error(None, Some("action"), format!("rule `{name}` has no `action` (allow, drop or inspect)")))
+            .map_err(|mut e| {
+                e.line = r.name.as_ref().map(|n| src.line(&n.span()));
+                e
+            });
+    };
+    let (peek_out, peek_in) = match &r.peek {
+        Some(p) => (p.get_ref().outbound.unwrap_or(0), p.get_ref().inbound.unwrap_or(0)),
+        None => (0, 0),
+    };
+    let action = rules::parse_action(action_text.get_ref(), peek_out, peek_in).map_err(|e| src.at(action_text, "action", e.0))?;
+    match (&action, &r.peek) {
+        (Action::Inspect { .. }, None) => {
+            return Err(src.at(action_text, "peek", "an inspect rule needs `peek = { outbound = N, inbound = N }`"));
+        }
+        (Action::Inspect { peek_outbound: 0, peek_inbound: 0 }, Some(p)) => {
+            return Err(src.at(p, "peek", "an inspect rule must peek at least one byte in some direction"));
+        }
+        (Action::Allow | Action::Drop, Some(p)) => {
+            return Err(src.at(p, "peek", "`peek` only goes with action = \"inspect\""));
+        }
+        _ => {}
+    }
+    if let Some(h) = &r.host {
+        return Err(src.at(h, "host", "host-name rules need the protocol sniffers (TLS SNI, HTTP Host, DNS), which this version does not have yet"));
+    }
+    let mut rule = Rule::new(name, action);
+    for (field, raw, out) in [("remote", &r.remote, &mut rule.remote), ("local", &r.local, &mut rule.local)] {
+        if let Some(v) = raw {
+            for text in strings(src, v, field)? {
+                let net: IpNet = rules::parse_network(text).map_err(|e| src.at(v, field, e.0))?;
+                if rules::has_host_bits(text) {
+                    warnings.push(Warning {
+                        path: src.path.to_path_buf(),
+                        line: src.line(&v.span()),
+                        message: format!("{field} = \"{text}\" has host bits set below the prefix: it means {net}; for one host write /{}", if net.addr().is_ipv4() { 32 } else { 128 }),
+                    });
+                }
+                out.push(net);
+            }
+        }
+    }
+    if let Some(v) = &r.remote_ports {
+        rule.remote_ports = Some(ports(src, v, "remote_ports")?);
+    }
+    if let Some(v) = &r.local_ports {
+        rule.local_ports = Some(ports(src, v, "local_ports")?);
+    }
+    if let Some(v) = &r.protocol {
+        rule.protocol = rules::parse_protocol(v.get_ref()).map_err(|e| src.at(v, "protocol", e.0))?;
+    }
+    if let Some(v) = &r.direction {
+        rule.direction = rules::parse_direction(v.get_ref()).map_err(|e| src.at(v, "direction", e.0))?;
+    }
+    if let Some(v) = &r.interface {
+        rule.interface = Some(rules::parse_interface(v.get_ref()).map_err(|e| src.at(v, "interface", e.0))?);
+    }
+    Ok(rule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("test.toml"), text)
+    }
+
+    fn err(text: &str) -> ConfigError {
+        match load_str(text) {
+            Ok(_) => panic!("config should be rejected:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn full_example_loads() {
+        let c = load_str(
+            r#"
+default_action = "allow"
+fail = "open"
+local_addresses = ["198.51.100.1", "2001:db8:1::/64"]
+max_flows = 1000
+
+[timeouts]
+udp = "30s"
+
+[[rule]]
+name = "block-one-host"
+remote = "203.0.113.7/32"
+remote_ports = "80,443,8000-8080"
+local = "198.51.100.0/24"
+local_ports = "1024-65535"
+protocol = "tcp"
+direction = "outbound"
+interface = "tun*"
+action = "drop"
+
+[[rule]]
+name = "peek-web"
+remote_ports = 443
+action = "inspect"
+peek = { outbound = 2048, inbound = 0 }
+"#,
+        )
+        .expect("valid config");
+        assert_eq!(c.rules.rules.len(), 2);
+        assert_eq!(c.rule_lines, vec![10, 21]);
+        assert_eq!(c.rules.rules[1].action, Action::Inspect { peek_outbound: 2048, peek_inbound: 0 });
+        assert_eq!(c.engine.local_networks.len(), 2);
+        assert_eq!(c.engine.max_flows, 1000);
+        assert_eq!(c.engine.timeouts.udp, Duration::from_secs(30));
+        assert_eq!(c.fail, FailMode::Open);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = err("[[rule]]\nname = \"x\"\nremote = \"203.0.113.300\"\naction = \"drop\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("remote")));
+        let shown = e.to_string();
+        assert!(shown.starts_with("test.toml:3:"), "{shown}");
+        assert!(shown.contains("203.0.113.300"), "{shown}");
+
+        let e = err("[[rule]]\nname = \"x\"\nremote_ports = \"80-\"\naction = \"drop\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("remote_ports")));
+
+        let e = err("[[rule]]\nname = \"x\"\naction = \"reject\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("action")));
+
+        let e = err("default_action = \"inspect\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(1), Some("default_action")));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = err("[[rule]]\nname = \"x\"\nremote_port = \"80\"\naction = \"drop\"\n");
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("remote_port"), "{e}");
+        let e = err("defualt_action = \"drop\"\n");
+        assert!(e.message.contains("defualt_action"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = err("[[rule]]\nname = \"x\"\nprotocol = 6\naction = \"drop\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("protocol")));
+    }
+
+    #[test]
+    fn rule_shape_errors() {
+        assert_eq!(err("[[rule]]\nname = \"x\"\n").field.as_deref(), Some("action"));
+        assert_eq!(err("[[rule]]\naction = \"inspect\"\n").field.as_deref(), Some("peek"));
+        assert_eq!(err("[[rule]]\naction = \"drop\"\npeek = { outbound = 1 }\n").field.as_deref(), Some("peek"));
+        assert_eq!(err("[[rule]]\naction = \"drop\"\nhost = \"*.example.com\"\n").field.as_deref(), Some("host"));
+        let dup = err("[[rule]]\nname = \"a\"\naction = \"drop\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\n");
+        assert_eq!((dup.line, dup.field.as_deref()), (Some(5), Some("name")));
+        assert_eq!(err("[timeouts]\nudp = \"soon\"\n").field.as_deref(), Some("timeouts.udp"));
+        assert_eq!(err("local_addresses = [\"not-an-ip\"]\n").field.as_deref(), Some("local_addresses"));
+        assert_eq!(err("[[rule]]\nremote = []\naction = \"drop\"\n").field.as_deref(), Some("remote"));
+    }
+
+    #[test]
+    fn warnings_carry_the_rule_line() {
+        let c = load_str(
+            "[[rule]]\nname = \"zero\"\nremote = \"203.0.113.7/0\"\naction = \"drop\"\n\n[[rule]]\nname = \"later\"\nremote = \"203.0.113.7\"\naction = \"allow\"\n",
+        )
+        .expect("loads with warnings");
+        let lines: Vec<usize> = c.warnings.iter().map(|w| w.line).collect();
+        // /0 (rule line 1), host bits (field line 3), and `later` shadowed by `zero` (line 6).
+        assert_eq!(lines, vec![1, 3, 6], "{:?}", c.warnings);
+        assert!(c.warnings[0].message.contains("matches every IPv4 address"));
+        assert!(c.warnings[2].message.contains("can never match"));
+        assert!(c.warnings[2].to_string().starts_with("test.toml:6: warning:"));
+    }
+
+    #[test]
+    fn defaults_without_rules() {
+        let c = load_str("").expect("empty config is valid");
+        assert_eq!(c.rules.default_action, Action::Allow);
+        assert!(c.rules.rules.is_empty());
+    }
+}
