@@ -432,11 +432,14 @@ impl Engine {
         }
     }
 
-    /// Closes every flow (end of a capture, shutdown), emitting their close events.
+    /// Closes every flow (end of a capture, shutdown), emitting their close events. Flows that
+    /// were lingering after FIN or RST close with that reason, the others with `end`.
     pub fn close_all(&mut self, now: Instant) {
         let slots: Vec<Slot> = self.flows.slots().collect();
         for s in slots {
-            self.close(s, now, CloseReason::End);
+            // A flow already closing (FIN both ways, RST) ended for that reason, not this one.
+            let reason = self.flows.get(s).and_then(|e| e.closing).unwrap_or(CloseReason::End);
+            self.close(s, now, reason);
         }
         self.publish(now);
     }
@@ -691,7 +694,8 @@ impl Engine {
         if let DataVerdict::Pass { .. } = verdict {
             e.filter_inspects = true;
         }
-        if source == UpdateSource::Handle && e.rule.as_ref() != Some(&self.provider_rule) {
+        // A verdict from a provider or a handle replaces the rule's: events must say so.
+        if source != UpdateSource::Peek && e.rule.as_ref() != Some(&self.provider_rule) {
             e.rule = Some(self.provider_rule.clone());
         }
         self.after_change(slot, now, before, direction, source);
