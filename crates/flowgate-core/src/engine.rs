@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::event::{CloseReason, Event, EventKind, FlowReport, Peek, RuleName, UpdateSource};
 use crate::flow::{Counters, Direction, Flow, FlowId, FlowKey, FlowTable, Protocol, Slot};
-use crate::handle::{Command, FlowStatus, Handle, Snapshot, Waker};
+use crate::handle::{Command, FlowStatus, Handle, KernelReport, Snapshot, SnapshotSlot, Waker};
 use crate::packet::{self, ParseError, ParsedPacket};
 use crate::provider::{FlowFilter, PacketContext, PacketFilter};
 use crate::rules::Action;
@@ -97,8 +97,10 @@ pub enum Origin {
     Output,
     /// Addressed to this host (INPUT): the destination is local.
     Input,
-    /// Routed through this host, or seen in a capture: decided from `local_networks` and
-    /// from who opened the flow.
+    /// Routed through this host (FORWARD): neither end is local; the opener is taken as the
+    /// local end and the flow is marked `forwarded`.
+    Forward,
+    /// Seen in a capture: decided from `local_networks` and from who opened the flow.
     Unknown,
 }
 
@@ -119,7 +121,8 @@ pub struct Stats {
     pub not_ip: u64,
     pub flows_opened: u64,
     pub flows_closed: u64,
-    /// New flows not tracked because the table was full.
+    /// Packets judged by the rules alone, untracked, because the flow table was full (every
+    /// packet of such a flow counts: each one is judged afresh).
     pub untracked: u64,
     /// Packets dropped because too many were held.
     pub held_overflow: u64,
@@ -195,6 +198,8 @@ struct Entry {
     /// Time of this flow's pending entry in the timer heap.
     timer_at: Instant,
     held: Vec<PacketId>,
+    /// Drops of this flow do not tell the sender.
+    silent: bool,
 }
 
 impl Entry {
@@ -260,7 +265,7 @@ impl Engine {
         let handle = Handle {
             tx,
             waker: Arc::new(Mutex::new(None)),
-            snapshot: Arc::new(Mutex::new(Snapshot::default())),
+            snapshot: Arc::new(SnapshotSlot::default()),
         };
         Engine {
             flows: FlowTable::new(config.max_flows),
@@ -338,7 +343,7 @@ impl Engine {
                     ParseError::NotIp => self.stats.not_ip += 1,
                 }
                 // Nothing to judge it by; the kernel has its own checks for broken packets.
-                return Decision { action: PacketAction::Accept, flow: None, settled: false };
+                return Decision { action: PacketAction::Accept, flow: None, settled: false, silent: false };
             }
         };
         let key = FlowKey::new(p.protocol, (p.src, p.src_port), (p.dst, p.dst_port));
@@ -355,7 +360,7 @@ impl Engine {
             Some(s) => s,
             None => match self.open(now, meta, &p, key) {
                 Ok(s) => s,
-                Err(action) => return Decision { action, flow: None, settled: false },
+                Err(action) => return Decision { action, flow: None, settled: false, silent: false },
             },
         };
         self.on_packet(slot, now, meta, &p, bytes)
@@ -420,6 +425,9 @@ impl Engine {
                     }
                 }
                 Command::Publish => self.publish(now),
+                Command::Kernel(r) => {
+                    self.handle_kernel_report(now, &r);
+                }
             }
         }
     }
@@ -430,6 +438,32 @@ impl Engine {
         if let Some(slot) = self.flows.slot_of(flow) {
             self.apply(slot, now, verdict, direction, UpdateSource::Handle);
         }
+    }
+
+    /// Takes conntrack's word on a flow: its counters replace ours where larger (the kernel saw
+    /// the packets we let it handle alone), and an ended flow closes. Returns whether the flow
+    /// was known here.
+    pub fn handle_kernel_report(&mut self, now: Instant, r: &KernelReport) -> bool {
+        let key = FlowKey::new(r.protocol, (r.opener.ip(), r.opener.port()), (r.responder.ip(), r.responder.port()));
+        let Some(slot) = self.flows.lookup(&key) else { return false };
+        let Some(e) = self.flows.get_mut(slot) else { return false };
+        let opener_is_local = e.flow.local == r.opener
+            || (e.flow.protocol == Protocol::Icmp && e.flow.local.ip() == r.opener.ip());
+        let (out, inn) = if opener_is_local { (r.from_opener, r.from_responder) } else { (r.from_responder, r.from_opener) };
+        let c = &mut e.counters;
+        if let Some((p, b)) = out {
+            c.packets_out = c.packets_out.max(p);
+            c.bytes_out = c.bytes_out.max(b);
+        }
+        if let Some((p, b)) = inn {
+            c.packets_in = c.packets_in.max(p);
+            c.bytes_in = c.bytes_in.max(b);
+        }
+        if r.ended {
+            let reason = e.closing.unwrap_or(CloseReason::Conntrack);
+            self.close(slot, now, reason);
+        }
+        true
     }
 
     /// Closes every flow (end of a capture, shutdown), emitting their close events. Flows that
@@ -446,7 +480,11 @@ impl Engine {
 
     fn publish(&mut self, now: Instant) {
         let flows: Arc<[FlowStatus]> = self.flows.iter().map(Entry::status).collect();
-        *self.handle.snapshot.lock().unwrap_or_else(PoisonError::into_inner) = Snapshot { taken: now, flows };
+        let slot = &self.handle.snapshot;
+        let mut s = slot.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        *s = Snapshot { taken: now, flows, generation: s.generation + 1 };
+        drop(s);
+        slot.published.notify_all();
         self.next_snapshot = Some(now + self.config.snapshot_interval);
     }
 
@@ -471,6 +509,7 @@ impl Engine {
         let src_local = match meta.origin {
             Origin::Output => true,
             Origin::Input => false,
+            Origin::Forward => src_opened,
             Origin::Unknown => match (is_local(&p.src), is_local(&p.dst)) {
                 (true, false) => true,
                 (false, true) => false,
@@ -486,7 +525,9 @@ impl Engine {
         let (src, dst) = (SocketAddr::new(p.src, p.src_port), SocketAddr::new(p.dst, p.dst_port));
         let (local, remote) = if src_local { (src, dst) } else { (dst, src) };
         let interface = meta.interface.map(|i| self.intern(i));
-        let mut flow = Flow { id: FlowId(0), protocol: p.protocol, direction, local, remote, interface, existing: false, started: now };
+        let forwarded = meta.origin == Origin::Forward;
+        let mut flow =
+            Flow { id: FlowId(0), protocol: p.protocol, direction, local, remote, interface, existing: false, forwarded, started: now };
         let class = self.rules.classify(&flow);
         if self.flows.len() >= self.config.max_flows {
             self.stats.untracked += 1;
@@ -504,10 +545,8 @@ impl Engine {
             Action::Drop => NewFlowVerdict::Drop,
             Action::Inspect { peek_outbound, peek_inbound } => NewFlowVerdict::Inspect { peek_outbound, peek_inbound },
         };
-        let mut rule = match class.rule {
-            Some(i) => self.rules.rules()[i].name.as_str().into(),
-            None => self.default_rule.clone(),
-        };
+        let mut rule = class.rule.and_then(|i| self.rules.name(i)).unwrap_or(&self.default_rule).clone();
+        let silent = class.rule.is_some_and(|i| self.rules.rules()[i].silent);
         let filter_verdict = self.filter.as_mut().map(|f| f.new_flow(&flow));
         let (verdict, filter_inspects) = match filter_verdict {
             None => (rule_verdict, false),
@@ -515,7 +554,12 @@ impl Engine {
                 if severity(fv) > severity(rule_verdict) && !matches!(fv, NewFlowVerdict::Inspect { .. }) {
                     rule = self.provider_rule.clone();
                 }
-                (combine(rule_verdict, fv), matches!(fv, NewFlowVerdict::Inspect { .. }))
+                // A filter that inspects is shown exactly the window it asked for; a rule's own
+                // inspect window has no one to show its bytes to (yet) and adds nothing.
+                match (rule_verdict, fv) {
+                    (NewFlowVerdict::Allow | NewFlowVerdict::Inspect { .. }, NewFlowVerdict::Inspect { .. }) => (fv, true),
+                    _ => (combine(rule_verdict, fv), false),
+                }
             }
         };
         let (out, inn, peek) = match verdict {
@@ -539,6 +583,7 @@ impl Engine {
             closing: None,
             timer_at,
             held: Vec::new(),
+            silent,
         };
         let verdict = entry.verdict();
         let slot = self.flows.insert(key, flow.id, entry).map_err(|_| PacketAction::Accept)?;
@@ -550,7 +595,7 @@ impl Engine {
 
     fn on_packet(&mut self, slot: Slot, now: Instant, meta: PacketMeta<'_>, p: &ParsedPacket<'_>, bytes: &[u8]) -> Decision {
         let Some(e) = self.flows.get_mut(slot) else {
-            return Decision { action: PacketAction::Accept, flow: None, settled: false };
+            return Decision { action: PacketAction::Accept, flow: None, settled: false, silent: false };
         };
         let id = e.flow.id;
         let dir = if p.src == e.flow.local.ip() && (p.src_port == e.flow.local.port() || p.protocol == Protocol::Icmp) {
@@ -572,8 +617,7 @@ impl Engine {
                 }
             }
             if f.syn {
-                // The SYN takes one sequence number: data starts after it.
-                e.side(dir).next_seq = Some(p.seq.wrapping_add(1));
+                e.side(dir).next_seq = Some(p.seq);
             }
         }
         if e.closing.is_some() {
@@ -584,8 +628,14 @@ impl Engine {
             }
         }
 
-        if !p.payload.is_empty() && matches!(e.side(dir).mode, Mode::Inspect { .. }) {
-            self.inspect(slot, now, dir, p);
+        if !p.payload.is_empty() {
+            // Track the stream position always: a window opened later (an update with `Pass`)
+            // must be placed at the right offset.
+            if let Some((start, new_bytes)) = advance(e.side(dir), p) {
+                if matches!(e.side(dir).mode, Mode::Inspect { .. }) {
+                    self.inspect(slot, now, dir, start, new_bytes);
+                }
+            }
         }
         if fin_now {
             self.complete(slot, now, dir);
@@ -607,38 +657,19 @@ impl Engine {
                 PacketVerdict::Delay => self.hold(None),
             };
         }
-        let settled = self.packet_filter.is_none() && self.flows.get(slot).is_some_and(Entry::settled);
-        Decision { action, flow: Some(id), settled }
+        let (settled, silent) = match self.flows.get(slot) {
+            Some(e) => (self.packet_filter.is_none() && e.settled(), e.silent),
+            None => (false, false),
+        };
+        Decision { action, flow: Some(id), settled, silent }
     }
 
-    /// Shows the part of this packet's payload that lies in the direction's peek window.
-    fn inspect(&mut self, slot: Slot, now: Instant, dir: Direction, p: &ParsedPacket<'_>) {
+    /// Shows the part of new payload (starting at stream offset `start`) that lies in the
+    /// direction's peek window.
+    fn inspect(&mut self, slot: Slot, now: Instant, dir: Direction, start: u64, payload: &[u8]) {
         let Some(e) = self.flows.get_mut(slot) else { return };
-        let side = e.side(dir);
-        let mut payload = p.payload;
-        // Place the payload in the stream; skip what was already seen (retransmissions).
-        let start = match (p.tcp.is_some(), side.next_seq) {
-            (true, Some(next)) => {
-                let delta = p.seq.wrapping_sub(next) as i32;
-                if delta < 0 {
-                    let seen = delta.unsigned_abs() as usize;
-                    if seen >= payload.len() {
-                        return;
-                    }
-                    payload = &payload[seen..];
-                    side.offset
-                } else {
-                    side.offset + delta as u64
-                }
-            }
-            _ => side.offset,
-        };
+        let Mode::Inspect { pass_end, peek_end } = e.side(dir).mode else { return };
         let end = start + payload.len() as u64;
-        side.offset = end;
-        if p.tcp.is_some() {
-            side.next_seq = Some(p.seq.wrapping_add(p.payload.len() as u32));
-        }
-        let Mode::Inspect { pass_end, peek_end } = side.mode else { return };
         let (from, to) = (start.max(pass_end), end.min(peek_end));
         if e.filter_inspects {
             if from < to {
@@ -713,7 +744,8 @@ impl Engine {
     fn after_change(&mut self, slot: Slot, now: Instant, before: (Mode, Mode, FlowVerdict), direction: Option<Direction>, source: UpdateSource) {
         let Some(e) = self.flows.get_mut(slot) else { return };
         let verdict = e.verdict();
-        let changed = (e.out.mode, e.inn.mode) != (before.0, before.1);
+        // Moving an inspect window is not news; a direction changing its verdict is.
+        let changed = (e.out.mode.verdict(), e.inn.mode.verdict()) != (before.0.verdict(), before.1.verdict());
         if !changed {
             return;
         }
@@ -770,6 +802,34 @@ impl Engine {
     }
 }
 
+/// Places a packet's payload in its direction's stream and moves the stream on. Returns the
+/// stream offset of the first new byte and the new bytes, or `None` when everything in it was
+/// seen before (a retransmission). Gaps (lost or reordered segments) move the offset past them.
+fn advance<'p>(side: &mut Side, p: &ParsedPacket<'p>) -> Option<(u64, &'p [u8])> {
+    let mut payload = p.payload;
+    let start = match (p.tcp.is_some(), side.next_seq) {
+        (true, Some(next)) => {
+            let delta = p.seq.wrapping_sub(next) as i32;
+            if delta < 0 {
+                let seen = delta.unsigned_abs() as usize;
+                if seen >= payload.len() {
+                    return None;
+                }
+                payload = &payload[seen..];
+                side.offset
+            } else {
+                side.offset + delta as u64
+            }
+        }
+        _ => side.offset,
+    };
+    side.offset = start + payload.len() as u64;
+    if p.tcp.is_some() {
+        side.next_seq = Some(p.seq.wrapping_add(p.payload.len() as u32));
+    }
+    Some((start, payload))
+}
+
 fn timeout(t: &Timeouts, p: Protocol) -> Duration {
     match p {
         Protocol::Tcp => t.tcp,
@@ -795,14 +855,10 @@ fn severity(v: NewFlowVerdict) -> u8 {
     }
 }
 
-/// The most restrictive of two verdicts; two inspects look at the larger window.
+/// The most restrictive of two verdicts.
 fn combine(a: NewFlowVerdict, b: NewFlowVerdict) -> NewFlowVerdict {
-    match (a, b) {
-        (
-            NewFlowVerdict::Inspect { peek_outbound: ao, peek_inbound: ai },
-            NewFlowVerdict::Inspect { peek_outbound: bo, peek_inbound: bi },
-        ) => NewFlowVerdict::Inspect { peek_outbound: ao.max(bo), peek_inbound: ai.max(bi) },
-        _ if severity(a) >= severity(b) => a,
-        _ => b,
-    }
+    if severity(a) >= severity(b) { a } else { b }
 }
+
+#[cfg(test)]
+mod tests;

@@ -65,6 +65,9 @@ pub enum CloseReason {
     End,
     /// A new connection reused the 4-tuple of a closing one.
     Reused,
+    /// The kernel's connection tracking ended it (FIN, RST or its own timeout) while the kernel
+    /// was handling the flow alone.
+    Conntrack,
 }
 
 /// What a flow did, reported when it closes.
@@ -148,6 +151,7 @@ mod tests {
             remote: "203.0.113.9:5000".parse().expect("addr"),
             interface: None,
             existing: false,
+            forwarded: false,
             started: Instant::ZERO,
         }
     }

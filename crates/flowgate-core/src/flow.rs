@@ -89,6 +89,8 @@ pub struct Flow {
     pub interface: Option<Arc<str>>,
     /// The flow was open before the filter started (adopted, not seen opening).
     pub existing: bool,
+    /// The flow passes through this host (routed), neither end is local.
+    pub forwarded: bool,
     #[serde(skip)]
     pub started: Instant,
 }
@@ -253,6 +255,7 @@ mod tests {
             remote: "203.0.113.7:443".parse().expect("addr"),
             interface: Some("tun0".into()),
             existing: false,
+            forwarded: false,
             started: Instant::ZERO,
         };
         let v = serde_json::to_value(&f).expect("json");

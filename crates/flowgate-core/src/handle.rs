@@ -7,7 +7,8 @@
 //! table, so it can be called from anywhere, even from inside a provider callback.
 
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -33,6 +34,15 @@ pub struct FlowStatus {
 pub struct Snapshot {
     pub taken: Instant,
     pub flows: Arc<[FlowStatus]>,
+    /// Counts publications, so a reader can wait for a newer one.
+    pub generation: u64,
+}
+
+/// Where the engine publishes snapshots: a slot and a condition variable to wait on it.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotSlot {
+    pub(crate) snapshot: Mutex<Snapshot>,
+    pub(crate) published: Condvar,
 }
 
 pub(crate) enum Command {
@@ -40,6 +50,21 @@ pub(crate) enum Command {
     Resume { flow: FlowId, verdict: DataVerdict },
     Release { packet: PacketId, accept: bool },
     Publish,
+    Kernel(KernelReport),
+}
+
+/// What the kernel's connection tracking says about a flow it handles without user space.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct KernelReport {
+    pub protocol: crate::flow::Protocol,
+    /// The end that opened the flow (conntrack's original direction source).
+    pub opener: std::net::SocketAddr,
+    pub responder: std::net::SocketAddr,
+    /// (packets, bytes) sent by the opener and by the responder, where accounting is on.
+    pub from_opener: Option<(u64, u64)>,
+    pub from_responder: Option<(u64, u64)>,
+    /// The kernel forgot the flow: it is over.
+    pub ended: bool,
 }
 
 pub(crate) type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -49,7 +74,7 @@ pub(crate) type Waker = Arc<dyn Fn() + Send + Sync>;
 pub struct Handle {
     pub(crate) tx: Sender<Command>,
     pub(crate) waker: Arc<Mutex<Option<Waker>>>,
-    pub(crate) snapshot: Arc<Mutex<Snapshot>>,
+    pub(crate) snapshot: Arc<SnapshotSlot>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -90,6 +115,12 @@ impl Handle {
         self.send(Command::Release { packet, accept })
     }
 
+    /// Passes on what conntrack reports about a flow (counters; its end). Flows this engine
+    /// does not know are ignored, so a report can be sent to every engine of a daemon.
+    pub fn kernel_report(&self, report: KernelReport) -> Result<(), EngineGone> {
+        self.send(Command::Kernel(report))
+    }
+
     /// Asks the engine to publish a fresh snapshot the next time it is driven.
     pub fn refresh(&self) -> Result<(), EngineGone> {
         self.send(Command::Publish)
@@ -97,6 +128,21 @@ impl Handle {
 
     /// The live flows as of the engine's last published snapshot.
     pub fn flows(&self) -> Snapshot {
-        self.snapshot.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.snapshot.snapshot.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Asks for a fresh snapshot and waits up to `timeout` for the engine to publish it; on
+    /// timeout (an engine that is not being driven) returns the last one. Never call this from
+    /// the engine's own thread (a provider callback): it would wait for itself.
+    pub fn flows_fresh(&self, timeout: Duration) -> Result<Snapshot, EngineGone> {
+        let slot = &self.snapshot;
+        let before = slot.snapshot.lock().unwrap_or_else(PoisonError::into_inner).generation;
+        self.refresh()?;
+        let guard = slot.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        let (guard, _) = slot
+            .published
+            .wait_timeout_while(guard, timeout, |s| s.generation == before)
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(guard.clone())
     }
 }

@@ -49,7 +49,7 @@ pub mod verdict;
 pub use engine::{Engine, EngineConfig, Origin, PacketMeta, Release, Stats, Timeouts};
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};
-pub use handle::{EngineGone, FlowStatus, Handle, Snapshot};
+pub use handle::{EngineGone, FlowStatus, Handle, KernelReport, Snapshot};
 pub use provider::{FlowFilter, PacketContext, PacketFilter};
 pub use time::Instant;
 pub use verdict::{DataVerdict, Decision, FlowVerdict, NewFlowVerdict, PacketAction, PacketId, PacketVerdict};

@@ -116,7 +116,8 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
             p.protocol = Protocol::Tcp;
             p.src_port = tcp.source_port();
             p.dst_port = tcp.destination_port();
-            p.seq = tcp.sequence_number();
+            // A SYN takes one sequence number itself; data it carries (TCP Fast Open) starts after.
+            p.seq = tcp.sequence_number().wrapping_add(u32::from(tcp.syn()));
             p.tcp = Some(TcpFlags {
                 syn: tcp.syn(),
                 ack: tcp.ack(),

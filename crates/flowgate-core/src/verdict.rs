@@ -102,4 +102,6 @@ pub struct Decision {
     /// The flow is decided for good in both directions (allowed or dropped): the driver may let
     /// the kernel handle the rest of it (conntrack mark) without asking again.
     pub settled: bool,
+    /// A drop should not tell the sender (the rule said `silent`).
+    pub silent: bool,
 }

@@ -2,7 +2,8 @@
 //!
 //! `main → run → ExitCode`. Arguments are parsed and the config validated before anything else
 //! happens; every failure prints one message naming what was wrong and where, and exits
-//! non-zero. Subcommands here: `rules check` and `replay`.
+//! non-zero. Subcommands: `run` (the daemon), `flows` and `cleanup` (talk to or clean up after a
+//! daemon), `rules check`, `replay`.
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -27,6 +28,27 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the filter on this host (as root, in the foreground): installs flowgate's netfilter
+    /// chains, judges every flow, logs flow events as JSON lines, removes the chains on
+    /// SIGINT/SIGTERM. Without --config: allow everything, fail open (a safe default that only
+    /// watches).
+    Run {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List the live flows of the running daemon.
+    Flows {
+        #[command(flatten)]
+        target: DaemonTarget,
+        /// One JSON object per flow, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what a killed daemon left behind (netfilter chains, control socket).
+    Cleanup {
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
     /// Work with rule files.
     Rules {
         #[command(subcommand)]
@@ -44,6 +66,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which daemon to talk to: by its config (its `run_dir`) or by `run_dir` directly.
+#[derive(clap::Args, Debug)]
+pub struct DaemonTarget {
+    /// The daemon's config file (to find its run_dir).
+    #[arg(long, short, conflicts_with = "run_dir")]
+    pub config: Option<PathBuf>,
+    /// The daemon's run_dir (default /run/flowgate).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+}
+
+impl DaemonTarget {
+    fn run_dir(&self) -> Result<PathBuf, String> {
+        match (&self.config, &self.run_dir) {
+            (Some(c), _) => config::load(c).map(|c| c.live.run_dir).map_err(|e| e.to_string()),
+            (None, Some(d)) => Ok(d.clone()),
+            (None, None) => Ok(config::Live::default().run_dir),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,13 +113,114 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Rules { command: RulesCommand::Check { file, json, strict } } => rules_check(&file, json, strict),
         Command::Replay { capture, config, json } => replay_cmd(&capture, config.as_deref(), json),
+        Command::Run { config } => run_cmd(config.as_deref()),
+        Command::Flows { target, json } => flows_cmd(&target, json),
+        Command::Cleanup { target } => cleanup_cmd(&target),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}
+
+fn run_cmd(path: Option<&Path>) -> ExitCode {
+    let config = match path {
+        Some(p) => match config::load(p) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
+        None => match config::parse(Path::new("<built-in default>"), "") {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
+    };
+    for w in &config.warnings {
+        eprintln!("{w}");
+    }
+    match crate::daemon::run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn flows_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
+    let run_dir = match target.run_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let reply = match crate::daemon::control::request(&run_dir, &json!({"cmd": "flows"})) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let empty = Vec::new();
+    let flows = reply.get("flows").and_then(serde_json::Value::as_array).unwrap_or(&empty);
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let written = if json {
+        flows.iter().try_for_each(|f| writeln!(out, "{f}"))
+    } else {
+        print_flow_table(&mut out, flows)
+    };
+    match written.and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn print_flow_table(out: &mut dyn Write, flows: &[serde_json::Value]) -> io::Result<()> {
+    let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    writeln!(
+        out,
+        "{:>6} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>8}",
+        "ID", "PROTO", "DIR", "LOCAL", "REMOTE", "IFACE", "VERDICT", "RULE", "PKTS OUT/IN", "BYTES OUT/IN", "AGE"
+    )?;
+    for f in flows {
+        let flow = f.get("flow").cloned().unwrap_or_default();
+        let dir = if flow.get("forwarded") == Some(&serde_json::Value::Bool(true)) { "forward".to_string() } else { s(&flow, "direction") };
+        writeln!(
+            out,
+            "{:>6} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s",
+            n(&flow, "id"),
+            s(&flow, "protocol"),
+            dir,
+            s(&flow, "local"),
+            s(&flow, "remote"),
+            s(&flow, "interface"),
+            s(f, "verdict"),
+            s(f, "rule"),
+            format!("{}/{}", n(f, "packets_out"), n(f, "packets_in")),
+            format!("{}/{}", n(f, "bytes_out"), n(f, "bytes_in")),
+            n(f, "age_ms") / 1000,
+        )?;
+    }
+    Ok(())
+}
+
+fn cleanup_cmd(target: &DaemonTarget) -> ExitCode {
+    let run_dir = match target.run_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    match crate::daemon::cleanup(&run_dir) {
+        Ok(true) => {
+            println!("removed flowgate's leftover netfilter chains");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("nothing to clean up");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 
 fn rules_check(file: &Path, json: bool, strict: bool) -> ExitCode {
     let result = config::load(file);
     let ok = match &result {
-        Ok(c) => !(strict && !c.warnings.is_empty()),
+        Ok(c) => !strict || c.warnings.is_empty(),
         Err(_) => false,
     };
     if json {

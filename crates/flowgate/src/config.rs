@@ -24,6 +24,39 @@ pub enum FailMode {
     Closed,
 }
 
+/// Settings of the live daemon (`flowgate run`); replay ignores them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Live {
+    /// Number of NFQUEUE queues (worker threads), numbered from `first_queue`.
+    pub queues: u16,
+    pub first_queue: u16,
+    /// Packets the kernel may hold per queue while the daemon is busy.
+    pub queue_max_len: u32,
+    /// Also filter loopback traffic.
+    pub loopback: bool,
+    /// Directory for the control socket and the instance lock.
+    pub run_dir: PathBuf,
+    /// Group (besides root) allowed to use the control socket.
+    pub control_group: Option<String>,
+    /// Where flow events go: `None` = stdout, else this file (appended).
+    pub log: Option<PathBuf>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Live {
+            queues: u16::try_from(cpus.min(16)).unwrap_or(1),
+            first_queue: 0,
+            queue_max_len: 4096,
+            loopback: false,
+            run_dir: PathBuf::from("/run/flowgate"),
+            control_group: None,
+            log: None,
+        }
+    }
+}
+
 /// A loaded, validated config.
 #[derive(Debug)]
 pub struct Config {
@@ -33,6 +66,7 @@ pub struct Config {
     pub rule_lines: Vec<usize>,
     pub engine: EngineConfig,
     pub fail: FailMode,
+    pub live: Live,
     pub warnings: Vec<Warning>,
 }
 
@@ -83,6 +117,13 @@ struct RawConfig {
     fail: Option<Spanned<String>>,
     local_addresses: Option<Vec<Spanned<String>>>,
     max_flows: Option<Spanned<i64>>,
+    queues: Option<Spanned<i64>>,
+    first_queue: Option<Spanned<i64>>,
+    queue_max_len: Option<Spanned<i64>>,
+    loopback: Option<bool>,
+    run_dir: Option<Spanned<String>>,
+    control_group: Option<Spanned<String>>,
+    log: Option<Spanned<String>>,
     timeouts: Option<RawTimeouts>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
@@ -111,6 +152,7 @@ struct RawRule {
     interface: Option<Spanned<String>>,
     host: Option<Spanned<String>>,
     action: Option<Spanned<String>>,
+    silent: Option<Spanned<bool>>,
     peek: Option<Spanned<RawPeek>>,
 }
 
@@ -216,6 +258,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if let Some(t) = &raw.timeouts {
         engine.timeouts = timeouts(&src, t)?;
     }
+    let live = live(&src, &raw)?;
 
     let mut warnings = Vec::new();
     let mut rule_list = Vec::with_capacity(raw.rules.len());
@@ -236,7 +279,49 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         warnings.push(Warning { path: path.to_path_buf(), line: rule_lines[l.rule()], message: l.message(&set) });
     }
     warnings.sort_by_key(|w| w.line);
-    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, warnings })
+    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, warnings })
+}
+
+fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
+    let mut live = Live::default();
+    let int = |v: &Spanned<i64>, field: &str, lo: i64, hi: i64| -> Result<i64, ConfigError> {
+        let n = *v.get_ref();
+        if (lo..=hi).contains(&n) { Ok(n) } else { Err(src.at(v, field, format!("must be between {lo} and {hi}"))) }
+    };
+    if let Some(v) = &raw.queues {
+        live.queues = u16::try_from(int(v, "queues", 1, 64)?).unwrap_or(1);
+    }
+    if let Some(v) = &raw.first_queue {
+        live.first_queue = u16::try_from(int(v, "first_queue", 0, 65535)?).unwrap_or(0);
+    }
+    if u32::from(live.first_queue) + u32::from(live.queues) > 65536 {
+        let span = raw.first_queue.as_ref().map(Spanned::span);
+        return Err(src.error(span, Some("first_queue"), "queues would run past queue number 65535"));
+    }
+    if let Some(v) = &raw.queue_max_len {
+        live.queue_max_len = u32::try_from(int(v, "queue_max_len", 16, 1 << 20)?).unwrap_or(4096);
+    }
+    live.loopback = raw.loopback.unwrap_or(false);
+    if let Some(v) = &raw.run_dir {
+        if !Path::new(v.get_ref()).is_absolute() {
+            return Err(src.at(v, "run_dir", "must be an absolute path"));
+        }
+        live.run_dir = PathBuf::from(v.get_ref());
+    }
+    if let Some(v) = &raw.control_group {
+        if v.get_ref().trim().is_empty() {
+            return Err(src.at(v, "control_group", "empty group name"));
+        }
+        live.control_group = Some(v.get_ref().trim().to_string());
+    }
+    if let Some(v) = &raw.log {
+        live.log = match v.get_ref().as_str() {
+            "-" | "stdout" => None,
+            p if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+            _ => return Err(src.at(v, "log", "must be \"-\" (stdout) or an absolute file path")),
+        };
+    }
+    Ok(live)
 }
 
 fn timeouts(src: &Source<'_>, t: &RawTimeouts) -> Result<Timeouts, ConfigError> {
@@ -313,10 +398,16 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
         }
         _ => {}
     }
+    let silent = match (&r.silent, &action) {
+        (None, _) => false,
+        (Some(v), Action::Drop) => *v.get_ref(),
+        (Some(v), _) => return Err(src.at(v, "silent", "`silent` only goes with action = \"drop\"")),
+    };
     if let Some(h) = &r.host {
         return Err(src.at(h, "host", "host-name rules need the protocol sniffers (TLS SNI, HTTP Host, DNS), which this version does not have yet"));
     }
     let mut rule = Rule::new(name, action);
+    rule.silent = silent;
     for (field, raw, out) in [("remote", &r.remote, &mut rule.remote), ("local", &r.local, &mut rule.local)] {
         if let Some(v) = raw {
             for text in strings(src, v, field)? {

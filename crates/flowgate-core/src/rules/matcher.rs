@@ -63,6 +63,8 @@ impl NetIndex {
 /// A rule set compiled for matching. Cheap to share; rebuild to change.
 pub struct CompiledRules {
     rules: Vec<Rule>,
+    /// Rule names, shared into events without copying.
+    names: Vec<std::sync::Arc<str>>,
     default_action: Action,
     remote: NetIndex,
     local: NetIndex,
@@ -85,6 +87,7 @@ impl CompiledRules {
     pub fn compile(set: RuleSet) -> Self {
         let mut c = CompiledRules {
             rules: Vec::new(),
+            names: set.rules.iter().map(|r| r.name.as_str().into()).collect(),
             default_action: set.default_action,
             remote: NetIndex::default(),
             local: NetIndex::default(),
@@ -119,6 +122,11 @@ impl CompiledRules {
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The name of rule `i`, shared.
+    pub fn name(&self, i: usize) -> Option<&std::sync::Arc<str>> {
+        self.names.get(i)
     }
 
     pub fn default_action(&self) -> Action {
@@ -196,6 +204,7 @@ mod tests {
             remote: remote.parse().expect("remote"),
             interface: iface.map(Into::into),
             existing: false,
+            forwarded: false,
             started: Instant::ZERO,
         }
     }

@@ -169,6 +169,8 @@ pub struct Rule {
     pub direction: DirectionMatch,
     pub interface: Option<InterfaceGlob>,
     pub action: Action,
+    /// With `Action::Drop`: drop without telling the sender (no TCP reset, no ICMP unreachable).
+    pub silent: bool,
 }
 
 impl Rule {
@@ -184,6 +186,7 @@ impl Rule {
             direction: DirectionMatch::Any,
             interface: None,
             action,
+            silent: false,
         }
     }
 }

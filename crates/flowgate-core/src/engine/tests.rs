@@ -1,0 +1,1840 @@
+//! Unit tests of the engine, driven with virtual time and packets built with etherparse.
+//!
+//! Addresses: 198.51.100.0/24 is local, 203.0.113.0/24 and 192.0.2.0/24 are remote,
+//! 2001:db8::/32 for IPv6.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etherparse::PacketBuilder;
+
+use super::*;
+use crate::rules::{Rule, RuleSet, parse_interface, parse_network, parse_ports};
+
+// ---------------------------------------------------------------------------------------------
+// Packet builders
+// ---------------------------------------------------------------------------------------------
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip address")
+}
+
+/// A TCP segment (IPv4 or IPv6). Flags: S syn, A ack (with `ack`), F fin, R rst, P psh.
+fn tcp(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, flags: &str, payload: &[u8]) -> Vec<u8> {
+    let mut b = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            PacketBuilder::ipv4(s.octets(), d.octets(), 64).tcp(src.port(), dst.port(), seq, 65535)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            PacketBuilder::ipv6(s.octets(), d.octets(), 64).tcp(src.port(), dst.port(), seq, 65535)
+        }
+        _ => panic!("mixed address families"),
+    };
+    for f in flags.chars() {
+        b = match f {
+            'S' => b.syn(),
+            'A' => b.ack(ack),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            'P' => b.psh(),
+            other => panic!("unknown TCP flag {other}"),
+        };
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("write tcp packet");
+    out
+}
+
+fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64)
+            .udp(src.port(), dst.port())
+            .write(&mut out, payload),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64)
+            .udp(src.port(), dst.port())
+            .write(&mut out, payload),
+        _ => panic!("mixed address families"),
+    }
+    .expect("write udp packet");
+    out
+}
+
+/// An ICMP (v4 or v6) echo request, or reply when `reply`.
+fn echo(src: &str, dst: &str, id: u16, seq: u16, reply: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let payload = b"ping-payload";
+    match (ip(src), ip(dst)) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let b = PacketBuilder::ipv4(s.octets(), d.octets(), 64);
+            if reply {
+                b.icmpv4_echo_reply(id, seq).write(&mut out, payload)
+            } else {
+                b.icmpv4_echo_request(id, seq).write(&mut out, payload)
+            }
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let b = PacketBuilder::ipv6(s.octets(), d.octets(), 64);
+            if reply {
+                b.icmpv6_echo_reply(id, seq).write(&mut out, payload)
+            } else {
+                b.icmpv6_echo_request(id, seq).write(&mut out, payload)
+            }
+        }
+        _ => panic!("mixed address families"),
+    }
+    .expect("write icmp packet");
+    out
+}
+
+/// One TCP connection with proper sequence numbers: `c` is the client, `s` the server.
+struct Conn {
+    c: SocketAddr,
+    s: SocketAddr,
+    cseq: u32,
+    sseq: u32,
+}
+
+impl Conn {
+    fn new(client: &str, server: &str) -> Self {
+        Conn {
+            c: sa(client),
+            s: sa(server),
+            cseq: 1_000,
+            sseq: 70_000,
+        }
+    }
+
+    fn syn(&mut self) -> Vec<u8> {
+        let p = tcp(self.c, self.s, self.cseq, 0, "S", b"");
+        self.cseq += 1;
+        p
+    }
+
+    fn syn_ack(&mut self) -> Vec<u8> {
+        let p = tcp(self.s, self.c, self.sseq, self.cseq, "SA", b"");
+        self.sseq += 1;
+        p
+    }
+
+    /// Client ACK without data.
+    fn ack(&self) -> Vec<u8> {
+        tcp(self.c, self.s, self.cseq, self.sseq, "A", b"")
+    }
+
+    /// Server ACK without data.
+    fn server_ack(&self) -> Vec<u8> {
+        tcp(self.s, self.c, self.sseq, self.cseq, "A", b"")
+    }
+
+    /// Client data.
+    fn send(&mut self, data: &[u8]) -> Vec<u8> {
+        let p = tcp(self.c, self.s, self.cseq, self.sseq, "PA", data);
+        self.cseq += data.len() as u32;
+        p
+    }
+
+    /// Server data.
+    fn reply(&mut self, data: &[u8]) -> Vec<u8> {
+        let p = tcp(self.s, self.c, self.sseq, self.cseq, "PA", data);
+        self.sseq += data.len() as u32;
+        p
+    }
+
+    fn fin(&mut self) -> Vec<u8> {
+        let p = tcp(self.c, self.s, self.cseq, self.sseq, "FA", b"");
+        self.cseq += 1;
+        p
+    }
+
+    fn server_fin(&mut self) -> Vec<u8> {
+        let p = tcp(self.s, self.c, self.sseq, self.cseq, "FA", b"");
+        self.sseq += 1;
+        p
+    }
+
+    fn rst(&self) -> Vec<u8> {
+        tcp(self.c, self.s, self.cseq, 0, "R", b"")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine helpers
+// ---------------------------------------------------------------------------------------------
+
+const OUT: PacketMeta<'static> = PacketMeta {
+    interface: None,
+    origin: Origin::Output,
+};
+const IN: PacketMeta<'static> = PacketMeta {
+    interface: None,
+    origin: Origin::Input,
+};
+const UNKNOWN: PacketMeta<'static> = PacketMeta {
+    interface: None,
+    origin: Origin::Unknown,
+};
+
+/// Virtual time: an arbitrary origin plus `ms` milliseconds.
+fn ms(ms: u64) -> Instant {
+    Instant::from_micros(1_700_000_000_000_000 + ms * 1_000)
+}
+
+fn secs(s: u64) -> Instant {
+    ms(s * 1_000)
+}
+
+fn compiled(rules: Vec<Rule>, default_action: Action) -> Arc<CompiledRules> {
+    Arc::new(CompiledRules::compile(RuleSet { rules, default_action }))
+}
+
+fn engine() -> Engine {
+    Engine::new(EngineConfig::default(), compiled(Vec::new(), Action::Allow))
+}
+
+fn engine_with_rules(rules: Vec<Rule>, default_action: Action) -> Engine {
+    Engine::new(EngineConfig::default(), compiled(rules, default_action))
+}
+
+fn engine_with_config(config: EngineConfig) -> Engine {
+    Engine::new(config, compiled(Vec::new(), Action::Allow))
+}
+
+fn events(e: &mut Engine) -> Vec<Event> {
+    std::iter::from_fn(|| e.poll_event()).collect()
+}
+
+fn releases(e: &mut Engine) -> Vec<Release> {
+    std::iter::from_fn(|| e.poll_release()).collect()
+}
+
+fn names(ev: &[Event]) -> Vec<&'static str> {
+    ev.iter().map(|e| e.kind.name()).collect()
+}
+
+fn new_flow(ev: &Event) -> &Flow {
+    match &ev.kind {
+        EventKind::FlowNew { flow } => flow,
+        other => panic!("expected flow.new, got {other:?}"),
+    }
+}
+
+/// (flow, verdict, rule, peek) of a flow.verdict event.
+fn verdict_of(ev: &Event) -> (&Flow, FlowVerdict, Option<&str>, Option<Peek>) {
+    match &ev.kind {
+        EventKind::FlowVerdict {
+            flow,
+            verdict,
+            rule,
+            peek,
+        } => (flow, *verdict, rule.as_deref(), *peek),
+        other => panic!("expected flow.verdict, got {other:?}"),
+    }
+}
+
+/// (flow id, verdict, direction, source) of a flow.update event.
+fn update_of(ev: &Event) -> (FlowId, FlowVerdict, Option<Direction>, UpdateSource) {
+    match &ev.kind {
+        EventKind::FlowUpdate {
+            flow,
+            verdict,
+            direction,
+            source,
+            ..
+        } => (flow.id, *verdict, *direction, *source),
+        other => panic!("expected flow.update, got {other:?}"),
+    }
+}
+
+fn closed_of(ev: &Event) -> (FlowId, &FlowReport) {
+    match &ev.kind {
+        EventKind::FlowClosed { flow, report } => (flow.id, report),
+        other => panic!("expected flow.closed, got {other:?}"),
+    }
+}
+
+fn closed_events(ev: &[Event]) -> Vec<(FlowId, FlowReport)> {
+    ev.iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::FlowClosed { flow, report } => Some((flow.id, report.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Adds a packet to expected counters, computed independently of the engine.
+fn count(c: &mut Counters, outbound: bool, packet: &[u8], payload: usize) {
+    let len = packet.len() as u64;
+    if outbound {
+        c.packets_out += 1;
+        c.bytes_out += len;
+        c.payload_out += payload as u64;
+    } else {
+        c.packets_in += 1;
+        c.bytes_in += len;
+        c.payload_in += payload as u64;
+    }
+}
+
+/// Drives the engine the way a driver does: wakes only at `poll_timeout`, up to `until`.
+/// Returns every event with the time it was produced.
+fn run_timers(e: &mut Engine, until: Instant) -> Vec<Event> {
+    let mut out = Vec::new();
+    for _ in 0..100_000 {
+        match e.poll_timeout() {
+            Some(t) if t <= until => {
+                e.handle_timeout(t);
+                out.extend(events(e));
+            }
+            _ => return out,
+        }
+    }
+    panic!("poll_timeout does not advance");
+}
+
+/// What a [`Decision`] should say: action, flow and `settled` (other fields are not compared).
+#[derive(Debug)]
+struct Expect {
+    action: PacketAction,
+    flow: Option<FlowId>,
+    settled: bool,
+}
+
+impl PartialEq<Expect> for Decision {
+    fn eq(&self, x: &Expect) -> bool {
+        self.action == x.action && self.flow == x.flow && self.settled == x.settled
+    }
+}
+
+fn accepted(flow: FlowId, settled: bool) -> Expect {
+    Expect {
+        action: PacketAction::Accept,
+        flow: Some(flow),
+        settled,
+    }
+}
+
+fn dropped(flow: FlowId, settled: bool) -> Expect {
+    Expect {
+        action: PacketAction::Drop,
+        flow: Some(flow),
+        settled,
+    }
+}
+
+/// An untracked packet: no flow, never settled.
+fn untracked(action: PacketAction) -> Expect {
+    Expect {
+        action,
+        flow: None,
+        settled: false,
+    }
+}
+
+fn rule_remote(name: &str, net: &str, action: Action) -> Rule {
+    Rule {
+        remote: vec![parse_network(net).expect("net")],
+        ..Rule::new(name, action)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test providers
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Log {
+    new_flows: Vec<Flow>,
+    data: Vec<(FlowId, Direction, u64, Vec<u8>)>,
+    completes: Vec<(FlowId, Direction)>,
+    closed: Vec<(Flow, FlowReport)>,
+}
+
+/// A flow filter that answers `first` to new flows and the scripted verdicts to `data`
+/// (then `Allow`), recording every call.
+struct Scripted {
+    first: NewFlowVerdict,
+    data: VecDeque<DataVerdict>,
+    log: Arc<Mutex<Log>>,
+}
+
+fn scripted(
+    first: NewFlowVerdict,
+    data: impl IntoIterator<Item = DataVerdict>,
+) -> (Box<dyn FlowFilter>, Arc<Mutex<Log>>) {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let f = Scripted {
+        first,
+        data: data.into_iter().collect(),
+        log: log.clone(),
+    };
+    (Box::new(f), log)
+}
+
+impl FlowFilter for Scripted {
+    fn new_flow(&mut self, flow: &Flow) -> NewFlowVerdict {
+        self.log.lock().expect("log").new_flows.push(flow.clone());
+        self.first
+    }
+
+    fn data(&mut self, flow: &Flow, direction: Direction, offset: u64, bytes: &[u8]) -> DataVerdict {
+        self.log
+            .lock()
+            .expect("log")
+            .data
+            .push((flow.id, direction, offset, bytes.to_vec()));
+        self.data.pop_front().unwrap_or(DataVerdict::Allow)
+    }
+
+    fn data_complete(&mut self, flow: &Flow, direction: Direction) -> DataVerdict {
+        self.log.lock().expect("log").completes.push((flow.id, direction));
+        DataVerdict::Allow
+    }
+
+    fn closed(&mut self, flow: &Flow, report: &FlowReport) {
+        self.log
+            .lock()
+            .expect("log")
+            .closed
+            .push((flow.clone(), report.clone()));
+    }
+}
+
+/// A packet filter with one answer for every packet; records (flow, direction, length).
+struct FixedPacketFilter {
+    verdict: PacketVerdict,
+    seen: Arc<Mutex<Vec<(FlowId, Direction, usize)>>>,
+}
+
+type Seen = Arc<Mutex<Vec<(FlowId, Direction, usize)>>>;
+
+fn packet_filter(verdict: PacketVerdict) -> (Box<dyn PacketFilter>, Seen) {
+    let seen: Seen = Arc::default();
+    (
+        Box::new(FixedPacketFilter {
+            verdict,
+            seen: seen.clone(),
+        }),
+        seen,
+    )
+}
+
+impl PacketFilter for FixedPacketFilter {
+    fn packet(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict {
+        self.seen
+            .lock()
+            .expect("seen")
+            .push((ctx.flow, ctx.direction, ctx.bytes.len()));
+        self.verdict
+    }
+}
+
+/// Opens a TCP connection (SYN, SYN/ACK, ACK) at `t`, `t+1ms`, `t+2ms` as seen on OUTPUT/INPUT;
+/// returns the flow id and drains the events.
+fn handshake(e: &mut Engine, c: &mut Conn, t: Instant) -> FlowId {
+    let d = e.handle_packet(t, OUT, &c.syn());
+    let id = d.flow.expect("tracked");
+    let _ = e.handle_packet(t + Duration::from_millis(1), IN, &c.syn_ack());
+    let _ = e.handle_packet(t + Duration::from_millis(2), OUT, &c.ack());
+    events(e);
+    id
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. TCP flows open on SYN
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn syn_opens_a_flow_with_new_then_verdict_events() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(5), OUT, &c.syn());
+    assert_eq!(d, accepted(FlowId(1), true));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    assert!(ev.iter().all(|x| x.time == ms(5)));
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.id, FlowId(1));
+    assert_eq!(f.protocol, Protocol::Tcp);
+    assert_eq!(f.direction, Direction::Outbound);
+    assert_eq!(f.local, sa("198.51.100.1:40000"));
+    assert_eq!(f.remote, sa("203.0.113.7:443"));
+    assert_eq!(f.interface, None);
+    assert!(!f.existing);
+    assert_eq!(f.started, ms(5));
+    let (vf, verdict, rule, peek) = verdict_of(&ev[1]);
+    assert_eq!(vf, f);
+    assert_eq!(verdict, FlowVerdict::Allow);
+    assert_eq!(rule, Some("default"));
+    assert_eq!(peek, None);
+    assert_eq!(e.stats().flows_opened, 1);
+}
+
+#[test]
+fn flow_verdict_names_the_matching_rule() {
+    let web = Rule {
+        remote_ports: Some(parse_ports("443").expect("ports")),
+        ..Rule::new("web", Action::Allow)
+    };
+    let mut e = engine_with_rules(vec![web], Action::Drop);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let _ = e.handle_packet(ms(0), OUT, &c.syn());
+    let ev = events(&mut e);
+    let (_, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Allow, Some("web")));
+}
+
+#[test]
+fn unknown_origin_without_local_networks_takes_the_opener_as_local() {
+    let mut e = engine();
+    let mut c = Conn::new("203.0.113.7:50000", "198.51.100.1:22");
+    let _ = e.handle_packet(ms(0), UNKNOWN, &c.syn());
+    let ev = events(&mut e);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.direction, Direction::Outbound);
+    assert_eq!(f.local, sa("203.0.113.7:50000"));
+    assert_eq!(f.remote, sa("198.51.100.1:22"));
+}
+
+#[test]
+fn input_origin_makes_the_destination_local_and_the_flow_inbound() {
+    let mut e = engine();
+    let mut c = Conn::new("203.0.113.7:50000", "198.51.100.1:22");
+    let _ = e.handle_packet(ms(0), IN, &c.syn());
+    let ev = events(&mut e);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.direction, Direction::Inbound);
+    assert_eq!(f.local, sa("198.51.100.1:22"));
+    assert_eq!(f.remote, sa("203.0.113.7:50000"));
+}
+
+#[test]
+fn syn_ack_first_is_one_flow_with_the_client_local() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let _ = c.syn(); // not seen by the engine
+    let d1 = e.handle_packet(ms(0), UNKNOWN, &c.syn_ack());
+    let d2 = e.handle_packet(ms(1), UNKNOWN, &c.ack());
+    let d3 = e.handle_packet(ms(2), UNKNOWN, &c.send(b"GET"));
+    let id = d1.flow.expect("tracked");
+    assert_eq!((d2.flow, d3.flow), (Some(id), Some(id)));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.direction, Direction::Outbound);
+    assert_eq!(f.local, sa("198.51.100.1:40000"));
+    assert_eq!(f.remote, sa("203.0.113.7:443"));
+    let flows = e.flows();
+    assert_eq!(flows.len(), 1);
+    assert_eq!((flows[0].counters.packets_out, flows[0].counters.packets_in), (2, 1));
+    assert_eq!(flows[0].counters.payload_out, 3);
+}
+
+#[test]
+fn ipv6_tcp_flow_is_tracked_like_ipv4() {
+    let mut e = engine();
+    let mut c = Conn::new("[2001:db8::1]:40000", "[2001:db8:1::7]:443");
+    let mut want = Counters::default();
+    let p = c.syn();
+    count(&mut want, true, &p, 0);
+    let d = e.handle_packet(ms(0), OUT, &p);
+    let p = c.syn_ack();
+    count(&mut want, false, &p, 0);
+    let _ = e.handle_packet(ms(1), IN, &p);
+    let p = c.send(b"hello");
+    count(&mut want, true, &p, 5);
+    let _ = e.handle_packet(ms(2), OUT, &p);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.local, sa("[2001:db8::1]:40000"));
+    assert_eq!(f.remote, sa("[2001:db8:1::7]:443"));
+    assert_eq!(f.direction, Direction::Outbound);
+    let flows = e.flows();
+    assert_eq!(flows[0].flow.id, d.flow.expect("tracked"));
+    assert_eq!(flows[0].counters, want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Flows picked up mid-stream
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn mid_stream_data_without_syn_opens_a_flow() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d1 = e.handle_packet(ms(0), UNKNOWN, &c.send(b"hello"));
+    let d2 = e.handle_packet(ms(1), UNKNOWN, &c.reply(b"world!"));
+    let id = d1.flow.expect("tracked");
+    assert_eq!(d2.flow, Some(id));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.local, sa("198.51.100.1:40000"));
+    assert_eq!(f.remote, sa("203.0.113.7:443"));
+    assert_eq!(f.direction, Direction::Outbound);
+    let counters = e.flows()[0].counters;
+    assert_eq!((counters.payload_out, counters.payload_in), (5, 6));
+}
+
+#[test]
+fn mid_stream_server_packet_first_keeps_the_client_local() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let _ = e.handle_packet(ms(0), UNKNOWN, &c.reply(b"data"));
+    let ev = events(&mut e);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.local, sa("198.51.100.1:40000"));
+    assert_eq!(f.remote, sa("203.0.113.7:443"));
+    assert_eq!(f.direction, Direction::Outbound);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. local_networks
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn local_networks_make_a_connection_from_outside_inbound() {
+    let config = EngineConfig {
+        local_networks: vec![parse_network("198.51.100.0/24").expect("net")],
+        ..EngineConfig::default()
+    };
+    let mut e = engine_with_config(config);
+    let mut c = Conn::new("203.0.113.7:50000", "198.51.100.1:22");
+    let _ = e.handle_packet(ms(0), UNKNOWN, &c.syn());
+    let _ = e.handle_packet(ms(1), UNKNOWN, &c.syn_ack());
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.direction, Direction::Inbound);
+    assert_eq!(f.local, sa("198.51.100.1:22"));
+    assert_eq!(f.remote, sa("203.0.113.7:50000"));
+    let counters = e.flows()[0].counters;
+    assert_eq!((counters.packets_out, counters.packets_in), (1, 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. TCP close on FIN
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn one_fin_does_not_close_the_flow() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    handshake(&mut e, &mut c, ms(0));
+    let _ = e.handle_packet(ms(10), OUT, &c.fin());
+    let _ = e.handle_packet(ms(11), IN, &c.server_ack());
+    e.handle_timeout(secs(3600));
+    let ev = events(&mut e);
+    assert!(closed_events(&ev).is_empty(), "{ev:?}");
+    assert_eq!(e.flows().len(), 1);
+}
+
+#[test]
+fn fin_from_both_sides_closes_after_tcp_closing_with_exact_counters() {
+    let closing = Duration::from_secs(5);
+    let config = EngineConfig {
+        timeouts: Timeouts {
+            tcp_closing: closing,
+            ..Timeouts::default()
+        },
+        ..EngineConfig::default()
+    };
+    let mut e = engine_with_config(config);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let mut want = Counters::default();
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    let response = [b'x'; 100];
+    let steps: Vec<(bool, Vec<u8>, usize)> = vec![
+        (true, c.syn(), 0),
+        (false, c.syn_ack(), 0),
+        (true, c.ack(), 0),
+        (true, c.send(request), request.len()),
+        (false, c.reply(&response), response.len()),
+        (true, c.ack(), 0),
+        (true, c.fin(), 0),
+        (false, c.server_fin(), 0),
+    ];
+    let mut id = None;
+    for (i, (outbound, packet, payload)) in steps.iter().enumerate() {
+        count(&mut want, *outbound, packet, *payload);
+        let meta = if *outbound { OUT } else { IN };
+        let d = e.handle_packet(ms(10 * i as u64), meta, packet);
+        assert_eq!(d.action, PacketAction::Accept);
+        if i == 0 {
+            id = d.flow;
+        }
+        assert_eq!(d.flow, id, "packet {i}");
+    }
+    let id = id.expect("tracked");
+    assert_eq!(names(&events(&mut e)), ["flow.new", "flow.verdict"]);
+    // Both FINs seen: still open until the trailing ACK lingers for tcp_closing.
+    e.handle_timeout(ms(75));
+    assert!(events(&mut e).is_empty());
+
+    // The last ACK belongs to the same flow.
+    let last = c.ack();
+    count(&mut want, true, &last, 0);
+    let d = e.handle_packet(ms(80), OUT, &last);
+    assert_eq!(d.flow, Some(id));
+    assert!(events(&mut e).is_empty(), "the trailing ACK must not open a flow");
+
+    let deadline = ms(80) + closing;
+    assert!(e.poll_timeout().expect("a timer") <= deadline);
+    e.handle_timeout(ms(70) + closing); // the old deadline, from the second FIN
+    e.handle_timeout(Instant::from_micros(deadline.as_micros() - 1));
+    assert!(
+        closed_events(&events(&mut e)).is_empty(),
+        "closed before last packet + tcp_closing"
+    );
+
+    e.handle_timeout(deadline);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.closed"]);
+    assert_eq!(ev[0].time, deadline);
+    let (cid, report) = closed_of(&ev[0]);
+    assert_eq!(cid, id);
+    assert_eq!(report.reason, CloseReason::Fin);
+    assert_eq!(report.verdict, FlowVerdict::Allow);
+    assert_eq!(report.rule.as_deref(), Some("default"));
+    assert_eq!(report.counters, want);
+    assert_eq!(report.duration_ms, 80);
+    assert_eq!(e.stats().flows_closed, 1);
+    assert!(e.flows().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. RST
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rst_closes_with_reason_rst_after_tcp_closing() {
+    let mut e = engine();
+    let closing = Timeouts::default().tcp_closing;
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let d = e.handle_packet(ms(100), OUT, &c.rst());
+    assert_eq!(d.flow, Some(id));
+    e.handle_timeout(Instant::from_micros((ms(100) + closing).as_micros() - 1));
+    assert!(events(&mut e).is_empty());
+    e.handle_timeout(ms(100) + closing);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.closed"]);
+    let (cid, report) = closed_of(&ev[0]);
+    assert_eq!((cid, report.reason), (id, CloseReason::Rst));
+    assert_eq!(report.counters.packets_out, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Reuse of a closing 4-tuple
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn new_syn_on_a_closing_tuple_closes_the_old_flow_as_reused_and_opens_a_new_id() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let old = handshake(&mut e, &mut c, ms(0));
+    let _ = e.handle_packet(ms(10), OUT, &c.fin());
+    let _ = e.handle_packet(ms(11), IN, &c.server_fin());
+    let _ = e.handle_packet(ms(12), OUT, &c.ack());
+    assert!(events(&mut e).is_empty());
+
+    let mut again = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    again.cseq = 900_000;
+    let d = e.handle_packet(secs(1), OUT, &again.syn());
+    let new = d.flow.expect("tracked");
+    assert_ne!(new, old);
+    assert!(new > old);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.closed", "flow.new", "flow.verdict"]);
+    let (cid, report) = closed_of(&ev[0]);
+    assert_eq!((cid, report.reason), (old, CloseReason::Reused));
+    assert_eq!(report.counters.packets_out, 4);
+    assert_eq!(new_flow(&ev[1]).id, new);
+
+    // The old flow's closing timer must not close the new flow.
+    e.handle_timeout(secs(60));
+    assert!(closed_events(&events(&mut e)).is_empty());
+    assert_eq!(e.flows().len(), 1);
+    assert_eq!(e.flows()[0].flow.id, new);
+}
+
+#[test]
+fn retransmitted_syn_on_a_live_flow_stays_in_that_flow() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let syn = c.syn();
+    let d1 = e.handle_packet(ms(0), OUT, &syn);
+    let d2 = e.handle_packet(ms(1000), OUT, &syn);
+    assert_eq!(d1.flow, d2.flow);
+    assert_eq!(names(&events(&mut e)), ["flow.new", "flow.verdict"]);
+    assert_eq!(e.flows()[0].counters.packets_out, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Idle timeouts
+// ---------------------------------------------------------------------------------------------
+
+fn short_timeouts() -> EngineConfig {
+    EngineConfig {
+        timeouts: Timeouts {
+            udp: Duration::from_secs(30),
+            icmp: Duration::from_secs(5),
+            ..Timeouts::default()
+        },
+        ..EngineConfig::default()
+    }
+}
+
+#[test]
+fn udp_flow_closes_when_idle_and_not_before() {
+    let mut e = engine_with_config(short_timeouts());
+    let d = e.handle_packet(
+        secs(0),
+        OUT,
+        &udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), b"query"),
+    );
+    let id = d.flow.expect("tracked");
+    events(&mut e);
+    assert!(e.poll_timeout().expect("a timer") <= secs(30));
+    e.handle_timeout(Instant::from_micros(secs(30).as_micros() - 1));
+    assert!(events(&mut e).is_empty());
+    e.handle_timeout(secs(30));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.closed"]);
+    let (cid, report) = closed_of(&ev[0]);
+    assert_eq!((cid, report.reason), (id, CloseReason::Idle));
+}
+
+#[test]
+fn udp_activity_pushes_the_idle_deadline_out() {
+    let mut e = engine_with_config(short_timeouts());
+    let (a, b) = (sa("198.51.100.1:5353"), sa("203.0.113.7:53"));
+    let d = e.handle_packet(secs(0), OUT, &udp(a, b, b"query"));
+    let id = d.flow.expect("tracked");
+    let d = e.handle_packet(secs(20), IN, &udp(b, a, b"answer"));
+    assert_eq!(d.flow, Some(id));
+    events(&mut e);
+    // A driver that only wakes when poll_timeout says sees the close exactly at last + 30 s.
+    let ev = run_timers(&mut e, secs(100));
+    let closed: Vec<&Event> = ev.iter().filter(|x| x.kind.name() == "flow.closed").collect();
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0].time, secs(50));
+    assert_eq!(closed_of(closed[0]).1.reason, CloseReason::Idle);
+}
+
+#[test]
+fn icmp_flow_closes_after_its_own_idle_timeout() {
+    let mut e = engine_with_config(short_timeouts());
+    let d = e.handle_packet(secs(0), OUT, &echo("198.51.100.1", "203.0.113.7", 9, 1, false));
+    let id = d.flow.expect("tracked");
+    let _ = e.handle_packet(ms(10), IN, &echo("203.0.113.7", "198.51.100.1", 9, 1, true));
+    events(&mut e);
+    let deadline = ms(10) + Duration::from_secs(5);
+    assert!(e.poll_timeout().expect("a timer") <= deadline);
+    e.handle_timeout(Instant::from_micros(deadline.as_micros() - 1));
+    assert!(events(&mut e).is_empty());
+    e.handle_timeout(deadline);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.closed"]);
+    assert_eq!(closed_of(&ev[0]).0, id);
+    assert_eq!(closed_of(&ev[0]).1.reason, CloseReason::Idle);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. ICMP echo
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn icmpv4_echo_request_and_reply_are_one_flow_keyed_by_echo_id() {
+    let mut e = engine();
+    let req = echo("198.51.100.1", "203.0.113.7", 4242, 1, false);
+    let rep = echo("203.0.113.7", "198.51.100.1", 4242, 1, true);
+    let d1 = e.handle_packet(ms(0), OUT, &req);
+    let d2 = e.handle_packet(ms(5), IN, &rep);
+    assert_eq!(d1.flow, d2.flow);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.protocol, Protocol::Icmp);
+    assert_eq!(f.direction, Direction::Outbound);
+    assert_eq!(f.local, sa("198.51.100.1:4242"));
+    assert_eq!(f.remote, sa("203.0.113.7:4242"));
+    let mut want = Counters::default();
+    count(&mut want, true, &req, 12);
+    count(&mut want, false, &rep, 12);
+    assert_eq!(e.flows()[0].counters, want);
+}
+
+#[test]
+fn icmpv6_echo_request_and_reply_are_one_flow_keyed_by_echo_id() {
+    let mut e = engine();
+    let d1 = e.handle_packet(ms(0), UNKNOWN, &echo("2001:db8::1", "2001:db8:1::7", 7, 1, false));
+    let d2 = e.handle_packet(ms(5), UNKNOWN, &echo("2001:db8:1::7", "2001:db8::1", 7, 1, true));
+    assert_eq!(d1.flow, d2.flow);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.protocol, Protocol::Icmp);
+    assert_eq!(f.local, sa("[2001:db8::1]:7"));
+    assert_eq!(f.remote, sa("[2001:db8:1::7]:7"));
+    let c = e.flows()[0].counters;
+    assert_eq!((c.packets_out, c.packets_in), (1, 1));
+}
+
+#[test]
+fn icmp_echo_reply_seen_first_makes_its_destination_the_opener() {
+    let mut e = engine();
+    let d1 = e.handle_packet(ms(0), UNKNOWN, &echo("203.0.113.7", "198.51.100.1", 3, 1, true));
+    let d2 = e.handle_packet(ms(1000), UNKNOWN, &echo("198.51.100.1", "203.0.113.7", 3, 2, false));
+    assert_eq!(d1.flow, d2.flow);
+    let ev = events(&mut e);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.direction, Direction::Outbound);
+    assert_eq!(f.local, sa("198.51.100.1:3"));
+    assert_eq!(f.remote, sa("203.0.113.7:3"));
+    let c = e.flows()[0].counters;
+    assert_eq!((c.packets_out, c.packets_in), (1, 1));
+}
+
+#[test]
+fn icmp_echo_reply_from_a_local_network_is_an_inbound_flow() {
+    let config = EngineConfig {
+        local_networks: vec![parse_network("198.51.100.0/24").expect("net")],
+        ..EngineConfig::default()
+    };
+    let mut e = engine_with_config(config);
+    let _ = e.handle_packet(ms(0), UNKNOWN, &echo("198.51.100.1", "203.0.113.7", 3, 1, true));
+    let ev = events(&mut e);
+    let f = new_flow(&ev[0]);
+    assert_eq!(f.direction, Direction::Inbound);
+    assert_eq!(f.local, sa("198.51.100.1:3"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Flow ids
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn flow_ids_increase_and_are_never_reused_after_close() {
+    let mut e = engine_with_config(short_timeouts());
+    let (a, b) = (sa("198.51.100.1:5353"), sa("203.0.113.7:53"));
+    let first = e.handle_packet(secs(0), OUT, &udp(a, b, b"q")).flow.expect("tracked");
+    e.handle_timeout(secs(30));
+    assert_eq!(closed_events(&events(&mut e)).len(), 1);
+    let second = e.handle_packet(secs(31), OUT, &udp(a, b, b"q")).flow.expect("tracked");
+    let third = e
+        .handle_packet(secs(31), OUT, &udp(a, sa("203.0.113.8:53"), b"q"))
+        .flow
+        .expect("tracked");
+    assert_eq!((first, second, third), (FlowId(1), FlowId(2), FlowId(3)));
+}
+
+#[test]
+fn first_flow_id_and_step_space_the_ids() {
+    let config = EngineConfig {
+        first_flow_id: 2,
+        flow_id_step: 4,
+        ..EngineConfig::default()
+    };
+    let mut e = engine_with_config(config);
+    let ids: Vec<FlowId> = (0..3u16)
+        .map(|i| {
+            let p = udp(
+                sa("198.51.100.1:5353"),
+                SocketAddr::new(ip("203.0.113.7"), 53 + i),
+                b"q",
+            );
+            e.handle_packet(ms(u64::from(i)), OUT, &p).flow.expect("tracked")
+        })
+        .collect();
+    assert_eq!(ids, [FlowId(2), FlowId(6), FlowId(10)]);
+    let ev = events(&mut e);
+    let event_ids: Vec<FlowId> = ev
+        .iter()
+        .filter(|x| x.kind.name() == "flow.new")
+        .map(|x| x.kind.flow().id)
+        .collect();
+    assert_eq!(event_ids, ids);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Unusable packets
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn unusable_packets_are_counted_accepted_and_never_tracked() {
+    let mut e = engine();
+    let good = tcp(
+        sa("198.51.100.1:40000"),
+        sa("203.0.113.7:443"),
+        1,
+        0,
+        "S",
+        b"0123456789",
+    );
+    let mut malformed = good.clone();
+    malformed[0] = 0x41; // IPv4 with a header length below the minimum
+    let mut fragment = udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), &[7u8; 64]);
+    fragment[6] = 0x00;
+    fragment[7] = 0x02; // fragment offset 16 bytes: a non-first fragment
+    let inputs: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        good[..10].to_vec(),
+        good[..30].to_vec(),
+        malformed,
+        vec![0x00, 0x01, 0x08, 0x00, 0x06, 0x04],
+        vec![0x80; 40],
+        fragment,
+    ];
+    for bytes in &inputs {
+        let d = e.handle_packet(ms(0), UNKNOWN, bytes);
+        assert_eq!(d, untracked(PacketAction::Accept), "{bytes:?}");
+    }
+    let s = e.stats();
+    assert_eq!(s.packets, inputs.len() as u64);
+    assert_eq!((s.truncated, s.malformed, s.not_ip, s.fragments), (3, 1, 2, 1), "{s:?}");
+    assert_eq!(s.flows_opened, 0);
+    assert!(events(&mut e).is_empty());
+    assert!(e.flows().is_empty());
+}
+
+#[test]
+fn random_bytes_never_panic_and_are_all_counted() {
+    let mut e = engine();
+    let mut x: u32 = 0x1234_5678;
+    let mut next = || {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        (x >> 16) as u8
+    };
+    let n = 2_000u64;
+    for i in 0..n {
+        let len = usize::from(next()) % 120;
+        let mut buf: Vec<u8> = (0..len).map(|_| next()).collect();
+        if let Some(b) = buf.first_mut() {
+            // Mostly plausible IP version nibbles, so parsing goes deep.
+            *b = match i % 3 {
+                0 => 0x45,
+                1 => 0x60 | (*b & 0x0f),
+                _ => *b,
+            };
+        }
+        let d = e.handle_packet(ms(i), UNKNOWN, &buf);
+        if d.flow.is_none() {
+            assert_eq!(d.action, PacketAction::Accept);
+        }
+    }
+    let s = e.stats();
+    assert_eq!(s.packets, n);
+    let unusable = s.truncated + s.malformed + s.not_ip + s.fragments;
+    assert!(unusable > 0 && unusable <= n, "{s:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Rules
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn drop_rule_drops_both_directions_and_is_settled() {
+    let mut e = engine_with_rules(
+        vec![rule_remote("block", "203.0.113.0/24", Action::Drop)],
+        Action::Allow,
+    );
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d1 = e.handle_packet(ms(0), OUT, &c.syn());
+    let id = d1.flow.expect("tracked");
+    assert_eq!(d1, dropped(id, true));
+    assert_eq!(e.handle_packet(ms(1), IN, &c.syn_ack()), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(2), OUT, &c.ack()), dropped(id, true));
+    let ev = events(&mut e);
+    let (_, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Drop, Some("block")));
+}
+
+#[test]
+fn allow_rule_accepts_settled_and_default_drop_applies_to_the_rest() {
+    let web = Rule {
+        remote_ports: Some(parse_ports("443").expect("ports")),
+        ..Rule::new("web", Action::Allow)
+    };
+    let mut e = engine_with_rules(vec![web], Action::Drop);
+    let mut https = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let mut http = Conn::new("198.51.100.1:40001", "203.0.113.7:80");
+    let d = e.handle_packet(ms(0), OUT, &https.syn());
+    let a = d.flow.expect("tracked");
+    assert_eq!(d, accepted(a, true));
+    assert_eq!(e.handle_packet(ms(1), IN, &https.syn_ack()), accepted(a, true));
+    let d = e.handle_packet(ms(2), OUT, &http.syn());
+    let b = d.flow.expect("tracked");
+    assert_eq!(d, dropped(b, true));
+    assert_eq!(e.handle_packet(ms(3), IN, &http.syn_ack()), dropped(b, true));
+    let ev = events(&mut e);
+    let verdicts: Vec<(FlowVerdict, Option<&str>)> = ev
+        .iter()
+        .filter(|x| x.kind.name() == "flow.verdict")
+        .map(|x| {
+            let (_, v, r, _) = verdict_of(x);
+            (v, r)
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [(FlowVerdict::Allow, Some("web")), (FlowVerdict::Drop, Some("default"))]
+    );
+}
+
+#[test]
+fn set_rules_applies_to_flows_that_start_afterwards() {
+    let mut e = engine();
+    let mut before = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut before, ms(0));
+    e.set_rules(compiled(
+        vec![rule_remote("block", "203.0.113.0/24", Action::Drop)],
+        Action::Allow,
+    ));
+    assert_eq!(e.handle_packet(ms(10), OUT, &before.send(b"x")), accepted(id, true));
+    let mut after = Conn::new("198.51.100.1:40001", "203.0.113.7:443");
+    assert_eq!(e.handle_packet(ms(11), OUT, &after.syn()).action, PacketAction::Drop);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. Inspect rules
+// ---------------------------------------------------------------------------------------------
+
+fn inspect_rule(peek_outbound: u32, peek_inbound: u32) -> Vec<Rule> {
+    vec![Rule::new(
+        "peek",
+        Action::Inspect {
+            peek_outbound,
+            peek_inbound,
+        },
+    )]
+}
+
+#[test]
+fn inspect_rule_allows_once_the_outbound_peek_has_passed() {
+    let mut e = engine_with_rules(inspect_rule(10, 0), Action::Allow);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    let id = d.flow.expect("tracked");
+    assert_eq!(d, accepted(id, false));
+    assert_eq!(e.handle_packet(ms(1), IN, &c.syn_ack()), accepted(id, false));
+    assert_eq!(e.handle_packet(ms(2), OUT, &c.ack()), accepted(id, false));
+    let ev = events(&mut e);
+    let (_, verdict, rule, peek) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Inspect, Some("peek")));
+    assert_eq!(
+        peek,
+        Some(Peek {
+            outbound: 10,
+            inbound: 0
+        })
+    );
+
+    let first = c.send(b"012345");
+    assert_eq!(e.handle_packet(ms(3), OUT, &first), accepted(id, false));
+    // Inbound bytes do not fill the outbound window; a retransmission is not counted twice.
+    assert_eq!(e.handle_packet(ms(4), IN, &c.reply(&[b'r'; 20])), accepted(id, false));
+    assert_eq!(e.handle_packet(ms(5), OUT, &first), accepted(id, false));
+    assert!(events(&mut e).is_empty());
+
+    assert_eq!(e.handle_packet(ms(6), OUT, &c.send(b"6789")), accepted(id, true));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Peek));
+    assert_eq!(e.handle_packet(ms(7), IN, &c.reply(b"ok")), accepted(id, true));
+    assert_eq!(e.flows()[0].verdict, FlowVerdict::Allow);
+}
+
+#[test]
+fn inspect_rule_allows_when_the_direction_ends_before_the_window_fills() {
+    let mut e = engine_with_rules(inspect_rule(10, 0), Action::Allow);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let _ = e.handle_packet(ms(3), OUT, &c.send(b"abc"));
+    assert!(events(&mut e).is_empty());
+    let d = e.handle_packet(ms(4), OUT, &c.fin());
+    assert_eq!(d, accepted(id, true));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Peek));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. FlowFilter data
+// ---------------------------------------------------------------------------------------------
+
+fn inspect(peek_outbound: u32, peek_inbound: u32) -> NewFlowVerdict {
+    NewFlowVerdict::Inspect {
+        peek_outbound,
+        peek_inbound,
+    }
+}
+
+#[test]
+fn flow_filter_sees_exactly_its_peek_window_from_offset_zero() {
+    let mut e = engine();
+    let (f, log) = scripted(inspect(5, 0), []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    let id = d.flow.expect("tracked");
+    assert_eq!(d, accepted(id, false));
+    let _ = e.handle_packet(ms(1), IN, &c.syn_ack());
+    let _ = e.handle_packet(ms(2), OUT, &c.ack());
+    let ev = events(&mut e);
+    let (_, verdict, rule, peek) = verdict_of(&ev[1]);
+    assert_eq!(
+        (verdict, rule, peek),
+        (
+            FlowVerdict::Inspect,
+            Some("default"),
+            Some(Peek {
+                outbound: 5,
+                inbound: 0
+            })
+        )
+    );
+    assert_eq!(log.lock().expect("log").new_flows.len(), 1);
+
+    let d = e.handle_packet(ms(3), OUT, &c.send(b"ABCDEFGH"));
+    assert_eq!(d, accepted(id, true));
+    let _ = e.handle_packet(ms(4), IN, &c.reply(b"inbound is not inspected"));
+    assert_eq!(
+        log.lock().expect("log").data,
+        [(id, Direction::Outbound, 0, b"ABCDE".to_vec())]
+    );
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    assert_eq!(
+        update_of(&ev[0]),
+        (id, FlowVerdict::Allow, None, UpdateSource::Provider)
+    );
+}
+
+#[test]
+fn flow_filter_is_not_shown_a_retransmitted_segment_twice() {
+    let mut e = engine();
+    // After the first 3 bytes, ask for the next 2.
+    let (f, log) = scripted(
+        inspect(5, 0),
+        [DataVerdict::Pass { pass: 0, peek: 2 }, DataVerdict::Allow],
+    );
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let first = c.send(b"abc");
+    assert_eq!(e.handle_packet(ms(3), OUT, &first), accepted(id, false));
+    assert_eq!(e.handle_packet(ms(4), OUT, &first), accepted(id, false)); // retransmission
+    assert_eq!(e.handle_packet(ms(5), OUT, &c.send(b"defg")), accepted(id, true));
+    assert_eq!(
+        log.lock().expect("log").data,
+        [
+            (id, Direction::Outbound, 0, b"abc".to_vec()),
+            (id, Direction::Outbound, 3, b"de".to_vec())
+        ]
+    );
+}
+
+#[test]
+fn flow_filter_sees_only_the_new_bytes_of_an_overlapping_retransmission() {
+    let mut e = engine();
+    let (f, log) = scripted(inspect(8, 0), [DataVerdict::Pass { pass: 0, peek: 5 }]);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let start = c.cseq;
+    let _ = e.handle_packet(ms(3), OUT, &c.send(b"abc"));
+    // Retransmission of "abc" coalesced with new bytes "def".
+    let p = tcp(c.c, c.s, start, c.sseq, "PA", b"abcdef");
+    let _ = e.handle_packet(ms(4), OUT, &p);
+    assert_eq!(
+        log.lock().expect("log").data,
+        [
+            (id, Direction::Outbound, 0, b"abc".to_vec()),
+            (id, Direction::Outbound, 3, b"def".to_vec())
+        ]
+    );
+}
+
+#[test]
+fn flow_filter_drop_from_data_drops_the_flow() {
+    let mut e = engine();
+    let (f, log) = scripted(inspect(5, 0), [DataVerdict::Drop]);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    assert_eq!(e.handle_packet(ms(3), OUT, &c.send(b"EVIL!")), dropped(id, true));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Drop, None, UpdateSource::Provider));
+    assert_eq!(e.handle_packet(ms(4), IN, &c.reply(b"hi")), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(5), OUT, &c.send(b"more")), dropped(id, true));
+    assert_eq!(log.lock().expect("log").data.len(), 1);
+}
+
+#[test]
+fn flow_filter_closed_is_called_with_the_report() {
+    let mut e = engine();
+    let (f, log) = scripted(NewFlowVerdict::Allow, []);
+    e.set_flow_filter(f);
+    let (a, b) = (sa("198.51.100.1:5353"), sa("203.0.113.7:53"));
+    let id = e.handle_packet(ms(0), OUT, &udp(a, b, b"query")).flow.expect("tracked");
+    let _ = e.handle_packet(ms(250), IN, &udp(b, a, b"answer"));
+    e.close_all(secs(1));
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    let log = log.lock().expect("log");
+    assert_eq!(log.closed.len(), 1);
+    assert_eq!(log.closed[0].0.id, id);
+    assert_eq!(log.closed[0].1, closed[0].1);
+    assert_eq!(log.closed[0].1.reason, CloseReason::End);
+    assert_eq!(log.closed[0].1.counters.payload_in, 6);
+    assert_eq!(log.closed[0].1.duration_ms, 250);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. FlowFilter and rules side by side
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn flow_filter_drop_wins_over_an_allow_rule() {
+    let mut e = engine_with_rules(vec![rule_remote("ok", "203.0.113.0/24", Action::Allow)], Action::Allow);
+    let (f, _log) = scripted(NewFlowVerdict::Drop, []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    assert_eq!(d, dropped(d.flow.expect("tracked"), true));
+    let ev = events(&mut e);
+    let (_, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Drop, Some("provider")));
+}
+
+#[test]
+fn flow_filter_allow_does_not_override_a_drop_rule() {
+    let mut e = engine_with_rules(
+        vec![rule_remote("block", "203.0.113.0/24", Action::Drop)],
+        Action::Allow,
+    );
+    let (f, _log) = scripted(NewFlowVerdict::Allow, []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    assert_eq!(d, dropped(d.flow.expect("tracked"), true));
+    let ev = events(&mut e);
+    let (_, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Drop, Some("block")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 15. Pause
+// ---------------------------------------------------------------------------------------------
+
+fn hold_id(d: Decision) -> PacketId {
+    match d.action {
+        PacketAction::Hold(p) => p,
+        other => panic!("expected Hold, got {other:?}"),
+    }
+}
+
+#[test]
+fn paused_flow_holds_packets_until_resumed_from_another_thread() {
+    let mut e = engine();
+    let (f, _log) = scripted(NewFlowVerdict::Pause, []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d1 = e.handle_packet(ms(0), OUT, &c.syn());
+    let id = d1.flow.expect("tracked");
+    assert!(!d1.settled);
+    let p1 = hold_id(d1);
+    let d2 = e.handle_packet(ms(1), IN, &c.syn_ack());
+    let p2 = hold_id(d2);
+    assert_ne!(p1, p2);
+    let ev = events(&mut e);
+    let (_, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Pause, Some("provider")));
+    assert!(releases(&mut e).is_empty());
+
+    let h = e.handle();
+    std::thread::spawn(move || h.resume(id, DataVerdict::Allow))
+        .join()
+        .expect("thread")
+        .expect("engine alive");
+    assert!(
+        releases(&mut e).is_empty(),
+        "commands apply only when the engine is driven"
+    );
+    e.handle_commands(ms(50));
+    assert_eq!(
+        releases(&mut e),
+        [
+            Release {
+                packet: p1,
+                accept: true
+            },
+            Release {
+                packet: p2,
+                accept: true
+            }
+        ]
+    );
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Handle));
+    assert_eq!(e.handle_packet(ms(60), OUT, &c.ack()), accepted(id, true));
+}
+
+#[test]
+fn resume_with_drop_releases_held_packets_as_dropped() {
+    let mut e = engine();
+    let (f, _log) = scripted(NewFlowVerdict::Pause, []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d1 = e.handle_packet(ms(0), OUT, &c.syn());
+    let id = d1.flow.expect("tracked");
+    let p1 = hold_id(d1);
+    let h = e.handle();
+    std::thread::spawn(move || h.resume(id, DataVerdict::Drop))
+        .join()
+        .expect("thread")
+        .expect("engine alive");
+    e.handle_commands(ms(10));
+    assert_eq!(
+        releases(&mut e),
+        [Release {
+            packet: p1,
+            accept: false
+        }]
+    );
+    assert_eq!(e.handle_packet(ms(20), IN, &c.syn_ack()), dropped(id, true));
+}
+
+#[test]
+fn closing_a_paused_flow_releases_its_held_packets_as_dropped() {
+    let mut e = engine_with_config(short_timeouts());
+    let (f, log) = scripted(NewFlowVerdict::Pause, []);
+    e.set_flow_filter(f);
+    let (a, b) = (sa("198.51.100.1:5353"), sa("203.0.113.7:53"));
+    let p1 = hold_id(e.handle_packet(secs(0), OUT, &udp(a, b, b"one")));
+    let p2 = hold_id(e.handle_packet(secs(1), OUT, &udp(a, b, b"two")));
+    events(&mut e);
+    e.handle_timeout(secs(31));
+    assert_eq!(
+        releases(&mut e),
+        [
+            Release {
+                packet: p1,
+                accept: false
+            },
+            Release {
+                packet: p2,
+                accept: false
+            }
+        ]
+    );
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    assert_eq!(closed.len(), 1);
+    assert_eq!(
+        (closed[0].1.reason, closed[0].1.verdict),
+        (CloseReason::Idle, FlowVerdict::Pause)
+    );
+    assert_eq!(log.lock().expect("log").closed.len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16. Handle updates
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn handle_update_drops_a_settled_flow_long_after_it_started() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    assert_eq!(e.handle_packet(ms(10), OUT, &c.send(b"hi")), accepted(id, true));
+    let h = e.handle();
+    std::thread::spawn(move || h.update(id, DataVerdict::Drop, None))
+        .join()
+        .expect("thread")
+        .expect("engine alive");
+    // handle_packet applies pending commands before judging the packet.
+    assert_eq!(e.handle_packet(secs(3600), OUT, &c.send(b"later")), dropped(id, true));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    assert_eq!(ev[0].time, secs(3600));
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Drop, None, UpdateSource::Handle));
+    assert_eq!(e.handle_packet(secs(3601), IN, &c.reply(b"x")), dropped(id, true));
+}
+
+#[test]
+fn handle_update_in_one_direction_drops_only_that_direction() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    e.handle()
+        .update(id, DataVerdict::Drop, Some(Direction::Inbound))
+        .expect("engine alive");
+    e.handle_commands(secs(10));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    assert_eq!(
+        update_of(&ev[0]),
+        (id, FlowVerdict::Drop, Some(Direction::Inbound), UpdateSource::Handle)
+    );
+    assert_eq!(e.handle_packet(secs(11), OUT, &c.send(b"out")), accepted(id, false));
+    assert_eq!(e.handle_packet(secs(12), IN, &c.reply(b"in")), dropped(id, false));
+}
+
+#[test]
+fn updating_an_unknown_or_closed_flow_is_harmless() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let h = e.handle();
+    h.update(FlowId(999), DataVerdict::Drop, None).expect("engine alive");
+    h.resume(FlowId(12_345), DataVerdict::Drop).expect("engine alive");
+    h.release(PacketId(77), true).expect("engine alive");
+    e.update(ms(5), FlowId(1_000), DataVerdict::Drop, Some(Direction::Outbound));
+    e.handle_commands(ms(5));
+    assert!(events(&mut e).is_empty());
+    assert!(releases(&mut e).is_empty());
+    assert_eq!(e.handle_packet(ms(6), OUT, &c.send(b"x")), accepted(id, true));
+
+    e.close_all(ms(7));
+    events(&mut e);
+    h.update(id, DataVerdict::Drop, None).expect("engine alive");
+    e.handle_commands(ms(8));
+    assert!(events(&mut e).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 17. Snapshot and waker
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn handle_flows_reads_the_snapshot_published_by_timeout_or_refresh() {
+    let mut e = engine();
+    let h = e.handle();
+    assert!(h.flows().flows.is_empty());
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    assert!(h.flows().flows.is_empty(), "not published yet");
+
+    e.handle_timeout(ms(10));
+    let snap = h.flows();
+    assert_eq!(snap.taken, ms(10));
+    assert_eq!(snap.flows.len(), 1);
+    let s = &snap.flows[0];
+    assert_eq!(s.flow.id, id);
+    assert_eq!(s.verdict, FlowVerdict::Allow);
+    assert_eq!(s.rule.as_deref(), Some("default"));
+    assert_eq!((s.counters.packets_out, s.counters.packets_in), (2, 1));
+
+    let _ = e.handle_packet(ms(20), IN, &c.reply(b"data"));
+    assert_eq!(
+        h.flows().flows[0].counters.packets_in,
+        1,
+        "snapshot is not the live table"
+    );
+    h.refresh().expect("engine alive");
+    assert_eq!(h.flows().taken, ms(10));
+    e.handle_commands(ms(30));
+    let snap = h.flows();
+    assert_eq!(snap.taken, ms(30));
+    assert_eq!(snap.flows[0].counters.packets_in, 2);
+    assert_eq!(snap.flows[0].counters.payload_in, 4);
+    assert_eq!(snap.flows[0].last_seen, ms(20));
+}
+
+#[test]
+fn waker_is_called_for_each_handle_command() {
+    let mut e = engine();
+    let woken = Arc::new(AtomicUsize::new(0));
+    let w = woken.clone();
+    e.set_waker(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+    });
+    let h = e.handle();
+    assert_eq!(woken.load(Ordering::SeqCst), 0);
+    h.refresh().expect("engine alive");
+    assert_eq!(woken.load(Ordering::SeqCst), 1);
+    let h2 = h.clone();
+    std::thread::spawn(move || h2.update(FlowId(1), DataVerdict::Allow, None))
+        .join()
+        .expect("thread")
+        .expect("alive");
+    assert_eq!(woken.load(Ordering::SeqCst), 2);
+    h.release(PacketId(1), true).expect("engine alive");
+    assert_eq!(woken.load(Ordering::SeqCst), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 18. max_flows
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn flows_past_max_flows_are_untracked_but_judged_by_the_rules() {
+    let config = EngineConfig {
+        max_flows: 1,
+        ..EngineConfig::default()
+    };
+    let rules = compiled(vec![rule_remote("block", "192.0.2.0/24", Action::Drop)], Action::Allow);
+    let mut e = Engine::new(config, rules);
+    let mut tracked = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = e.handle_packet(ms(0), OUT, &tracked.syn()).flow.expect("tracked");
+    events(&mut e);
+
+    let mut allowed = Conn::new("198.51.100.1:40001", "203.0.113.8:443");
+    let d = e.handle_packet(ms(1), OUT, &allowed.syn());
+    assert_eq!(d, untracked(PacketAction::Accept));
+    assert_eq!(e.stats().untracked, 1);
+    assert!(events(&mut e).is_empty());
+
+    let mut blocked = Conn::new("198.51.100.1:40002", "192.0.2.9:443");
+    let d = e.handle_packet(ms(2), OUT, &blocked.syn());
+    assert_eq!(d, untracked(PacketAction::Drop));
+    assert_eq!(e.stats().untracked, 2);
+    assert!(events(&mut e).is_empty());
+
+    assert_eq!(e.stats().flows_opened, 1);
+    assert_eq!(e.flows().len(), 1);
+    assert_eq!(e.flows()[0].flow.id, id);
+    // The tracked flow still works.
+    assert_eq!(e.handle_packet(ms(3), IN, &tracked.syn_ack()), accepted(id, true));
+}
+
+#[test]
+fn untracked_counts_every_packet_of_an_untracked_flow() {
+    let config = EngineConfig {
+        max_flows: 1,
+        ..EngineConfig::default()
+    };
+    let mut e = engine_with_config(config);
+    let mut tracked = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let _ = e.handle_packet(ms(0), OUT, &tracked.syn());
+    let mut second = Conn::new("198.51.100.1:40001", "203.0.113.8:443");
+    let _ = e.handle_packet(ms(1), OUT, &second.syn());
+    let _ = e.handle_packet(ms(2), IN, &second.syn_ack());
+    let _ = e.handle_packet(ms(3), OUT, &second.ack());
+    assert_eq!(e.stats().untracked, 3, "each packet of an untracked flow is judged (and counted) afresh");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 19. close_all
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn close_all_closes_every_flow_with_reason_end() {
+    let mut e = engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let a = handshake(&mut e, &mut c, ms(0));
+    let b = e
+        .handle_packet(ms(5), OUT, &udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), b"q"))
+        .flow
+        .expect("udp");
+    let i = e
+        .handle_packet(ms(6), OUT, &echo("198.51.100.1", "192.0.2.1", 1, 1, false))
+        .flow
+        .expect("icmp");
+    events(&mut e);
+    e.close_all(secs(1));
+    let ev = events(&mut e);
+    let mut closed: Vec<(FlowId, CloseReason)> = closed_events(&ev).into_iter().map(|(id, r)| (id, r.reason)).collect();
+    closed.sort_by_key(|(id, _)| *id);
+    assert_eq!(
+        closed,
+        [(a, CloseReason::End), (b, CloseReason::End), (i, CloseReason::End)]
+    );
+    assert!(ev.iter().all(|x| x.time == secs(1)));
+    assert!(e.flows().is_empty());
+    assert_eq!(e.stats().flows_closed, 3);
+    assert!(e.handle().flows().flows.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 20. PacketFilter
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn packet_filter_delay_holds_until_released_through_the_handle() {
+    let mut e = engine();
+    let (pf, seen) = packet_filter(PacketVerdict::Delay);
+    e.set_packet_filter(pf);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let (syn, syn_ack) = (c.syn(), c.syn_ack());
+    let d1 = e.handle_packet(ms(0), OUT, &syn);
+    let id = d1.flow.expect("tracked");
+    assert!(!d1.settled);
+    let p1 = hold_id(d1);
+    let p2 = hold_id(e.handle_packet(ms(1), IN, &syn_ack));
+    let h = e.handle();
+    h.release(p1, true).expect("engine alive");
+    h.release(p2, false).expect("engine alive");
+    assert!(releases(&mut e).is_empty());
+    e.handle_commands(ms(2));
+    assert_eq!(
+        releases(&mut e),
+        [
+            Release {
+                packet: p1,
+                accept: true
+            },
+            Release {
+                packet: p2,
+                accept: false
+            }
+        ]
+    );
+    // A second release of the same packet does nothing.
+    h.release(p1, true).expect("engine alive");
+    e.handle_commands(ms(3));
+    assert!(releases(&mut e).is_empty());
+    assert_eq!(
+        *seen.lock().expect("seen"),
+        [
+            (id, Direction::Outbound, syn.len()),
+            (id, Direction::Inbound, syn_ack.len())
+        ]
+    );
+}
+
+#[test]
+fn packet_filter_drop_drops_the_packet() {
+    let mut e = engine();
+    let (pf, _seen) = packet_filter(PacketVerdict::Drop);
+    e.set_packet_filter(pf);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    assert_eq!(d, dropped(d.flow.expect("tracked"), false));
+}
+
+#[test]
+fn packet_filter_makes_every_decision_unsettled() {
+    let mut e = engine_with_rules(vec![rule_remote("block", "192.0.2.0/24", Action::Drop)], Action::Allow);
+    let (pf, seen) = packet_filter(PacketVerdict::Allow);
+    e.set_packet_filter(pf);
+    let mut ok = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &ok.syn());
+    assert_eq!(d, accepted(d.flow.expect("tracked"), false));
+    let d = e.handle_packet(ms(1), IN, &ok.syn_ack());
+    assert_eq!(d, accepted(d.flow.expect("tracked"), false));
+    let mut blocked = Conn::new("198.51.100.1:40001", "192.0.2.9:443");
+    let d = e.handle_packet(ms(2), OUT, &blocked.syn());
+    assert_eq!(d, dropped(d.flow.expect("tracked"), false));
+    // A packet already dropped by the rules is not shown to the packet filter.
+    assert_eq!(seen.lock().expect("seen").len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 21. Interface
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn interface_is_on_the_flow_and_matches_interface_rules() {
+    let vpn = Rule {
+        interface: Some(parse_interface("tun*").expect("glob")),
+        ..Rule::new("vpn", Action::Drop)
+    };
+    let mut e = engine_with_rules(vec![vpn], Action::Allow);
+    let tun0 = PacketMeta {
+        interface: Some("tun0"),
+        origin: Origin::Output,
+    };
+    let eth0 = PacketMeta {
+        interface: Some("eth0"),
+        origin: Origin::Output,
+    };
+    let mut a = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let mut b = Conn::new("198.51.100.1:40001", "203.0.113.7:443");
+    let mut c = Conn::new("198.51.100.1:40002", "203.0.113.7:443");
+    assert_eq!(e.handle_packet(ms(0), tun0, &a.syn()).action, PacketAction::Drop);
+    assert_eq!(e.handle_packet(ms(1), eth0, &b.syn()).action, PacketAction::Accept);
+    assert_eq!(e.handle_packet(ms(2), OUT, &c.syn()).action, PacketAction::Accept);
+    let ev = events(&mut e);
+    let seen: Vec<(Option<&str>, FlowVerdict, Option<&str>)> = ev
+        .iter()
+        .filter(|x| x.kind.name() == "flow.verdict")
+        .map(|x| {
+            let (f, v, r, _) = verdict_of(x);
+            (f.interface.as_deref(), v, r)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("tun0"), FlowVerdict::Drop, Some("vpn")),
+            (Some("eth0"), FlowVerdict::Allow, Some("default")),
+            (None, FlowVerdict::Allow, Some("default")),
+        ]
+    );
+    assert_eq!(
+        e.flows()
+            .iter()
+            .filter(|s| s.flow.interface.as_deref() == Some("tun0"))
+            .count(),
+        1
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bugs found while writing these tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn syn_payload_is_shown_from_its_first_byte() {
+    let mut e = engine();
+    let (f, log) = scripted(inspect(5, 0), []);
+    e.set_flow_filter(f);
+    let (client, server) = (sa("198.51.100.1:40000"), sa("203.0.113.7:443"));
+    let d = e.handle_packet(ms(0), OUT, &tcp(client, server, 1_000, 0, "S", b"hello"));
+    let id = d.flow.expect("tracked");
+    assert_eq!(
+        log.lock().expect("log").data,
+        [(id, Direction::Outbound, 0, b"hello".to_vec())]
+    );
+}
+
+#[test]
+fn flow_filter_is_not_shown_a_direction_it_did_not_ask_for() {
+    let mut e = engine_with_rules(inspect_rule(0, 10), Action::Allow);
+    let (f, log) = scripted(inspect(5, 0), [DataVerdict::Pass { pass: 0, peek: 5 }]);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let _ = handshake(&mut e, &mut c, ms(0));
+    let _ = e.handle_packet(ms(3), OUT, &c.send(b"hello"));
+    let _ = e.handle_packet(ms(4), IN, &c.reply(b"0123456789"));
+    let log = log.lock().expect("log");
+    assert!(
+        log.data.iter().all(|(_, d, _, _)| *d == Direction::Outbound),
+        "{:?}",
+        log.data
+    );
+}
+
+#[test]
+fn handle_update_pass_mid_stream_shows_the_next_bytes() {
+    let mut e = engine();
+    let (f, log) = scripted(NewFlowVerdict::Allow, []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let _ = e.handle_packet(ms(3), OUT, &c.send(&[b'x'; 100]));
+    e.update(
+        ms(4),
+        id,
+        DataVerdict::Pass { pass: 0, peek: 4 },
+        Some(Direction::Outbound),
+    );
+    let _ = e.handle_packet(ms(5), OUT, &c.send(b"ABCDEFGH"));
+    assert_eq!(
+        log.lock().expect("log").data,
+        [(id, Direction::Outbound, 100, b"ABCD".to_vec())]
+    );
+}

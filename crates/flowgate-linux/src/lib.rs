@@ -1,0 +1,33 @@
+//! # flowgate-linux
+//!
+//! The Linux data plane of flowgate: everything that talks to the kernel, and nothing that
+//! decides. The engine (`flowgate-core`) judges; this crate moves packets and verdicts between
+//! the kernel and the engine.
+//!
+//! - [`nfqueue`]: NFQUEUE over a raw netlink socket: bind a queue, receive packets with their
+//!   hook, interfaces and conntrack state, send batched verdicts that can set the conntrack mark.
+//! - [`netfilter`]: the iptables/ip6tables chains flowgate installs and removes (atomically, with
+//!   rollback), and the cleanup of what a dead instance left.
+//! - [`conntrack`]: conntrack over netlink: end-of-flow events with counters, dumps, mark
+//!   updates and deletion of entries.
+//! - [`ifname`]: interface index → name, cached.
+
+pub mod conntrack;
+pub mod ifname;
+pub mod netfilter;
+pub mod nfqueue;
+
+/// The mark bits flowgate owns, on packets and on conntrack entries. A decided flow carries one
+/// of these in its conntrack mark, and the installed chains act on it without asking user space;
+/// a packet that gets a drop verdict also carries it in its packet mark, so the chains can reject
+/// it even when it has no conntrack entry. Other bits of both marks are left alone.
+pub mod marks {
+    /// All of flowgate's bits.
+    pub const MASK: u32 = 0x0003_0000;
+    /// Decided: allowed. The chains let the flow through to the host's own rules.
+    pub const ALLOW: u32 = 0x0001_0000;
+    /// Decided: dropped, and the sender is told (TCP reset, ICMP unreachable).
+    pub const REJECT: u32 = 0x0002_0000;
+    /// Decided: dropped silently.
+    pub const DROP: u32 = 0x0003_0000;
+}

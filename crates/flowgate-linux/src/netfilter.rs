@@ -1,0 +1,991 @@
+//! The iptables/ip6tables chains flowgate installs, and their removal.
+//!
+//! flowgate inserts one jump at position 1 of the filter table's `OUTPUT`, `INPUT` and `FORWARD`
+//! chains, for IPv4 and IPv6, into its own chains [`CHAIN_OUT`], [`CHAIN_IN`] and [`CHAIN_FWD`].
+//! The host's own rules are never modified, reordered or flushed. Each of flowgate's chains, in
+//! order ([`ruleset_text`] is the exact text):
+//!
+//! 1. unless loopback is filtered, `-o lo` (out) / `-i lo` (in) returns at once;
+//! 2. a flow decided [`ALLOW`](crate::marks::ALLOW) (conntrack mark) returns: the host's own
+//!    rules still apply to it;
+//! 3. the kernel's answers to a rejected flow return too: a TCP reset or an ICMP error carries
+//!    the conntrack entry, so the mark, of the flow it answers, and would otherwise be caught by
+//!    the next rules (the reset or port unreachable that `REJECT` sends is dropped by the very
+//!    chain that sent it, and the peer waits for a timeout);
+//! 4. a flow or packet decided [`REJECT`](crate::marks::REJECT) (conntrack mark or packet mark)
+//!    is rejected: TCP with a reset, everything else with an ICMP(v6) port unreachable; `REJECT`
+//!    always drops, also what it does not answer (ICMP errors, fragments, broadcasts), and a
+//!    catch-all `DROP` follows it in case;
+//! 5. a flow or packet decided [`DROP`](crate::marks::DROP) is dropped silently;
+//! 6. everything else goes to NFQUEUE, balanced over [`ChainSpec::queues`], with
+//!    `--queue-bypass` when failing open.
+//!
+//! The daemon gives its verdicts with `NF_REPEAT` after setting the marks, so a packet runs
+//! through the chain again and one of steps 2 to 5 acts on it.
+//!
+//! ## Balancing and failing open
+//!
+//! `--queue-balance` hashes the source and destination addresses (sorted, so both directions of
+//! a flow land on the same queue) and the protocol, not the ports: every flow between the same
+//! two addresses goes to the same queue. The addresses are those the filter table sees, which
+//! NAT leaves consistent in both directions.
+//!
+//! With `--queue-bypass` and no process bound to the queue, the packet is accepted by the whole
+//! filter table, as if the NFQUEUE rule were an `ACCEPT`: the host's own filter rules after
+//! flowgate's jump do not see it. Without it the packet is dropped.
+//!
+//! ## Transactions
+//!
+//! Each family is installed with one `iptables-restore --noflush` run (chains, rules and jumps in
+//! one transaction, so either all of it or none is in place); if IPv6 fails, IPv4 is removed
+//! again before the error is returned. Removal lists the filter table (`iptables -S`) and
+//! deletes, in one restore transaction per family, every jump into flowgate's chains from the
+//! built-in chains, then flushes and deletes the chains. [`cleanup`] does the same for what a
+//! dead instance left, and [`install`] calls it first.
+//!
+//! In a network namespace where the filter table did not exist yet, installing creates it with
+//! its built-in chains (policy `ACCEPT`); removal leaves those empty chains in place, since
+//! iptables has no way to delete a table.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::io::{self, Write};
+use std::ops::RangeInclusive;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+
+use crate::marks;
+
+/// flowgate's chain for locally generated packets, jumped to from `OUTPUT`.
+pub const CHAIN_OUT: &str = "FLOWGATE-OUT";
+/// flowgate's chain for packets to the host, jumped to from `INPUT`.
+pub const CHAIN_IN: &str = "FLOWGATE-IN";
+/// flowgate's chain for routed packets, jumped to from `FORWARD`.
+pub const CHAIN_FWD: &str = "FLOWGATE-FWD";
+
+/// A built-in chain and the flowgate chain it jumps to.
+struct Hook {
+    builtin: &'static str,
+    chain: &'static str,
+    /// The interface option that matches loopback in this chain, if any.
+    loopback: Option<&'static str>,
+}
+
+const HOOKS: [Hook; 3] = [
+    Hook {
+        builtin: "OUTPUT",
+        chain: CHAIN_OUT,
+        loopback: Some("-o"),
+    },
+    Hook {
+        builtin: "INPUT",
+        chain: CHAIN_IN,
+        loopback: Some("-i"),
+    },
+    Hook {
+        builtin: "FORWARD",
+        chain: CHAIN_FWD,
+        loopback: None,
+    },
+];
+
+/// What to install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSpec {
+    /// The NFQUEUE numbers packets are balanced over, e.g. `0..=1`.
+    pub queues: RangeInclusive<u16>,
+    /// Let packets pass while no process is bound to the queue (`--queue-bypass`); otherwise
+    /// they are dropped.
+    pub fail_open: bool,
+    /// Filter loopback traffic too; otherwise it bypasses flowgate.
+    pub loopback: bool,
+}
+
+/// The programs flowgate runs. [`Default`] looks them up on `PATH`, then in `/usr/local/sbin`,
+/// `/usr/sbin` and `/sbin` (relative `PATH` entries are ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tools {
+    pub iptables_restore: PathBuf,
+    pub ip6tables_restore: PathBuf,
+    pub iptables: PathBuf,
+    pub ip6tables: PathBuf,
+}
+
+impl Default for Tools {
+    fn default() -> Self {
+        Self {
+            iptables_restore: find_program("iptables-restore"),
+            ip6tables_restore: find_program("ip6tables-restore"),
+            iptables: find_program("iptables"),
+            ip6tables: find_program("ip6tables"),
+        }
+    }
+}
+
+impl Tools {
+    fn restore(&self, family: Family) -> (&'static str, &Path) {
+        match family {
+            Family::Ipv4 => ("iptables-restore", &self.iptables_restore),
+            Family::Ipv6 => ("ip6tables-restore", &self.ip6tables_restore),
+        }
+    }
+
+    fn lister(&self, family: Family) -> (&'static str, &Path) {
+        match family {
+            Family::Ipv4 => ("iptables", &self.iptables),
+            Family::Ipv6 => ("ip6tables", &self.ip6tables),
+        }
+    }
+}
+
+fn find_program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let fallback = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .chain(fallback)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// An address family, with its own set of tools and rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
+    }
+}
+
+/// What flowgate was doing when a tool failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Removing what a previous instance left ([`cleanup`], also the first step of [`install`]).
+    RemovingLeftovers,
+    /// Installing the chains and jumps.
+    Installing,
+    /// Removing IPv4 again after IPv6 failed to install.
+    RollingBack,
+    /// Removing what was installed ([`Installed::remove`]).
+    Removing,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::RemovingLeftovers => "removing leftovers",
+            Step::Installing => "installing chains",
+            Step::RollingBack => "rolling back",
+            Step::Removing => "removing chains",
+        })
+    }
+}
+
+/// Why installing or removing the chains failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetfilterError {
+    /// The queue range cannot be expressed as an NFQUEUE target.
+    #[error("invalid NFQUEUE range {start}..={end}: {reason}")]
+    InvalidQueues { start: u16, end: u16, reason: &'static str },
+    /// The tool could not be started, or its input could not be written.
+    #[error("could not run {tool} ({family}, {step}) as {}: {source}", .program.display())]
+    Run {
+        tool: &'static str,
+        program: PathBuf,
+        family: Family,
+        step: Step,
+        #[source]
+        source: io::Error,
+    },
+    /// The tool ran and failed.
+    #[error("{tool} ({family}, {step}) failed with {}: {}", describe_status(.status), describe_output(.stderr))]
+    Failed {
+        tool: &'static str,
+        program: PathBuf,
+        family: Family,
+        step: Step,
+        status: ExitStatus,
+        stderr: String,
+    },
+    /// Installing failed, and removing what was already installed failed too.
+    #[error("{error}; removing what was installed failed too: {rollback}")]
+    RollbackFailed {
+        error: Box<NetfilterError>,
+        rollback: Box<NetfilterError>,
+    },
+    /// Several steps failed (removal tries both families).
+    #[error("{}", join_errors(.0))]
+    Several(Vec<NetfilterError>),
+}
+
+fn describe_status(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => status.to_string(),
+    }
+}
+
+fn describe_output(stderr: &str) -> &str {
+    if stderr.is_empty() { "no error output" } else { stderr }
+}
+
+fn join_errors(errors: &[NetfilterError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// One error from several, or none.
+fn combine(mut errors: Vec<NetfilterError>) -> Result<(), NetfilterError> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(NetfilterError::Several(errors)),
+    }
+}
+
+/// The chains as installed; removed by [`Installed::remove`], or when dropped (best effort,
+/// errors ignored). A process that dies without either leaves them for [`cleanup`].
+#[derive(Debug)]
+pub struct Installed {
+    tools: Tools,
+    spec: ChainSpec,
+    removed_leftovers: bool,
+    armed: bool,
+}
+
+impl Installed {
+    /// What was installed.
+    pub fn spec(&self) -> &ChainSpec {
+        &self.spec
+    }
+
+    /// Whether [`install`] found and removed chains of a previous instance first.
+    pub fn removed_leftovers(&self) -> bool {
+        self.removed_leftovers
+    }
+
+    /// Removes the jumps (every copy) and then flowgate's chains, for both families. Both are
+    /// tried even if one fails, and every failure is reported. Chains already gone are no
+    /// error.
+    pub fn remove(mut self) -> Result<(), NetfilterError> {
+        self.armed = false;
+        remove_all(&self.tools, Step::Removing).map(drop)
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if self.armed {
+            self.armed = false;
+            let _ = remove_all(&self.tools, Step::Removing);
+        }
+    }
+}
+
+/// Installs flowgate's chains and jumps for IPv4 and IPv6, after removing whatever a previous
+/// instance left. Nothing is left half-installed on error.
+pub fn install(spec: &ChainSpec, tools: &Tools) -> Result<Installed, NetfilterError> {
+    check_queues(&spec.queues)?;
+    let removed_leftovers = cleanup(tools)?;
+    restore(tools, Family::Ipv4, Step::Installing, &ruleset_text(spec, false))?;
+    if let Err(error) = restore(tools, Family::Ipv6, Step::Installing, &ruleset_text(spec, true)) {
+        return Err(match remove_family(tools, Family::Ipv4, Step::RollingBack) {
+            Ok(_) => error,
+            Err(rollback) => NetfilterError::RollbackFailed {
+                error: Box::new(error),
+                rollback: Box::new(rollback),
+            },
+        });
+    }
+    Ok(Installed {
+        tools: tools.clone(),
+        spec: spec.clone(),
+        removed_leftovers,
+        armed: true,
+    })
+}
+
+/// Removes flowgate's jumps and chains, for both families, if present (left by an instance that
+/// died). Returns whether anything was found. Both families are tried even if one fails.
+pub fn cleanup(tools: &Tools) -> Result<bool, NetfilterError> {
+    remove_all(tools, Step::RemovingLeftovers)
+}
+
+fn check_queues(queues: &RangeInclusive<u16>) -> Result<(), NetfilterError> {
+    let (start, end) = (*queues.start(), *queues.end());
+    let reason = if start > end {
+        "the range is empty"
+    } else if start == 0 && end == u16::MAX {
+        "at most 65535 queues can be balanced over"
+    } else {
+        return Ok(());
+    };
+    Err(NetfilterError::InvalidQueues { start, end, reason })
+}
+
+/// The exact `iptables-restore --noflush` input that installs flowgate for one family: the
+/// chains, their rules, and the jumps at position 1 of the built-in chains. `spec.queues` is
+/// assumed valid ([`install`] checks it).
+pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
+    let (icmp, unreachable) = if ipv6 {
+        ("ipv6-icmp", "icmp6-port-unreachable")
+    } else {
+        ("icmp", "icmp-port-unreachable")
+    };
+    let mark = |value: u32| format!("{value:#x}/{:#x}", marks::MASK);
+    let (allow, reject, drop) = (mark(marks::ALLOW), mark(marks::REJECT), mark(marks::DROP));
+    let (first, last) = (*spec.queues.start(), *spec.queues.end());
+    let mut queue = if first == last {
+        format!("-j NFQUEUE --queue-num {first}")
+    } else {
+        format!("-j NFQUEUE --queue-balance {first}:{last}")
+    };
+    if spec.fail_open {
+        queue.push_str(" --queue-bypass");
+    }
+
+    let mut text = String::from("*filter\n");
+    for hook in &HOOKS {
+        text.push_str(&format!(":{} - [0:0]\n", hook.chain));
+    }
+    for hook in &HOOKS {
+        let mut rules = Vec::new();
+        if let (false, Some(option)) = (spec.loopback, hook.loopback) {
+            rules.push(format!("{option} lo -j RETURN"));
+        }
+        rules.push(format!("-m connmark --mark {allow} -j RETURN"));
+        rules.push(format!(
+            "-p tcp -m tcp --tcp-flags RST RST -m connmark --mark {reject} -j RETURN"
+        ));
+        rules.push(format!(
+            "-p {icmp} -m conntrack --ctstate RELATED -m connmark --mark {reject} -j RETURN"
+        ));
+        for matcher in ["connmark", "mark"] {
+            rules.push(format!(
+                "-p tcp -m {matcher} --mark {reject} -j REJECT --reject-with tcp-reset"
+            ));
+        }
+        for matcher in ["connmark", "mark"] {
+            rules.push(format!(
+                "-m {matcher} --mark {reject} -j REJECT --reject-with {unreachable}"
+            ));
+        }
+        for matcher in ["connmark", "mark"] {
+            rules.push(format!("-m {matcher} --mark {reject} -j DROP"));
+        }
+        for matcher in ["connmark", "mark"] {
+            rules.push(format!("-m {matcher} --mark {drop} -j DROP"));
+        }
+        rules.push(queue.clone());
+        for rule in rules {
+            text.push_str(&format!("-A {} {rule}\n", hook.chain));
+        }
+    }
+    for hook in &HOOKS {
+        text.push_str(&format!("-I {} 1 -j {}\n", hook.builtin, hook.chain));
+    }
+    text.push_str("COMMIT\n");
+    text
+}
+
+/// Removes flowgate from both families; whether anything was found.
+fn remove_all(tools: &Tools, step: Step) -> Result<bool, NetfilterError> {
+    let mut found = false;
+    let mut errors = Vec::new();
+    for family in Family::BOTH {
+        match remove_family(tools, family, step) {
+            Ok(f) => found |= f,
+            Err(e) => errors.push(e),
+        }
+    }
+    combine(errors).map(|()| found)
+}
+
+/// Removes flowgate's jumps and chains for one family; whether anything was found. The table is
+/// listed again after each removal, so copies added meanwhile go too, and a removal that failed
+/// because the table changed under it is retried.
+fn remove_family(tools: &Tools, family: Family, step: Step) -> Result<bool, NetfilterError> {
+    const ATTEMPTS: usize = 3;
+    let mut found = false;
+    let mut failures = 0;
+    loop {
+        let ours = list_ours(tools, family, step)?;
+        if ours.is_empty() {
+            return Ok(found);
+        }
+        found = true;
+        match restore(tools, family, step, &ours.removal_text()) {
+            Ok(()) => {}
+            Err(e) if failures + 1 >= ATTEMPTS => return Err(e),
+            Err(_) => failures += 1,
+        }
+    }
+}
+
+/// flowgate's jumps and chains found in a listing of the filter table.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Ours {
+    /// The jump rules, as listed after `-A ` (chain name first).
+    jumps: Vec<String>,
+    chains: Vec<&'static str>,
+}
+
+impl Ours {
+    fn is_empty(&self) -> bool {
+        self.jumps.is_empty() && self.chains.is_empty()
+    }
+
+    fn removal_text(&self) -> String {
+        let mut text = String::from("*filter\n");
+        for jump in &self.jumps {
+            text.push_str(&format!("-D {jump}\n"));
+        }
+        for chain in &self.chains {
+            text.push_str(&format!("-F {chain}\n-X {chain}\n"));
+        }
+        text.push_str("COMMIT\n");
+        text
+    }
+}
+
+fn list_ours(tools: &Tools, family: Family, step: Step) -> Result<Ours, NetfilterError> {
+    let (tool, program) = tools.lister(family);
+    let listing = run(tool, program, &["-w", "-t", "filter", "-S"], None, family, step)?;
+    Ok(parse_listing(&listing))
+}
+
+/// Finds flowgate's chains (`-N`) and the rules of the built-in chains that jump or go to them
+/// in `iptables -S` output.
+fn parse_listing(listing: &str) -> Ours {
+    let chains = [CHAIN_OUT, CHAIN_IN, CHAIN_FWD];
+    let mut ours = Ours::default();
+    for line in listing.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("-N ") {
+            if let Some(chain) = chains.iter().find(|c| **c == name.trim()) {
+                ours.chains.push(chain);
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let args = split_args(rule);
+            let Some(chain) = args.first() else { continue };
+            if !HOOKS.iter().any(|h| h.builtin == chain) {
+                continue;
+            }
+            let target = args
+                .windows(2)
+                .rev()
+                .find(|w| matches!(w[0].as_str(), "-j" | "--jump" | "-g" | "--goto"))
+                .map(|w| w[1].as_str());
+            if target.is_some_and(|t| chains.contains(&t)) {
+                ours.jumps.push(rule.to_owned());
+            }
+        }
+    }
+    ours
+}
+
+/// Splits a rule as iptables prints it: words separated by blanks, `"…"` quoting blanks, and
+/// `\` escaping the next character inside quotes.
+fn split_args(rule: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut current = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    let mut chars = rule.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            '\\' if quoted => {
+                if let Some(next) = chars.next() {
+                    current.push(next);
+                }
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    args.push(std::mem::take(&mut current));
+                    in_word = false;
+                }
+            }
+            c => {
+                current.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        args.push(current);
+    }
+    args
+}
+
+/// Feeds `input` to `iptables-restore --noflush` (or the IPv6 one): one transaction.
+fn restore(tools: &Tools, family: Family, step: Step, input: &str) -> Result<(), NetfilterError> {
+    let (tool, program) = tools.restore(family);
+    run(tool, program, &["-w", "--noflush"], Some(input), family, step).map(drop)
+}
+
+/// Runs a tool (never through a shell) with `input` on its stdin; its stdout on success.
+fn run(
+    tool: &'static str,
+    program: &Path,
+    args: &[&str],
+    input: Option<&str>,
+    family: Family,
+    step: Step,
+) -> Result<String, NetfilterError> {
+    let io_error = |source| NetfilterError::Run {
+        tool,
+        program: program.to_owned(),
+        family,
+        step,
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args.iter().map(OsStr::new))
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_error)?;
+    let stdin = child.stdin.take();
+    // The input is written from a second thread while this one collects the output, so neither
+    // side can block the other on a full pipe.
+    let (output, written) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || match (stdin, input) {
+            (Some(mut stdin), Some(input)) => stdin.write_all(input.as_bytes()),
+            _ => Ok(()),
+        });
+        let output = child.wait_with_output();
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("writing the input panicked")));
+        (output, written)
+    });
+    let output = output.map_err(io_error)?;
+    if !output.status.success() {
+        let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        if stderr.is_empty() {
+            stderr = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        }
+        return Err(NetfilterError::Failed {
+            tool,
+            program: program.to_owned(),
+            family,
+            step,
+            status: output.status,
+            stderr,
+        });
+    }
+    // A tool that succeeded without reading all of its input did not apply all of it.
+    written.map_err(io_error)?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(queues: RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
+        ChainSpec {
+            queues,
+            fail_open,
+            loopback,
+        }
+    }
+
+    fn chain_rules<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
+        let prefix = format!("-A {chain} ");
+        text.lines().filter_map(|l| l.strip_prefix(prefix.as_str())).collect()
+    }
+
+    #[test]
+    fn ipv4_two_queues_fail_open_loopback_exempt_is_exact() {
+        let text = ruleset_text(&spec(0..=1, true, false), false);
+        let expected = "\
+*filter
+:FLOWGATE-OUT - [0:0]
+:FLOWGATE-IN - [0:0]
+:FLOWGATE-FWD - [0:0]
+-A FLOWGATE-OUT -o lo -j RETURN
+-A FLOWGATE-OUT -m connmark --mark 0x10000/0x30000 -j RETURN
+-A FLOWGATE-OUT -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
+-A FLOWGATE-OUT -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
+-A FLOWGATE-OUT -p tcp -m connmark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset
+-A FLOWGATE-OUT -p tcp -m mark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset
+-A FLOWGATE-OUT -m connmark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port-unreachable
+-A FLOWGATE-OUT -m mark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port-unreachable
+-A FLOWGATE-OUT -m connmark --mark 0x20000/0x30000 -j DROP
+-A FLOWGATE-OUT -m mark --mark 0x20000/0x30000 -j DROP
+-A FLOWGATE-OUT -m connmark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-OUT -m mark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-OUT -j NFQUEUE --queue-balance 0:1 --queue-bypass
+-A FLOWGATE-IN -i lo -j RETURN
+-A FLOWGATE-IN -m connmark --mark 0x10000/0x30000 -j RETURN
+-A FLOWGATE-IN -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
+-A FLOWGATE-IN -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
+-A FLOWGATE-IN -p tcp -m connmark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset
+-A FLOWGATE-IN -p tcp -m mark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset
+-A FLOWGATE-IN -m connmark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port-unreachable
+-A FLOWGATE-IN -m mark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port-unreachable
+-A FLOWGATE-IN -m connmark --mark 0x20000/0x30000 -j DROP
+-A FLOWGATE-IN -m mark --mark 0x20000/0x30000 -j DROP
+-A FLOWGATE-IN -m connmark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-IN -m mark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-IN -j NFQUEUE --queue-balance 0:1 --queue-bypass
+-A FLOWGATE-FWD -m connmark --mark 0x10000/0x30000 -j RETURN
+-A FLOWGATE-FWD -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
+-A FLOWGATE-FWD -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
+-A FLOWGATE-FWD -p tcp -m connmark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset
+-A FLOWGATE-FWD -p tcp -m mark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset
+-A FLOWGATE-FWD -m connmark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port-unreachable
+-A FLOWGATE-FWD -m mark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port-unreachable
+-A FLOWGATE-FWD -m connmark --mark 0x20000/0x30000 -j DROP
+-A FLOWGATE-FWD -m mark --mark 0x20000/0x30000 -j DROP
+-A FLOWGATE-FWD -m connmark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-FWD -m mark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-FWD -j NFQUEUE --queue-balance 0:1 --queue-bypass
+-I OUTPUT 1 -j FLOWGATE-OUT
+-I INPUT 1 -j FLOWGATE-IN
+-I FORWARD 1 -j FLOWGATE-FWD
+COMMIT
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn ipv6_uses_icmpv6_for_answers_and_rejects() {
+        let text = ruleset_text(&spec(0..=1, true, false), true);
+        let v4 = ruleset_text(&spec(0..=1, true, false), false);
+        assert_eq!(
+            text,
+            v4.replace("-p icmp ", "-p ipv6-icmp ")
+                .replace("icmp-port-unreachable", "icmp6-port-unreachable")
+        );
+        for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
+            let rules = chain_rules(&text, chain);
+            assert!(
+                rules.contains(
+                    &"-p ipv6-icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN"
+                )
+            );
+            assert!(rules.contains(&"-m mark --mark 0x20000/0x30000 -j REJECT --reject-with icmp6-port-unreachable"));
+            assert!(!rules.iter().any(|r| r.contains("-p icmp ") || r.contains("icmp-port")));
+        }
+    }
+
+    #[test]
+    fn one_queue_uses_queue_num() {
+        for ipv6 in [false, true] {
+            let text = ruleset_text(&spec(3..=3, true, false), ipv6);
+            for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
+                assert_eq!(
+                    chain_rules(&text, chain).last(),
+                    Some(&"-j NFQUEUE --queue-num 3 --queue-bypass")
+                );
+            }
+            assert!(!text.contains("queue-balance"));
+        }
+    }
+
+    #[test]
+    fn several_queues_use_queue_balance() {
+        let text = ruleset_text(&spec(2..=5, false, false), false);
+        for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
+            assert_eq!(
+                chain_rules(&text, chain).last(),
+                Some(&"-j NFQUEUE --queue-balance 2:5")
+            );
+        }
+        assert!(!text.contains("queue-num"));
+    }
+
+    #[test]
+    fn bypass_only_when_failing_open() {
+        for ipv6 in [false, true] {
+            let open = ruleset_text(&spec(0..=1, true, false), ipv6);
+            let closed = ruleset_text(&spec(0..=1, false, false), ipv6);
+            assert_eq!(open.matches("--queue-bypass").count(), 3);
+            assert_eq!(closed.matches("--queue-bypass").count(), 0);
+            assert_eq!(open.replace(" --queue-bypass", ""), closed);
+        }
+    }
+
+    #[test]
+    fn loopback_exemption_only_when_loopback_is_not_filtered() {
+        for ipv6 in [false, true] {
+            let exempt = ruleset_text(&spec(0..=0, true, false), ipv6);
+            let filtered = ruleset_text(&spec(0..=0, true, true), ipv6);
+            assert_eq!(chain_rules(&exempt, CHAIN_OUT)[0], "-o lo -j RETURN");
+            assert_eq!(chain_rules(&exempt, CHAIN_IN)[0], "-i lo -j RETURN");
+            assert!(!chain_rules(&exempt, CHAIN_FWD).iter().any(|r| r.contains(" lo ")));
+            assert!(!filtered.contains(" lo "));
+            let without: String = exempt
+                .lines()
+                .filter(|l| !l.contains(" lo -j RETURN"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            assert_eq!(without, filtered);
+        }
+    }
+
+    #[test]
+    fn order_is_declarations_rules_jumps_commit() {
+        let text = ruleset_text(&spec(0..=1, false, false), false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "*filter");
+        assert_eq!(
+            &lines[1..4],
+            [":FLOWGATE-OUT - [0:0]", ":FLOWGATE-IN - [0:0]", ":FLOWGATE-FWD - [0:0]"]
+        );
+        let n = lines.len();
+        assert_eq!(
+            &lines[n - 4..],
+            [
+                "-I OUTPUT 1 -j FLOWGATE-OUT",
+                "-I INPUT 1 -j FLOWGATE-IN",
+                "-I FORWARD 1 -j FLOWGATE-FWD",
+                "COMMIT"
+            ]
+        );
+        assert!(lines[4..n - 4].iter().all(|l| l.starts_with("-A FLOWGATE-")));
+
+        // Within a chain: loopback, allow, answers to rejects, reject TCP, reject the rest,
+        // catch-all drop for rejects, silent drop, queue.
+        let rules = chain_rules(&text, CHAIN_OUT);
+        let position = |needle: &str| {
+            rules
+                .iter()
+                .position(|r| r.contains(needle))
+                .unwrap_or_else(|| panic!("no rule with {needle}"))
+        };
+        let order = [
+            position("-o lo -j RETURN"),
+            position("0x10000/0x30000 -j RETURN"),
+            position("--tcp-flags RST RST"),
+            position("--ctstate RELATED"),
+            position("-m connmark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset"),
+            position("-m mark --mark 0x20000/0x30000 -j REJECT --reject-with tcp-reset"),
+            position("-m connmark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port"),
+            position("-m mark --mark 0x20000/0x30000 -j REJECT --reject-with icmp-port"),
+            position("-m connmark --mark 0x20000/0x30000 -j DROP"),
+            position("-m mark --mark 0x20000/0x30000 -j DROP"),
+            position("-m connmark --mark 0x30000/0x30000 -j DROP"),
+            position("-m mark --mark 0x30000/0x30000 -j DROP"),
+            position("-j NFQUEUE"),
+        ];
+        assert_eq!(order.to_vec(), (0..rules.len()).collect::<Vec<_>>());
+        // TCP resets are only ever sent for TCP.
+        assert!(
+            rules
+                .iter()
+                .filter(|r| r.contains("tcp-reset"))
+                .all(|r| r.starts_with("-p tcp "))
+        );
+    }
+
+    #[test]
+    fn marks_come_from_the_contract() {
+        let text = ruleset_text(&spec(0..=0, true, false), false);
+        assert!(text.contains(&format!("{:#x}/{:#x} -j RETURN", marks::ALLOW, marks::MASK)));
+        assert!(text.contains(&format!("{:#x}/{:#x} -j REJECT", marks::REJECT, marks::MASK)));
+        assert!(text.contains(&format!("{:#x}/{:#x} -j DROP", marks::DROP, marks::MASK)));
+    }
+
+    #[test]
+    fn queue_ranges_are_checked() {
+        assert!(check_queues(&(0..=0)).is_ok());
+        assert!(check_queues(&(0..=65534)).is_ok());
+        assert!(check_queues(&(1..=65535)).is_ok());
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = 5..=4;
+        let err = check_queues(&empty).err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("invalid NFQUEUE range 5..=4: the range is empty"));
+        assert!(matches!(
+            check_queues(&(0..=65535)),
+            Err(NetfilterError::InvalidQueues { .. })
+        ));
+    }
+
+    #[test]
+    fn listing_finds_jumps_in_builtins_and_our_chains_only() {
+        let listing = "\
+-P INPUT ACCEPT
+-P FORWARD DROP
+-P OUTPUT ACCEPT
+-N FLOWGATE-FWD
+-N FLOWGATE-IN
+-N FLOWGATE-OUT
+-N HOST-CHAIN
+-N FLOWGATE-OTHER
+-A INPUT -j FLOWGATE-IN
+-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
+-A FORWARD -j FLOWGATE-FWD
+-A OUTPUT -j FLOWGATE-OUT
+-A OUTPUT -m comment --comment \"-j FLOWGATE-OUT\" -j ACCEPT
+-A OUTPUT -m comment --comment \"say \\\"hi\\\"\" -g FLOWGATE-OUT
+-A OUTPUT -j FLOWGATE-OUT
+-A OUTPUT -p tcp -m tcp --dport 25 -j DROP
+-A HOST-CHAIN -j FLOWGATE-OUT
+-A FLOWGATE-OUT -j NFQUEUE --queue-num 0
+";
+        let ours = parse_listing(listing);
+        assert_eq!(ours.chains, [CHAIN_FWD, CHAIN_IN, CHAIN_OUT]);
+        assert_eq!(
+            ours.jumps,
+            [
+                "INPUT -j FLOWGATE-IN",
+                "FORWARD -j FLOWGATE-FWD",
+                "OUTPUT -j FLOWGATE-OUT",
+                "OUTPUT -m comment --comment \"say \\\"hi\\\"\" -g FLOWGATE-OUT",
+                "OUTPUT -j FLOWGATE-OUT",
+            ]
+        );
+        assert_eq!(
+            ours.removal_text(),
+            "*filter\n-D INPUT -j FLOWGATE-IN\n-D FORWARD -j FLOWGATE-FWD\n-D OUTPUT -j FLOWGATE-OUT\n\
+             -D OUTPUT -m comment --comment \"say \\\"hi\\\"\" -g FLOWGATE-OUT\n-D OUTPUT -j FLOWGATE-OUT\n\
+             -F FLOWGATE-FWD\n-X FLOWGATE-FWD\n-F FLOWGATE-IN\n-X FLOWGATE-IN\n-F FLOWGATE-OUT\n-X FLOWGATE-OUT\nCOMMIT\n"
+        );
+        assert!(parse_listing("-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n").is_empty());
+    }
+
+    #[test]
+    fn split_args_handles_quotes_and_escapes() {
+        assert_eq!(split_args("OUTPUT  -j  X "), ["OUTPUT", "-j", "X"]);
+        assert_eq!(
+            split_args(r#"OUTPUT --comment "a b" -j X"#),
+            ["OUTPUT", "--comment", "a b", "-j", "X"]
+        );
+        assert_eq!(
+            split_args(r#"--comment "say \"hi\" \\" x"#),
+            ["--comment", r#"say "hi" \"#, "x"]
+        );
+        assert_eq!(split_args(r#"--comment "" x"#), ["--comment", "", "x"]);
+    }
+
+    #[test]
+    fn error_messages_name_tool_family_step_status_and_stderr() {
+        let failed = NetfilterError::Failed {
+            tool: "ip6tables-restore",
+            program: PathBuf::from("/usr/sbin/ip6tables-restore"),
+            family: Family::Ipv6,
+            step: Step::Installing,
+            status: ExitStatus::from_raw(2 << 8),
+            stderr: "iptables-restore: line 7 failed".into(),
+        };
+        assert_eq!(
+            failed.to_string(),
+            "ip6tables-restore (IPv6, installing chains) failed with exit status 2: iptables-restore: line 7 failed"
+        );
+        let silent = NetfilterError::Failed {
+            tool: "iptables",
+            program: PathBuf::from("/bin/false"),
+            family: Family::Ipv4,
+            step: Step::RemovingLeftovers,
+            status: ExitStatus::from_raw(9),
+            stderr: String::new(),
+        };
+        assert_eq!(
+            silent.to_string(),
+            "iptables (IPv4, removing leftovers) failed with signal 9: no error output"
+        );
+        let run = NetfilterError::Run {
+            tool: "iptables-restore",
+            program: PathBuf::from("/nonexistent/iptables-restore"),
+            family: Family::Ipv4,
+            step: Step::Removing,
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        assert_eq!(
+            run.to_string(),
+            "could not run iptables-restore (IPv4, removing chains) as /nonexistent/iptables-restore: entity not found"
+        );
+        let both = NetfilterError::Several(vec![silent, run]);
+        assert!(both.to_string().contains("(IPv4, removing leftovers)"));
+        assert!(both.to_string().contains("; could not run iptables-restore"));
+    }
+
+    #[test]
+    fn missing_program_is_reported_with_its_path() {
+        let tools = Tools {
+            iptables_restore: "/nonexistent/iptables-restore".into(),
+            ip6tables_restore: "/nonexistent/ip6tables-restore".into(),
+            iptables: "/nonexistent/iptables".into(),
+            ip6tables: "/nonexistent/ip6tables".into(),
+        };
+        let err = cleanup(&tools)
+            .map(|_| ())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("could not run iptables (IPv4, removing leftovers) as /nonexistent/iptables"),
+            "{err}"
+        );
+        assert!(
+            err.contains("could not run ip6tables (IPv6, removing leftovers) as /nonexistent/ip6tables"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn run_feeds_stdin_and_reports_failures() {
+        let out = run(
+            "cat",
+            Path::new("/bin/cat"),
+            &[],
+            Some("hello\n"),
+            Family::Ipv4,
+            Step::Installing,
+        );
+        assert_eq!(out.ok().as_deref(), Some("hello\n"));
+        let err = run(
+            "sh",
+            Path::new("/bin/sh"),
+            &["-c", "echo ' oops ' >&2; exit 3"],
+            None,
+            Family::Ipv6,
+            Step::Removing,
+        )
+        .err()
+        .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("sh (IPv6, removing chains) failed with exit status 3: oops")
+        );
+    }
+
+    #[test]
+    fn default_tools_are_found() {
+        let tools = Tools::default();
+        for path in [
+            &tools.iptables_restore,
+            &tools.ip6tables_restore,
+            &tools.iptables,
+            &tools.ip6tables,
+        ] {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            assert!(name.contains("tables"), "{}", path.display());
+        }
+    }
+}

@@ -1,0 +1,579 @@
+//! Live tests of [`flowgate_linux::netfilter`]: the chains are really installed with
+//! iptables-restore and removed again, each test in its own network namespace (`fgnf-<pid>-<n>`,
+//! deleted at the end even when the test fails), so the host's rules are never touched.
+//!
+//! They need root; without it each test says so and passes without doing anything.
+
+use std::fs::File;
+use std::io::{self, ErrorKind};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flowgate_linux::marks;
+use flowgate_linux::netfilter::{self, CHAIN_FWD, CHAIN_IN, CHAIN_OUT, ChainSpec, Family, NetfilterError, Step, Tools};
+use nix::sched::{CloneFlags, setns};
+
+/// How long a datagram or an answer is waited for.
+const WAIT: Duration = Duration::from_millis(300);
+
+/// What iptables-save prints for a filter table that exists but has no rules, which is what
+/// installing and removing leaves in a namespace where the table did not exist before.
+const EMPTY_FILTER_TABLE: &str = "*filter\n:INPUT ACCEPT\n:FORWARD ACCEPT\n:OUTPUT ACCEPT\nCOMMIT";
+
+const BUILTINS: [(&str, &str); 3] = [("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)];
+
+fn have_root(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("{test}: skipped, needs root (network namespaces and iptables)");
+    }
+    root
+}
+
+fn program(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|dir| PathBuf::from(dir).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Runs a program (in the calling thread's network namespace), asserts it succeeds, returns its
+/// stdout.
+fn cmd(name: &str, args: &[&str]) -> String {
+    let out = Command::new(program(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace of its own, deleted when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("fgnf-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        cmd("ip", &["netns", "add", &name]);
+        Self { name }
+    }
+
+    /// Runs `f` on a thread inside the namespace: whatever it spawns runs there too.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            let thread = scope.spawn(move || {
+                let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+                setns(&ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("entering {path}: {e}"));
+                f()
+            });
+            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let deleted = Command::new(program("ip")).args(["netns", "del", &self.name]).status();
+        if !deleted.is_ok_and(|s| s.success()) {
+            eprintln!("could not delete network namespace {}", self.name);
+        }
+    }
+}
+
+fn tool(ipv6: bool, name: &str) -> String {
+    if ipv6 {
+        name.replacen("iptables", "ip6tables", 1)
+    } else {
+        name.to_owned()
+    }
+}
+
+/// `iptables-save` (or the IPv6 one) without comments and chain counters.
+fn save(ipv6: bool) -> String {
+    cmd(&tool(ipv6, "iptables-save"), &[])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
+            (true, Some(counters)) => &l[..counters],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn saves() -> [String; 2] {
+    [save(false), save(true)]
+}
+
+/// The rules of one chain, as `-A CHAIN …` lines.
+fn rules(ipv6: bool, chain: &str) -> Vec<String> {
+    cmd(&tool(ipv6, "iptables"), &["-w", "-t", "filter", "-S", chain])
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Asserts the namespace's rules are back to `before`. The one difference allowed: where there
+/// was no filter table, an empty one is left (iptables cannot delete a table).
+fn assert_restored(before: &[String; 2]) {
+    for (ipv6, before) in [false, true].into_iter().zip(before) {
+        let after = save(ipv6);
+        if before.is_empty() && after == EMPTY_FILTER_TABLE {
+            continue;
+        }
+        assert_eq!(&after, before, "rules not restored (IPv6: {ipv6})");
+    }
+}
+
+/// Asserts flowgate's chains hold exactly the rules of `spec` and each jump is rule 1 of its
+/// built-in chain, once, for both families.
+fn assert_installed(spec: &ChainSpec) {
+    for ipv6 in [false, true] {
+        let text = netfilter::ruleset_text(spec, ipv6);
+        for (builtin, chain) in BUILTINS {
+            let builtin_rules = rules(ipv6, builtin);
+            assert_eq!(
+                builtin_rules.first(),
+                Some(&format!("-A {builtin} -j {chain}")),
+                "IPv6: {ipv6}"
+            );
+            assert_eq!(
+                builtin_rules.iter().filter(|r| r.contains("FLOWGATE")).count(),
+                1,
+                "IPv6: {ipv6}"
+            );
+            let prefix = format!("-A {chain} ");
+            let expected: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+            assert!(expected.len() >= 10);
+            assert_eq!(rules(ipv6, chain), expected, "IPv6: {ipv6}");
+        }
+    }
+}
+
+/// Gives the namespace some rules of its own, in both families: a policy, a chain of its own,
+/// rules in OUTPUT and INPUT.
+fn add_host_rules() {
+    for ipv6 in [false, true] {
+        let iptables = tool(ipv6, "iptables");
+        for args in [
+            &["-P", "FORWARD", "DROP"][..],
+            &["-N", "HOST-LOG"],
+            &["-A", "HOST-LOG", "-p", "udp", "--dport", "514", "-j", "ACCEPT"],
+            &["-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"],
+            &["-A", "OUTPUT", "-j", "HOST-LOG"],
+            &[
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "22",
+                "-m",
+                "comment",
+                "--comment",
+                "host ssh",
+                "-j",
+                "ACCEPT",
+            ],
+            &["-A", "INPUT", "-p", "udp", "-j", "DROP"],
+        ] {
+            cmd(&iptables, args);
+        }
+    }
+}
+
+fn spec(queues: std::ops::RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
+    ChainSpec {
+        queues,
+        fail_open,
+        loopback,
+    }
+}
+
+#[test]
+fn install_then_remove_in_an_empty_namespace() {
+    if !have_root("install_then_remove_in_an_empty_namespace") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        let before = saves();
+        assert_eq!(before, [String::new(), String::new()], "a new namespace has no rules");
+        let spec = spec(0..=1, true, false);
+        let installed = netfilter::install(&spec, &Tools::default()).expect("install");
+        assert!(!installed.removed_leftovers());
+        assert_installed(&spec);
+        installed.remove().expect("remove");
+        assert_restored(&before);
+        assert!(
+            !netfilter::cleanup(&Tools::default()).expect("cleanup"),
+            "nothing left to clean"
+        );
+    });
+}
+
+#[test]
+fn install_then_remove_keeps_host_rules_in_place() {
+    if !have_root("install_then_remove_keeps_host_rules_in_place") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        add_host_rules();
+        let before = saves();
+        assert!(
+            before[0].contains("-A OUTPUT -p tcp -m tcp --dport 25 -j DROP"),
+            "{}",
+            before[0]
+        );
+        let host_rules = |ipv6: bool| BUILTINS.map(|(builtin, _)| rules(ipv6, builtin));
+        let host_before = [host_rules(false), host_rules(true)];
+
+        for spec in [spec(2..=5, false, true), spec(7..=7, true, false)] {
+            let installed = netfilter::install(&spec, &Tools::default()).expect("install");
+            assert_installed(&spec);
+            for (ipv6, host_before) in [false, true].into_iter().zip(&host_before) {
+                // The host's rules follow flowgate's jump, unchanged and in the same order ...
+                let now = host_rules(ipv6);
+                for (now, was) in now.iter().zip(host_before) {
+                    assert_eq!(&now[1..], &was[..], "IPv6: {ipv6}");
+                }
+                // ... and nothing else of the host's changed either.
+                let installed_save = save(ipv6);
+                let without_flowgate: Vec<&str> = installed_save.lines().filter(|l| !l.contains("FLOWGATE")).collect();
+                assert_eq!(without_flowgate.join("\n"), before[usize::from(ipv6)], "IPv6: {ipv6}");
+            }
+            installed.remove().expect("remove");
+            assert_eq!(saves(), before);
+        }
+    });
+}
+
+#[test]
+fn cleanup_removes_what_a_killed_instance_left() {
+    if !have_root("cleanup_removes_what_a_killed_instance_left") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        add_host_rules();
+        let before = saves();
+        let tools = Tools::default();
+        // A killed daemon never removes its chains.
+        std::mem::forget(netfilter::install(&spec(0..=3, false, false), &tools).expect("install"));
+        assert!(saves()[0].contains("FLOWGATE") && saves()[1].contains("FLOWGATE"));
+        assert!(netfilter::cleanup(&tools).expect("cleanup"), "leftovers found");
+        assert_eq!(saves(), before);
+        assert!(
+            !netfilter::cleanup(&tools).expect("second cleanup"),
+            "nothing found the second time"
+        );
+        assert_eq!(saves(), before);
+    });
+}
+
+#[test]
+fn install_after_a_killed_instance_replaces_its_chains() {
+    if !have_root("install_after_a_killed_instance_replaces_its_chains") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        add_host_rules();
+        let before = saves();
+        let tools = Tools::default();
+        std::mem::forget(netfilter::install(&spec(0..=3, false, false), &tools).expect("first install"));
+        let spec = spec(4..=4, true, true);
+        let installed = netfilter::install(&spec, &tools).expect("second install");
+        assert!(installed.removed_leftovers());
+        assert_installed(&spec);
+        installed.remove().expect("remove");
+        assert_eq!(saves(), before);
+    });
+}
+
+#[test]
+fn remove_deletes_every_copy_of_the_jumps() {
+    if !have_root("remove_deletes_every_copy_of_the_jumps") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        add_host_rules();
+        let before = saves();
+        let installed = netfilter::install(&spec(0..=0, true, false), &Tools::default()).expect("install");
+        // Someone copies a jump further down.
+        cmd("iptables", &["-A", "OUTPUT", "-j", CHAIN_OUT]);
+        cmd("ip6tables", &["-I", "INPUT", "3", "-j", CHAIN_IN]);
+        installed.remove().expect("remove");
+        assert_eq!(saves(), before);
+    });
+}
+
+#[test]
+fn dropping_installed_removes_the_chains() {
+    if !have_root("dropping_installed_removes_the_chains") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        add_host_rules();
+        let before = saves();
+        drop(netfilter::install(&spec(0..=0, false, false), &Tools::default()).expect("install"));
+        assert_eq!(saves(), before);
+    });
+}
+
+#[test]
+fn failed_ipv6_install_rolls_back_ipv4() {
+    if !have_root("failed_ipv6_install_rolls_back_ipv4") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        add_host_rules();
+        let before = saves();
+        let tools = Tools {
+            ip6tables_restore: "/bin/false".into(),
+            ..Default::default()
+        };
+        let err = netfilter::install(&spec(0..=1, true, false), &tools)
+            .err()
+            .expect("install must fail");
+        let message = err.to_string();
+        eprintln!("install failed as expected: {message}");
+        assert!(message.contains("IPv6"), "{message}");
+        assert!(
+            matches!(
+                err,
+                NetfilterError::Failed {
+                    family: Family::Ipv6,
+                    step: Step::Installing,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!save(false).contains("FLOWGATE"), "IPv4 rolled back");
+        assert_eq!(saves(), before);
+    });
+}
+
+#[test]
+fn failed_ipv6_install_in_an_empty_namespace_leaves_no_trace() {
+    if !have_root("failed_ipv6_install_in_an_empty_namespace_leaves_no_trace") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        let before = saves();
+        let tools = Tools {
+            ip6tables_restore: "/bin/false".into(),
+            ..Default::default()
+        };
+        let message = netfilter::install(&spec(0..=0, false, true), &tools)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(message.starts_with("ip6tables-restore (IPv6, installing chains) failed with exit status 1"));
+        assert!(!save(false).contains("FLOWGATE"));
+        assert_restored(&before);
+    });
+}
+
+fn lo_up() {
+    cmd("ip", &["link", "set", "lo", "up"]);
+}
+
+/// Sends one datagram to a fresh socket on `addr` and says whether it arrived within [`WAIT`].
+fn datagram_arrives(addr: &str) -> bool {
+    let receiver = UdpSocket::bind(format!("{addr}:0")).expect("bind receiver");
+    receiver.set_read_timeout(Some(WAIT)).expect("timeout");
+    let to = receiver.local_addr().expect("address");
+    let sender = UdpSocket::bind(format!("{addr}:0")).expect("bind sender");
+    sender
+        .send_to(b"flowgate", to)
+        .expect("send: queueing with no listener drops silently");
+    let mut buf = [0; 16];
+    match receiver.recv_from(&mut buf) {
+        Ok((n, _)) => {
+            assert_eq!(&buf[..n], b"flowgate");
+            true
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) => panic!("receiving: {e}"),
+    }
+}
+
+#[test]
+fn fail_open_passes_packets_while_no_one_listens() {
+    if !have_root("fail_open_passes_packets_while_no_one_listens") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        lo_up();
+        let installed = netfilter::install(&spec(0..=0, true, true), &Tools::default()).expect("install");
+        assert!(
+            datagram_arrives("127.0.0.1"),
+            "IPv4 datagram bypasses the unbound queue"
+        );
+        assert!(datagram_arrives("[::1]"), "IPv6 datagram bypasses the unbound queue");
+        installed.remove().expect("remove");
+    });
+}
+
+#[test]
+fn fail_closed_drops_packets_while_no_one_listens() {
+    if !have_root("fail_closed_drops_packets_while_no_one_listens") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        lo_up();
+        let installed = netfilter::install(&spec(0..=0, false, true), &Tools::default()).expect("install");
+        assert!(
+            !datagram_arrives("127.0.0.1"),
+            "IPv4 datagram dropped at the unbound queue"
+        );
+        assert!(!datagram_arrives("[::1]"), "IPv6 datagram dropped at the unbound queue");
+        installed.remove().expect("remove");
+        assert!(datagram_arrives("127.0.0.1"), "IPv4 passes again after removal");
+        assert!(datagram_arrives("[::1]"), "IPv6 passes again after removal");
+    });
+}
+
+/// What became of a datagram sent on a connected socket, or of a TCP connection attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Fate {
+    Delivered,
+    Refused,
+    /// Neither delivered nor answered within [`WAIT`].
+    Lost,
+}
+
+fn io_fate(e: &io::Error) -> Fate {
+    match e.kind() {
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset => Fate::Refused,
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::PermissionDenied => Fate::Lost,
+        _ => panic!("unexpected error: {e}"),
+    }
+}
+
+fn udp_fate(receiver: &UdpSocket) -> Fate {
+    let to = receiver.local_addr().expect("address");
+    let sender = UdpSocket::bind(SocketAddr::new(to.ip(), 0)).expect("bind sender");
+    sender.connect(to).expect("connect");
+    sender.set_read_timeout(Some(WAIT)).expect("timeout");
+    // A packet dropped on the way out (REJECT or DROP in OUTPUT) fails the send with EPERM; a
+    // REJECT's ICMP answer then arrives as ECONNREFUSED on the next receive.
+    let _ = sender.send(b"flowgate");
+    let mut buf = [0; 16];
+    if receiver.recv(&mut buf).is_ok() {
+        return Fate::Delivered;
+    }
+    match sender.recv(&mut buf) {
+        Ok(_) => panic!("nothing answers on UDP"),
+        Err(e) => { eprintln!("udp recv: {e}"); io_fate(&e) },
+    }
+}
+
+fn tcp_fate(listener: &TcpListener) -> Fate {
+    match TcpStream::connect_timeout(&listener.local_addr().expect("address"), WAIT) {
+        Ok(_) => Fate::Delivered,
+        Err(e) => { eprintln!("tcp connect: {e}"); io_fate(&e) },
+    }
+}
+
+/// Marks every new flow to `port` (conntrack mark, or packet mark for `CONNMARK` → `MARK`) in
+/// the mangle table, before the filter table sees it, as the daemon's verdict would.
+fn mark_port(ipv6: bool, proto: &str, port: u16, target: &str, mark: u32) {
+    let mark = format!("{mark:#x}/{:#x}", marks::MASK);
+    let port = port.to_string();
+    let args = [
+        "-t",
+        "mangle",
+        "-A",
+        "OUTPUT",
+        "-p",
+        proto,
+        "--dport",
+        &port,
+        "-j",
+        target,
+        "--set-xmark",
+        &mark,
+    ];
+    cmd(&tool(ipv6, "iptables"), &args);
+}
+
+#[test]
+fn decided_marks_act_without_the_daemon() {
+    if !have_root("decided_marks_act_without_the_daemon") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        lo_up();
+        // Fail closed, nothing bound to the queue: only the marks let anything through.
+        let installed = netfilter::install(&spec(0..=0, false, true), &Tools::default()).expect("install");
+        for (ipv6, addr) in [(false, "127.0.0.1:0"), (true, "[::1]:0")] {
+            let udp = || UdpSocket::bind(addr).expect("bind");
+            let (allowed, rejected, dropped, undecided, mark_rejected) = (udp(), udp(), udp(), udp(), udp());
+            let tcp_rejected = TcpListener::bind(addr).expect("listen");
+            let tcp_allowed = TcpListener::bind(addr).expect("listen");
+            for s in [&allowed, &rejected, &dropped, &undecided, &mark_rejected] {
+                s.set_read_timeout(Some(WAIT)).expect("timeout");
+            }
+            let port = |a: io::Result<SocketAddr>| a.expect("address").port();
+            mark_port(ipv6, "udp", port(allowed.local_addr()), "CONNMARK", marks::ALLOW);
+            mark_port(ipv6, "udp", port(rejected.local_addr()), "CONNMARK", marks::REJECT);
+            mark_port(ipv6, "udp", port(dropped.local_addr()), "CONNMARK", marks::DROP);
+            mark_port(ipv6, "udp", port(mark_rejected.local_addr()), "MARK", marks::REJECT);
+            mark_port(ipv6, "tcp", port(tcp_rejected.local_addr()), "CONNMARK", marks::REJECT);
+            mark_port(ipv6, "tcp", port(tcp_allowed.local_addr()), "CONNMARK", marks::ALLOW);
+
+            assert_eq!(udp_fate(&allowed), Fate::Delivered, "allowed UDP, IPv6: {ipv6}");
+            assert_eq!(tcp_fate(&tcp_allowed), Fate::Delivered, "allowed TCP, IPv6: {ipv6}");
+            // The port unreachable and the reset carry the rejected flow's conntrack mark and
+            // still get through.
+            assert_eq!(udp_fate(&rejected), Fate::Refused, "rejected UDP, IPv6: {ipv6}");
+            assert_eq!(tcp_fate(&tcp_rejected), Fate::Refused, "rejected TCP, IPv6: {ipv6}");
+            assert_eq!(udp_fate(&dropped), Fate::Lost, "dropped UDP, IPv6: {ipv6}");
+            assert_eq!(udp_fate(&undecided), Fate::Lost, "undecided UDP, IPv6: {ipv6}");
+            // A packet mark alone rejects that packet; the answer carries no decided conntrack
+            // mark, so it goes to the queue like anything undecided (and is dropped here).
+            assert_eq!(
+                udp_fate(&mark_rejected),
+                Fate::Lost,
+                "packet-mark rejected UDP, IPv6: {ipv6}"
+            );
+            let counters = cmd(&tool(ipv6, "iptables"), &["-w", "-v", "-x", "-n", "-L", CHAIN_OUT]);
+            let hits = counters
+                .lines()
+                .find(|l| l.contains("mark match 0x20000/0x30000") && !l.contains("connmark") && l.contains("icmp"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok());
+            assert_eq!(
+                hits,
+                Some(1),
+                "packet-mark REJECT rule hit once, IPv6: {ipv6}\n{counters}"
+            );
+        }
+        installed.remove().expect("remove");
+    });
+}

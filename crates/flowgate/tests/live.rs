@@ -1,0 +1,416 @@
+//! Live enforcement: the real `flowgate run` daemon in the namespace lab (see `lab/mod.rs`),
+//! judging real connections of the filtered host, forwarded through it, and inside a tunnel.
+//!
+//! Each test builds its own lab (unique namespaces), starts the daemon in the `host` namespace
+//! with a config written for the test, waits for its "ready" line, drives std sockets from
+//! inside the namespaces, stops the daemon with SIGTERM (which flushes the event log) and reads
+//! the events. Everything is removed by Drop guards, on failure too.
+
+mod lab;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lab::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: live tests need root (network namespaces, netfilter)");
+            return;
+        }
+    };
+}
+
+/// A running `flowgate run` inside a lab's host namespace.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    ns: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts the daemon with `config` (run_dir and log are added) and waits until it is ready.
+    fn start(lab: &Lab, tag: &str, config: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("flowgate-live-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let conf = dir.join("flowgate.toml");
+        let full = format!(
+            "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n{config}",
+            dir.join("run").display(),
+            dir.join("events.jsonl").display()
+        );
+        std::fs::write(&conf, full).expect("write config");
+        Self::spawn(&lab.host.name, dir, conf)
+    }
+
+    fn spawn(ns: &str, dir: PathBuf, conf: PathBuf) -> Daemon {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_flowgate"), "run", "--config"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flowgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[flowgate] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon { child: Some(child), dir, ns: ns.to_string(), stderr: rx };
+        d.wait_for_line("flowgate: ready", Duration::from_secs(30));
+        d
+    }
+
+    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("flowgate did not print `{needle}` within {timeout:?}"),
+            }
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        // `ip netns exec` execs the program: the child is flowgate itself.
+        Pid::from_raw(self.child.as_ref().map_or(0, |c| c.id() as i32))
+    }
+
+    /// SIGTERM, wait for exit, and return its events.
+    fn stop(mut self) -> Vec<Value> {
+        let mut child = self.child.take().expect("running");
+        let _ = kill(self.pid_of(&child), Signal::SIGTERM);
+        let status = child.wait().expect("wait flowgate");
+        assert!(status.success(), "flowgate exited with {status}");
+        self.events()
+    }
+
+    fn pid_of(&self, c: &Child) -> Pid {
+        Pid::from_raw(c.id() as i32)
+    }
+
+    /// SIGKILL: the daemon dies without cleaning up.
+    fn kill9(mut self) -> PathBuf {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.dir.clone()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.join("events.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line ({e}): {l}"))).collect()
+    }
+
+    fn flowgate(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_flowgate")])
+            .args(args)
+            .output()
+            .expect("run flowgate")
+    }
+
+    fn run_dir(&self) -> String {
+        self.dir.join("run").display().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+        // Whatever a failed test left: chains (the namespace goes away anyway) and files.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+/// Connects and exchanges a line; Ok(()) if the echo came back.
+fn tcp_roundtrip(to: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"hello flowgate\n")?;
+    let mut buf = [0u8; 15];
+    s.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"hello flowgate\n");
+    Ok(())
+}
+
+/// A connect that must fail promptly: returns the error and how long it took.
+fn tcp_refused(to: SocketAddr) -> (ErrorKind, Duration) {
+    let t = Instant::now();
+    match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(_) => panic!("connection to {to} was not blocked"),
+        Err(e) => (e.kind(), t.elapsed()),
+    }
+}
+
+fn udp_roundtrip(to: SocketAddr, bind: &str) -> std::io::Result<()> {
+    let s = UdpSocket::bind(bind)?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.send(b"ping")?;
+    let mut buf = [0u8; 16];
+    let n = s.recv(&mut buf)?;
+    assert_eq!(&buf[..n], b"ping");
+    Ok(())
+}
+
+fn verdicts(events: &[Value]) -> Vec<(String, String, String, String)> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "flow.verdict")
+        .map(|e| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (s(&e["flow"]["remote"]), s(&e["verdict"]), s(&e["rule"]), s(&e["flow"]["interface"]))
+        })
+        .collect()
+}
+
+fn verdict_for<'a>(events: &'a [Value], remote_prefix: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|e| e["event"] == "flow.verdict" && e["flow"]["remote"].as_str().is_some_and(|r| r.starts_with(remote_prefix)))
+        .unwrap_or_else(|| panic!("no verdict for a flow to {remote_prefix} in {:#?}", verdicts(events)))
+}
+
+#[test]
+fn outbound_tcp_by_address_and_port() {
+    require_root!();
+    let lab = Lab::new("tcp");
+    let _echo7 = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let _echo8 = tcp_echo(&lab.srv, addr("203.0.113.10:8"));
+    let _echo_other = tcp_echo(&lab.srv, addr("198.51.100.2:7"));
+    let d = Daemon::start(
+        &lab,
+        "tcp",
+        "[[rule]]\nname = \"block-host-port-7\"\nremote = \"203.0.113.10/32\"\nremote_ports = \"7\"\nprotocol = \"tcp\"\naction = \"drop\"\n",
+    );
+    let (refused, took, ok8, ok_other) = lab.host.in_ns(|| {
+        let (kind, took) = tcp_refused(addr("203.0.113.10:7"));
+        (kind, took, tcp_roundtrip(addr("203.0.113.10:8")).is_ok(), tcp_roundtrip(addr("198.51.100.2:7")).is_ok())
+    });
+    assert_eq!(refused, ErrorKind::ConnectionRefused, "a dropped connect gets a reset, not a hang");
+    assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    assert!(ok8, "another port of the same host is allowed");
+    assert!(ok_other, "port 7 of another host is allowed");
+    let ev = d.stop();
+    let v = verdict_for(&ev, "203.0.113.10:7");
+    assert_eq!((v["verdict"].as_str(), v["rule"].as_str()), (Some("drop"), Some("block-host-port-7")));
+    assert_eq!(v["flow"]["direction"], "outbound");
+    assert_eq!(v["flow"]["interface"], "veth1");
+    assert_eq!(verdict_for(&ev, "203.0.113.10:8")["verdict"], "allow");
+}
+
+#[test]
+fn udp_and_icmp_and_ipv6() {
+    require_root!();
+    let lab = Lab::new("udp");
+    let _u1 = udp_echo(&lab.srv, addr("203.0.113.10:5353"));
+    let _u2 = udp_echo(&lab.srv, addr("203.0.113.10:5354"));
+    let _t6 = tcp_echo(&lab.srv, addr("[2001:db8:2::10]:7"));
+    let _t6b = tcp_echo(&lab.srv, addr("[2001:db8:2::10]:8"));
+    let d = Daemon::start(
+        &lab,
+        "udp",
+        "[[rule]]\nname = \"no-5353\"\nremote_ports = \"5353\"\nprotocol = \"udp\"\naction = \"drop\"\n\
+         [[rule]]\nname = \"v6-port-7\"\nremote = \"2001:db8:2::/64\"\nremote_ports = \"7\"\naction = \"drop\"\n\
+         [[rule]]\nname = \"no-ping\"\nremote = \"203.0.113.10\"\nprotocol = \"icmp\"\naction = \"drop\"\n",
+    );
+    let (udp_blocked, udp_ok, v6_blocked, v6_ok) = lab.host.in_ns(|| {
+        let blocked = udp_roundtrip(addr("203.0.113.10:5353"), "198.51.100.1:0").map_err(|e| e.kind());
+        let ok = udp_roundtrip(addr("203.0.113.10:5354"), "198.51.100.1:0").is_ok();
+        let v6 = tcp_refused(addr("[2001:db8:2::10]:7")).0;
+        let v6_ok = tcp_roundtrip(addr("[2001:db8:2::10]:8")).is_ok();
+        (blocked, ok, v6, v6_ok)
+    });
+    assert_eq!(udp_blocked, Err(ErrorKind::ConnectionRefused), "a dropped UDP flow gets port-unreachable");
+    assert!(udp_ok);
+    assert_eq!(v6_blocked, ErrorKind::ConnectionRefused);
+    assert!(v6_ok);
+    let ping = lab.host.run(&["ping", "-c", "1", "-W", "2", "203.0.113.10"]);
+    assert!(!ping.status.success(), "ping to a host with an ICMP drop rule must fail");
+    let ping6 = lab.host.run(&["ping", "-6", "-c", "1", "-W", "2", "2001:db8:2::10"]);
+    assert!(ping6.status.success(), "ICMPv6 to another host is allowed: {}", String::from_utf8_lossy(&ping6.stderr));
+    let ev = d.stop();
+    assert_eq!(verdict_for(&ev, "203.0.113.10:5353")["rule"], "no-5353");
+    assert_eq!(verdict_for(&ev, "[2001:db8:2::10]:7")["rule"], "v6-port-7");
+    let icmp = ev.iter().find(|e| e["event"] == "flow.verdict" && e["flow"]["protocol"] == "icmp" && e["rule"] == "no-ping");
+    assert!(icmp.is_some(), "{:#?}", verdicts(&ev));
+}
+
+#[test]
+fn inbound_and_forwarded_flows_are_judged() {
+    require_root!();
+    let lab = Lab::new("dir");
+    let _fwd7 = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let _fwd8 = tcp_echo(&lab.srv, addr("203.0.113.10:8"));
+    // Servers on the filtered host itself, for inbound connections from srv.
+    let _in9000 = tcp_echo(&lab.host, addr("198.51.100.1:9000"));
+    let _in9001 = tcp_echo(&lab.host, addr("198.51.100.1:9001"));
+    let d = Daemon::start(
+        &lab,
+        "dir",
+        "[[rule]]\nname = \"no-inbound-9000\"\ndirection = \"inbound\"\nlocal_ports = \"9000\"\naction = \"drop\"\n\
+         [[rule]]\nname = \"no-forward-7\"\nremote = \"203.0.113.10\"\nremote_ports = \"7\"\naction = \"drop\"\n",
+    );
+    let (in_blocked, in_ok) = lab.srv.in_ns(|| (tcp_refused(addr("198.51.100.1:9000")).0, tcp_roundtrip(addr("198.51.100.1:9001")).is_ok()));
+    assert_eq!(in_blocked, ErrorKind::ConnectionRefused);
+    assert!(in_ok);
+    let (fwd_blocked, fwd_ok) = lab.cli.in_ns(|| (tcp_refused(addr("203.0.113.10:7")).0, tcp_roundtrip(addr("203.0.113.10:8")).is_ok()));
+    assert_eq!(fwd_blocked, ErrorKind::ConnectionRefused, "a forwarded flow is dropped with a reset");
+    assert!(fwd_ok, "another forwarded flow passes");
+    let ev = d.stop();
+    let inbound = ev
+        .iter()
+        .find(|e| e["event"] == "flow.verdict" && e["flow"]["local"] == "198.51.100.1:9000")
+        .expect("inbound verdict");
+    assert_eq!((inbound["flow"]["direction"].as_str(), inbound["rule"].as_str()), (Some("inbound"), Some("no-inbound-9000")));
+    let fwd = verdict_for(&ev, "203.0.113.10:7");
+    assert_eq!(fwd["flow"]["forwarded"], true);
+    assert_eq!(fwd["rule"], "no-forward-7");
+    assert!(fwd["flow"]["local"].as_str().is_some_and(|l| l.starts_with("198.18.0.2:")));
+}
+
+#[test]
+fn tunnel_traffic_and_its_carrier_are_both_flows() {
+    require_root!();
+    let lab = Lab::new("tun");
+    let _inner7 = tcp_echo(&lab.srv, addr("192.0.2.2:7"));
+    let _inner8 = tcp_echo(&lab.srv, addr("192.0.2.2:8"));
+    let d = Daemon::start(
+        &lab,
+        "tun",
+        "[[rule]]\nname = \"tunnel-port-7\"\ninterface = \"tun*\"\nremote_ports = \"7\"\naction = \"drop\"\n",
+    );
+    let (blocked, ok) = lab.host.in_ns(|| (tcp_refused(addr("192.0.2.2:7")).0, tcp_roundtrip(addr("192.0.2.2:8")).is_ok()));
+    assert_eq!(blocked, ErrorKind::ConnectionRefused);
+    assert!(ok, "other traffic inside the tunnel passes");
+    let ev = d.stop();
+    let inner = verdict_for(&ev, "192.0.2.2:7");
+    assert_eq!((inner["flow"]["interface"].as_str(), inner["rule"].as_str()), (Some("tun0"), Some("tunnel-port-7")));
+    assert_eq!(verdict_for(&ev, "192.0.2.2:8")["flow"]["interface"], "tun0");
+    // The encapsulating UDP flow on the veth is a flow of its own.
+    let carrier = verdict_for(&ev, "198.51.100.2:5555");
+    assert_eq!((carrier["flow"]["protocol"].as_str(), carrier["flow"]["interface"].as_str()), (Some("udp"), Some("veth1")));
+    assert_eq!(carrier["verdict"], "allow");
+}
+
+#[test]
+fn flows_lists_live_flows_and_state_is_removed_on_exit() {
+    require_root!();
+    let lab = Lab::new("flows");
+    let before4 = lab.host.run_ok(&["iptables-save"]);
+    let before6 = lab.host.run_ok(&["ip6tables-save"]);
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let d = Daemon::start(&lab, "flows", "");
+    // Keep a connection open while listing.
+    let conn = lab.host.in_ns(|| {
+        let mut s = TcpStream::connect_timeout(&addr("203.0.113.10:7"), Duration::from_secs(5)).expect("connect");
+        s.write_all(b"x").expect("write");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo");
+        s
+    });
+    let out = d.flowgate(&["flows", "--json", "--run-dir", &d.run_dir()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let flows: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let f = flows.iter().find(|f| f["flow"]["remote"] == "203.0.113.10:7").unwrap_or_else(|| panic!("{flows:#?}"));
+    assert_eq!(f["verdict"], "allow");
+    assert_eq!(f["flow"]["interface"], "veth1");
+    assert!(f["packets_out"].as_u64().is_some_and(|n| n >= 1));
+    assert!(f.get("age_ms").is_some());
+    let table = d.flowgate(&["flows", "--run-dir", &d.run_dir()]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("203.0.113.10:7"));
+    // A second instance refuses to start.
+    let second = d.flowgate(&["run", "--config", &d.dir.join("flowgate.toml").display().to_string()]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already running"), "{}", String::from_utf8_lossy(&second.stderr));
+    drop(conn);
+    let _ = d.stop();
+    assert_eq!(lab.host.run_ok(&["iptables-save"]), before4, "IPv4 rules are as before");
+    assert_eq!(lab.host.run_ok(&["ip6tables-save"]), before6, "IPv6 rules are as before");
+}
+
+#[test]
+fn fail_open_and_fail_closed_after_sigkill() {
+    require_root!();
+    for (mode, passes) in [("open", true), ("closed", false)] {
+        let lab = Lab::new(&format!("f{mode}"));
+        let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+        let d = Daemon::start(&lab, &format!("fail{mode}"), &format!("fail = \"{mode}\"\n"));
+        assert!(lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7")).is_ok()));
+        let dir = d.kill9();
+        let ok = lab.host.in_ns(|| {
+            // Short timeout: with fail-closed the SYN is dropped and the connect times out.
+            TcpStream::connect_timeout(&addr("203.0.113.10:7"), Duration::from_millis(1500)).is_ok()
+        });
+        assert_eq!(ok, passes, "fail = {mode} after SIGKILL");
+        // The next start cleans up what the dead instance left, and so does `cleanup`.
+        let conf = dir.join("flowgate.toml");
+        let d2 = Daemon::spawn(&lab.host.name, dir.clone(), conf);
+        let _ = d2.stop();
+        let leftovers = lab.host.run_ok(&["iptables-save"]);
+        assert!(!leftovers.contains("FLOWGATE"), "{leftovers}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn cleanup_removes_a_dead_instances_chains() {
+    require_root!();
+    let lab = Lab::new("clean");
+    let d = Daemon::start(&lab, "clean", "");
+    let run_dir = d.run_dir();
+    let dir = d.kill9();
+    assert!(lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"), "SIGKILL leaves the chains");
+    let out = lab.host.run(&[env!("CARGO_BIN_EXE_flowgate"), "cleanup", "--run-dir", &run_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
+    assert!(!lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"));
+    assert!(!lab.host.run_ok(&["ip6tables-save"]).contains("FLOWGATE"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_config_installs_nothing() {
+    require_root!();
+    let lab = Lab::new("badconf");
+    let dir = std::env::temp_dir().join(format!("flowgate-live-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("bad.toml");
+    std::fs::write(&conf, "[[rule]]\nremote = \"203.0.113.300\"\naction = \"drop\"\n").expect("write");
+    let out = lab.host.run(&[env!("CARGO_BIN_EXE_flowgate"), "run", "--config", &conf.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:2:"));
+    assert!(!lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
