@@ -6,9 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the suite needs. iproute2 is for the namespace lab of integration tests.
+# System packages the suite needs: iproute2 for the namespace lab, iptables for the chains the
+# daemon installs, ping for ICMP tests, python3 for the replay oracle.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
+command -v iptables-restore >/dev/null || need+=(iptables)
+command -v ping >/dev/null || need+=(iputils-ping)
 command -v python3 >/dev/null || need+=(python3)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

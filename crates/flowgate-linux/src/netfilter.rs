@@ -8,14 +8,17 @@
 //! 1. unless loopback is filtered, `-o lo` (out) / `-i lo` (in) returns at once;
 //! 2. a flow decided [`ALLOW`](crate::marks::ALLOW) (conntrack mark) returns: the host's own
 //!    rules still apply to it;
-//! 3. the kernel's answers to a rejected flow return too: a TCP reset or an ICMP error carries
-//!    the conntrack entry, so the mark, of the flow it answers, and would otherwise be caught by
-//!    the next rules (the reset or port unreachable that `REJECT` sends is dropped by the very
-//!    chain that sent it, and the peer waits for a timeout);
+//! 3. answers to a rejected flow return too: a TCP reset, or an ICMP error (`RELATED`), whose
+//!    conntrack mark is [`REJECT`](crate::marks::REJECT). The kernel attaches such answers
+//!    (`REJECT`'s own, and the stack's for a closed port) to the conntrack entry of the flow they
+//!    answer, so without this step they would be caught by the next rules of flowgate's `OUTPUT`
+//!    chain, and the peer would wait for a timeout instead of being told. (A packet rejected by
+//!    its packet mark alone gets an answer without that conntrack mark, which is queued like
+//!    anything undecided.)
 //! 4. a flow or packet decided [`REJECT`](crate::marks::REJECT) (conntrack mark or packet mark)
-//!    is rejected: TCP with a reset, everything else with an ICMP(v6) port unreachable; `REJECT`
-//!    always drops, also what it does not answer (ICMP errors, fragments, broadcasts), and a
-//!    catch-all `DROP` follows it in case;
+//!    is rejected: TCP with a reset, everything else with an ICMP(v6) port unreachable. `REJECT`
+//!    drops the packet also when it sends no answer (to ICMP errors, non-first fragments,
+//!    broadcasts); a catch-all `DROP` follows it as a safety net;
 //! 5. a flow or packet decided [`DROP`](crate::marks::DROP) is dropped silently;
 //! 6. everything else goes to NFQUEUE, balanced over [`ChainSpec::queues`], with
 //!    `--queue-bypass` when failing open.
@@ -225,6 +228,14 @@ pub enum NetfilterError {
         status: ExitStatus,
         stderr: String,
     },
+    /// Jumps or chains of flowgate were still there after repeated removal (something keeps
+    /// adding them).
+    #[error("flowgate's rules are still present ({family}, {step}) after removing them {attempts} times")]
+    StillPresent {
+        family: Family,
+        step: Step,
+        attempts: usize,
+    },
     /// Installing failed, and removing what was already installed failed too.
     #[error("{error}; removing what was installed failed too: {rollback}")]
     RollbackFailed {
@@ -344,6 +355,10 @@ fn check_queues(queues: &RangeInclusive<u16>) -> Result<(), NetfilterError> {
 /// The exact `iptables-restore --noflush` input that installs flowgate for one family: the
 /// chains, their rules, and the jumps at position 1 of the built-in chains. `spec.queues` is
 /// assumed valid ([`install`] checks it).
+/// ICMPv6 types exempt from judging: router solicitation/advertisement, neighbour
+/// solicitation/advertisement, redirect, MLDv2 report.
+const ND_TYPES: [u8; 6] = [133, 134, 135, 136, 137, 143];
+
 pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
     let (icmp, unreachable) = if ipv6 {
         ("ipv6-icmp", "icmp6-port-unreachable")
@@ -371,6 +386,17 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
         if let (false, Some(option)) = (spec.loopback, hook.loopback) {
             rules.push(format!("{option} lo -j RETURN"));
         }
+        if ipv6 {
+            // Neighbour discovery and MLD reports keep IPv6 itself working: never judged, so a
+            // drop default or a daemon down with fail-closed cannot cut the link.
+            for t in ND_TYPES {
+                rules.push(format!("-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN"));
+            }
+        }
+        // A verdict's decision arrives on the packet mark (kernels without
+        // CONFIG_NETFILTER_NETLINK_GLUE_CT cannot set the conntrack mark from user space) with
+        // NF_REPEAT: copy it to the conntrack mark, so the rest of the flow is decided here.
+        rules.push(format!("-m mark ! --mark 0x0/{mask:#x} -j CONNMARK --save-mark --nfmask {mask:#x} --ctmask {mask:#x}", mask = marks::MASK));
         rules.push(format!("-m connmark --mark {allow} -j RETURN"));
         rules.push(format!(
             "-p tcp -m tcp --tcp-flags RST RST -m connmark --mark {reject} -j RETURN"
@@ -419,24 +445,33 @@ fn remove_all(tools: &Tools, step: Step) -> Result<bool, NetfilterError> {
     combine(errors).map(|()| found)
 }
 
+/// How often removal lists and deletes before giving up.
+const REMOVAL_ATTEMPTS: usize = 3;
+
 /// Removes flowgate's jumps and chains for one family; whether anything was found. The table is
 /// listed again after each removal, so copies added meanwhile go too, and a removal that failed
 /// because the table changed under it is retried.
 fn remove_family(tools: &Tools, family: Family, step: Step) -> Result<bool, NetfilterError> {
-    const ATTEMPTS: usize = 3;
     let mut found = false;
-    let mut failures = 0;
-    loop {
+    for attempt in 1..=REMOVAL_ATTEMPTS {
         let ours = list_ours(tools, family, step)?;
         if ours.is_empty() {
             return Ok(found);
         }
         found = true;
         match restore(tools, family, step, &ours.removal_text()) {
-            Ok(()) => {}
-            Err(e) if failures + 1 >= ATTEMPTS => return Err(e),
-            Err(_) => failures += 1,
+            Err(e) if attempt == REMOVAL_ATTEMPTS => return Err(e),
+            Ok(()) | Err(_) => {}
         }
+    }
+    if list_ours(tools, family, step)?.is_empty() {
+        Ok(found)
+    } else {
+        Err(NetfilterError::StillPresent {
+            family,
+            step,
+            attempts: REMOVAL_ATTEMPTS,
+        })
     }
 }
 
@@ -627,6 +662,7 @@ mod tests {
 :FLOWGATE-IN - [0:0]
 :FLOWGATE-FWD - [0:0]
 -A FLOWGATE-OUT -o lo -j RETURN
+-A FLOWGATE-OUT -m mark ! --mark 0x0/0x30000 -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000
 -A FLOWGATE-OUT -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-OUT -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-OUT -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -640,6 +676,7 @@ mod tests {
 -A FLOWGATE-OUT -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-OUT -j NFQUEUE --queue-balance 0:1 --queue-bypass
 -A FLOWGATE-IN -i lo -j RETURN
+-A FLOWGATE-IN -m mark ! --mark 0x0/0x30000 -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000
 -A FLOWGATE-IN -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-IN -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-IN -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -652,6 +689,7 @@ mod tests {
 -A FLOWGATE-IN -m connmark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-IN -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-IN -j NFQUEUE --queue-balance 0:1 --queue-bypass
+-A FLOWGATE-FWD -m mark ! --mark 0x0/0x30000 -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000
 -A FLOWGATE-FWD -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-FWD -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-FWD -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -676,11 +714,15 @@ COMMIT
     fn ipv6_uses_icmpv6_for_answers_and_rejects() {
         let text = ruleset_text(&spec(0..=1, true, false), true);
         let v4 = ruleset_text(&spec(0..=1, true, false), false);
-        assert_eq!(
-            text,
-            v4.replace("-p icmp ", "-p ipv6-icmp ")
-                .replace("icmp-port-unreachable", "icmp6-port-unreachable")
-        );
+        let nd = |chain: &str| {
+            ND_TYPES.iter().map(|t| format!("-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN\n")).collect::<String>()
+        };
+        let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0x30000");
+        let mut expected = v4.replace("-p icmp ", "-p ipv6-icmp ").replace("icmp-port-unreachable", "icmp6-port-unreachable");
+        for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
+            expected = expected.replacen(&save(chain), &format!("{}{}", nd(chain), save(chain)), 1);
+        }
+        assert_eq!(text, expected);
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
             let rules = chain_rules(&text, chain);
             assert!(
@@ -769,7 +811,7 @@ COMMIT
         );
         assert!(lines[4..n - 4].iter().all(|l| l.starts_with("-A FLOWGATE-")));
 
-        // Within a chain: loopback, allow, answers to rejects, reject TCP, reject the rest,
+        // Within a chain: loopback, the verdict's packet mark saved to conntrack, allow, answers to rejects, reject TCP, reject the rest,
         // catch-all drop for rejects, silent drop, queue.
         let rules = chain_rules(&text, CHAIN_OUT);
         let position = |needle: &str| {
@@ -780,6 +822,7 @@ COMMIT
         };
         let order = [
             position("-o lo -j RETURN"),
+            position("-j CONNMARK --save-mark"),
             position("0x10000/0x30000 -j RETURN"),
             position("--tcp-flags RST RST"),
             position("--ctstate RELATED"),

@@ -172,9 +172,9 @@ impl Verdict {
 /// The packet mark has no mask in the verdict message: it is replaced by `value` as given,
 /// clearing any bits other rules set (policy-routing marks of VPN clients, for instance). At
 /// `LOCAL_OUT` a changed packet mark also makes the kernel route the packet again. Keeping the
-/// other bits takes the packet's current mark (`NFQA_MARK`, which [`QueuedPacket`] does not carry):
-/// `value = (current & !mask) | bits` would keep them and still give the conntrack mark only
-/// `bits`, since the conntrack half is masked.
+/// other bits takes the packet's current mark ([`QueuedPacket::mark`]): use [`Mark::keeping`],
+/// which gives the packet `(current & !mask) | bits` and still the conntrack mark only `bits`,
+/// since the conntrack half is masked.
 ///
 /// Kernels built without `CONFIG_NETFILTER_NETLINK_GLUE_CT` ignore the conntrack half and set
 /// only the packet mark; [`Queue::has_conntrack`] tells which kind of kernel this is.
@@ -182,6 +182,13 @@ impl Verdict {
 pub struct Mark {
     pub value: u32,
     pub mask: u32,
+}
+
+impl Mark {
+    /// Sets `bits` (within `mask`) and keeps every other bit of the packet's `current` mark.
+    pub fn keeping(current: u32, bits: u32, mask: u32) -> Mark {
+        Mark { value: (current & !mask) | (bits & mask), mask }
+    }
 }
 
 /// One packet the kernel queued, borrowed from the queue's receive buffer.
@@ -204,6 +211,8 @@ pub struct QueuedPacket<'a> {
     /// The owner of the local socket that sent or will receive the packet, when there is one.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// The packet's mark (`NFQA_MARK`); the kernel leaves it out when it is 0.
+    pub mark: Option<u32>,
 }
 
 /// What a failed [`NfqError`] was doing.
@@ -922,6 +931,7 @@ fn parse_packet(body: &[u8]) -> Option<QueuedPacket<'_>> {
         ct_info: None,
         uid: None,
         gid: None,
+        mark: None,
     };
     let ok = walk_attrs(attrs, |ty, v| {
         match ty {
@@ -947,6 +957,7 @@ fn parse_packet(body: &[u8]) -> Option<QueuedPacket<'_>> {
             NFQA_CT_INFO => p.ct_info = Some(be32(v)?),
             NFQA_UID => p.uid = Some(be32(v)?),
             NFQA_GID => p.gid = Some(be32(v)?),
+            NFQA_MARK => p.mark = Some(be32(v)?),
             _ => {}
         }
         Some(())
@@ -1222,6 +1233,7 @@ mod tests {
                 ct_info: Some(ct_info::NEW),
                 uid: Some(1000),
                 gid: Some(100),
+                mark: Some(0x55),
             })]
         );
     }

@@ -37,6 +37,8 @@ macro_rules! require_root {
 struct Daemon {
     child: Option<Child>,
     dir: PathBuf,
+    /// Leave `dir` in place on drop (after a SIGKILL the test restarts from it).
+    keep_dir: bool,
     ns: String,
     stderr: mpsc::Receiver<String>,
 }
@@ -76,7 +78,7 @@ impl Daemon {
                 }
             }
         });
-        let mut d = Daemon { child: Some(child), dir, ns: ns.to_string(), stderr: rx };
+        let mut d = Daemon { child: Some(child), dir, keep_dir: false, ns: ns.to_string(), stderr: rx };
         d.wait_for_line("flowgate: ready", Duration::from_secs(30));
         d
     }
@@ -111,12 +113,14 @@ impl Daemon {
         Pid::from_raw(c.id() as i32)
     }
 
-    /// SIGKILL: the daemon dies without cleaning up.
+    /// SIGKILL: the daemon dies without cleaning up. Returns its directory, which the caller
+    /// now owns (and removes).
     fn kill9(mut self) -> PathBuf {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.keep_dir = true;
         self.dir.clone()
     }
 
@@ -144,8 +148,9 @@ impl Drop for Daemon {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
             let _ = c.wait();
         }
-        // Whatever a failed test left: chains (the namespace goes away anyway) and files.
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -328,8 +333,15 @@ fn tunnel_traffic_and_its_carrier_are_both_flows() {
 fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     require_root!();
     let lab = Lab::new("flows");
-    let before4 = lab.host.run_ok(&["iptables-save"]);
-    let before6 = lab.host.run_ok(&["ip6tables-save"]);
+    // The host has a firewall of its own, which must come out exactly as it went in.
+    lab.host.run_ok(&["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    lab.host.run_ok(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "69", "-j", "DROP"]);
+    lab.host.run_ok(&["ip6tables", "-A", "FORWARD", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    let rules = |cmd: &str| -> String {
+        lab.host.run_ok(&[cmd]).lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
+    };
+    let before4 = rules("iptables-save");
+    let before6 = rules("ip6tables-save");
     let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
     let d = Daemon::start(&lab, "flows", "");
     // Keep a connection open while listing.
@@ -340,6 +352,10 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
         s.read_exact(&mut b).expect("echo");
         s
     });
+    // The control socket is root's alone (no control_group configured).
+    let sock = std::path::Path::new(&d.run_dir()).join("control.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).expect("socket").permissions());
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
     let out = d.flowgate(&["flows", "--json", "--run-dir", &d.run_dir()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let flows: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -356,8 +372,8 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     assert!(String::from_utf8_lossy(&second.stderr).contains("already running"), "{}", String::from_utf8_lossy(&second.stderr));
     drop(conn);
     let _ = d.stop();
-    assert_eq!(lab.host.run_ok(&["iptables-save"]), before4, "IPv4 rules are as before");
-    assert_eq!(lab.host.run_ok(&["ip6tables-save"]), before6, "IPv6 rules are as before");
+    assert_eq!(rules("iptables-save"), before4, "IPv4 rules are as before");
+    assert_eq!(rules("ip6tables-save"), before6, "IPv6 rules are as before");
 }
 
 #[test]

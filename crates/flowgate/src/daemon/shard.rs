@@ -35,14 +35,15 @@ const RECV_ROUNDS: usize = 64;
 
 /// What a worker tells the kernel for one decision; `None` while the packet is held.
 ///
-/// A settled flow's decision must end up in its conntrack mark, which the chains act on. Where
-/// the kernel applies the conntrack half of a verdict's mark (`ct_marks`), an accept sets it
-/// directly. Elsewhere only the packet mark is set, so the packet is sent round the chain again
-/// (`NF_REPEAT`), whose first rule copies the packet mark into the conntrack mark.
-pub(crate) fn verdict_for(d: &Decision, ct_marks: bool) -> Option<(Verdict, Option<Mark>)> {
-    let mark = |value| Some(Mark { value, mask: marks::MASK });
+/// A settled flow's decision goes on the packet mark with `NF_REPEAT`: the packet goes round
+/// flowgate's chain again, whose first rule copies the mark to the conntrack mark, and the rest
+/// of the flow is handled there. Repeating (not accepting) matters twice over: kernels without
+/// `CONFIG_NETFILTER_NETLINK_GLUE_CT` (like this project's CI) cannot set the conntrack mark from
+/// a verdict, and an `NF_ACCEPT` would skip the host's own filter rules after flowgate's chain.
+/// The packet's other mark bits (`current_mark`; VPN clients route by them) are kept.
+pub(crate) fn verdict_for(d: &Decision, current_mark: u32) -> Option<(Verdict, Option<Mark>)> {
+    let mark = |bits| Some(Mark::keeping(current_mark, bits, marks::MASK));
     match d.action {
-        PacketAction::Accept if d.settled && ct_marks => Some((Verdict::Accept, mark(marks::ALLOW))),
         PacketAction::Accept if d.settled => Some((Verdict::Repeat, mark(marks::ALLOW))),
         PacketAction::Accept => Some((Verdict::Accept, None)),
         // Decided for good: mark it and send the packet round the chain again, where the
@@ -109,7 +110,6 @@ struct Worker {
 impl Worker {
     fn run(mut self) -> Result<(), String> {
         let num = self.queue.num();
-        let ct_marks = self.queue.has_conntrack();
         let mut names = IfNames::new();
         // Engine packet ids of held packets → their NFQUEUE ids.
         let mut held: HashMap<PacketId, u32> = HashMap::new();
@@ -150,7 +150,7 @@ impl Worker {
                         };
                         let interface = ifindex.and_then(|i| names.name(i)).map(|n| &**n);
                         let d = engine.handle_packet(now, PacketMeta { interface, origin }, p.payload);
-                        match verdict_for(&d, ct_marks) {
+                        match verdict_for(&d, p.mark.unwrap_or(0)) {
                             Some((v, m)) => answers.push((p.id, v, m)),
                             None => {
                                 if let PacketAction::Hold(id) = d.action {
@@ -197,3 +197,34 @@ impl Worker {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowgate_core::FlowId;
+
+    fn decision(action: PacketAction, settled: bool, silent: bool) -> Decision {
+        Decision { action, flow: Some(FlowId(1)), settled, silent }
+    }
+
+    #[test]
+    fn settled_verdicts_carry_the_mark_and_keep_other_bits() {
+        let other = 0x0000_00ff;
+        let allow = verdict_for(&decision(PacketAction::Accept, true, false), other);
+        assert_eq!(allow, Some((Verdict::Repeat, Some(Mark { value: other | marks::ALLOW, mask: marks::MASK }))));
+        let reject = verdict_for(&decision(PacketAction::Drop, true, false), 0);
+        assert_eq!(reject, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT, mask: marks::MASK }))));
+        let silent = verdict_for(&decision(PacketAction::Drop, true, true), 0);
+        assert_eq!(silent, Some((Verdict::Repeat, Some(Mark { value: marks::DROP, mask: marks::MASK }))));
+        // Our bits already set on the packet are replaced, not or-ed.
+        let flip = verdict_for(&decision(PacketAction::Drop, true, false), marks::ALLOW | 0x1);
+        assert_eq!(flip, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT | 0x1, mask: marks::MASK }))));
+    }
+
+    #[test]
+    fn undecided_packets_pass_or_drop_without_a_mark_and_held_ones_wait() {
+        assert_eq!(verdict_for(&decision(PacketAction::Accept, false, false), 7), Some((Verdict::Accept, None)));
+        assert_eq!(verdict_for(&decision(PacketAction::Drop, false, false), 7), Some((Verdict::Drop, None)));
+        assert_eq!(verdict_for(&decision(PacketAction::Hold(PacketId(3)), false, false), 7), None);
+    }
+}
