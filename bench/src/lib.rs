@@ -186,6 +186,7 @@ pub fn lookup_flow(remote: SocketAddr) -> Flow {
         remote,
         interface: Some(Arc::from("eth0")),
         existing: false,
+        forwarded: false,
         started: Instant::ZERO,
     }
 }

@@ -141,7 +141,10 @@ enum Mode {
     Drop,
     Pause,
     /// Bytes before `pass_end` go unseen; bytes in `[pass_end, peek_end)` are shown.
-    Inspect { pass_end: u64, peek_end: u64 },
+    Inspect {
+        pass_end: u64,
+        peek_end: u64,
+    },
 }
 
 impl Mode {
@@ -161,7 +164,10 @@ impl Mode {
             DataVerdict::Pause => Mode::Pause,
             DataVerdict::Pass { pass, peek } => {
                 let pass_end = offset + u64::from(pass);
-                Mode::Inspect { pass_end, peek_end: pass_end + u64::from(peek) }
+                Mode::Inspect {
+                    pass_end,
+                    peek_end: pass_end + u64::from(peek),
+                }
             }
         }
     }
@@ -180,7 +186,12 @@ struct Side {
 
 impl Side {
     fn new(mode: Mode) -> Self {
-        Side { mode, offset: 0, next_seq: None, fin: false }
+        Side {
+            mode,
+            offset: 0,
+            next_seq: None,
+            fin: false,
+        }
     }
 }
 
@@ -216,7 +227,10 @@ impl Entry {
     }
 
     fn settled(&self) -> bool {
-        matches!((self.out.mode, self.inn.mode), (Mode::Allow, Mode::Allow) | (Mode::Drop, Mode::Drop))
+        matches!(
+            (self.out.mode, self.inn.mode),
+            (Mode::Allow, Mode::Allow) | (Mode::Drop, Mode::Drop)
+        )
     }
 
     fn status(&self) -> FlowStatus {
@@ -255,7 +269,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("flows", &self.flows.len()).field("stats", &self.stats).finish()
+        f.debug_struct("Engine")
+            .field("flows", &self.flows.len())
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
@@ -343,14 +360,19 @@ impl Engine {
                     ParseError::NotIp => self.stats.not_ip += 1,
                 }
                 // Nothing to judge it by; the kernel has its own checks for broken packets.
-                return Decision { action: PacketAction::Accept, flow: None, settled: false, silent: false };
+                return Decision {
+                    action: PacketAction::Accept,
+                    flow: None,
+                    settled: false,
+                    silent: false,
+                };
             }
         };
         let key = FlowKey::new(p.protocol, (p.src, p.src_port), (p.dst, p.dst_port));
         let mut slot = self.flows.lookup(&key);
         if let Some(s) = slot {
-            let reopen = p.tcp.is_some_and(|f| f.syn && !f.ack)
-                && self.flows.get(s).is_some_and(|e| e.closing.is_some());
+            let reopen =
+                p.tcp.is_some_and(|f| f.syn && !f.ack) && self.flows.get(s).is_some_and(|e| e.closing.is_some());
             if reopen {
                 self.close(s, now, CloseReason::Reused);
                 slot = None;
@@ -360,7 +382,14 @@ impl Engine {
             Some(s) => s,
             None => match self.open(now, meta, &p, key) {
                 Ok(s) => s,
-                Err(action) => return Decision { action, flow: None, settled: false, silent: false },
+                Err(action) => {
+                    return Decision {
+                        action,
+                        flow: None,
+                        settled: false,
+                        silent: false,
+                    };
+                }
             },
         };
         self.on_packet(slot, now, meta, &p, bytes)
@@ -417,7 +446,11 @@ impl Engine {
     pub fn handle_commands(&mut self, now: Instant) {
         while let Ok(c) = self.commands.try_recv() {
             match c {
-                Command::Update { flow, verdict, direction } => self.update(now, flow, verdict, direction),
+                Command::Update {
+                    flow,
+                    verdict,
+                    direction,
+                } => self.update(now, flow, verdict, direction),
                 Command::Resume { flow, verdict } => self.update(now, flow, verdict, None),
                 Command::Release { packet, accept } => {
                     if self.held.remove(&packet).is_some() {
@@ -444,12 +477,24 @@ impl Engine {
     /// the packets we let it handle alone), and an ended flow closes. Returns whether the flow
     /// was known here.
     pub fn handle_kernel_report(&mut self, now: Instant, r: &KernelReport) -> bool {
-        let key = FlowKey::new(r.protocol, (r.opener.ip(), r.opener.port()), (r.responder.ip(), r.responder.port()));
-        let Some(slot) = self.flows.lookup(&key) else { return false };
-        let Some(e) = self.flows.get_mut(slot) else { return false };
-        let opener_is_local = e.flow.local == r.opener
-            || (e.flow.protocol == Protocol::Icmp && e.flow.local.ip() == r.opener.ip());
-        let (out, inn) = if opener_is_local { (r.from_opener, r.from_responder) } else { (r.from_responder, r.from_opener) };
+        let key = FlowKey::new(
+            r.protocol,
+            (r.opener.ip(), r.opener.port()),
+            (r.responder.ip(), r.responder.port()),
+        );
+        let Some(slot) = self.flows.lookup(&key) else {
+            return false;
+        };
+        let Some(e) = self.flows.get_mut(slot) else {
+            return false;
+        };
+        let opener_is_local =
+            e.flow.local == r.opener || (e.flow.protocol == Protocol::Icmp && e.flow.local.ip() == r.opener.ip());
+        let (out, inn) = if opener_is_local {
+            (r.from_opener, r.from_responder)
+        } else {
+            (r.from_responder, r.from_opener)
+        };
         let c = &mut e.counters;
         if let Some((p, b)) = out {
             c.packets_out = c.packets_out.max(p);
@@ -482,7 +527,11 @@ impl Engine {
         let flows: Arc<[FlowStatus]> = self.flows.iter().map(Entry::status).collect();
         let slot = &self.handle.snapshot;
         let mut s = slot.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        *s = Snapshot { taken: now, flows, generation: s.generation + 1 };
+        *s = Snapshot {
+            taken: now,
+            flows,
+            generation: s.generation + 1,
+        };
         drop(s);
         slot.published.notify_all();
         self.next_snapshot = Some(now + self.config.snapshot_interval);
@@ -516,18 +565,37 @@ impl Engine {
                 _ => src_opened,
             },
         };
-        let dir = if src_local == src_opened { Direction::Outbound } else { Direction::Inbound };
+        let dir = if src_local == src_opened {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
         (src_local, dir)
     }
 
-    fn open(&mut self, now: Instant, meta: PacketMeta<'_>, p: &ParsedPacket<'_>, key: FlowKey) -> Result<Slot, PacketAction> {
+    fn open(
+        &mut self,
+        now: Instant,
+        meta: PacketMeta<'_>,
+        p: &ParsedPacket<'_>,
+        key: FlowKey,
+    ) -> Result<Slot, PacketAction> {
         let (src_local, direction) = self.orient(meta, p);
         let (src, dst) = (SocketAddr::new(p.src, p.src_port), SocketAddr::new(p.dst, p.dst_port));
         let (local, remote) = if src_local { (src, dst) } else { (dst, src) };
         let interface = meta.interface.map(|i| self.intern(i));
         let forwarded = meta.origin == Origin::Forward;
-        let mut flow =
-            Flow { id: FlowId(0), protocol: p.protocol, direction, local, remote, interface, existing: false, forwarded, started: now };
+        let mut flow = Flow {
+            id: FlowId(0),
+            protocol: p.protocol,
+            direction,
+            local,
+            remote,
+            interface,
+            existing: false,
+            forwarded,
+            started: now,
+        };
         let class = self.rules.classify(&flow);
         if self.flows.len() >= self.config.max_flows {
             self.stats.untracked += 1;
@@ -543,9 +611,19 @@ impl Engine {
         let rule_verdict = match class.action {
             Action::Allow => NewFlowVerdict::Allow,
             Action::Drop => NewFlowVerdict::Drop,
-            Action::Inspect { peek_outbound, peek_inbound } => NewFlowVerdict::Inspect { peek_outbound, peek_inbound },
+            Action::Inspect {
+                peek_outbound,
+                peek_inbound,
+            } => NewFlowVerdict::Inspect {
+                peek_outbound,
+                peek_inbound,
+            },
         };
-        let mut rule = class.rule.and_then(|i| self.rules.name(i)).unwrap_or(&self.default_rule).clone();
+        let mut rule = class
+            .rule
+            .and_then(|i| self.rules.name(i))
+            .unwrap_or(&self.default_rule)
+            .clone();
         let silent = class.rule.is_some_and(|i| self.rules.rules()[i].silent);
         let filter_verdict = self.filter.as_mut().map(|f| f.new_flow(&flow));
         let (verdict, filter_inspects) = match filter_verdict {
@@ -557,7 +635,9 @@ impl Engine {
                 // A filter that inspects is shown exactly the window it asked for; a rule's own
                 // inspect window has no one to show its bytes to (yet) and adds nothing.
                 match (rule_verdict, fv) {
-                    (NewFlowVerdict::Allow | NewFlowVerdict::Inspect { .. }, NewFlowVerdict::Inspect { .. }) => (fv, true),
+                    (NewFlowVerdict::Allow | NewFlowVerdict::Inspect { .. }, NewFlowVerdict::Inspect { .. }) => {
+                        (fv, true)
+                    }
                     _ => (combine(rule_verdict, fv), false),
                 }
             }
@@ -566,9 +646,28 @@ impl Engine {
             NewFlowVerdict::Allow => (Mode::Allow, Mode::Allow, None),
             NewFlowVerdict::Drop => (Mode::Drop, Mode::Drop, None),
             NewFlowVerdict::Pause => (Mode::Pause, Mode::Pause, None),
-            NewFlowVerdict::Inspect { peek_outbound, peek_inbound } => {
-                let m = |n: u32| if n == 0 { Mode::Allow } else { Mode::Inspect { pass_end: 0, peek_end: u64::from(n) } };
-                (m(peek_outbound), m(peek_inbound), Some(Peek { outbound: peek_outbound, inbound: peek_inbound }))
+            NewFlowVerdict::Inspect {
+                peek_outbound,
+                peek_inbound,
+            } => {
+                let m = |n: u32| {
+                    if n == 0 {
+                        Mode::Allow
+                    } else {
+                        Mode::Inspect {
+                            pass_end: 0,
+                            peek_end: u64::from(n),
+                        }
+                    }
+                };
+                (
+                    m(peek_outbound),
+                    m(peek_inbound),
+                    Some(Peek {
+                        outbound: peek_outbound,
+                        inbound: peek_inbound,
+                    }),
+                )
             }
         };
         let timer_at = now + timeout(&self.config.timeouts, flow.protocol);
@@ -586,16 +685,42 @@ impl Engine {
             silent,
         };
         let verdict = entry.verdict();
-        let slot = self.flows.insert(key, flow.id, entry).map_err(|_| PacketAction::Accept)?;
+        let slot = self
+            .flows
+            .insert(key, flow.id, entry)
+            .map_err(|_| PacketAction::Accept)?;
         self.timers.push(Reverse((timer_at, flow.id)));
-        self.events.push_back(Event { time: now, kind: EventKind::FlowNew { flow: flow.clone() } });
-        self.events.push_back(Event { time: now, kind: EventKind::FlowVerdict { flow, verdict, rule: Some(rule), peek } });
+        self.events.push_back(Event {
+            time: now,
+            kind: EventKind::FlowNew { flow: flow.clone() },
+        });
+        self.events.push_back(Event {
+            time: now,
+            kind: EventKind::FlowVerdict {
+                flow,
+                verdict,
+                rule: Some(rule),
+                peek,
+            },
+        });
         Ok(slot)
     }
 
-    fn on_packet(&mut self, slot: Slot, now: Instant, meta: PacketMeta<'_>, p: &ParsedPacket<'_>, bytes: &[u8]) -> Decision {
+    fn on_packet(
+        &mut self,
+        slot: Slot,
+        now: Instant,
+        meta: PacketMeta<'_>,
+        p: &ParsedPacket<'_>,
+        bytes: &[u8],
+    ) -> Decision {
         let Some(e) = self.flows.get_mut(slot) else {
-            return Decision { action: PacketAction::Accept, flow: None, settled: false, silent: false };
+            return Decision {
+                action: PacketAction::Accept,
+                flow: None,
+                settled: false,
+                silent: false,
+            };
         };
         let id = e.flow.id;
         let dir = if p.src == e.flow.local.ip() && (p.src_port == e.flow.local.port() || p.protocol == Protocol::Icmp) {
@@ -631,10 +756,10 @@ impl Engine {
         if !p.payload.is_empty() {
             // Track the stream position always: a window opened later (an update with `Pass`)
             // must be placed at the right offset.
-            if let Some((start, new_bytes)) = advance(e.side(dir), p) {
-                if matches!(e.side(dir).mode, Mode::Inspect { .. }) {
-                    self.inspect(slot, now, dir, start, new_bytes);
-                }
+            if let Some((start, new_bytes)) = advance(e.side(dir), p)
+                && matches!(e.side(dir).mode, Mode::Inspect { .. })
+            {
+                self.inspect(slot, now, dir, start, new_bytes);
             }
         }
         if fin_now {
@@ -650,7 +775,12 @@ impl Engine {
             _ => PacketAction::Accept,
         };
         if let (Some(pf), PacketAction::Accept) = (self.packet_filter.as_mut(), action) {
-            let ctx = PacketContext { interface: meta.interface, direction: dir, flow: id, bytes };
+            let ctx = PacketContext {
+                interface: meta.interface,
+                direction: dir,
+                flow: id,
+                bytes,
+            };
             action = match pf.packet(&ctx) {
                 PacketVerdict::Allow => PacketAction::Accept,
                 PacketVerdict::Drop => PacketAction::Drop,
@@ -661,14 +791,21 @@ impl Engine {
             Some(e) => (self.packet_filter.is_none() && e.settled(), e.silent),
             None => (false, false),
         };
-        Decision { action, flow: Some(id), settled, silent }
+        Decision {
+            action,
+            flow: Some(id),
+            settled,
+            silent,
+        }
     }
 
     /// Shows the part of new payload (starting at stream offset `start`) that lies in the
     /// direction's peek window.
     fn inspect(&mut self, slot: Slot, now: Instant, dir: Direction, start: u64, payload: &[u8]) {
         let Some(e) = self.flows.get_mut(slot) else { return };
-        let Mode::Inspect { pass_end, peek_end } = e.side(dir).mode else { return };
+        let Mode::Inspect { pass_end, peek_end } = e.side(dir).mode else {
+            return;
+        };
         let end = start + payload.len() as u64;
         let (from, to) = (start.max(pass_end), end.min(peek_end));
         if e.filter_inspects {
@@ -710,7 +847,14 @@ impl Engine {
         }
     }
 
-    fn apply(&mut self, slot: Slot, now: Instant, verdict: DataVerdict, direction: Option<Direction>, source: UpdateSource) {
+    fn apply(
+        &mut self,
+        slot: Slot,
+        now: Instant,
+        verdict: DataVerdict,
+        direction: Option<Direction>,
+        source: UpdateSource,
+    ) {
         let Some(e) = self.flows.get_mut(slot) else { return };
         let dirs: &[Direction] = match direction {
             Some(Direction::Outbound) => &[Direction::Outbound],
@@ -741,7 +885,14 @@ impl Engine {
     }
 
     /// Emits the update event and releases held packets if a pause ended.
-    fn after_change(&mut self, slot: Slot, now: Instant, before: (Mode, Mode, FlowVerdict), direction: Option<Direction>, source: UpdateSource) {
+    fn after_change(
+        &mut self,
+        slot: Slot,
+        now: Instant,
+        before: (Mode, Mode, FlowVerdict),
+        direction: Option<Direction>,
+        source: UpdateSource,
+    ) {
         let Some(e) = self.flows.get_mut(slot) else { return };
         let verdict = e.verdict();
         // Moving an inspect window is not news; a direction changing its verdict is.
@@ -752,7 +903,13 @@ impl Engine {
         if verdict != before.2 || direction.is_some() {
             self.events.push_back(Event {
                 time: now,
-                kind: EventKind::FlowUpdate { flow: e.flow.clone(), verdict, rule: e.rule.clone(), direction, source },
+                kind: EventKind::FlowUpdate {
+                    flow: e.flow.clone(),
+                    verdict,
+                    rule: e.rule.clone(),
+                    direction,
+                    source,
+                },
             });
         }
         if !matches!(verdict, FlowVerdict::Pause) && !e.held.is_empty() {
@@ -785,7 +942,10 @@ impl Engine {
         self.stats.flows_closed += 1;
         for packet in &e.held {
             if self.held.remove(packet).is_some() {
-                self.releases.push_back(Release { packet: *packet, accept: false });
+                self.releases.push_back(Release {
+                    packet: *packet,
+                    accept: false,
+                });
             }
         }
         let report = FlowReport {
@@ -798,7 +958,10 @@ impl Engine {
         if let Some(f) = self.filter.as_mut() {
             f.closed(&e.flow, &report);
         }
-        self.events.push_back(Event { time: now, kind: EventKind::FlowClosed { flow: e.flow, report } });
+        self.events.push_back(Event {
+            time: now,
+            kind: EventKind::FlowClosed { flow: e.flow, report },
+        });
     }
 }
 

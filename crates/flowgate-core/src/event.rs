@@ -159,7 +159,11 @@ mod tests {
     #[test]
     fn wire_shape_of_each_event() {
         let t = Instant::from_unix(1_700_000_000, 123_456_000);
-        let v = serde_json::to_value(Event { time: t, kind: EventKind::FlowNew { flow: flow() } }).expect("json");
+        let v = serde_json::to_value(Event {
+            time: t,
+            kind: EventKind::FlowNew { flow: flow() },
+        })
+        .expect("json");
         assert_eq!(v["time"], "2023-11-14T22:13:20.123456Z");
         assert_eq!(v["event"], "flow.new");
         assert_eq!(v["flow"]["id"], 3);
@@ -168,23 +172,48 @@ mod tests {
 
         let v = serde_json::to_value(Event {
             time: t,
-            kind: EventKind::FlowVerdict { flow: flow(), verdict: FlowVerdict::Drop, rule: Some("r1".into()), peek: None },
+            kind: EventKind::FlowVerdict {
+                flow: flow(),
+                verdict: FlowVerdict::Drop,
+                rule: Some("r1".into()),
+                peek: None,
+            },
         })
         .expect("json");
-        assert_eq!((v["event"].as_str(), v["verdict"].as_str(), v["rule"].as_str()), (Some("flow.verdict"), Some("drop"), Some("r1")));
+        assert_eq!(
+            (v["event"].as_str(), v["verdict"].as_str(), v["rule"].as_str()),
+            (Some("flow.verdict"), Some("drop"), Some("r1"))
+        );
         assert!(v.get("peek").is_none());
 
         let report = FlowReport {
             reason: CloseReason::Fin,
             verdict: FlowVerdict::Allow,
             rule: Some("default".into()),
-            counters: Counters { packets_out: 1, packets_in: 2, bytes_out: 3, bytes_in: 4, payload_out: 5, payload_in: 6 },
+            counters: Counters {
+                packets_out: 1,
+                packets_in: 2,
+                bytes_out: 3,
+                bytes_in: 4,
+                payload_out: 5,
+                payload_in: 6,
+            },
             duration_ms: 7,
         };
-        let v = serde_json::to_value(Event { time: t, kind: EventKind::FlowClosed { flow: flow(), report } }).expect("json");
+        let v = serde_json::to_value(Event {
+            time: t,
+            kind: EventKind::FlowClosed { flow: flow(), report },
+        })
+        .expect("json");
         assert_eq!(v["event"], "flow.closed");
         assert_eq!(v["reason"], "fin");
-        for (k, n) in [("packets_out", 1), ("packets_in", 2), ("bytes_out", 3), ("bytes_in", 4), ("duration_ms", 7)] {
+        for (k, n) in [
+            ("packets_out", 1),
+            ("packets_in", 2),
+            ("bytes_out", 3),
+            ("bytes_in", 4),
+            ("duration_ms", 7),
+        ] {
             assert_eq!(v[k], n, "{k}");
         }
     }

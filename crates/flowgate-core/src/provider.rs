@@ -6,8 +6,8 @@
 //! decide later, return `Pause` (or allow and change your mind) and use a [`crate::Handle`] from
 //! any thread. The built-in rule set judges beside them; the most restrictive answer wins.
 
-use crate::flow::{Direction, Flow, FlowId};
 use crate::event::FlowReport;
+use crate::flow::{Direction, Flow, FlowId};
 use crate::verdict::{DataVerdict, NewFlowVerdict, PacketVerdict};
 
 /// Judges flows. Only `new_flow` is required.

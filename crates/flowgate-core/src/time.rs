@@ -44,7 +44,9 @@ impl Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, d: Duration) -> Instant {
         let add = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        Instant { micros: self.micros.saturating_add(add) }
+        Instant {
+            micros: self.micros.saturating_add(add),
+        }
     }
 }
 
@@ -65,6 +67,9 @@ mod tests {
         assert_eq!(t.as_micros(), 2_000_500);
         assert_eq!(t + Duration::from_millis(1), Instant::from_micros(2_001_500));
         assert_eq!(Instant::ZERO - t, Duration::ZERO);
-        assert_eq!(Instant::from_micros(u64::MAX) + Duration::MAX, Instant::from_micros(u64::MAX));
+        assert_eq!(
+            Instant::from_micros(u64::MAX) + Duration::MAX,
+            Instant::from_micros(u64::MAX)
+        );
     }
 }

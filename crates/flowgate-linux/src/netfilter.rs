@@ -396,7 +396,10 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
         // A verdict's decision arrives on the packet mark (kernels without
         // CONFIG_NETFILTER_NETLINK_GLUE_CT cannot set the conntrack mark from user space) with
         // NF_REPEAT: copy it to the conntrack mark, so the rest of the flow is decided here.
-        rules.push(format!("-m mark ! --mark 0x0/{mask:#x} -j CONNMARK --save-mark --nfmask {mask:#x} --ctmask {mask:#x}", mask = marks::MASK));
+        rules.push(format!(
+            "-m mark ! --mark 0x0/{mask:#x} -j CONNMARK --save-mark --nfmask {mask:#x} --ctmask {mask:#x}",
+            mask = marks::MASK
+        ));
         rules.push(format!("-m connmark --mark {allow} -j RETURN"));
         rules.push(format!(
             "-p tcp -m tcp --tcp-flags RST RST -m connmark --mark {reject} -j RETURN"
@@ -715,10 +718,15 @@ COMMIT
         let text = ruleset_text(&spec(0..=1, true, false), true);
         let v4 = ruleset_text(&spec(0..=1, true, false), false);
         let nd = |chain: &str| {
-            ND_TYPES.iter().map(|t| format!("-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN\n")).collect::<String>()
+            ND_TYPES
+                .iter()
+                .map(|t| format!("-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN\n"))
+                .collect::<String>()
         };
         let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0x30000");
-        let mut expected = v4.replace("-p icmp ", "-p ipv6-icmp ").replace("icmp-port-unreachable", "icmp6-port-unreachable");
+        let mut expected = v4
+            .replace("-p icmp ", "-p ipv6-icmp ")
+            .replace("icmp-port-unreachable", "icmp6-port-unreachable");
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
             expected = expected.replacen(&save(chain), &format!("{}{}", nd(chain), save(chain)), 1);
         }

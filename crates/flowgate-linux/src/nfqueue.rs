@@ -187,7 +187,10 @@ pub struct Mark {
 impl Mark {
     /// Sets `bits` (within `mask`) and keeps every other bit of the packet's `current` mark.
     pub fn keeping(current: u32, bits: u32, mask: u32) -> Mark {
-        Mark { value: (current & !mask) | (bits & mask), mask }
+        Mark {
+            value: (current & !mask) | (bits & mask),
+            mask,
+        }
     }
 }
 

@@ -569,14 +569,21 @@ fn decided_marks_act_without_the_daemon() {
             // A verdict's packet mark alone (what the daemon sets where the kernel cannot set
             // the conntrack mark from user space) is saved to the conntrack mark by the chain's
             // first rule, so the flow is rejected and its answer gets through like any other.
-            assert_eq!(udp_fate(&mark_rejected), Fate::Refused, "packet-mark rejected UDP, IPv6: {ipv6}");
+            assert_eq!(
+                udp_fate(&mark_rejected),
+                Fate::Refused,
+                "packet-mark rejected UDP, IPv6: {ipv6}"
+            );
             let counters = cmd(&tool(ipv6, "iptables"), &["-w", "-v", "-x", "-n", "-L", CHAIN_OUT]);
             let saved = counters
                 .lines()
                 .find(|l| l.contains("CONNMARK") && l.contains("save"))
                 .and_then(|l| l.split_whitespace().next())
                 .and_then(|n| n.parse::<u64>().ok());
-            assert!(saved.is_some_and(|n| n >= 1), "the save-mark rule saw the marked packet, IPv6: {ipv6}\n{counters}");
+            assert!(
+                saved.is_some_and(|n| n >= 1),
+                "the save-mark rule saw the marked packet, IPv6: {ipv6}\n{counters}"
+            );
         }
         installed.remove().expect("remove");
     });

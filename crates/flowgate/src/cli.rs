@@ -111,7 +111,9 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Rules { command: RulesCommand::Check { file, json, strict } } => rules_check(&file, json, strict),
+        Command::Rules {
+            command: RulesCommand::Check { file, json, strict },
+        } => rules_check(&file, json, strict),
         Command::Replay { capture, config, json } => replay_cmd(&capture, config.as_deref(), json),
         Command::Run { config } => run_cmd(config.as_deref()),
         Command::Flows { target, json } => flows_cmd(&target, json),
@@ -154,7 +156,10 @@ fn flows_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
         Err(e) => return fail(e),
     };
     let empty = Vec::new();
-    let flows = reply.get("flows").and_then(serde_json::Value::as_array).unwrap_or(&empty);
+    let flows = reply
+        .get("flows")
+        .and_then(serde_json::Value::as_array)
+        .unwrap_or(&empty);
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let written = if json {
@@ -179,7 +184,11 @@ fn print_flow_table(out: &mut dyn Write, flows: &[serde_json::Value]) -> io::Res
     )?;
     for f in flows {
         let flow = f.get("flow").cloned().unwrap_or_default();
-        let dir = if flow.get("forwarded") == Some(&serde_json::Value::Bool(true)) { "forward".to_string() } else { s(&flow, "direction") };
+        let dir = if flow.get("forwarded") == Some(&serde_json::Value::Bool(true)) {
+            "forward".to_string()
+        } else {
+            s(&flow, "direction")
+        };
         writeln!(
             out,
             "{:>6} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s",
@@ -294,7 +303,13 @@ fn replay_cmd(capture: &Path, config_path: Option<&Path>, json: bool) -> ExitCod
                 let e = &s.engine;
                 eprintln!(
                     "replayed {} frames: {} flows, {} events; skipped {} non-IP frames, {} truncated, {} malformed, {} fragments",
-                    s.frames, e.flows_opened, s.events, s.non_ip_frames + e.not_ip, e.truncated, e.malformed, e.fragments
+                    s.frames,
+                    e.flows_opened,
+                    s.events,
+                    s.non_ip_frames + e.not_ip,
+                    e.truncated,
+                    e.malformed,
+                    e.fragments
                 );
             }
             ExitCode::SUCCESS

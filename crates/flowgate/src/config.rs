@@ -189,7 +189,13 @@ impl Source<'_> {
             }
             None => (None, None),
         };
-        ConfigError { path: self.path.to_path_buf(), line, column, field: field.map(str::to_string), message: message.into() }
+        ConfigError {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            field: field.map(str::to_string),
+            message: message.into(),
+        }
     }
 
     fn at<T>(&self, v: &Spanned<T>, field: &str, message: impl Into<String>) -> ConfigError {
@@ -199,7 +205,9 @@ impl Source<'_> {
     /// The key written on the line of `offset` (`key = value`), to name the field in errors
     /// that come from the TOML layer without it.
     fn key_at(&self, offset: usize) -> Option<String> {
-        let start = self.text[..offset.min(self.text.len())].rfind('\n').map_or(0, |i| i + 1);
+        let start = self.text[..offset.min(self.text.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
         let line = self.text[start..].lines().next()?;
         let (key, _) = line.split_once('=')?;
         let key = key.trim();
@@ -233,7 +241,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Some(v) => match v.get_ref().as_str() {
             "allow" => Action::Allow,
             "drop" => Action::Drop,
-            other => return Err(src.at(v, "default_action", format!("`{other}` is not a default action: expected allow or drop"))),
+            other => {
+                return Err(src.at(
+                    v,
+                    "default_action",
+                    format!("`{other}` is not a default action: expected allow or drop"),
+                ));
+            }
         },
     };
     let fail = match &raw.fail {
@@ -241,7 +255,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Some(v) => match v.get_ref().as_str() {
             "open" => FailMode::Open,
             "closed" => FailMode::Closed,
-            other => return Err(src.at(v, "fail", format!("`{other}` is not a fail mode: expected open or closed"))),
+            other => {
+                return Err(src.at(
+                    v,
+                    "fail",
+                    format!("`{other}` is not a fail mode: expected open or closed"),
+                ));
+            }
         },
     };
     let mut engine = EngineConfig::default();
@@ -269,24 +289,47 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let rule = rule(&src, i, r.get_ref(), &mut warnings)?;
         if let Some(first) = names.insert(rule.name.clone(), line) {
             let span = r.get_ref().name.as_ref().map(Spanned::span);
-            return Err(src.error(span, Some("name"), format!("rule name `{}` is already used by the rule at line {first}", rule.name)));
+            return Err(src.error(
+                span,
+                Some("name"),
+                format!("rule name `{}` is already used by the rule at line {first}", rule.name),
+            ));
         }
         rule_lines.push(line);
         rule_list.push(rule);
     }
-    let set = RuleSet { rules: rule_list, default_action };
+    let set = RuleSet {
+        rules: rule_list,
+        default_action,
+    };
     for l in lint::lint(&set) {
-        warnings.push(Warning { path: path.to_path_buf(), line: rule_lines[l.rule()], message: l.message(&set) });
+        warnings.push(Warning {
+            path: path.to_path_buf(),
+            line: rule_lines[l.rule()],
+            message: l.message(&set),
+        });
     }
     warnings.sort_by_key(|w| w.line);
-    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, warnings })
+    Ok(Config {
+        path: path.to_path_buf(),
+        rules: set,
+        rule_lines,
+        engine,
+        fail,
+        live,
+        warnings,
+    })
 }
 
 fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
     let mut live = Live::default();
     let int = |v: &Spanned<i64>, field: &str, lo: i64, hi: i64| -> Result<i64, ConfigError> {
         let n = *v.get_ref();
-        if (lo..=hi).contains(&n) { Ok(n) } else { Err(src.at(v, field, format!("must be between {lo} and {hi}"))) }
+        if (lo..=hi).contains(&n) {
+            Ok(n)
+        } else {
+            Err(src.at(v, field, format!("must be between {lo} and {hi}")))
+        }
     };
     if let Some(v) = &raw.queues {
         live.queues = u16::try_from(int(v, "queues", 1, 64)?).unwrap_or(1);
@@ -336,10 +379,21 @@ fn timeouts(src: &Source<'_>, t: &RawTimeouts) -> Result<Timeouts, ConfigError> 
     for (name, raw, slot) in fields {
         if let Some(v) = raw {
             let d: Duration = humantime::parse_duration(v.get_ref()).map_err(|e| {
-                src.at(v, &format!("timeouts.{name}"), format!("`{}` is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\"", v.get_ref()))
+                src.at(
+                    v,
+                    &format!("timeouts.{name}"),
+                    format!(
+                        "`{}` is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\"",
+                        v.get_ref()
+                    ),
+                )
             })?;
             if d.is_zero() {
-                return Err(src.at(v, &format!("timeouts.{name}"), "a timeout of zero would close every flow at once"));
+                return Err(src.at(
+                    v,
+                    &format!("timeouts.{name}"),
+                    "a timeout of zero would close every flow at once",
+                ));
             }
             *slot = d;
         }
@@ -352,7 +406,10 @@ fn strings<'v>(src: &Source<'_>, v: &'v Spanned<toml::Value>, field: &str) -> Re
         toml::Value::String(s) => Ok(vec![s.as_str()]),
         toml::Value::Array(items) if !items.is_empty() => items
             .iter()
-            .map(|i| i.as_str().ok_or_else(|| src.at(v, field, "expected a string or a list of strings")))
+            .map(|i| {
+                i.as_str()
+                    .ok_or_else(|| src.at(v, field, "expected a string or a list of strings"))
+            })
             .collect(),
         toml::Value::Array(_) => Err(src.at(v, field, "empty list: leave the field out to match anything")),
         _ => Err(src.at(v, field, "expected a string or a list of strings")),
@@ -363,7 +420,13 @@ fn ports(src: &Source<'_>, v: &Spanned<toml::Value>, field: &str) -> Result<rule
     let text = match v.get_ref() {
         toml::Value::Integer(n) => n.to_string(),
         toml::Value::String(s) => s.clone(),
-        _ => return Err(src.at(v, field, "expected ports as a string like \"80,443,8000-8080\" or a number")),
+        _ => {
+            return Err(src.at(
+                v,
+                field,
+                "expected ports as a string like \"80,443,8000-8080\" or a number",
+            ));
+        }
     };
     rules::parse_ports(&text).map_err(|e| src.at(v, field, e.0))
 }
@@ -375,23 +438,42 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
         None => format!("rule-{}", index + 1),
     };
     let Some(action_text) = &r.action else {
-        return Err(src.error(None, Some("action"), format!("rule `{name}` has no `action` (allow, drop or inspect)")))
-            .map_err(|mut e| {
-                e.line = r.name.as_ref().map(|n| src.line(&n.span()));
-                e
-            });
+        return Err(src.error(
+            None,
+            Some("action"),
+            format!("rule `{name}` has no `action` (allow, drop or inspect)"),
+        ))
+        .map_err(|mut e| {
+            e.line = r.name.as_ref().map(|n| src.line(&n.span()));
+            e
+        });
     };
     let (peek_out, peek_in) = match &r.peek {
         Some(p) => (p.get_ref().outbound.unwrap_or(0), p.get_ref().inbound.unwrap_or(0)),
         None => (0, 0),
     };
-    let action = rules::parse_action(action_text.get_ref(), peek_out, peek_in).map_err(|e| src.at(action_text, "action", e.0))?;
+    let action = rules::parse_action(action_text.get_ref(), peek_out, peek_in)
+        .map_err(|e| src.at(action_text, "action", e.0))?;
     match (&action, &r.peek) {
         (Action::Inspect { .. }, None) => {
-            return Err(src.at(action_text, "peek", "an inspect rule needs `peek = { outbound = N, inbound = N }`"));
+            return Err(src.at(
+                action_text,
+                "peek",
+                "an inspect rule needs `peek = { outbound = N, inbound = N }`",
+            ));
         }
-        (Action::Inspect { peek_outbound: 0, peek_inbound: 0 }, Some(p)) => {
-            return Err(src.at(p, "peek", "an inspect rule must peek at least one byte in some direction"));
+        (
+            Action::Inspect {
+                peek_outbound: 0,
+                peek_inbound: 0,
+            },
+            Some(p),
+        ) => {
+            return Err(src.at(
+                p,
+                "peek",
+                "an inspect rule must peek at least one byte in some direction",
+            ));
         }
         (Action::Allow | Action::Drop, Some(p)) => {
             return Err(src.at(p, "peek", "`peek` only goes with action = \"inspect\""));
@@ -408,7 +490,10 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
     }
     let mut rule = Rule::new(name, action);
     rule.silent = silent;
-    for (field, raw, out) in [("remote", &r.remote, &mut rule.remote), ("local", &r.local, &mut rule.local)] {
+    for (field, raw, out) in [
+        ("remote", &r.remote, &mut rule.remote),
+        ("local", &r.local, &mut rule.local),
+    ] {
         if let Some(v) = raw {
             for text in strings(src, v, field)? {
                 let net: IpNet = rules::parse_network(text).map_err(|e| src.at(v, field, e.0))?;
@@ -489,7 +574,13 @@ peek = { outbound = 2048, inbound = 0 }
         .expect("valid config");
         assert_eq!(c.rules.rules.len(), 2);
         assert_eq!(c.rule_lines, vec![10, 21]);
-        assert_eq!(c.rules.rules[1].action, Action::Inspect { peek_outbound: 2048, peek_inbound: 0 });
+        assert_eq!(
+            c.rules.rules[1].action,
+            Action::Inspect {
+                peek_outbound: 2048,
+                peek_inbound: 0
+            }
+        );
         assert_eq!(c.engine.local_networks.len(), 2);
         assert_eq!(c.engine.max_flows, 1000);
         assert_eq!(c.engine.timeouts.udp, Duration::from_secs(30));
@@ -534,13 +625,32 @@ peek = { outbound = 2048, inbound = 0 }
     fn rule_shape_errors() {
         assert_eq!(err("[[rule]]\nname = \"x\"\n").field.as_deref(), Some("action"));
         assert_eq!(err("[[rule]]\naction = \"inspect\"\n").field.as_deref(), Some("peek"));
-        assert_eq!(err("[[rule]]\naction = \"drop\"\npeek = { outbound = 1 }\n").field.as_deref(), Some("peek"));
-        assert_eq!(err("[[rule]]\naction = \"drop\"\nhost = \"*.example.com\"\n").field.as_deref(), Some("host"));
+        assert_eq!(
+            err("[[rule]]\naction = \"drop\"\npeek = { outbound = 1 }\n")
+                .field
+                .as_deref(),
+            Some("peek")
+        );
+        assert_eq!(
+            err("[[rule]]\naction = \"drop\"\nhost = \"*.example.com\"\n")
+                .field
+                .as_deref(),
+            Some("host")
+        );
         let dup = err("[[rule]]\nname = \"a\"\naction = \"drop\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\n");
         assert_eq!((dup.line, dup.field.as_deref()), (Some(5), Some("name")));
-        assert_eq!(err("[timeouts]\nudp = \"soon\"\n").field.as_deref(), Some("timeouts.udp"));
-        assert_eq!(err("local_addresses = [\"not-an-ip\"]\n").field.as_deref(), Some("local_addresses"));
-        assert_eq!(err("[[rule]]\nremote = []\naction = \"drop\"\n").field.as_deref(), Some("remote"));
+        assert_eq!(
+            err("[timeouts]\nudp = \"soon\"\n").field.as_deref(),
+            Some("timeouts.udp")
+        );
+        assert_eq!(
+            err("local_addresses = [\"not-an-ip\"]\n").field.as_deref(),
+            Some("local_addresses")
+        );
+        assert_eq!(
+            err("[[rule]]\nremote = []\naction = \"drop\"\n").field.as_deref(),
+            Some("remote")
+        );
     }
 
     #[test]

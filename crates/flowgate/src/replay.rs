@@ -38,7 +38,11 @@ pub enum ReplayError {
     #[error("{path}: not a pcap or pcapng capture (unknown magic number {magic:#010x})")]
     Format { path: PathBuf, magic: u32 },
     #[error("{path}: broken capture after {frames} frames: {message}")]
-    Corrupt { path: PathBuf, frames: u64, message: String },
+    Corrupt {
+        path: PathBuf,
+        frames: u64,
+        message: String,
+    },
     #[error("writing events: {0}")]
     Output(#[from] io::Error),
 }
@@ -72,7 +76,10 @@ pub fn replay(engine: &mut Engine, path: &Path, out: &mut dyn Write) -> Result<S
         }
         match ip_payload(frame.link, frame.data) {
             Some(ip) => {
-                let meta = PacketMeta { interface: frame.interface, origin: Origin::Unknown };
+                let meta = PacketMeta {
+                    interface: frame.interface,
+                    origin: Origin::Unknown,
+                };
                 // A replay only reports what would have happened; the decision itself is unused.
                 let _ = engine.handle_packet(frame.time, meta, ip);
             }
@@ -96,16 +103,29 @@ pub fn write_event(out: &mut dyn Write, e: &Event) -> io::Result<()> {
 }
 
 fn for_each_frame(path: &Path, mut f: impl FnMut(Frame<'_>) -> io::Result<()>) -> Result<(), ReplayError> {
-    let open_err = |source| ReplayError::Open { path: path.to_path_buf(), source };
+    let open_err = |source| ReplayError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = BufReader::new(File::open(path).map_err(open_err)?);
     // Peek at the magic number without consuming it; the readers parse the header themselves.
     let head = file.fill_buf().map_err(open_err)?;
     let magic: [u8; 4] = match head.get(..4) {
         Some(m) => [m[0], m[1], m[2], m[3]],
-        None => return Err(ReplayError::Corrupt { path: path.to_path_buf(), frames: 0, message: "file is shorter than a capture header".into() }),
+        None => {
+            return Err(ReplayError::Corrupt {
+                path: path.to_path_buf(),
+                frames: 0,
+                message: "file is shorter than a capture header".into(),
+            });
+        }
     };
     let mut frames = 0u64;
-    let corrupt = |frames, e: pcap_file::PcapError| ReplayError::Corrupt { path: path.to_path_buf(), frames, message: e.to_string() };
+    let corrupt = |frames, e: pcap_file::PcapError| ReplayError::Corrupt {
+        path: path.to_path_buf(),
+        frames,
+        message: e.to_string(),
+    };
     match u32::from_le_bytes(magic) {
         0xa1b2_c3d4 | 0xd4c3_b2a1 | 0xa1b2_3c4d | 0x4d3c_b2a1 => {
             let mut r = PcapReader::new(file).map_err(|e| corrupt(0, e))?;
@@ -114,7 +134,12 @@ fn for_each_frame(path: &Path, mut f: impl FnMut(Frame<'_>) -> io::Result<()>) -
                 let p = p.map_err(|e| corrupt(frames, e))?;
                 frames += 1;
                 let time = Instant::from_unix(p.timestamp.as_secs(), p.timestamp.subsec_nanos());
-                f(Frame { time, interface: None, link, data: &p.data })?;
+                f(Frame {
+                    time,
+                    interface: None,
+                    link,
+                    data: &p.data,
+                })?;
             }
         }
         0x0a0d_0d0a => {
@@ -144,23 +169,41 @@ fn for_each_frame(path: &Path, mut f: impl FnMut(Frame<'_>) -> io::Result<()>) -
                             return Err(ReplayError::Corrupt {
                                 path: path.to_path_buf(),
                                 frames,
-                                message: format!("packet names interface {} that was never described", epb.interface_id),
+                                message: format!(
+                                    "packet names interface {} that was never described",
+                                    epb.interface_id
+                                ),
                             });
                         };
                         let time = pcapng_time(epb.timestamp, *tsresol);
-                        f(Frame { time, interface: name.as_deref(), link: *link, data: &epb.data })?;
+                        f(Frame {
+                            time,
+                            interface: name.as_deref(),
+                            link: *link,
+                            data: &epb.data,
+                        })?;
                     }
                     Block::SimplePacket(spb) => {
                         frames += 1;
                         if let Some((link, name, _)) = ifaces.first() {
-                            f(Frame { time: Instant::ZERO, interface: name.as_deref(), link: *link, data: &spb.data })?;
+                            f(Frame {
+                                time: Instant::ZERO,
+                                interface: name.as_deref(),
+                                link: *link,
+                                data: &spb.data,
+                            })?;
                         }
                     }
                     _ => {}
                 }
             }
         }
-        other => return Err(ReplayError::Format { path: path.to_path_buf(), magic: other }),
+        other => {
+            return Err(ReplayError::Format {
+                path: path.to_path_buf(),
+                magic: other,
+            });
+        }
     }
     Ok(())
 }
@@ -170,7 +213,11 @@ fn pcapng_time(raw: Duration, tsresol: u8) -> Instant {
     let units = raw.as_nanos();
     let micros = if tsresol & 0x80 == 0 {
         let exp = u32::from(tsresol);
-        if exp >= 6 { units / 10u128.pow(exp - 6) } else { units * 10u128.pow(6 - exp) }
+        if exp >= 6 {
+            units / 10u128.pow(exp - 6)
+        } else {
+            units * 10u128.pow(6 - exp)
+        }
     } else {
         let exp = u32::from(tsresol & 0x7f).min(127);
         (units * 1_000_000) >> exp
@@ -209,7 +256,11 @@ fn ip_payload(link: DataLink, data: &[u8]) -> Option<&[u8]> {
             // A 4-byte address family in the capturing host's byte order (NULL) or big endian (LOOP).
             let fam = data.get(..4)?;
             let v = |f: u32| fam == f.to_le_bytes() || fam == f.to_be_bytes();
-            if v(2) || v(10) || v(24) || v(28) || v(30) { data.get(4..) } else { None }
+            if v(2) || v(10) || v(24) || v(28) || v(30) {
+                data.get(4..)
+            } else {
+                None
+            }
         }
         _ => None,
     }
@@ -247,12 +298,21 @@ mod tests {
     #[test]
     fn pcapng_timestamps_follow_tsresol() {
         // Default resolution: microseconds.
-        assert_eq!(pcapng_time(Duration::from_nanos(1_500_000), 6), Instant::from_micros(1_500_000));
+        assert_eq!(
+            pcapng_time(Duration::from_nanos(1_500_000), 6),
+            Instant::from_micros(1_500_000)
+        );
         // Nanoseconds.
-        assert_eq!(pcapng_time(Duration::from_nanos(1_500_000), 9), Instant::from_micros(1_500));
+        assert_eq!(
+            pcapng_time(Duration::from_nanos(1_500_000), 9),
+            Instant::from_micros(1_500)
+        );
         // Milliseconds.
         assert_eq!(pcapng_time(Duration::from_nanos(3), 3), Instant::from_micros(3_000));
         // Powers of two: 2^-10 s units.
-        assert_eq!(pcapng_time(Duration::from_nanos(1024), 0x80 | 10), Instant::from_micros(1_000_000));
+        assert_eq!(
+            pcapng_time(Duration::from_nanos(1024), 0x80 | 10),
+            Instant::from_micros(1_000_000)
+        );
     }
 }

@@ -9,7 +9,7 @@
 mod lab;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -78,7 +78,13 @@ impl Daemon {
                 }
             }
         });
-        let mut d = Daemon { child: Some(child), dir, keep_dir: false, ns: ns.to_string(), stderr: rx };
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            keep_dir: false,
+            ns: ns.to_string(),
+            stderr: rx,
+        };
         d.wait_for_line("flowgate: ready", Duration::from_secs(30));
         d
     }
@@ -93,11 +99,6 @@ impl Daemon {
                 Err(_) => panic!("flowgate did not print `{needle}` within {timeout:?}"),
             }
         }
-    }
-
-    fn pid(&self) -> Pid {
-        // `ip netns exec` execs the program: the child is flowgate itself.
-        Pid::from_raw(self.child.as_ref().map_or(0, |c| c.id() as i32))
     }
 
     /// SIGTERM, wait for exit, and return its events.
@@ -126,7 +127,9 @@ impl Daemon {
 
     fn events(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.dir.join("events.jsonl")).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line ({e}): {l}"))).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line ({e}): {l}")))
+            .collect()
     }
 
     fn flowgate(&self, args: &[&str]) -> std::process::Output {
@@ -195,7 +198,12 @@ fn verdicts(events: &[Value]) -> Vec<(String, String, String, String)> {
         .filter(|e| e["event"] == "flow.verdict")
         .map(|e| {
             let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-            (s(&e["flow"]["remote"]), s(&e["verdict"]), s(&e["rule"]), s(&e["flow"]["interface"]))
+            (
+                s(&e["flow"]["remote"]),
+                s(&e["verdict"]),
+                s(&e["rule"]),
+                s(&e["flow"]["interface"]),
+            )
         })
         .collect()
 }
@@ -203,7 +211,12 @@ fn verdicts(events: &[Value]) -> Vec<(String, String, String, String)> {
 fn verdict_for<'a>(events: &'a [Value], remote_prefix: &str) -> &'a Value {
     events
         .iter()
-        .find(|e| e["event"] == "flow.verdict" && e["flow"]["remote"].as_str().is_some_and(|r| r.starts_with(remote_prefix)))
+        .find(|e| {
+            e["event"] == "flow.verdict"
+                && e["flow"]["remote"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(remote_prefix))
+        })
         .unwrap_or_else(|| panic!("no verdict for a flow to {remote_prefix} in {:#?}", verdicts(events)))
 }
 
@@ -221,15 +234,27 @@ fn outbound_tcp_by_address_and_port() {
     );
     let (refused, took, ok8, ok_other) = lab.host.in_ns(|| {
         let (kind, took) = tcp_refused(addr("203.0.113.10:7"));
-        (kind, took, tcp_roundtrip(addr("203.0.113.10:8")).is_ok(), tcp_roundtrip(addr("198.51.100.2:7")).is_ok())
+        (
+            kind,
+            took,
+            tcp_roundtrip(addr("203.0.113.10:8")).is_ok(),
+            tcp_roundtrip(addr("198.51.100.2:7")).is_ok(),
+        )
     });
-    assert_eq!(refused, ErrorKind::ConnectionRefused, "a dropped connect gets a reset, not a hang");
+    assert_eq!(
+        refused,
+        ErrorKind::ConnectionRefused,
+        "a dropped connect gets a reset, not a hang"
+    );
     assert!(took < Duration::from_secs(2), "refused after {took:?}");
     assert!(ok8, "another port of the same host is allowed");
     assert!(ok_other, "port 7 of another host is allowed");
     let ev = d.stop();
     let v = verdict_for(&ev, "203.0.113.10:7");
-    assert_eq!((v["verdict"].as_str(), v["rule"].as_str()), (Some("drop"), Some("block-host-port-7")));
+    assert_eq!(
+        (v["verdict"].as_str(), v["rule"].as_str()),
+        (Some("drop"), Some("block-host-port-7"))
+    );
     assert_eq!(v["flow"]["direction"], "outbound");
     assert_eq!(v["flow"]["interface"], "veth1");
     assert_eq!(verdict_for(&ev, "203.0.113.10:8")["verdict"], "allow");
@@ -257,18 +282,31 @@ fn udp_and_icmp_and_ipv6() {
         let v6_ok = tcp_roundtrip(addr("[2001:db8:2::10]:8")).is_ok();
         (blocked, ok, v6, v6_ok)
     });
-    assert_eq!(udp_blocked, Err(ErrorKind::ConnectionRefused), "a dropped UDP flow gets port-unreachable");
+    assert_eq!(
+        udp_blocked,
+        Err(ErrorKind::ConnectionRefused),
+        "a dropped UDP flow gets port-unreachable"
+    );
     assert!(udp_ok);
     assert_eq!(v6_blocked, ErrorKind::ConnectionRefused);
     assert!(v6_ok);
     let ping = lab.host.run(&["ping", "-c", "1", "-W", "2", "203.0.113.10"]);
-    assert!(!ping.status.success(), "ping to a host with an ICMP drop rule must fail");
+    assert!(
+        !ping.status.success(),
+        "ping to a host with an ICMP drop rule must fail"
+    );
     let ping6 = lab.host.run(&["ping", "-6", "-c", "1", "-W", "2", "2001:db8:2::10"]);
-    assert!(ping6.status.success(), "ICMPv6 to another host is allowed: {}", String::from_utf8_lossy(&ping6.stderr));
+    assert!(
+        ping6.status.success(),
+        "ICMPv6 to another host is allowed: {}",
+        String::from_utf8_lossy(&ping6.stderr)
+    );
     let ev = d.stop();
     assert_eq!(verdict_for(&ev, "203.0.113.10:5353")["rule"], "no-5353");
     assert_eq!(verdict_for(&ev, "[2001:db8:2::10]:7")["rule"], "v6-port-7");
-    let icmp = ev.iter().find(|e| e["event"] == "flow.verdict" && e["flow"]["protocol"] == "icmp" && e["rule"] == "no-ping");
+    let icmp = ev
+        .iter()
+        .find(|e| e["event"] == "flow.verdict" && e["flow"]["protocol"] == "icmp" && e["rule"] == "no-ping");
     assert!(icmp.is_some(), "{:#?}", verdicts(&ev));
 }
 
@@ -287,22 +325,43 @@ fn inbound_and_forwarded_flows_are_judged() {
         "[[rule]]\nname = \"no-inbound-9000\"\ndirection = \"inbound\"\nlocal_ports = \"9000\"\naction = \"drop\"\n\
          [[rule]]\nname = \"no-forward-7\"\nremote = \"203.0.113.10\"\nremote_ports = \"7\"\naction = \"drop\"\n",
     );
-    let (in_blocked, in_ok) = lab.srv.in_ns(|| (tcp_refused(addr("198.51.100.1:9000")).0, tcp_roundtrip(addr("198.51.100.1:9001")).is_ok()));
+    let (in_blocked, in_ok) = lab.srv.in_ns(|| {
+        (
+            tcp_refused(addr("198.51.100.1:9000")).0,
+            tcp_roundtrip(addr("198.51.100.1:9001")).is_ok(),
+        )
+    });
     assert_eq!(in_blocked, ErrorKind::ConnectionRefused);
     assert!(in_ok);
-    let (fwd_blocked, fwd_ok) = lab.cli.in_ns(|| (tcp_refused(addr("203.0.113.10:7")).0, tcp_roundtrip(addr("203.0.113.10:8")).is_ok()));
-    assert_eq!(fwd_blocked, ErrorKind::ConnectionRefused, "a forwarded flow is dropped with a reset");
+    let (fwd_blocked, fwd_ok) = lab.cli.in_ns(|| {
+        (
+            tcp_refused(addr("203.0.113.10:7")).0,
+            tcp_roundtrip(addr("203.0.113.10:8")).is_ok(),
+        )
+    });
+    assert_eq!(
+        fwd_blocked,
+        ErrorKind::ConnectionRefused,
+        "a forwarded flow is dropped with a reset"
+    );
     assert!(fwd_ok, "another forwarded flow passes");
     let ev = d.stop();
     let inbound = ev
         .iter()
         .find(|e| e["event"] == "flow.verdict" && e["flow"]["local"] == "198.51.100.1:9000")
         .expect("inbound verdict");
-    assert_eq!((inbound["flow"]["direction"].as_str(), inbound["rule"].as_str()), (Some("inbound"), Some("no-inbound-9000")));
+    assert_eq!(
+        (inbound["flow"]["direction"].as_str(), inbound["rule"].as_str()),
+        (Some("inbound"), Some("no-inbound-9000"))
+    );
     let fwd = verdict_for(&ev, "203.0.113.10:7");
     assert_eq!(fwd["flow"]["forwarded"], true);
     assert_eq!(fwd["rule"], "no-forward-7");
-    assert!(fwd["flow"]["local"].as_str().is_some_and(|l| l.starts_with("198.18.0.2:")));
+    assert!(
+        fwd["flow"]["local"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("198.18.0.2:"))
+    );
 }
 
 #[test]
@@ -316,16 +375,30 @@ fn tunnel_traffic_and_its_carrier_are_both_flows() {
         "tun",
         "[[rule]]\nname = \"tunnel-port-7\"\ninterface = \"tun*\"\nremote_ports = \"7\"\naction = \"drop\"\n",
     );
-    let (blocked, ok) = lab.host.in_ns(|| (tcp_refused(addr("192.0.2.2:7")).0, tcp_roundtrip(addr("192.0.2.2:8")).is_ok()));
+    let (blocked, ok) = lab.host.in_ns(|| {
+        (
+            tcp_refused(addr("192.0.2.2:7")).0,
+            tcp_roundtrip(addr("192.0.2.2:8")).is_ok(),
+        )
+    });
     assert_eq!(blocked, ErrorKind::ConnectionRefused);
     assert!(ok, "other traffic inside the tunnel passes");
     let ev = d.stop();
     let inner = verdict_for(&ev, "192.0.2.2:7");
-    assert_eq!((inner["flow"]["interface"].as_str(), inner["rule"].as_str()), (Some("tun0"), Some("tunnel-port-7")));
+    assert_eq!(
+        (inner["flow"]["interface"].as_str(), inner["rule"].as_str()),
+        (Some("tun0"), Some("tunnel-port-7"))
+    );
     assert_eq!(verdict_for(&ev, "192.0.2.2:8")["flow"]["interface"], "tun0");
     // The encapsulating UDP flow on the veth is a flow of its own.
     let carrier = verdict_for(&ev, "198.51.100.2:5555");
-    assert_eq!((carrier["flow"]["protocol"].as_str(), carrier["flow"]["interface"].as_str()), (Some("udp"), Some("veth1")));
+    assert_eq!(
+        (
+            carrier["flow"]["protocol"].as_str(),
+            carrier["flow"]["interface"].as_str()
+        ),
+        (Some("udp"), Some("veth1"))
+    );
     assert_eq!(carrier["verdict"], "allow");
 }
 
@@ -334,11 +407,19 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     require_root!();
     let lab = Lab::new("flows");
     // The host has a firewall of its own, which must come out exactly as it went in.
-    lab.host.run_ok(&["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
-    lab.host.run_ok(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "69", "-j", "DROP"]);
-    lab.host.run_ok(&["ip6tables", "-A", "FORWARD", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    lab.host
+        .run_ok(&["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    lab.host
+        .run_ok(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "69", "-j", "DROP"]);
+    lab.host
+        .run_ok(&["ip6tables", "-A", "FORWARD", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
     let rules = |cmd: &str| -> String {
-        lab.host.run_ok(&[cmd]).lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
+        lab.host
+            .run_ok(&[cmd])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
     };
     let before4 = rules("iptables-save");
     let before6 = rules("ip6tables-save");
@@ -358,8 +439,14 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
     let out = d.flowgate(&["flows", "--json", "--run-dir", &d.run_dir()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let flows: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let f = flows.iter().find(|f| f["flow"]["remote"] == "203.0.113.10:7").unwrap_or_else(|| panic!("{flows:#?}"));
+    let flows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let f = flows
+        .iter()
+        .find(|f| f["flow"]["remote"] == "203.0.113.10:7")
+        .unwrap_or_else(|| panic!("{flows:#?}"));
     assert_eq!(f["verdict"], "allow");
     assert_eq!(f["flow"]["interface"], "veth1");
     assert!(f["packets_out"].as_u64().is_some_and(|n| n >= 1));
@@ -369,7 +456,11 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     // A second instance refuses to start.
     let second = d.flowgate(&["run", "--config", &d.dir.join("flowgate.toml").display().to_string()]);
     assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("already running"), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already running"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     drop(conn);
     let _ = d.stop();
     assert_eq!(rules("iptables-save"), before4, "IPv4 rules are as before");
@@ -407,8 +498,13 @@ fn cleanup_removes_a_dead_instances_chains() {
     let d = Daemon::start(&lab, "clean", "");
     let run_dir = d.run_dir();
     let dir = d.kill9();
-    assert!(lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"), "SIGKILL leaves the chains");
-    let out = lab.host.run(&[env!("CARGO_BIN_EXE_flowgate"), "cleanup", "--run-dir", &run_dir]);
+    assert!(
+        lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"),
+        "SIGKILL leaves the chains"
+    );
+    let out = lab
+        .host
+        .run(&[env!("CARGO_BIN_EXE_flowgate"), "cleanup", "--run-dir", &run_dir]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
     assert!(!lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"));
@@ -424,9 +520,81 @@ fn bad_config_installs_nothing() {
     std::fs::create_dir_all(&dir).expect("dir");
     let conf = dir.join("bad.toml");
     std::fs::write(&conf, "[[rule]]\nremote = \"203.0.113.300\"\naction = \"drop\"\n").expect("write");
-    let out = lab.host.run(&[env!("CARGO_BIN_EXE_flowgate"), "run", "--config", &conf.display().to_string()]);
+    let out = lab.host.run(&[
+        env!("CARGO_BIN_EXE_flowgate"),
+        "run",
+        "--config",
+        &conf.display().to_string(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:2:"));
     assert!(!lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Packet counts of one rule of a flowgate chain, by a piece of its text.
+fn rule_packets(ns: &Netns, chain: &str, needle: &str) -> u64 {
+    let listing = ns.run_ok(&["iptables", "-w", "-L", chain, "-v", "-x", "-n"]);
+    listing
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_decided_flow_is_handled_in_the_kernel() {
+    require_root!();
+    let lab = Lab::new("offload");
+    let sink = tcp_sink(&lab.srv, addr("203.0.113.10:9"));
+    let d = Daemon::start(&lab, "offload", "");
+    const BYTES: usize = 8 << 20;
+    lab.host.in_ns(|| {
+        let mut s = TcpStream::connect_timeout(&addr("203.0.113.10:9"), Duration::from_secs(5)).expect("connect");
+        let chunk = vec![0x5au8; 64 << 10];
+        for _ in 0..BYTES / chunk.len() {
+            s.write_all(&chunk).expect("send");
+        }
+        // Half-close: the sink answers with the byte count it received.
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("reply");
+        assert_eq!(reply.trim(), BYTES.to_string(), "every byte arrived");
+    });
+    let queued = rule_packets(&lab.host, "FLOWGATE-OUT", "NFQUEUE") + rule_packets(&lab.host, "FLOWGATE-IN", "NFQUEUE");
+    let in_kernel = rule_packets(&lab.host, "FLOWGATE-OUT", "connmark match  0x10000/0x30000")
+        + rule_packets(&lab.host, "FLOWGATE-IN", "connmark match  0x10000/0x30000");
+    eprintln!("offload: {queued} packets queued to user space, {in_kernel} passed by the conntrack mark");
+    let _ = d.stop();
+    drop(sink);
+    // The first packet of each direction goes to user space; everything after is the kernel's.
+    assert!(queued <= 6, "{queued} packets went to user space");
+    assert!(
+        in_kernel > 100,
+        "only {in_kernel} packets were passed by the conntrack mark"
+    );
+}
+
+#[test]
+fn silent_drops_tell_the_sender_nothing() {
+    require_root!();
+    let lab = Lab::new("silent");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let d = Daemon::start(
+        &lab,
+        "silent",
+        "[[rule]]\nname = \"quiet\"\nremote_ports = \"7\"\naction = \"drop\"\nsilent = true\n",
+    );
+    let err = lab.host.in_ns(|| {
+        TcpStream::connect_timeout(&addr("203.0.113.10:7"), Duration::from_millis(1500))
+            .map(|_| ())
+            .map_err(|e| e.kind())
+    });
+    assert_eq!(
+        err,
+        Err(ErrorKind::TimedOut),
+        "a silent drop sends no reset: the connect times out"
+    );
+    let ev = d.stop();
+    assert_eq!(verdict_for(&ev, "203.0.113.10:7")["rule"], "quiet");
 }

@@ -30,7 +30,10 @@ fn check(file: &TempFile, extra: &[&str]) -> Output {
 
 #[test]
 fn valid_file_passes() {
-    let f = TempFile::new("ok", "default_action = \"drop\"\n[[rule]]\nname = \"web\"\nremote_ports = \"80,443\"\naction = \"allow\"\n");
+    let f = TempFile::new(
+        "ok",
+        "default_action = \"drop\"\n[[rule]]\nname = \"web\"\nremote_ports = \"80,443\"\naction = \"allow\"\n",
+    );
     let out = check(&f, &[]);
     assert!(out.status.success());
     let so = String::from_utf8_lossy(&out.stdout);
@@ -39,7 +42,10 @@ fn valid_file_passes() {
 
 #[test]
 fn invalid_file_names_file_line_and_field() {
-    let f = TempFile::new("bad", "default_action = \"allow\"\n\n[[rule]]\nname = \"x\"\nremote_ports = \"80,99999\"\naction = \"drop\"\n");
+    let f = TempFile::new(
+        "bad",
+        "default_action = \"allow\"\n\n[[rule]]\nname = \"x\"\nremote_ports = \"80,99999\"\naction = \"drop\"\n",
+    );
     let out = check(&f, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -63,15 +69,24 @@ fn warnings_for_slash_zero_and_shadowed_rules() {
     let out = check(&f, &[]);
     assert!(out.status.success(), "warnings alone do not fail the check");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(":1: warning: rule `oops`") && err.contains("matches every IPv4 address"), "{err}");
-    assert!(err.contains(":7: warning: rule `never` can never match: earlier rule `oops`"), "{err}");
+    assert!(
+        err.contains(":1: warning: rule `oops`") && err.contains("matches every IPv4 address"),
+        "{err}"
+    );
+    assert!(
+        err.contains(":7: warning: rule `never` can never match: earlier rule `oops`"),
+        "{err}"
+    );
     let strict = check(&f, &["--strict"]);
     assert_eq!(strict.status.code(), Some(1), "--strict turns warnings into failure");
 }
 
 #[test]
 fn missing_file_is_an_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowgate")).args(["rules", "check", "/nonexistent/flowgate.toml"]).output().expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["rules", "check", "/nonexistent/flowgate.toml"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/flowgate.toml: cannot read config"));
 }

@@ -1623,7 +1623,11 @@ fn untracked_counts_every_packet_of_an_untracked_flow() {
     let _ = e.handle_packet(ms(1), OUT, &second.syn());
     let _ = e.handle_packet(ms(2), IN, &second.syn_ack());
     let _ = e.handle_packet(ms(3), OUT, &second.ack());
-    assert_eq!(e.stats().untracked, 3, "each packet of an untracked flow is judged (and counted) afresh");
+    assert_eq!(
+        e.stats().untracked,
+        3,
+        "each packet of an untracked flow is judged (and counted) afresh"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

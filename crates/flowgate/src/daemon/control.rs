@@ -25,11 +25,17 @@ pub const SOCKET: &str = "control.sock";
 const FRESH: Duration = Duration::from_millis(500);
 
 /// Binds the socket and answers requests on a background thread for the life of the process.
-pub(crate) fn serve(run_dir: &Path, group: Option<nix::unistd::Gid>, handles: Vec<Handle>, clock: Clock) -> Result<PathBuf, String> {
+pub(crate) fn serve(
+    run_dir: &Path,
+    group: Option<nix::unistd::Gid>,
+    handles: Vec<Handle>,
+    clock: Clock,
+) -> Result<PathBuf, String> {
     let path = run_dir.join(SOCKET);
     // We hold the instance lock: a socket file here is a dead instance's.
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|e| format!("{}: cannot create control socket: {e}", path.display()))?;
+    let listener =
+        UnixListener::bind(&path).map_err(|e| format!("{}: cannot create control socket: {e}", path.display()))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("{}: cannot set permissions: {e}", path.display()))?;
@@ -86,7 +92,10 @@ fn dispatch(req: &Value, handles: &[Handle], clock: &Clock) -> Value {
                 .map(|f| {
                     let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
                     if let Some(o) = v.as_object_mut() {
-                        o.insert("age_ms".into(), json!(now.saturating_since(f.flow.started).as_millis() as u64));
+                        o.insert(
+                            "age_ms".into(),
+                            json!(now.saturating_since(f.flow.started).as_millis() as u64),
+                        );
                     }
                     v
                 })
@@ -106,7 +115,10 @@ pub fn request(run_dir: &Path, req: &Value) -> Result<Value, String> {
             format!("no flowgate daemon is running here ({}: {e})", path.display())
         }
         std::io::ErrorKind::PermissionDenied => {
-            format!("{}: permission denied: the control socket is for root (or the config's control_group)", path.display())
+            format!(
+                "{}: permission denied: the control socket is for root (or the config's control_group)",
+                path.display()
+            )
         }
         _ => format!("{}: cannot connect: {e}", path.display()),
     })?;
@@ -114,11 +126,17 @@ pub fn request(run_dir: &Path, req: &Value) -> Result<Value, String> {
     let mut w = &conn;
     writeln!(w, "{req}").map_err(|e| format!("{}: cannot send request: {e}", path.display()))?;
     let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line).map_err(|e| format!("{}: no reply: {e}", path.display()))?;
+    BufReader::new(&conn)
+        .read_line(&mut line)
+        .map_err(|e| format!("{}: no reply: {e}", path.display()))?;
     let v: Value = serde_json::from_str(&line).map_err(|e| format!("{}: bad reply: {e}", path.display()))?;
     if v.get("ok") == Some(&Value::Bool(true)) {
         Ok(v)
     } else {
-        Err(v.get("error").and_then(Value::as_str).unwrap_or("the daemon refused the request").to_string())
+        Err(v
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("the daemon refused the request")
+            .to_string())
     }
 }

@@ -41,7 +41,7 @@ pub(crate) fn refresh_counters(handles: &[Handle]) -> Result<(), String> {
     let mut ct = Conntrack::open().map_err(|e| format!("conntrack: {e}"))?;
     let mut reports = Vec::new();
     ct.dump(|e| reports.push(report(e, false)))
-    .map_err(|e| format!("conntrack dump: {e}"))?;
+        .map_err(|e| format!("conntrack dump: {e}"))?;
     for r in reports {
         for h in handles {
             let _ = h.kernel_report(r);
@@ -51,7 +51,10 @@ pub(crate) fn refresh_counters(handles: &[Handle]) -> Result<(), String> {
 }
 
 /// Starts the thread that passes conntrack's destroy events to the engines.
-pub(crate) fn watch_ends(handles: Vec<Handle>, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result<(), String>>, String> {
+pub(crate) fn watch_ends(
+    handles: Vec<Handle>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<Result<(), String>>, String> {
     let mut ct = Conntrack::open_events(false, false, true).map_err(|e| format!("conntrack events: {e}"))?;
     std::thread::Builder::new()
         .name("flowgate-conntrack".into())

@@ -31,7 +31,7 @@ pub(crate) fn acquire(run_dir: &Path) -> Result<InstanceLock, String> {
         Ok(mut locked) => {
             let _ = locked.set_len(0);
             let _ = locked.rewind();
-            let _ = write!(locked, "{}\n", std::process::id());
+            let _ = writeln!(locked, "{}", std::process::id());
             Ok(InstanceLock(locked))
         }
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {

@@ -48,10 +48,13 @@ pub fn run(config: &Config) -> Result<(), String> {
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         signals.add(s);
     }
-    signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    signals
+        .thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
 
     let live = &config.live;
-    std::fs::create_dir_all(&live.run_dir).map_err(|e| format!("{}: cannot create run_dir: {e}", live.run_dir.display()))?;
+    std::fs::create_dir_all(&live.run_dir)
+        .map_err(|e| format!("{}: cannot create run_dir: {e}", live.run_dir.display()))?;
     let _lock = lock::acquire(&live.run_dir)?;
     let group = match &live.control_group {
         None => None,
@@ -66,21 +69,36 @@ pub fn run(config: &Config) -> Result<(), String> {
     let last = live.first_queue + (live.queues - 1);
     let mut queues = Vec::with_capacity(usize::from(live.queues));
     for num in live.first_queue..=last {
-        let q = Queue::open(&QueueConfig { num, max_len: live.queue_max_len, fail_open, copy_range: 0xffff })
-            .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
+        let q = Queue::open(&QueueConfig {
+            num,
+            max_len: live.queue_max_len,
+            fail_open,
+            copy_range: 0xffff,
+        })
+        .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
         queues.push(q);
     }
     // Per-flow counters of kernel-handled flows come from conntrack accounting.
-    let accounting_was = flowgate_linux::conntrack::enable_accounting().map_err(|e| format!("enabling conntrack accounting: {e}"))?;
-    let spec = ChainSpec { queues: live.first_queue..=last, fail_open, loopback: live.loopback };
-    let installed = netfilter::install(&spec, &Tools::default()).map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
+    let accounting_was =
+        flowgate_linux::conntrack::enable_accounting().map_err(|e| format!("enabling conntrack accounting: {e}"))?;
+    let spec = ChainSpec {
+        queues: live.first_queue..=last,
+        fail_open,
+        loopback: live.loopback,
+    };
+    let installed = netfilter::install(&spec, &Tools::default())
+        .map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
 
     // From here on, whatever fails must remove the chains again.
     let started = start(config, queues, group);
     let (workers, writer, socket) = match started {
         Ok(x) => x,
         Err(e) => {
-            let undo = installed.remove().err().map(|u| format!("; removing the rules also failed: {u}")).unwrap_or_default();
+            let undo = installed
+                .remove()
+                .err()
+                .map(|u| format!("; removing the rules also failed: {u}"))
+                .unwrap_or_default();
             return Err(format!("{e}{undo}"));
         }
     };
@@ -99,7 +117,9 @@ pub fn run(config: &Config) -> Result<(), String> {
 
     let signal = loop {
         match signals.wait() {
-            Ok(Signal::SIGHUP) => eprintln!("flowgate: SIGHUP: reloading is not implemented in this version; rules unchanged"),
+            Ok(Signal::SIGHUP) => {
+                eprintln!("flowgate: SIGHUP: reloading is not implemented in this version; rules unchanged")
+            }
             Ok(s) => break s,
             Err(e) => return Err(format!("waiting for signals: {e}")),
         }
@@ -148,7 +168,11 @@ impl Workers {
             }
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 }
 
@@ -159,7 +183,11 @@ fn start(config: &Config, queues: Vec<Queue>, group: Option<nix::unistd::Gid>) -
     let out: Box<dyn Write + Send> = match &live.log {
         None => Box::new(std::io::stdout()),
         Some(p) => Box::new(
-            OpenOptions::new().create(true).append(true).open(p).map_err(|e| format!("{}: cannot open log: {e}", p.display()))?,
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("{}: cannot open log: {e}", p.display()))?,
         ),
     };
     let (tx, rx) = mpsc::channel::<Event>();
@@ -174,14 +202,23 @@ fn start(config: &Config, queues: Vec<Queue>, group: Option<nix::unistd::Gid>) -
     let mut shards = Vec::with_capacity(queues.len());
     for (k, queue) in queues.into_iter().enumerate() {
         // Ids never collide across workers: worker k hands out k+1, k+1+n, ...
-        let engine_config = EngineConfig { first_flow_id: k as u64 + 1, flow_id_step: n, ..config.engine.clone() };
+        let engine_config = EngineConfig {
+            first_flow_id: k as u64 + 1,
+            flow_id_step: n,
+            ..config.engine.clone()
+        };
         let engine = Engine::new(engine_config, rules.clone());
-        let shard = Shard::start(queue, engine, clock, tx.clone(), stop.clone()).map_err(|e| format!("cannot start a queue worker: {e}"))?;
+        let shard = Shard::start(queue, engine, clock, tx.clone(), stop.clone())
+            .map_err(|e| format!("cannot start a queue worker: {e}"))?;
         shards.push(shard);
     }
     drop(tx);
     let handles: Vec<_> = shards.iter().map(|s| s.handle.clone()).collect();
-    let mut workers = Workers { shards, conntrack: None, stop: stop.clone() };
+    let mut workers = Workers {
+        shards,
+        conntrack: None,
+        stop: stop.clone(),
+    };
     match kernel::watch_ends(handles.clone(), stop) {
         Ok(t) => workers.conntrack = Some(t),
         Err(e) => {
