@@ -598,3 +598,66 @@ fn silent_drops_tell_the_sender_nothing() {
     let ev = d.stop();
     assert_eq!(verdict_for(&ev, "203.0.113.10:7")["rule"], "quiet");
 }
+
+/// Waits (bounded) until the daemon's event log has an event matching `pred`.
+fn wait_for_event(d: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(e) = d.events().into_iter().find(|e| pred(e)) {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} event within 10 s: {:#?}",
+            d.events()
+        );
+        // The log is a file; its writer flushes per batch of events. Re-read it shortly.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_kernel_handled_flow_closes_with_conntracks_counts() {
+    require_root!();
+    let lab = Lab::new("ctend");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let d = Daemon::start(&lab, "ctend", "");
+    const SENT: usize = 64 << 10;
+    let conn = lab.host.in_ns(|| {
+        let mut s = TcpStream::connect_timeout(&addr("203.0.113.10:7"), Duration::from_secs(5)).expect("connect");
+        s.write_all(&vec![7u8; SENT]).expect("send");
+        let mut back = vec![0u8; SENT];
+        s.read_exact(&mut back).expect("echo");
+        s
+    });
+    // The kernel forgets the connection (as it does when it ends): flowgate closes the flow
+    // with the kernel's counts, which include every packet it never saw.
+    lab.host.in_ns(|| {
+        use flowgate_linux::conntrack::Conntrack;
+        let mut ct = Conntrack::open().expect("conntrack");
+        let mut target = None;
+        ct.dump(|e| {
+            if e.original.dst == "203.0.113.10".parse::<std::net::IpAddr>().expect("ip") && e.original.dst_port == 7 {
+                target = Some(e.original);
+            }
+        })
+        .expect("dump");
+        ct.delete(&target.expect("the connection is in conntrack"))
+            .expect("delete");
+    });
+    let closed = wait_for_event(&d, "flow.closed", |e| {
+        e["event"] == "flow.closed" && e["flow"]["remote"] == "203.0.113.10:7"
+    });
+    drop(conn);
+    let _ = d.stop();
+    assert_eq!(closed["reason"], "conntrack");
+    assert!(
+        closed["bytes_out"].as_u64().is_some_and(|b| b >= SENT as u64),
+        "{closed}"
+    );
+    assert!(
+        closed["bytes_in"].as_u64().is_some_and(|b| b >= SENT as u64),
+        "{closed}"
+    );
+    assert!(closed["packets_out"].as_u64().is_some_and(|p| p > 2), "{closed}");
+}

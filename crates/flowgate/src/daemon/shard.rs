@@ -84,18 +84,26 @@ impl Shard {
         });
         let handle = engine.handle();
         let w = wake.clone();
-        let name = format!("flowgate-q{}", queue.num());
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
-            Worker {
-                queue,
-                engine,
-                clock,
-                events,
-                stop,
-                wake: w,
-            }
-            .run()
-        })?;
+        let num = queue.num();
+        let thread = std::thread::Builder::new()
+            .name(format!("flowgate-q{num}"))
+            .spawn(move || {
+                let result = Worker {
+                    queue,
+                    engine,
+                    clock,
+                    events,
+                    stop,
+                    wake: w,
+                }
+                .run();
+                // Say so at once: until shutdown nobody else would notice that this queue's flows
+                // now go unjudged (fail-open) or stall (fail-closed).
+                if let Err(e) = &result {
+                    eprintln!("flowgate: queue {num} worker stopped: {e}");
+                }
+                result
+            })?;
         Ok(Shard {
             handle,
             wake,
