@@ -128,6 +128,31 @@ pub struct Stats {
     pub held_overflow: u64,
 }
 
+/// A connection that was open before the engine started, as the data plane found it (socket
+/// tables, conntrack). See [`Engine::adopt`].
+#[derive(Copy, Clone, Debug)]
+pub struct Existing<'a> {
+    pub protocol: Protocol,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub direction: Direction,
+    pub forwarded: bool,
+    pub interface: Option<&'a str>,
+    /// The verdict a previous instance left on the flow (its conntrack mark): kept as it is.
+    pub kept: Option<FlowVerdict>,
+}
+
+/// A verdict the data plane must carry out itself, because the flow's packets may not reach the
+/// engine again: the kernel handles a decided flow alone. `Allow`: let the kernel pass it.
+/// `Drop`: stop it now in both directions and tear the connection down at both ends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Enforce {
+    pub flow: Flow,
+    pub verdict: FlowVerdict,
+    /// A drop should not tell the sender.
+    pub silent: bool,
+}
+
 /// A held packet's fate, decided later.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Release {
@@ -265,6 +290,8 @@ pub struct Engine {
     next_snapshot: Option<Instant>,
     default_rule: RuleName,
     provider_rule: RuleName,
+    kept_rule: RuleName,
+    actions: VecDeque<Enforce>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -303,6 +330,8 @@ impl Engine {
             next_snapshot: None,
             default_rule: "default".into(),
             provider_rule: "provider".into(),
+            kept_rule: "kept".into(),
+            actions: VecDeque::new(),
         }
     }
 
@@ -458,6 +487,7 @@ impl Engine {
                     }
                 }
                 Command::Publish => self.publish(now),
+                Command::Reload(rules) => self.reload(now, rules),
                 Command::Kernel(r) => {
                     self.handle_kernel_report(now, &r);
                 }
@@ -509,6 +539,75 @@ impl Engine {
             self.close(slot, now, reason);
         }
         true
+    }
+
+    /// Takes in a connection that was open before the engine started: a flow marked `existing`,
+    /// judged like a new one (or keeping the verdict a previous instance gave it), with its
+    /// `flow.new` and `flow.verdict` events. Allowed and dropped flows are also passed to
+    /// [`Engine::poll_enforce`], so the data plane marks or tears them down. Returns `None` for
+    /// a flow already known, or when the table is full.
+    pub fn adopt(&mut self, now: Instant, x: &Existing<'_>) -> Option<FlowId> {
+        let key = FlowKey::new(
+            x.protocol,
+            (x.local.ip(), x.local.port()),
+            (x.remote.ip(), x.remote.port()),
+        );
+        if self.flows.lookup(&key).is_some() {
+            return None;
+        }
+        let interface = x.interface.map(|i| self.intern(i));
+        let flow = Flow {
+            id: FlowId(0),
+            protocol: x.protocol,
+            direction: x.direction,
+            local: x.local,
+            remote: x.remote,
+            interface,
+            existing: true,
+            forwarded: x.forwarded,
+            started: now,
+        };
+        let slot = self.start_flow(now, key, flow, x.kept).ok()?;
+        let e = self.flows.get(slot)?;
+        let verdict = e.verdict();
+        if matches!(verdict, FlowVerdict::Allow | FlowVerdict::Drop) {
+            self.actions.push_back(Enforce {
+                flow: e.flow.clone(),
+                verdict,
+                silent: e.silent,
+            });
+        }
+        Some(e.flow.id)
+    }
+
+    /// Replaces the rule set and judges every live flow again: a flow the new rules drop is
+    /// dropped now (and torn down, see [`Engine::poll_enforce`]); a flow they still allow is left
+    /// alone, as are flows already dropped. New flows follow the new rules.
+    pub fn reload(&mut self, now: Instant, rules: Arc<CompiledRules>) {
+        self.rules = rules;
+        let slots: Vec<Slot> = self.flows.slots().collect();
+        for slot in slots {
+            let Some(e) = self.flows.get_mut(slot) else { continue };
+            if e.verdict() == FlowVerdict::Drop {
+                continue;
+            }
+            let class = self.rules.classify(&e.flow);
+            if class.action == Action::Drop {
+                if let Some(i) = class.rule {
+                    e.rule = self.rules.name(i).cloned();
+                    e.silent = self.rules.rules()[i].silent;
+                } else {
+                    e.rule = Some(self.default_rule.clone());
+                }
+                self.apply(slot, now, DataVerdict::Drop, None, UpdateSource::Rules);
+            }
+        }
+        self.publish(now);
+    }
+
+    /// The next verdict the data plane must enforce itself, oldest first.
+    pub fn poll_enforce(&mut self) -> Option<Enforce> {
+        self.actions.pop_front()
     }
 
     /// Closes every flow (end of a capture, shutdown), emitting their close events. Flows that
@@ -585,7 +684,7 @@ impl Engine {
         let (local, remote) = if src_local { (src, dst) } else { (dst, src) };
         let interface = meta.interface.map(|i| self.intern(i));
         let forwarded = meta.origin == Origin::Forward;
-        let mut flow = Flow {
+        let flow = Flow {
             id: FlowId(0),
             protocol: p.protocol,
             direction,
@@ -596,6 +695,19 @@ impl Engine {
             forwarded,
             started: now,
         };
+        self.start_flow(now, key, flow, None)
+    }
+
+    /// Judges a new flow (rules and the product filter, or a verdict kept from before) and puts
+    /// it in the table, emitting its `flow.new` and `flow.verdict` events. `Err` carries the
+    /// rules' verdict for a flow the full table could not take.
+    fn start_flow(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        mut flow: Flow,
+        kept: Option<FlowVerdict>,
+    ) -> Result<Slot, PacketAction> {
         let class = self.rules.classify(&flow);
         if self.flows.len() >= self.config.max_flows {
             self.stats.untracked += 1;
@@ -625,7 +737,19 @@ impl Engine {
             .unwrap_or(&self.default_rule)
             .clone();
         let silent = class.rule.is_some_and(|i| self.rules.rules()[i].silent);
-        let filter_verdict = self.filter.as_mut().map(|f| f.new_flow(&flow));
+        let (rule_verdict, filter_verdict) = match kept {
+            // A previous instance decided this flow for good: keep its word, ask no one.
+            Some(v) => {
+                rule = self.kept_rule.clone();
+                let v = if v == FlowVerdict::Drop {
+                    NewFlowVerdict::Drop
+                } else {
+                    NewFlowVerdict::Allow
+                };
+                (v, None)
+            }
+            None => (rule_verdict, self.filter.as_mut().map(|f| f.new_flow(&flow))),
+        };
         let (verdict, filter_inspects) = match filter_verdict {
             None => (rule_verdict, false),
             Some(fv) => {
@@ -870,7 +994,9 @@ impl Engine {
             e.filter_inspects = true;
         }
         // A verdict from a provider or a handle replaces the rule's: events must say so.
-        if source != UpdateSource::Peek && e.rule.as_ref() != Some(&self.provider_rule) {
+        if matches!(source, UpdateSource::Provider | UpdateSource::Handle)
+            && e.rule.as_ref() != Some(&self.provider_rule)
+        {
             e.rule = Some(self.provider_rule.clone());
         }
         self.after_change(slot, now, before, direction, source);
@@ -899,6 +1025,18 @@ impl Engine {
         let changed = (e.out.mode.verdict(), e.inn.mode.verdict()) != (before.0.verdict(), before.1.verdict());
         if !changed {
             return;
+        }
+        // Verdicts given away from a packet (a handle call, a reload) may concern a flow the
+        // kernel handles alone: the data plane must carry them out.
+        if matches!(source, UpdateSource::Handle | UpdateSource::Rules)
+            && verdict != before.2
+            && matches!(verdict, FlowVerdict::Allow | FlowVerdict::Drop)
+        {
+            self.actions.push_back(Enforce {
+                flow: e.flow.clone(),
+                verdict,
+                silent: e.silent,
+            });
         }
         if verdict != before.2 || direction.is_some() {
             self.events.push_back(Event {

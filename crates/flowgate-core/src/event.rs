@@ -49,6 +49,8 @@ pub enum UpdateSource {
     Handle,
     /// The inspect window of a rule ended with nothing against the flow.
     Peek,
+    /// A reload: the new rules drop the flow.
+    Rules,
 }
 
 /// Why a flow ended.

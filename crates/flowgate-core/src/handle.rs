@@ -61,6 +61,7 @@ pub(crate) enum Command {
     },
     Publish,
     Kernel(KernelReport),
+    Reload(Arc<crate::rules::matcher::CompiledRules>),
 }
 
 /// What the kernel's connection tracking says about a flow it handles without user space.
@@ -133,6 +134,11 @@ impl Handle {
     /// does not know are ignored, so a report can be sent to every engine of a daemon.
     pub fn kernel_report(&self, report: KernelReport) -> Result<(), EngineGone> {
         self.send(Command::Kernel(report))
+    }
+
+    /// Replaces the engine's rules and judges every live flow again ([`crate::Engine::reload`]).
+    pub fn reload(&self, rules: Arc<crate::rules::matcher::CompiledRules>) -> Result<(), EngineGone> {
+        self.send(Command::Reload(rules))
     }
 
     /// Asks the engine to publish a fresh snapshot the next time it is driven.

@@ -46,7 +46,7 @@ pub mod rules;
 pub mod time;
 pub mod verdict;
 
-pub use engine::{Engine, EngineConfig, Origin, PacketMeta, Release, Stats, Timeouts};
+pub use engine::{Enforce, Engine, EngineConfig, Existing, Origin, PacketMeta, Release, Stats, Timeouts};
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};
 pub use handle::{EngineGone, FlowStatus, Handle, KernelReport, Snapshot};

@@ -1842,3 +1842,149 @@ fn handle_update_pass_mid_stream_shows_the_next_bytes() {
         [(id, Direction::Outbound, 100, b"ABCD".to_vec())]
     );
 }
+
+// ---- connections that existed before the start, reloads, and what the data plane must enforce
+
+fn existing<'a>(local: &str, remote: &str, kept: Option<FlowVerdict>) -> Existing<'a> {
+    Existing {
+        protocol: Protocol::Tcp,
+        local: sa(local),
+        remote: sa(remote),
+        direction: Direction::Outbound,
+        forwarded: false,
+        interface: Some("tun0"),
+        kept,
+    }
+}
+
+fn drop_host(name: &str, host: &str) -> Rule {
+    let mut r = Rule::new(name, Action::Drop);
+    r.remote = vec![parse_network(host).expect("net")];
+    r
+}
+
+fn enforced(e: &mut Engine) -> Vec<Enforce> {
+    std::iter::from_fn(|| e.poll_enforce()).collect()
+}
+
+#[test]
+fn adopted_flows_are_existing_judged_and_enforced() {
+    let mut e = engine_with_rules(vec![drop_host("bad", "203.0.113.66")], Action::Allow);
+    let ok = e
+        .adopt(ms(1), &existing("198.51.100.1:40000", "203.0.113.7:443", None))
+        .expect("adopted");
+    let bad = e
+        .adopt(ms(1), &existing("198.51.100.1:40001", "203.0.113.66:443", None))
+        .expect("adopted");
+    assert_ne!(ok, bad);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict", "flow.new", "flow.verdict"]);
+    assert!(new_flow(&ev[0]).existing, "adopted flows are marked existing");
+    assert_eq!(new_flow(&ev[0]).interface.as_deref(), Some("tun0"));
+    assert_eq!(verdict_of(&ev[3]).1, FlowVerdict::Drop);
+    assert_eq!(verdict_of(&ev[3]).2, Some("bad"));
+    let en = enforced(&mut e);
+    assert_eq!(
+        en.iter().map(|x| (x.flow.id, x.verdict)).collect::<Vec<_>>(),
+        [(ok, FlowVerdict::Allow), (bad, FlowVerdict::Drop)]
+    );
+    // Its packets then belong to the adopted flow: no second flow.new.
+    let c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(2), OUT, &c.ack());
+    assert_eq!(d.flow, Some(ok));
+    assert!(events(&mut e).is_empty());
+    // Adopting the same connection twice does nothing.
+    assert_eq!(
+        e.adopt(ms(3), &existing("198.51.100.1:40000", "203.0.113.7:443", None)),
+        None
+    );
+}
+
+#[test]
+fn a_kept_verdict_survives_rules_that_would_say_otherwise() {
+    // A previous instance allowed this flow; the rules now would drop it: a restart keeps it.
+    let mut e = engine_with_rules(vec![drop_host("bad", "203.0.113.66")], Action::Allow);
+    let id = e
+        .adopt(
+            ms(1),
+            &existing("198.51.100.1:40001", "203.0.113.66:443", Some(FlowVerdict::Allow)),
+        )
+        .expect("adopted");
+    let ev = events(&mut e);
+    assert_eq!(
+        (verdict_of(&ev[1]).1, verdict_of(&ev[1]).2),
+        (FlowVerdict::Allow, Some("kept"))
+    );
+    assert_eq!(enforced(&mut e)[0].verdict, FlowVerdict::Allow);
+    assert_eq!(
+        e.flows().iter().find(|f| f.flow.id == id).map(|f| f.verdict),
+        Some(FlowVerdict::Allow)
+    );
+}
+
+#[test]
+fn reload_drops_live_flows_the_new_rules_drop_and_leaves_the_rest() {
+    let mut e = engine();
+    let mut a = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let mut b = Conn::new("198.51.100.1:40001", "203.0.113.8:443");
+    let da = e.handle_packet(ms(1), OUT, &a.syn());
+    let db = e.handle_packet(ms(1), OUT, &b.syn());
+    let _ = events(&mut e);
+    e.reload(
+        secs(60),
+        compiled(vec![drop_host("now-bad", "203.0.113.7")], Action::Allow),
+    );
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.update"]);
+    let (id, verdict, dir, source) = update_of(&ev[0]);
+    assert_eq!(
+        (id, verdict, dir, source),
+        (da.flow.expect("a"), FlowVerdict::Drop, None, UpdateSource::Rules)
+    );
+    if let EventKind::FlowUpdate { rule, .. } = &ev[0].kind {
+        assert_eq!(rule.as_deref(), Some("now-bad"), "the update names the new rule");
+    }
+    let en = enforced(&mut e);
+    assert_eq!(en.len(), 1);
+    assert_eq!((en[0].flow.id, en[0].verdict), (da.flow.expect("a"), FlowVerdict::Drop));
+    // The dropped flow's next packet is dropped; the other flow is untouched.
+    assert_eq!(e.handle_packet(secs(61), IN, &a.syn_ack()).action, PacketAction::Drop);
+    let next_b = e.handle_packet(secs(61), IN, &b.syn_ack());
+    assert_eq!((next_b.action, next_b.flow), (PacketAction::Accept, db.flow));
+    // New flows follow the new rules.
+    let mut c = Conn::new("198.51.100.1:40002", "203.0.113.7:80");
+    assert_eq!(e.handle_packet(secs(62), OUT, &c.syn()).action, PacketAction::Drop);
+}
+
+#[test]
+fn handle_verdicts_on_decided_flows_are_enforced_but_packet_verdicts_are_not() {
+    let mut e = engine();
+    let mut a = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(1), OUT, &a.syn());
+    assert!(d.settled);
+    assert!(
+        enforced(&mut e).is_empty(),
+        "a verdict given on a packet travels with that packet"
+    );
+    let id = d.flow.expect("tracked");
+    let h = e.handle();
+    std::thread::spawn(move || h.update(id, DataVerdict::Drop, None))
+        .join()
+        .expect("thread")
+        .expect("sent");
+    e.handle_commands(secs(3600));
+    let en = enforced(&mut e);
+    assert_eq!(
+        en.len(),
+        1,
+        "a flow the kernel handles alone must be torn down by the data plane"
+    );
+    assert_eq!((en[0].flow.id, en[0].verdict), (id, FlowVerdict::Drop));
+    // Allowing it again is enforced too; the same verdict twice is not.
+    e.update(secs(3601), id, DataVerdict::Allow, None);
+    e.update(secs(3602), id, DataVerdict::Allow, None);
+    assert_eq!(
+        enforced(&mut e).iter().map(|x| x.verdict).collect::<Vec<_>>(),
+        [FlowVerdict::Allow]
+    );
+}
