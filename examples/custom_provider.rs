@@ -99,13 +99,15 @@ fn main() -> ExitCode {
     // Connection 1 asks for /admin: dropped on its first bytes.
     let _ = engine.handle_packet(tick(1), out, &segment(40001, true, 100, "S", b""));
     let _ = engine.handle_packet(tick(1), inn, &segment(40001, false, 500, "SA", b""));
-    let admin = engine.handle_packet(tick(1), out, &segment(40001, true, 101, "AP", b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n"));
+    let admin =
+        engine.handle_packet(tick(1), out, &segment(40001, true, 101, "AP", b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n"));
     print_events(&mut engine);
 
     // Connection 2 asks for /: allowed after the peek.
     let _ = engine.handle_packet(tick(1), out, &segment(40002, true, 100, "S", b""));
     let _ = engine.handle_packet(tick(1), inn, &segment(40002, false, 500, "SA", b""));
-    let index = engine.handle_packet(tick(1), out, &segment(40002, true, 101, "AP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    let index =
+        engine.handle_packet(tick(1), out, &segment(40002, true, 101, "AP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
     print_events(&mut engine);
     let Some(long_lived) = index.flow else {
         eprintln!("connection 2 was not tracked");
@@ -131,11 +133,15 @@ fn main() -> ExitCode {
         && after.action == PacketAction::Drop
         && reports.len() == 2;
     if ok {
-        eprintln!("ok: /admin dropped on its first bytes; the long-lived flow {long_lived} dropped mid-stream by the watcher");
+        eprintln!(
+            "ok: /admin dropped on its first bytes; the long-lived flow {long_lived} dropped mid-stream by the watcher"
+        );
         ExitCode::SUCCESS
     } else {
-        eprintln!("unexpected: admin={admin:?} index={index:?} watcher_ok={watcher_ok} after={after:?} closed={}", reports.len());
+        eprintln!(
+            "unexpected: admin={admin:?} index={index:?} watcher_ok={watcher_ok} after={after:?} closed={}",
+            reports.len()
+        );
         ExitCode::FAILURE
     }
 }
-

@@ -15,19 +15,10 @@ use flowgate_bench::ClassifyFixture;
 
 fn classify(c: &mut Criterion) {
     let mut group = c.benchmark_group("classify");
-    group
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
-    for (size, n) in [
-        ("baseline-100-rules", 100),
-        ("10k-rules", 10_000),
-        ("1m-rules", 1_000_000),
-    ] {
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for (size, n) in [("baseline-100-rules", 100), ("10k-rules", 10_000), ("1m-rules", 1_000_000)] {
         let fixture = ClassifyFixture::build(n).expect("generating and compiling the rule set");
-        let covering = fixture
-            .lookups()
-            .map(|(name, f)| format!("{name} {}", fixture.covering_rules(f)));
+        let covering = fixture.lookups().map(|(name, f)| format!("{name} {}", fixture.covering_rules(f)));
         eprintln!(
             "classify: {n} rules generated in {:.2?}, compiled in {:.2?}; rules covering each lookup's address: {}",
             fixture.generated_in,

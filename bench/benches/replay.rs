@@ -59,10 +59,7 @@ fn replay_bench(c: &mut Criterion) {
         let mut engine = engine_with(r);
         let s = replay(&mut engine, path, &mut io::sink()).expect("replaying the synthetic capture");
         assert_eq!(s.frames, info.packets, "frames replayed");
-        assert_eq!(
-            s.non_ip_frames + s.engine.malformed + s.engine.truncated + s.engine.fragments,
-            0
-        );
+        assert_eq!(s.non_ip_frames + s.engine.malformed + s.engine.truncated + s.engine.fragments, 0);
         assert_eq!(s.engine.flows_opened, info.flows, "flows opened");
     }
 

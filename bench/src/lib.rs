@@ -85,13 +85,7 @@ fn service_rules() -> Vec<Rule> {
     let mut telnet = Rule::new("svc-telnet", Action::Drop);
     telnet.protocol = ProtocolMatch::Only(Protocol::Tcp);
     telnet.remote_ports = Some(one_port(23));
-    let mut smtp = Rule::new(
-        "svc-smtp-inspect",
-        Action::Inspect {
-            peek_outbound: 512,
-            peek_inbound: 512,
-        },
-    );
+    let mut smtp = Rule::new("svc-smtp-inspect", Action::Inspect { peek_outbound: 512, peek_inbound: 512 });
     smtp.protocol = ProtocolMatch::Only(Protocol::Tcp);
     smtp.remote_ports = Some(one_port(25));
     let mut netbios = Rule::new("svc-netbios", Action::Drop);
@@ -132,11 +126,7 @@ pub fn generate_rules(n: usize, seed: u64) -> Result<(RuleSet, Option<usize>), S
     let mut last_v6 = None;
     while rules.len() < n - 1 {
         let i = rules.len();
-        let action = if rng.below(10) == 0 {
-            Action::Allow
-        } else {
-            Action::Drop
-        };
+        let action = if rng.below(10) == 0 { Action::Allow } else { Action::Drop };
         let kind = rng.below(100);
         let net = match kind {
             0..2 => IpNet::V4(Ipv4Net::new(bench_v4(&mut rng), 24).map_err(|e| e.to_string())?.trunc()),
@@ -157,13 +147,7 @@ pub fn generate_rules(n: usize, seed: u64) -> Result<(RuleSet, Option<usize>), S
         let probe = lookup_flow(SocketAddr::new(IpAddr::V4(addr), port));
         if !rules.iter().any(|r| rule_matches(r, &probe)) {
             rules.push(net_rule(n - 1, IpNet::V4(Ipv4Net::from(addr)), port, Action::Drop));
-            return Ok((
-                RuleSet {
-                    rules,
-                    default_action: Action::Allow,
-                },
-                last_v6,
-            ));
+            return Ok((RuleSet { rules, default_action: Action::Allow }, last_v6));
         }
     }
     Err("found no free address/port for the last rule".into())
@@ -173,10 +157,9 @@ pub fn generate_rules(n: usize, seed: u64) -> Result<(RuleSet, Option<usize>), S
 pub fn lookup_flow(remote: SocketAddr) -> Flow {
     let local: SocketAddr = match remote {
         SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10)), 40_000),
-        SocketAddr::V6(_) => SocketAddr::new(
-            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10)),
-            40_000,
-        ),
+        SocketAddr::V6(_) => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10)), 40_000)
+        }
     };
     Flow {
         id: FlowId(1),
@@ -215,15 +198,8 @@ impl ClassifyFixture {
         let last = set.rules.len() - 1;
         let remote_of = |i: usize| -> Result<SocketAddr, String> {
             let r = &set.rules[i];
-            let net = r
-                .remote
-                .first()
-                .ok_or_else(|| format!("rule {i} has no remote network"))?;
-            let port = r
-                .remote_ports
-                .as_ref()
-                .and_then(|p| p.ranges().first())
-                .map_or(0, |&(lo, _)| lo);
+            let net = r.remote.first().ok_or_else(|| format!("rule {i} has no remote network"))?;
+            let port = r.remote_ports.as_ref().and_then(|p| p.ranges().first()).map_or(0, |&(lo, _)| lo);
             Ok(SocketAddr::new(net.network(), port))
         };
         let last_rule = lookup_flow(remote_of(last)?);
@@ -236,11 +212,9 @@ impl ClassifyFixture {
         let rules = CompiledRules::compile(set);
         let compiled_in = start.elapsed();
         let linear = |f: &Flow| rules.rules().iter().position(|r| rule_matches(r, f));
-        for (name, flow, want) in [
-            ("last_rule", &last_rule, Some(last)),
-            ("no_match", &no_match, None),
-            ("ipv6", &ipv6, Some(v6_index)),
-        ] {
+        for (name, flow, want) in
+            [("last_rule", &last_rule, Some(last)), ("no_match", &no_match, None), ("ipv6", &ipv6, Some(v6_index))]
+        {
             let (got, first) = (rules.classify(flow).rule, linear(flow));
             if got != want || first != want {
                 return Err(format!(
@@ -248,34 +222,19 @@ impl ClassifyFixture {
                 ));
             }
         }
-        Ok(ClassifyFixture {
-            rules,
-            last_rule,
-            no_match,
-            ipv6,
-            generated_in,
-            compiled_in,
-        })
+        Ok(ClassifyFixture { rules, last_rule, no_match, ipv6, generated_in, compiled_in })
     }
 
     /// How many rules have a remote network containing `flow`'s remote address: the rules the
     /// index files under prefixes covering it, which a lookup may have to check one by one.
     pub fn covering_rules(&self, flow: &Flow) -> usize {
         let ip = flow.remote.ip();
-        self.rules
-            .rules()
-            .iter()
-            .filter(|r| r.remote.iter().any(|n| n.contains(&ip)))
-            .count()
+        self.rules.rules().iter().filter(|r| r.remote.iter().any(|n| n.contains(&ip))).count()
     }
 
     /// The lookups by name, in report order.
     pub fn lookups(&self) -> [(&'static str, &Flow); 3] {
-        [
-            ("last_rule", &self.last_rule),
-            ("no_match", &self.no_match),
-            ("ipv6", &self.ipv6),
-        ]
+        [("last_rule", &self.last_rule), ("no_match", &self.no_match), ("ipv6", &self.ipv6)]
     }
 }
 
@@ -323,18 +282,8 @@ const CAPTURE_EPOCH: Duration = Duration::from_secs(1_795_392_000);
 
 /// One IP packet of a flow, still to be serialized.
 enum Seg {
-    Tcp {
-        c2s: bool,
-        seq: u32,
-        ack: Option<u32>,
-        syn: bool,
-        fin: bool,
-        len: usize,
-    },
-    Udp {
-        c2s: bool,
-        len: usize,
-    },
+    Tcp { c2s: bool, seq: u32, ack: Option<u32>, syn: bool, fin: bool, len: usize },
+    Udp { c2s: bool, len: usize },
 }
 
 struct SynthFlow {
@@ -344,99 +293,36 @@ struct SynthFlow {
 }
 
 fn tcp_flow(spec: &CaptureSpec, k: usize, rng: &mut XorShift) -> SynthFlow {
-    let client = SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1 + (k % 250) as u8)),
-        10_000 + (k % 50_000) as u16,
-    );
+    let client =
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1 + (k % 250) as u8)), 10_000 + (k % 50_000) as u16);
     let server = SocketAddr::new(IpAddr::V4(bench_v4(rng)), if k.is_multiple_of(2) { 443 } else { 80 });
     let (mut c, mut s) = (rng.next_u32(), rng.next_u32());
-    let mut segs = vec![Seg::Tcp {
-        c2s: true,
-        seq: c,
-        ack: None,
-        syn: true,
-        fin: false,
-        len: 0,
-    }];
+    let mut segs = vec![Seg::Tcp { c2s: true, seq: c, ack: None, syn: true, fin: false, len: 0 }];
     c = c.wrapping_add(1);
-    segs.push(Seg::Tcp {
-        c2s: false,
-        seq: s,
-        ack: Some(c),
-        syn: true,
-        fin: false,
-        len: 0,
-    });
+    segs.push(Seg::Tcp { c2s: false, seq: s, ack: Some(c), syn: true, fin: false, len: 0 });
     s = s.wrapping_add(1);
-    segs.push(Seg::Tcp {
-        c2s: true,
-        seq: c,
-        ack: Some(s),
-        syn: false,
-        fin: false,
-        len: 0,
-    });
+    segs.push(Seg::Tcp { c2s: true, seq: c, ack: Some(s), syn: false, fin: false, len: 0 });
     let len = spec.tcp_payload;
     for _ in 0..spec.tcp_segments {
-        segs.push(Seg::Tcp {
-            c2s: true,
-            seq: c,
-            ack: Some(s),
-            syn: false,
-            fin: false,
-            len,
-        });
+        segs.push(Seg::Tcp { c2s: true, seq: c, ack: Some(s), syn: false, fin: false, len });
         c = c.wrapping_add(len as u32);
-        segs.push(Seg::Tcp {
-            c2s: false,
-            seq: s,
-            ack: Some(c),
-            syn: false,
-            fin: false,
-            len,
-        });
+        segs.push(Seg::Tcp { c2s: false, seq: s, ack: Some(c), syn: false, fin: false, len });
         s = s.wrapping_add(len as u32);
     }
-    segs.push(Seg::Tcp {
-        c2s: true,
-        seq: c,
-        ack: Some(s),
-        syn: false,
-        fin: true,
-        len: 0,
-    });
+    segs.push(Seg::Tcp { c2s: true, seq: c, ack: Some(s), syn: false, fin: true, len: 0 });
     c = c.wrapping_add(1);
-    segs.push(Seg::Tcp {
-        c2s: false,
-        seq: s,
-        ack: Some(c),
-        syn: false,
-        fin: true,
-        len: 0,
-    });
+    segs.push(Seg::Tcp { c2s: false, seq: s, ack: Some(c), syn: false, fin: true, len: 0 });
     s = s.wrapping_add(1);
-    segs.push(Seg::Tcp {
-        c2s: true,
-        seq: c,
-        ack: Some(s),
-        syn: false,
-        fin: false,
-        len: 0,
-    });
+    segs.push(Seg::Tcp { c2s: true, seq: c, ack: Some(s), syn: false, fin: false, len: 0 });
     SynthFlow { client, server, segs }
 }
 
 fn udp_flow(spec: &CaptureSpec, k: usize, rng: &mut XorShift) -> SynthFlow {
-    let client = SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1 + (k % 250) as u8)),
-        20_000 + (k % 40_000) as u16,
-    );
+    let client =
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1 + (k % 250) as u8)), 20_000 + (k % 40_000) as u16);
     let server = SocketAddr::new(IpAddr::V4(bench_v4(rng)), 53);
     let segs = (0..spec.udp_datagrams)
-        .map(|d| Seg::Udp {
-            c2s: d.is_multiple_of(2),
-            len: if d.is_multiple_of(2) { 48 } else { 160 },
-        })
+        .map(|d| Seg::Udp { c2s: d.is_multiple_of(2), len: if d.is_multiple_of(2) { 48 } else { 160 } })
         .collect();
     SynthFlow { client, server, segs }
 }
@@ -456,9 +342,7 @@ fn serialize(flow: &SynthFlow, seg: &Seg, payload: &[u8], out: &mut Vec<u8>) -> 
     };
     let (src, dst) = if c2s { (c, s) } else { (s, c) };
     let ip = PacketBuilder::ipv4(v4(src)?, v4(dst)?, 64);
-    let payload = payload
-        .get(..len)
-        .ok_or_else(|| io::Error::other("payload larger than the buffer"))?;
+    let payload = payload.get(..len).ok_or_else(|| io::Error::other("payload larger than the buffer"))?;
     match *seg {
         Seg::Tcp { seq, ack, syn, fin, .. } => {
             let mut b = ip.tcp(src.port(), dst.port(), seq, 64_240);
@@ -476,10 +360,9 @@ fn serialize(flow: &SynthFlow, seg: &Seg, payload: &[u8], out: &mut Vec<u8>) -> 
             }
             b.write(out, payload).map_err(|e| io::Error::other(e.to_string()))
         }
-        Seg::Udp { .. } => ip
-            .udp(src.port(), dst.port())
-            .write(out, payload)
-            .map_err(|e| io::Error::other(e.to_string())),
+        Seg::Udp { .. } => {
+            ip.udp(src.port(), dst.port()).write(out, payload).map_err(|e| io::Error::other(e.to_string()))
+        }
     }
 }
 
@@ -503,19 +386,11 @@ pub fn write_capture(path: &Path, spec: &CaptureSpec) -> io::Result<CaptureInfo>
         }
     }
 
-    let header = PcapHeader {
-        datalink: DataLink::RAW,
-        endianness: Endianness::native(),
-        ..Default::default()
-    };
+    let header = PcapHeader { datalink: DataLink::RAW, endianness: Endianness::native(), ..Default::default() };
     let mut writer = PcapWriter::with_header(BufWriter::new(File::create(path)?), header).map_err(io::Error::other)?;
     let payload: Vec<u8> = (0..spec.tcp_payload.max(160)).map(|i| (i % 251) as u8).collect();
     let mut buf = Vec::with_capacity(1600);
-    let mut info = CaptureInfo {
-        packets: 0,
-        flows: total as u64,
-        ip_bytes: 0,
-    };
+    let mut info = CaptureInfo { packets: 0, flows: total as u64, ip_bytes: 0 };
     let mut time = CAPTURE_EPOCH;
     for window in flows.chunks(spec.concurrency.max(1)) {
         // Round-robin over the window: each flow's packets stay in order, flows overlap.
@@ -527,9 +402,7 @@ pub fn write_capture(path: &Path, spec: &CaptureSpec) -> io::Result<CaptureInfo>
                 };
                 serialize(flow, seg, &payload, &mut buf)?;
                 let len = u32::try_from(buf.len()).map_err(io::Error::other)?;
-                writer
-                    .write_packet(&PcapPacket::new(time, len, &buf))
-                    .map_err(io::Error::other)?;
+                writer.write_packet(&PcapPacket::new(time, len, &buf)).map_err(io::Error::other)?;
                 info.packets += 1;
                 info.ip_bytes += u64::from(len);
                 time += spec.gap;
@@ -546,9 +419,7 @@ pub struct TempFile(PathBuf);
 
 impl TempFile {
     pub fn new(stem: &str, ext: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         TempFile(std::env::temp_dir().join(format!("{stem}-{}-{nanos}.{ext}", std::process::id())))
     }
 
@@ -579,11 +450,7 @@ mod tests {
 
     #[test]
     fn capture_replays_cleanly() {
-        let spec = CaptureSpec {
-            tcp_flows: 20,
-            udp_flows: 10,
-            ..CaptureSpec::default()
-        };
+        let spec = CaptureSpec { tcp_flows: 20, udp_flows: 10, ..CaptureSpec::default() };
         let tmp = TempFile::new("flowgate-bench-test", "pcap");
         let info = write_capture(tmp.path(), &spec).expect("capture");
         assert_eq!(info.packets, 20 * 16 + 10 * 4);

@@ -189,10 +189,7 @@ impl Mode {
             DataVerdict::Pause => Mode::Pause,
             DataVerdict::Pass { pass, peek } => {
                 let pass_end = offset + u64::from(pass);
-                Mode::Inspect {
-                    pass_end,
-                    peek_end: pass_end + u64::from(peek),
-                }
+                Mode::Inspect { pass_end, peek_end: pass_end + u64::from(peek) }
             }
         }
     }
@@ -211,12 +208,7 @@ struct Side {
 
 impl Side {
     fn new(mode: Mode) -> Self {
-        Side {
-            mode,
-            offset: 0,
-            next_seq: None,
-            fin: false,
-        }
+        Side { mode, offset: 0, next_seq: None, fin: false }
     }
 }
 
@@ -236,6 +228,9 @@ struct Entry {
     held: Vec<PacketId>,
     /// Drops of this flow do not tell the sender.
     silent: bool,
+    /// Sequence number after the opening SYN, to tell a retransmitted SYN from a new
+    /// connection on the same 4-tuple.
+    syn_seq: Option<u32>,
 }
 
 impl Entry {
@@ -252,10 +247,7 @@ impl Entry {
     }
 
     fn settled(&self) -> bool {
-        matches!(
-            (self.out.mode, self.inn.mode),
-            (Mode::Allow, Mode::Allow) | (Mode::Drop, Mode::Drop)
-        )
+        matches!((self.out.mode, self.inn.mode), (Mode::Allow, Mode::Allow) | (Mode::Drop, Mode::Drop))
     }
 
     fn status(&self) -> FlowStatus {
@@ -296,21 +288,14 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("flows", &self.flows.len())
-            .field("stats", &self.stats)
-            .finish()
+        f.debug_struct("Engine").field("flows", &self.flows.len()).field("stats", &self.stats).finish()
     }
 }
 
 impl Engine {
     pub fn new(config: EngineConfig, rules: Arc<CompiledRules>) -> Self {
         let (tx, rx) = mpsc::channel();
-        let handle = Handle {
-            tx,
-            waker: Arc::new(Mutex::new(None)),
-            snapshot: Arc::new(SnapshotSlot::default()),
-        };
+        let handle = Handle { tx, waker: Arc::new(Mutex::new(None)), snapshot: Arc::new(SnapshotSlot::default()) };
         Engine {
             flows: FlowTable::new(config.max_flows),
             next_flow_id: config.first_flow_id,
@@ -389,19 +374,18 @@ impl Engine {
                     ParseError::NotIp => self.stats.not_ip += 1,
                 }
                 // Nothing to judge it by; the kernel has its own checks for broken packets.
-                return Decision {
-                    action: PacketAction::Accept,
-                    flow: None,
-                    settled: false,
-                    silent: false,
-                };
+                return Decision { action: PacketAction::Accept, flow: None, settled: false, silent: false };
             }
         };
         let key = FlowKey::new(p.protocol, (p.src, p.src_port), (p.dst, p.dst_port));
         let mut slot = self.flows.lookup(&key);
         if let Some(s) = slot {
-            let reopen =
-                p.tcp.is_some_and(|f| f.syn && !f.ack) && self.flows.get(s).is_some_and(|e| e.closing.is_some());
+            // A connection never sends a pure SYN once open, so one that is not a retransmission
+            // of this flow's own opening SYN is a new connection on a reused 4-tuple. The old one
+            // may have ended unseen (a kernel-handled flow's FIN or RST never reaches us): the new
+            // one must be judged, not inherit the old verdict.
+            let reopen = p.tcp.is_some_and(|f| f.syn && !f.ack)
+                && self.flows.get(s).is_some_and(|e| e.closing.is_some() || e.syn_seq != Some(p.seq));
             if reopen {
                 self.close(s, now, CloseReason::Reused);
                 slot = None;
@@ -412,12 +396,7 @@ impl Engine {
             None => match self.open(now, meta, &p, key) {
                 Ok(s) => s,
                 Err(action) => {
-                    return Decision {
-                        action,
-                        flow: None,
-                        settled: false,
-                        silent: false,
-                    };
+                    return Decision { action, flow: None, settled: false, silent: false };
                 }
             },
         };
@@ -475,11 +454,7 @@ impl Engine {
     pub fn handle_commands(&mut self, now: Instant) {
         while let Ok(c) = self.commands.try_recv() {
             match c {
-                Command::Update {
-                    flow,
-                    verdict,
-                    direction,
-                } => self.update(now, flow, verdict, direction),
+                Command::Update { flow, verdict, direction } => self.update(now, flow, verdict, direction),
                 Command::Resume { flow, verdict } => self.update(now, flow, verdict, None),
                 Command::Release { packet, accept } => {
                     if self.held.remove(&packet).is_some() {
@@ -507,11 +482,7 @@ impl Engine {
     /// the packets we let it handle alone), and an ended flow closes. Returns whether the flow
     /// was known here.
     pub fn handle_kernel_report(&mut self, now: Instant, r: &KernelReport) -> bool {
-        let key = FlowKey::new(
-            r.protocol,
-            (r.opener.ip(), r.opener.port()),
-            (r.responder.ip(), r.responder.port()),
-        );
+        let key = FlowKey::new(r.protocol, (r.opener.ip(), r.opener.port()), (r.responder.ip(), r.responder.port()));
         let Some(slot) = self.flows.lookup(&key) else {
             return false;
         };
@@ -520,11 +491,8 @@ impl Engine {
         };
         let opener_is_local =
             e.flow.local == r.opener || (e.flow.protocol == Protocol::Icmp && e.flow.local.ip() == r.opener.ip());
-        let (out, inn) = if opener_is_local {
-            (r.from_opener, r.from_responder)
-        } else {
-            (r.from_responder, r.from_opener)
-        };
+        let (out, inn) =
+            if opener_is_local { (r.from_opener, r.from_responder) } else { (r.from_responder, r.from_opener) };
         let c = &mut e.counters;
         if let Some((p, b)) = out {
             c.packets_out = c.packets_out.max(p);
@@ -547,11 +515,7 @@ impl Engine {
     /// [`Engine::poll_enforce`], so the data plane marks or tears them down. Returns `None` for
     /// a flow already known, or when the table is full.
     pub fn adopt(&mut self, now: Instant, x: &Existing<'_>) -> Option<FlowId> {
-        let key = FlowKey::new(
-            x.protocol,
-            (x.local.ip(), x.local.port()),
-            (x.remote.ip(), x.remote.port()),
-        );
+        let key = FlowKey::new(x.protocol, (x.local.ip(), x.local.port()), (x.remote.ip(), x.remote.port()));
         if self.flows.lookup(&key).is_some() {
             return None;
         }
@@ -571,11 +535,7 @@ impl Engine {
         let e = self.flows.get(slot)?;
         let verdict = e.verdict();
         if matches!(verdict, FlowVerdict::Allow | FlowVerdict::Drop) {
-            self.actions.push_back(Enforce {
-                flow: e.flow.clone(),
-                verdict,
-                silent: e.silent,
-            });
+            self.actions.push_back(Enforce { flow: e.flow.clone(), verdict, silent: e.silent });
         }
         Some(e.flow.id)
     }
@@ -626,11 +586,7 @@ impl Engine {
         let flows: Arc<[FlowStatus]> = self.flows.iter().map(Entry::status).collect();
         let slot = &self.handle.snapshot;
         let mut s = slot.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        *s = Snapshot {
-            taken: now,
-            flows,
-            generation: s.generation + 1,
-        };
+        *s = Snapshot { taken: now, flows, generation: s.generation + 1 };
         drop(s);
         slot.published.notify_all();
         self.next_snapshot = Some(now + self.config.snapshot_interval);
@@ -664,11 +620,7 @@ impl Engine {
                 _ => src_opened,
             },
         };
-        let dir = if src_local == src_opened {
-            Direction::Outbound
-        } else {
-            Direction::Inbound
-        };
+        let dir = if src_local == src_opened { Direction::Outbound } else { Direction::Inbound };
         (src_local, dir)
     }
 
@@ -723,29 +675,15 @@ impl Engine {
         let rule_verdict = match class.action {
             Action::Allow => NewFlowVerdict::Allow,
             Action::Drop => NewFlowVerdict::Drop,
-            Action::Inspect {
-                peek_outbound,
-                peek_inbound,
-            } => NewFlowVerdict::Inspect {
-                peek_outbound,
-                peek_inbound,
-            },
+            Action::Inspect { peek_outbound, peek_inbound } => NewFlowVerdict::Inspect { peek_outbound, peek_inbound },
         };
-        let mut rule = class
-            .rule
-            .and_then(|i| self.rules.name(i))
-            .unwrap_or(&self.default_rule)
-            .clone();
+        let mut rule = class.rule.and_then(|i| self.rules.name(i)).unwrap_or(&self.default_rule).clone();
         let silent = class.rule.is_some_and(|i| self.rules.rules()[i].silent);
         let (rule_verdict, filter_verdict) = match kept {
             // A previous instance decided this flow for good: keep its word, ask no one.
             Some(v) => {
                 rule = self.kept_rule.clone();
-                let v = if v == FlowVerdict::Drop {
-                    NewFlowVerdict::Drop
-                } else {
-                    NewFlowVerdict::Allow
-                };
+                let v = if v == FlowVerdict::Drop { NewFlowVerdict::Drop } else { NewFlowVerdict::Allow };
                 (v, None)
             }
             None => (rule_verdict, self.filter.as_mut().map(|f| f.new_flow(&flow))),
@@ -770,28 +708,11 @@ impl Engine {
             NewFlowVerdict::Allow => (Mode::Allow, Mode::Allow, None),
             NewFlowVerdict::Drop => (Mode::Drop, Mode::Drop, None),
             NewFlowVerdict::Pause => (Mode::Pause, Mode::Pause, None),
-            NewFlowVerdict::Inspect {
-                peek_outbound,
-                peek_inbound,
-            } => {
+            NewFlowVerdict::Inspect { peek_outbound, peek_inbound } => {
                 let m = |n: u32| {
-                    if n == 0 {
-                        Mode::Allow
-                    } else {
-                        Mode::Inspect {
-                            pass_end: 0,
-                            peek_end: u64::from(n),
-                        }
-                    }
+                    if n == 0 { Mode::Allow } else { Mode::Inspect { pass_end: 0, peek_end: u64::from(n) } }
                 };
-                (
-                    m(peek_outbound),
-                    m(peek_inbound),
-                    Some(Peek {
-                        outbound: peek_outbound,
-                        inbound: peek_inbound,
-                    }),
-                )
+                (m(peek_outbound), m(peek_inbound), Some(Peek { outbound: peek_outbound, inbound: peek_inbound }))
             }
         };
         let timer_at = now + timeout(&self.config.timeouts, flow.protocol);
@@ -807,26 +728,14 @@ impl Engine {
             timer_at,
             held: Vec::new(),
             silent,
+            syn_seq: None,
         };
         let verdict = entry.verdict();
-        let slot = self
-            .flows
-            .insert(key, flow.id, entry)
-            .map_err(|_| PacketAction::Accept)?;
+        let slot = self.flows.insert(key, flow.id, entry).map_err(|_| PacketAction::Accept)?;
         self.timers.push(Reverse((timer_at, flow.id)));
-        self.events.push_back(Event {
-            time: now,
-            kind: EventKind::FlowNew { flow: flow.clone() },
-        });
-        self.events.push_back(Event {
-            time: now,
-            kind: EventKind::FlowVerdict {
-                flow,
-                verdict,
-                rule: Some(rule),
-                peek,
-            },
-        });
+        self.events.push_back(Event { time: now, kind: EventKind::FlowNew { flow: flow.clone() } });
+        self.events
+            .push_back(Event { time: now, kind: EventKind::FlowVerdict { flow, verdict, rule: Some(rule), peek } });
         Ok(slot)
     }
 
@@ -839,12 +748,7 @@ impl Engine {
         bytes: &[u8],
     ) -> Decision {
         let Some(e) = self.flows.get_mut(slot) else {
-            return Decision {
-                action: PacketAction::Accept,
-                flow: None,
-                settled: false,
-                silent: false,
-            };
+            return Decision { action: PacketAction::Accept, flow: None, settled: false, silent: false };
         };
         let id = e.flow.id;
         let dir = if p.src == e.flow.local.ip() && (p.src_port == e.flow.local.port() || p.protocol == Protocol::Icmp) {
@@ -867,6 +771,9 @@ impl Engine {
             }
             if f.syn {
                 e.side(dir).next_seq = Some(p.seq);
+                if !f.ack && e.syn_seq.is_none() {
+                    e.syn_seq = Some(p.seq);
+                }
             }
         }
         if e.closing.is_some() {
@@ -899,12 +806,7 @@ impl Engine {
             _ => PacketAction::Accept,
         };
         if let (Some(pf), PacketAction::Accept) = (self.packet_filter.as_mut(), action) {
-            let ctx = PacketContext {
-                interface: meta.interface,
-                direction: dir,
-                flow: id,
-                bytes,
-            };
+            let ctx = PacketContext { interface: meta.interface, direction: dir, flow: id, bytes };
             action = match pf.packet(&ctx) {
                 PacketVerdict::Allow => PacketAction::Accept,
                 PacketVerdict::Drop => PacketAction::Drop,
@@ -915,12 +817,7 @@ impl Engine {
             Some(e) => (self.packet_filter.is_none() && e.settled(), e.silent),
             None => (false, false),
         };
-        Decision {
-            action,
-            flow: Some(id),
-            settled,
-            silent,
-        }
+        Decision { action, flow: Some(id), settled, silent }
     }
 
     /// Shows the part of new payload (starting at stream offset `start`) that lies in the
@@ -1032,22 +929,12 @@ impl Engine {
             && verdict != before.2
             && matches!(verdict, FlowVerdict::Allow | FlowVerdict::Drop)
         {
-            self.actions.push_back(Enforce {
-                flow: e.flow.clone(),
-                verdict,
-                silent: e.silent,
-            });
+            self.actions.push_back(Enforce { flow: e.flow.clone(), verdict, silent: e.silent });
         }
         if verdict != before.2 || direction.is_some() {
             self.events.push_back(Event {
                 time: now,
-                kind: EventKind::FlowUpdate {
-                    flow: e.flow.clone(),
-                    verdict,
-                    rule: e.rule.clone(),
-                    direction,
-                    source,
-                },
+                kind: EventKind::FlowUpdate { flow: e.flow.clone(), verdict, rule: e.rule.clone(), direction, source },
             });
         }
         if !matches!(verdict, FlowVerdict::Pause) && !e.held.is_empty() {
@@ -1080,10 +967,7 @@ impl Engine {
         self.stats.flows_closed += 1;
         for packet in &e.held {
             if self.held.remove(packet).is_some() {
-                self.releases.push_back(Release {
-                    packet: *packet,
-                    accept: false,
-                });
+                self.releases.push_back(Release { packet: *packet, accept: false });
             }
         }
         let report = FlowReport {
@@ -1096,10 +980,7 @@ impl Engine {
         if let Some(f) = self.filter.as_mut() {
             f.closed(&e.flow, &report);
         }
-        self.events.push_back(Event {
-            time: now,
-            kind: EventKind::FlowClosed { flow: e.flow, report },
-        });
+        self.events.push_back(Event { time: now, kind: EventKind::FlowClosed { flow: e.flow, report } });
     }
 }
 

@@ -161,11 +161,7 @@ mod tests {
     #[test]
     fn wire_shape_of_each_event() {
         let t = Instant::from_unix(1_700_000_000, 123_456_000);
-        let v = serde_json::to_value(Event {
-            time: t,
-            kind: EventKind::FlowNew { flow: flow() },
-        })
-        .expect("json");
+        let v = serde_json::to_value(Event { time: t, kind: EventKind::FlowNew { flow: flow() } }).expect("json");
         assert_eq!(v["time"], "2023-11-14T22:13:20.123456Z");
         assert_eq!(v["event"], "flow.new");
         assert_eq!(v["flow"]["id"], 3);
@@ -202,20 +198,11 @@ mod tests {
             },
             duration_ms: 7,
         };
-        let v = serde_json::to_value(Event {
-            time: t,
-            kind: EventKind::FlowClosed { flow: flow(), report },
-        })
-        .expect("json");
+        let v = serde_json::to_value(Event { time: t, kind: EventKind::FlowClosed { flow: flow(), report } })
+            .expect("json");
         assert_eq!(v["event"], "flow.closed");
         assert_eq!(v["reason"], "fin");
-        for (k, n) in [
-            ("packets_out", 1),
-            ("packets_in", 2),
-            ("bytes_out", 3),
-            ("bytes_in", 4),
-            ("duration_ms", 7),
-        ] {
+        for (k, n) in [("packets_out", 1), ("packets_in", 2), ("bytes_out", 3), ("bytes_in", 4), ("duration_ms", 7)] {
             assert_eq!(v[k], n, "{k}");
         }
     }

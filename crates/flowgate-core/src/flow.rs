@@ -161,12 +161,7 @@ pub(crate) struct TableFull;
 
 impl<E> FlowTable<E> {
     pub(crate) fn new(cap: usize) -> Self {
-        FlowTable {
-            entries: Slab::new(),
-            by_key: HashMap::new(),
-            by_id: HashMap::new(),
-            cap,
-        }
+        FlowTable { entries: Slab::new(), by_key: HashMap::new(), by_id: HashMap::new(), cap }
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -46,19 +46,9 @@ pub(crate) struct SnapshotSlot {
 }
 
 pub(crate) enum Command {
-    Update {
-        flow: FlowId,
-        verdict: DataVerdict,
-        direction: Option<Direction>,
-    },
-    Resume {
-        flow: FlowId,
-        verdict: DataVerdict,
-    },
-    Release {
-        packet: PacketId,
-        accept: bool,
-    },
+    Update { flow: FlowId, verdict: DataVerdict, direction: Option<Direction> },
+    Resume { flow: FlowId, verdict: DataVerdict },
+    Release { packet: PacketId, accept: bool },
     Publish,
     Kernel(KernelReport),
     Reload(Arc<crate::rules::matcher::CompiledRules>),
@@ -112,11 +102,7 @@ impl Handle {
     /// Changes the verdict of a live flow, in one direction or (`None`) both, at any time, also
     /// long after its first verdict. Updating a flow that has closed does nothing.
     pub fn update(&self, flow: FlowId, verdict: DataVerdict, direction: Option<Direction>) -> Result<(), EngineGone> {
-        self.send(Command::Update {
-            flow,
-            verdict,
-            direction,
-        })
+        self.send(Command::Update { flow, verdict, direction })
     }
 
     /// Gives the verdict a paused flow was waiting for, in both directions; held packets are
@@ -148,11 +134,7 @@ impl Handle {
 
     /// The live flows as of the engine's last published snapshot.
     pub fn flows(&self) -> Snapshot {
-        self.snapshot
-            .snapshot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.snapshot.snapshot.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Asks for a fresh snapshot and waits up to `timeout` for the engine to publish it; on

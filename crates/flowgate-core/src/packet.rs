@@ -76,12 +76,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
         Some(NetSlice::Ipv4(v4)) => {
             let h = v4.header();
             let fragmented = v4.payload().fragmented;
-            (
-                IpAddr::V4(h.source_addr()),
-                IpAddr::V4(h.destination_addr()),
-                u32::from(h.total_len()),
-                fragmented,
-            )
+            (IpAddr::V4(h.source_addr()), IpAddr::V4(h.destination_addr()), u32::from(h.total_len()), fragmented)
         }
         Some(NetSlice::Ipv6(v6)) => {
             let h = v6.header();
@@ -118,12 +113,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
             p.dst_port = tcp.destination_port();
             // A SYN takes one sequence number itself; data it carries (TCP Fast Open) starts after.
             p.seq = tcp.sequence_number().wrapping_add(u32::from(tcp.syn()));
-            p.tcp = Some(TcpFlags {
-                syn: tcp.syn(),
-                ack: tcp.ack(),
-                fin: tcp.fin(),
-                rst: tcp.rst(),
-            });
+            p.tcp = Some(TcpFlags { syn: tcp.syn(), ack: tcp.ack(), fin: tcp.fin(), rst: tcp.rst() });
             p.payload = tcp.payload();
         }
         Some(TransportSlice::Udp(udp)) => {
@@ -186,10 +176,7 @@ pub(crate) mod tests {
 
     pub(crate) fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        PacketBuilder::ipv6(src, dst, 64)
-            .udp(sport, dport)
-            .write(&mut out, payload)
-            .expect("write test packet");
+        PacketBuilder::ipv6(src, dst, 64).udp(sport, dport).write(&mut out, payload).expect("write test packet");
         out
     }
 

@@ -24,9 +24,7 @@ impl Instant {
 
     /// An instant from seconds and sub-second nanoseconds since the Unix epoch (a pcap timestamp).
     pub const fn from_unix(secs: u64, nanos: u32) -> Self {
-        Instant {
-            micros: secs.saturating_mul(1_000_000).saturating_add(nanos as u64 / 1_000),
-        }
+        Instant { micros: secs.saturating_mul(1_000_000).saturating_add(nanos as u64 / 1_000) }
     }
 
     /// Microseconds since the Unix epoch.
@@ -44,9 +42,7 @@ impl Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, d: Duration) -> Instant {
         let add = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        Instant {
-            micros: self.micros.saturating_add(add),
-        }
+        Instant { micros: self.micros.saturating_add(add) }
     }
 }
 
@@ -67,9 +63,6 @@ mod tests {
         assert_eq!(t.as_micros(), 2_000_500);
         assert_eq!(t + Duration::from_millis(1), Instant::from_micros(2_001_500));
         assert_eq!(Instant::ZERO - t, Duration::ZERO);
-        assert_eq!(
-            Instant::from_micros(u64::MAX) + Duration::MAX,
-            Instant::from_micros(u64::MAX)
-        );
+        assert_eq!(Instant::from_micros(u64::MAX) + Duration::MAX, Instant::from_micros(u64::MAX));
     }
 }

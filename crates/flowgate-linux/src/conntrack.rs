@@ -4,12 +4,13 @@
 //! This room talks to the kernel's conntrack table through `NETLINK_NETFILTER` sockets of the
 //! calling thread's network namespace, and touches one file: the `nf_conntrack_acct` sysctl of
 //! that namespace ([`enable_accounting`]). It decides nothing; the daemon says which entries to
-//! mark or drop. It encodes and decodes its own netlink messages: the kernel's answers and events
-//! are parsed without trusting a single length, unknown attributes are skipped, and a message
-//! that does not parse is dropped rather than guessed at.
+//! mark or drop. It encodes and decodes its own messages, on the crate's shared netlink framing
+//! (`netlink.rs`): the kernel's answers and events are parsed without trusting a single length,
+//! unknown attributes are skipped, and a message that does not parse is dropped rather than
+//! guessed at.
 //!
-//! Constants are those of `linux/netlink.h`, `linux/netfilter/nfnetlink.h`,
-//! `linux/netfilter/nfnetlink_conntrack.h` and `linux/netfilter/nf_conntrack_common.h`.
+//! Constants are those of `linux/netfilter/nfnetlink.h`, `linux/netfilter/nfnetlink_conntrack.h`
+//! and `linux/netfilter/nf_conntrack_common.h`.
 //!
 //! Requests address an entry by its original tuple (the kernel finds it by its reply tuple too),
 //! in conntrack zone 0 only: [`Tuple`] carries no zone, so an entry in another zone shows up in
@@ -18,30 +19,17 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{self, sockopt};
+use nix::sys::socket::{self, SockFlag, SockProtocol, sockopt};
 
-// linux/netlink.h
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_OVERRUN: u16 = 4;
-const NLM_F_REQUEST: u16 = 0x01;
-const NLM_F_ACK: u16 = 0x04;
-const NLM_F_DUMP: u16 = 0x300; // NLM_F_ROOT | NLM_F_MATCH
-const NLM_F_CREATE: u16 = 0x400;
-const NLA_HDRLEN: usize = 4;
-const NLA_F_NESTED: u16 = 0x8000;
-// Strips NLA_F_NESTED and NLA_F_NET_BYTEORDER, which say how to read an attribute, not which.
-const NLA_TYPE_MASK: u16 = 0x3fff;
+use crate::netlink::{
+    self, Attrs, Failure, Messages, NFGENMSG_LEN, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NlMsg,
+    REPLY_TIMEOUT_MS, be16, be32, be64,
+};
 
 // linux/netfilter/nfnetlink.h
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
-const NFNETLINK_V0: u8 = 0;
-const NFGENMSG_LEN: usize = 4;
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 const NFNLGRP_CONNTRACK_UPDATE: u32 = 2;
 const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
@@ -105,10 +93,6 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 const RECV_BUF: usize = 64 * 1024;
 /// What an event socket asks for; bursts of short flows ending together must not overrun it.
 const EVENT_RCVBUF: usize = 8 * 1024 * 1024;
-/// How long a request waits for each answer datagram. The kernel answers at once; this only
-/// keeps a wedged socket from hanging the caller for ever.
-const REPLY_TIMEOUT_MS: u16 = 10_000;
-
 const ACCT_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
 
 /// A flow's tuple in one direction.
@@ -189,69 +173,67 @@ pub enum CtError {
 /// ([`Conntrack::open_events`]). Use one socket per role: a request skips messages that do not
 /// answer it, so events arriving on a socket used for requests are lost.
 pub struct Conntrack {
-    fd: OwnedFd,
-    buf: Vec<u8>,
-    seq: u32,
-    overruns: u64,
+    sock: netlink::Socket,
 }
 
 impl std::fmt::Debug for Conntrack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conntrack")
-            .field("fd", &self.fd.as_raw_fd())
-            .field("seq", &self.seq)
-            .field("overruns", &self.overruns)
+            .field("fd", &self.sock.as_raw_fd())
+            .field("seq", &self.sock.seq())
+            .field("overruns", &self.sock.overruns())
             .finish()
     }
 }
 
 impl AsFd for Conntrack {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.sock.as_fd()
     }
 }
 
 impl AsRawFd for Conntrack {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.sock.as_raw_fd()
     }
 }
 
-enum Received {
-    Datagram(usize),
-    WouldBlock,
+/// A [`Failure`] of `op` in this room's terms: ENOENT is an entry that is not there.
+fn failed(op: &'static str, failure: Failure) -> CtError {
+    match failure {
+        Failure::Os(e) => CtError::Io { op, source: e.into() },
+        Failure::Kernel(libc::ENOENT) => CtError::NotFound,
+        Failure::Kernel(errno) => CtError::Netlink { op, errno },
+        Failure::Malformed => CtError::Malformed { op },
+        Failure::Timeout => CtError::Timeout { op },
+    }
 }
 
 impl Conntrack {
     /// A request socket: dumps, mark updates, deletions.
     pub fn open() -> Result<Conntrack, CtError> {
-        Self::socket(0)
+        Self::socket(SockFlag::empty())
     }
 
     /// An event socket subscribed to the chosen groups, non-blocking, with an 8 MiB receive
     /// buffer; poll it through [`AsFd`]/[`AsRawFd`] and drain it with
     /// [`Conntrack::recv_events`].
     pub fn open_events(new: bool, update: bool, destroy: bool) -> Result<Conntrack, CtError> {
-        let ct = Self::socket(libc::SOCK_NONBLOCK)?;
+        let ct = Self::socket(SockFlag::SOCK_NONBLOCK)?;
         // SO_RCVBUFFORCE goes past net.core.rmem_max but needs CAP_NET_ADMIN; without it the
         // buffer is whatever SO_RCVBUF is allowed to give.
-        if socket::setsockopt(&ct.fd, sockopt::RcvBufForce, &EVENT_RCVBUF).is_err() {
-            socket::setsockopt(&ct.fd, sockopt::RcvBuf, &EVENT_RCVBUF).map_err(|e| CtError::Io {
-                op: "set the event socket's receive buffer",
-                source: e.into(),
-            })?;
+        if socket::setsockopt(&ct, sockopt::RcvBufForce, &EVENT_RCVBUF).is_err() {
+            socket::setsockopt(&ct, sockopt::RcvBuf, &EVENT_RCVBUF)
+                .map_err(|e| CtError::Io { op: "set the event socket's receive buffer", source: e.into() })?;
         }
-        let groups = [
-            (new, NFNLGRP_CONNTRACK_NEW),
-            (update, NFNLGRP_CONNTRACK_UPDATE),
-            (destroy, NFNLGRP_CONNTRACK_DESTROY),
-        ];
+        let groups =
+            [(new, NFNLGRP_CONNTRACK_NEW), (update, NFNLGRP_CONNTRACK_UPDATE), (destroy, NFNLGRP_CONNTRACK_DESTROY)];
         for (_, group) in groups.iter().filter(|(on, _)| *on) {
             // SAFETY: the option value is a u32 that lives across the call, and its size is
             // passed with it.
             let rc = unsafe {
                 libc::setsockopt(
-                    ct.fd.as_raw_fd(),
+                    ct.as_raw_fd(),
                     libc::SOL_NETLINK,
                     libc::NETLINK_ADD_MEMBERSHIP,
                     (group as *const u32).cast(),
@@ -259,49 +241,22 @@ impl Conntrack {
                 )
             };
             if rc < 0 {
-                return Err(CtError::Io {
-                    op: "join a conntrack event group",
-                    source: io::Error::last_os_error(),
-                });
+                return Err(CtError::Io { op: "join a conntrack event group", source: io::Error::last_os_error() });
             }
         }
         Ok(ct)
     }
 
-    fn socket(extra_flags: libc::c_int) -> Result<Conntrack, CtError> {
-        // SAFETY: plain socket(2) call; the result is checked before it is owned.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | extra_flags,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(CtError::Io {
-                op: "open a netlink socket",
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // Port id 0 lets the kernel pick a unique one.
-        socket::bind(fd.as_raw_fd(), &socket::NetlinkAddr::new(0, 0)).map_err(|e| CtError::Io {
-            op: "bind the netlink socket",
-            source: e.into(),
-        })?;
-        Ok(Conntrack {
-            fd,
-            buf: vec![0; RECV_BUF],
-            seq: 0,
-            overruns: 0,
-        })
+    fn socket(flags: SockFlag) -> Result<Conntrack, CtError> {
+        let sock = netlink::Socket::open(SockProtocol::NetlinkNetFilter, flags, RECV_BUF)
+            .map_err(|(op, e)| CtError::Io { op, source: e.into() })?;
+        Ok(Conntrack { sock })
     }
 
     /// How many times the kernel said it dropped events because the socket's buffer was full
     /// (ENOBUFS). Each time, an unknown number of events was lost.
     pub fn overruns(&self) -> u64 {
-        self.overruns
+        self.sock.overruns()
     }
 
     /// Non-blocking: receives one datagram and calls `f` for each event in it. `Ok(0)` means
@@ -309,12 +264,10 @@ impl Conntrack {
     /// Overruns are counted ([`Conntrack::overruns`]) and reading goes on.
     pub fn recv_events(&mut self, mut f: impl FnMut(&Event)) -> Result<usize, CtError> {
         loop {
-            let n = match self.recv("receive conntrack events")? {
-                Received::WouldBlock => return Ok(0),
-                Received::Datagram(n) => n,
-            };
+            let received = self.sock.recv().map_err(|e| failed("receive conntrack events", e))?;
+            let Some(datagram) = received else { return Ok(0) };
             let mut count = 0;
-            for msg in Messages::new(self.buf.get(..n).unwrap_or_default()) {
+            for msg in Messages::new(datagram) {
                 if let Some(event) = decode_event(&msg) {
                     f(&event);
                     count += 1;
@@ -329,7 +282,7 @@ impl Conntrack {
     /// Dumps the whole table, IPv4 and IPv6 (family `AF_UNSPEC` asks for both), calling `f` for
     /// each entry.
     pub fn dump(&mut self, f: impl FnMut(&Entry)) -> Result<(), CtError> {
-        let seq = self.next_seq();
+        let seq = self.sock.next_seq();
         self.transact("dump", &dump_request(seq), seq, f)
     }
 
@@ -338,7 +291,7 @@ impl Conntrack {
     ///
     /// The kernel looks the tuple up in both directions, so an entry's reply tuple names it too.
     pub fn set_mark(&mut self, original: &Tuple, value: u32, mask: u32) -> Result<(), CtError> {
-        let seq = self.next_seq();
+        let seq = self.sock.next_seq();
         let req = set_mark_request(seq, original, value, mask)?;
         self.transact("set mark", &req, seq, |_| {})
     }
@@ -346,131 +299,20 @@ impl Conntrack {
     /// Deletes the entry with this original tuple: [`CtError::NotFound`] if there is none. As
     /// with [`Conntrack::set_mark`], the reply tuple names the entry too.
     pub fn delete(&mut self, original: &Tuple) -> Result<(), CtError> {
-        let seq = self.next_seq();
+        let seq = self.sock.next_seq();
         let req = delete_request(seq, original)?;
         self.transact("delete", &req, seq, |_| {})
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        // 0 is what events carry; never use it so they cannot pass for an answer.
-        self.seq = self.seq.wrapping_add(1).max(1);
-        self.seq
     }
 
     /// Sends a request and reads until the kernel's ACK, error or end of dump for it, passing
     /// each entry it answers with to `f`.
     fn transact(&mut self, op: &'static str, req: &[u8], seq: u32, mut f: impl FnMut(&Entry)) -> Result<(), CtError> {
-        self.send(op, req)?;
-        loop {
-            let n = self.recv_wait(op)?;
-            let mut msgs = Messages::new(self.buf.get(..n).unwrap_or_default());
-            for msg in &mut msgs {
-                if msg.seq != seq {
-                    continue; // a stale answer to an earlier request, or an event
-                }
-                match msg.ty {
-                    NLMSG_ERROR | NLMSG_DONE => {
-                        // nlmsgerr and NLMSG_DONE both start with a negative errno (0 = fine);
-                        // a bare NLMSG_DONE has nothing and means success.
-                        let err = read_i32_ne(msg.payload, 0).unwrap_or(0);
-                        return match err {
-                            0 => Ok(()),
-                            e if e == -libc::ENOENT => Err(CtError::NotFound),
-                            e => Err(CtError::Netlink {
-                                op,
-                                errno: e.checked_neg().unwrap_or(i32::MAX),
-                            }),
-                        };
-                    }
-                    NLMSG_OVERRUN => return Err(CtError::Malformed { op }),
-                    NLMSG_NOOP => {}
-                    _ => {
-                        if let Some((_, entry)) = decode_ct_message(&msg) {
-                            f(&entry);
-                        }
-                    }
-                }
+        let answer = self.sock.request(req, seq, |msg| {
+            if let Some((_, entry)) = decode_ct_message(msg) {
+                f(&entry);
             }
-            if msgs.malformed {
-                return Err(CtError::Malformed { op });
-            }
-        }
-    }
-
-    fn send(&self, op: &'static str, req: &[u8]) -> Result<(), CtError> {
-        let kernel = socket::NetlinkAddr::new(0, 0);
-        loop {
-            match socket::sendto(self.fd.as_raw_fd(), req, &kernel, socket::MsgFlags::empty()) {
-                Ok(n) if n == req.len() => return Ok(()),
-                Ok(_) => {
-                    return Err(CtError::Io {
-                        op,
-                        source: io::Error::new(io::ErrorKind::WriteZero, "short netlink send"),
-                    });
-                }
-                Err(nix::Error::EINTR) => continue,
-                Err(e) => return Err(CtError::Io { op, source: e.into() }),
-            }
-        }
-    }
-
-    /// Receives one datagram from the kernel, waiting for it.
-    fn recv_wait(&mut self, op: &'static str) -> Result<usize, CtError> {
-        loop {
-            if let Received::Datagram(n) = self.recv(op)? {
-                return Ok(n);
-            }
-            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, PollTimeout::from(REPLY_TIMEOUT_MS)) {
-                Ok(0) => return Err(CtError::Timeout { op }),
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(CtError::Io { op, source: e.into() }),
-            }
-        }
-    }
-
-    /// Receives one datagram sent by the kernel without waiting. Datagrams from other senders
-    /// (user-space processes can unicast to any netlink port) are dropped.
-    fn recv(&mut self, op: &'static str) -> Result<Received, CtError> {
-        loop {
-            // SAFETY: sockaddr_nl is plain data, valid when zeroed.
-            let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-            let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-            // SAFETY: the buffer pointer and length describe `self.buf`, which outlives the call;
-            // `from` and `from_len` describe a sockaddr_nl the kernel may fill.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                    (&mut from as *mut libc::sockaddr_nl).cast(),
-                    &mut from_len,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => return Ok(Received::WouldBlock),
-                    // The kernel dropped messages for us; the socket goes on working.
-                    Some(libc::ENOBUFS) => {
-                        self.overruns += 1;
-                        continue;
-                    }
-                    _ => return Err(CtError::Io { op, source: err }),
-                }
-            }
-            // MSG_TRUNC makes recvfrom return the datagram's real length.
-            let n = n as usize;
-            if n > self.buf.len() {
-                return Err(CtError::Malformed { op });
-            }
-            if from.nl_pid != 0 {
-                continue;
-            }
-            return Ok(Received::Datagram(n));
-        }
+        });
+        answer.map_err(|e| failed(op, e))
     }
 }
 
@@ -483,22 +325,19 @@ pub fn enable_accounting() -> Result<bool, CtError> {
 /// Turns per-entry accounting on or off in the current network namespace and returns whether it
 /// was on before, so that a caller of [`enable_accounting`] can put things back.
 pub fn set_accounting(on: bool) -> Result<bool, CtError> {
-    let old = std::fs::read_to_string(ACCT_SYSCTL).map_err(|source| CtError::Io {
-        op: "read nf_conntrack_acct",
-        source,
-    })?;
+    let old =
+        std::fs::read_to_string(ACCT_SYSCTL).map_err(|source| CtError::Io { op: "read nf_conntrack_acct", source })?;
     let was_on = old.trim() != "0";
     if was_on != on {
-        std::fs::write(ACCT_SYSCTL, if on { "1" } else { "0" }).map_err(|source| CtError::Io {
-            op: "write nf_conntrack_acct",
-            source,
-        })?;
+        std::fs::write(ACCT_SYSCTL, if on { "1" } else { "0" })
+            .map_err(|source| CtError::Io { op: "write nf_conntrack_acct", source })?;
     }
     Ok(was_on)
 }
 
 // ---- encoding ----
 
+/// One ctnetlink message (res_id 0): conntrack's tuple encoding on top of the shared framing.
 struct Builder {
     buf: Vec<u8>,
 }
@@ -506,49 +345,24 @@ struct Builder {
 impl Builder {
     fn new(msg: u16, flags: u16, seq: u32, family: u8) -> Builder {
         let mut buf = Vec::with_capacity(128);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish()
-        buf.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg).to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills in ours
-        buf.extend_from_slice(&[family, NFNETLINK_V0, 0, 0]); // nfgenmsg, res_id 0
+        netlink::begin_nfmsg(&mut buf, NFNL_SUBSYS_CTNETLINK, msg, flags, seq, family, 0);
         Builder { buf }
     }
 
     fn attr(&mut self, ty: u16, payload: &[u8]) {
-        // Every attribute built here is a few bytes long; the u16 length cannot overflow.
-        let len = (NLA_HDRLEN + payload.len()) as u16;
-        self.buf.extend_from_slice(&len.to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(payload);
-        self.pad();
+        netlink::put_attr(&mut self.buf, ty, payload);
     }
 
     fn nest_start(&mut self, ty: u16) -> usize {
-        let at = self.buf.len();
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-        at
+        netlink::begin_nest(&mut self.buf, ty)
     }
 
     fn nest_end(&mut self, at: usize) {
-        let len = (self.buf.len() - at) as u16;
-        if let Some(slot) = self.buf.get_mut(at..at + 2) {
-            slot.copy_from_slice(&len.to_ne_bytes());
-        }
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
+        netlink::end_nest(&mut self.buf, at);
     }
 
     fn finish(mut self) -> Vec<u8> {
-        let len = self.buf.len() as u32;
-        if let Some(slot) = self.buf.get_mut(0..4) {
-            slot.copy_from_slice(&len.to_ne_bytes());
-        }
+        netlink::end_msg(&mut self.buf, 0);
         self.buf
     }
 
@@ -606,13 +420,7 @@ fn family_of(t: &Tuple, op: &'static str) -> Result<u8, CtError> {
 }
 
 fn dump_request(seq: u32) -> Vec<u8> {
-    Builder::new(
-        IPCTNL_MSG_CT_GET,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        libc::AF_UNSPEC as u8,
-    )
-    .finish()
+    Builder::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, libc::AF_UNSPEC as u8).finish()
 }
 
 fn set_mark_request(seq: u32, t: &Tuple, value: u32, mask: u32) -> Result<Vec<u8>, CtError> {
@@ -636,34 +444,6 @@ fn delete_request(seq: u32, t: &Tuple) -> Result<Vec<u8>, CtError> {
 
 // ---- decoding ----
 
-fn align4(n: usize) -> usize {
-    n.saturating_add(3) & !3
-}
-
-fn read_u16_ne(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
-}
-
-fn read_u32_ne(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
-}
-
-fn read_i32_ne(b: &[u8], at: usize) -> Option<i32> {
-    read_u32_ne(b, at).map(|v| v as i32)
-}
-
-fn be16(p: &[u8]) -> Option<u16> {
-    Some(u16::from_be_bytes(p.get(..2)?.try_into().ok()?))
-}
-
-fn be32(p: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(p.get(..4)?.try_into().ok()?))
-}
-
-fn be64(p: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(p.get(..8)?.try_into().ok()?))
-}
-
 fn ipv4(p: &[u8]) -> Option<IpAddr> {
     let o: [u8; 4] = p.get(..4)?.try_into().ok()?;
     Some(IpAddr::V4(Ipv4Addr::from(o)))
@@ -672,98 +452,6 @@ fn ipv4(p: &[u8]) -> Option<IpAddr> {
 fn ipv6(p: &[u8]) -> Option<IpAddr> {
     let o: [u8; 16] = p.get(..16)?.try_into().ok()?;
     Some(IpAddr::V6(Ipv6Addr::from(o)))
-}
-
-struct NlMsg<'a> {
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    payload: &'a [u8],
-}
-
-/// The netlink messages of one datagram. A header whose length does not fit ends the walk and
-/// sets `malformed`.
-struct Messages<'a> {
-    rest: &'a [u8],
-    malformed: bool,
-}
-
-impl<'a> Messages<'a> {
-    fn new(datagram: &'a [u8]) -> Self {
-        Messages {
-            rest: datagram,
-            malformed: false,
-        }
-    }
-}
-
-impl<'a> Iterator for Messages<'a> {
-    type Item = NlMsg<'a>;
-
-    fn next(&mut self) -> Option<NlMsg<'a>> {
-        if self.rest.is_empty() {
-            return None;
-        }
-        let parsed = (|| {
-            let len = read_u32_ne(self.rest, 0)? as usize;
-            if len < NLMSG_HDRLEN {
-                return None;
-            }
-            let msg = NlMsg {
-                ty: read_u16_ne(self.rest, 4)?,
-                flags: read_u16_ne(self.rest, 6)?,
-                seq: read_u32_ne(self.rest, 8)?,
-                payload: self.rest.get(NLMSG_HDRLEN..len)?,
-            };
-            Some((msg, align4(len)))
-        })();
-        match parsed {
-            Some((msg, advance)) => {
-                self.rest = self.rest.get(advance..).unwrap_or_default();
-                Some(msg)
-            }
-            None => {
-                self.malformed = true;
-                self.rest = &[];
-                None
-            }
-        }
-    }
-}
-
-/// The attributes in a payload, as (type without flags, payload). An attribute whose length
-/// does not fit ends the walk.
-struct Attrs<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Attrs<'a> {
-    fn new(b: &'a [u8]) -> Self {
-        Attrs { rest: b }
-    }
-}
-
-impl<'a> Iterator for Attrs<'a> {
-    type Item = (u16, &'a [u8]);
-
-    fn next(&mut self) -> Option<(u16, &'a [u8])> {
-        let parsed = (|| {
-            let len = read_u16_ne(self.rest, 0)? as usize;
-            let ty = read_u16_ne(self.rest, 2)? & NLA_TYPE_MASK;
-            let payload = self.rest.get(NLA_HDRLEN..len)?;
-            Some((ty, payload, align4(len)))
-        })();
-        match parsed {
-            Some((ty, payload, advance)) => {
-                self.rest = self.rest.get(advance..).unwrap_or_default();
-                Some((ty, payload))
-            }
-            None => {
-                self.rest = &[];
-                None
-            }
-        }
-    }
 }
 
 fn decode_event(msg: &NlMsg<'_>) -> Option<Event> {
@@ -871,13 +559,7 @@ fn decode_tuple(p: &[u8]) -> Option<Tuple> {
         }
         _ => (src_port.unwrap_or(0), dst_port.unwrap_or(0)),
     };
-    Some(Tuple {
-        protocol,
-        src: src?,
-        dst: dst?,
-        src_port,
-        dst_port,
-    })
+    Some(Tuple { protocol, src: src?, dst: dst?, src_port, dst_port })
 }
 
 fn decode_tcp_state(p: &[u8]) -> Option<u8> {
@@ -902,15 +584,15 @@ fn decode_counter(p: &[u8]) -> Option<Counter> {
     if packets.is_none() && bytes.is_none() {
         return None;
     }
-    Some(Counter {
-        packets: packets.unwrap_or(0),
-        bytes: bytes.unwrap_or(0),
-    })
+    Some(Counter { packets: packets.unwrap_or(0), bytes: bytes.unwrap_or(0) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::{
+        NLA_F_NESTED, NLA_TYPE_MASK, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP, NLMSG_OVERRUN, read_i32_ne,
+    };
 
     const AF_INET: u8 = libc::AF_INET as u8;
     const AF_INET6: u8 = libc::AF_INET6 as u8;
@@ -926,13 +608,7 @@ mod tests {
     }
 
     fn reversed(t: &Tuple) -> Tuple {
-        Tuple {
-            protocol: t.protocol,
-            src: t.dst,
-            dst: t.src,
-            src_port: t.dst_port,
-            dst_port: t.src_port,
-        }
+        Tuple { protocol: t.protocol, src: t.dst, dst: t.src, src_port: t.dst_port, dst_port: t.src_port }
     }
 
     #[test]
@@ -1007,11 +683,7 @@ mod tests {
     #[test]
     fn set_mark_widens_the_mask_by_the_value() {
         // The kernel's (old & !m) ^ v, with m = mask | value, must equal (old & !mask) | value.
-        for (old, value, mask) in [
-            (0xffff_ffffu32, 0x100, 0),
-            (0x1, 0x10000, 0x30000),
-            (0x30001, 0x20000, 0x30000),
-        ] {
+        for (old, value, mask) in [(0xffff_ffffu32, 0x100, 0), (0x1, 0x10000, 0x30000), (0x30001, 0x20000, 0x30000)] {
             let req = set_mark_request(1, &tcp4(), value, mask).unwrap();
             let m = be32(&req[req.len() - 4..]).unwrap();
             assert_eq!((old & !m) ^ value, (old & !mask) | value);
@@ -1039,17 +711,9 @@ mod tests {
         let orig = Attrs::new(&req[20..]).next().unwrap().1;
         let (_, proto) = Attrs::new(orig).find(|a| a.0 == CTA_TUPLE_PROTO).unwrap();
         let got: Vec<(u16, Vec<u8>)> = Attrs::new(proto).map(|(t, p)| (t, p.to_vec())).collect();
-        assert_eq!(
-            got,
-            vec![(1, vec![1]), (4, vec![0x12, 0x34]), (5, vec![8]), (6, vec![0])]
-        );
+        assert_eq!(got, vec![(1, vec![1]), (4, vec![0x12, 0x34]), (5, vec![8]), (6, vec![0])]);
 
-        let t6 = Tuple {
-            protocol: 58,
-            src: "::1".parse().unwrap(),
-            dst: "::1".parse().unwrap(),
-            ..t
-        };
+        let t6 = Tuple { protocol: 58, src: "::1".parse().unwrap(), dst: "::1".parse().unwrap(), ..t };
         let req = delete_request(1, &t6).unwrap();
         assert_eq!(req[16], AF_INET6);
         let orig = Attrs::new(&req[20..]).next().unwrap().1;
@@ -1058,25 +722,16 @@ mod tests {
         assert_eq!(ips, vec![3, 4]);
         let (_, proto) = Attrs::new(orig).find(|a| a.0 == CTA_TUPLE_PROTO).unwrap();
         let got: Vec<(u16, Vec<u8>)> = Attrs::new(proto).map(|(t, p)| (t, p.to_vec())).collect();
-        assert_eq!(
-            got,
-            vec![(1, vec![58]), (7, vec![0x12, 0x34]), (8, vec![128]), (9, vec![0])]
-        );
+        assert_eq!(got, vec![(1, vec![58]), (7, vec![0x12, 0x34]), (8, vec![128]), (9, vec![0])]);
         // And what we encode, we decode back.
         assert_eq!(decode_tuple(orig), Some(t6));
     }
 
     #[test]
     fn mixed_families_are_refused() {
-        let t = Tuple {
-            dst: "::1".parse().unwrap(),
-            ..tcp4()
-        };
+        let t = Tuple { dst: "::1".parse().unwrap(), ..tcp4() };
         assert!(matches!(delete_request(1, &t), Err(CtError::MixedFamilies { .. })));
-        assert!(matches!(
-            set_mark_request(1, &t, 1, 1),
-            Err(CtError::MixedFamilies { .. })
-        ));
+        assert!(matches!(set_mark_request(1, &t, 1, 1), Err(CtError::MixedFamilies { .. })));
     }
 
     /// A message as the kernel would send it, with every attribute this module reads and some
@@ -1123,10 +778,7 @@ mod tests {
             status: 0x18e,
             id: Some(0xdead_beef),
             zone: Some(7),
-            counters_original: Some(Counter {
-                packets: 3,
-                bytes: 1164,
-            }),
+            counters_original: Some(Counter { packets: 3, bytes: 1164 }),
             counters_reply: Some(Counter { packets: 2, bytes: 112 }),
             tcp_state: tcp.then_some(3),
             timeout: Some(431999),
@@ -1149,11 +801,7 @@ mod tests {
             dst_port: 77,
         };
         let icmp6 = Tuple { protocol: 58, ..tcp6 };
-        let icmp6 = Tuple {
-            src_port: 99,
-            dst_port: 99,
-            ..icmp6
-        };
+        let icmp6 = Tuple { src_port: 99, dst_port: 99, ..icmp6 };
         vec![
             (AF_INET, tcp4(), reversed(&tcp4()), true),
             (AF_INET6, tcp6, reversed(&tcp6), true),
@@ -1175,13 +823,7 @@ mod tests {
                 let msgs: Vec<NlMsg<'_>> = Messages::new(&m).collect();
                 assert_eq!(msgs.len(), 1);
                 let ev = decode_event(&msgs[0]).unwrap();
-                assert_eq!(
-                    ev,
-                    Event {
-                        kind,
-                        entry: want.clone()
-                    }
-                );
+                assert_eq!(ev, Event { kind, entry: want.clone() });
             }
             // A dump part: several NEW | NLM_F_MULTI messages, then NLMSG_DONE.
             let one = full_message(IPCTNL_MSG_CT_NEW, 0x2, family, &orig, &reply, tcp);
@@ -1291,15 +933,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_operation() {
-        let e = CtError::Netlink {
-            op: "set mark",
-            errno: libc::EPERM,
-        };
+        let e = CtError::Netlink { op: "set mark", errno: libc::EPERM };
         assert!(e.to_string().starts_with("conntrack set mark: "), "{e}");
-        let e = CtError::Io {
-            op: "bind the netlink socket",
-            source: io::Error::from_raw_os_error(libc::EACCES),
-        };
+        let e = CtError::Io { op: "bind the netlink socket", source: io::Error::from_raw_os_error(libc::EACCES) };
         assert!(e.to_string().contains("bind the netlink socket"));
     }
 }

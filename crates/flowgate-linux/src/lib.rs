@@ -10,12 +10,16 @@
 //!   rollback), and the cleanup of what a dead instance left.
 //! - [`conntrack`]: conntrack over netlink: end-of-flow events with counters, dumps, mark
 //!   updates and deletion of entries.
+//! - [`sockdiag`]: local TCP and UDP sockets: list them, destroy one to cut its connection at once.
 //! - [`ifname`]: interface index → name, cached.
+//! - `netlink` (private): the netlink framing of nfqueue, conntrack and sockdiag, written by hand.
 
 pub mod conntrack;
 pub mod ifname;
 pub mod netfilter;
+mod netlink;
 pub mod nfqueue;
+pub mod sockdiag;
 
 /// The mark bits flowgate owns, on packets and on conntrack entries. A decided flow carries one
 /// of these in its conntrack mark, and the installed chains act on it without asking user space;

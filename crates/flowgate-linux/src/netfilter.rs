@@ -77,21 +77,9 @@ struct Hook {
 }
 
 const HOOKS: [Hook; 3] = [
-    Hook {
-        builtin: "OUTPUT",
-        chain: CHAIN_OUT,
-        loopback: Some("-o"),
-    },
-    Hook {
-        builtin: "INPUT",
-        chain: CHAIN_IN,
-        loopback: Some("-i"),
-    },
-    Hook {
-        builtin: "FORWARD",
-        chain: CHAIN_FWD,
-        loopback: None,
-    },
+    Hook { builtin: "OUTPUT", chain: CHAIN_OUT, loopback: Some("-o") },
+    Hook { builtin: "INPUT", chain: CHAIN_IN, loopback: Some("-i") },
+    Hook { builtin: "FORWARD", chain: CHAIN_FWD, loopback: None },
 ];
 
 /// What to install.
@@ -220,28 +208,14 @@ pub enum NetfilterError {
     },
     /// The tool ran and failed.
     #[error("{tool} ({family}, {step}) failed with {}: {}", describe_status(.status), describe_output(.stderr))]
-    Failed {
-        tool: &'static str,
-        program: PathBuf,
-        family: Family,
-        step: Step,
-        status: ExitStatus,
-        stderr: String,
-    },
+    Failed { tool: &'static str, program: PathBuf, family: Family, step: Step, status: ExitStatus, stderr: String },
     /// Jumps or chains of flowgate were still there after repeated removal (something keeps
     /// adding them).
     #[error("flowgate's rules are still present ({family}, {step}) after removing them {attempts} times")]
-    StillPresent {
-        family: Family,
-        step: Step,
-        attempts: usize,
-    },
+    StillPresent { family: Family, step: Step, attempts: usize },
     /// Installing failed, and removing what was already installed failed too.
     #[error("{error}; removing what was installed failed too: {rollback}")]
-    RollbackFailed {
-        error: Box<NetfilterError>,
-        rollback: Box<NetfilterError>,
-    },
+    RollbackFailed { error: Box<NetfilterError>, rollback: Box<NetfilterError> },
     /// Several steps failed (removal tries both families).
     #[error("{}", join_errors(.0))]
     Several(Vec<NetfilterError>),
@@ -320,18 +294,10 @@ pub fn install(spec: &ChainSpec, tools: &Tools) -> Result<Installed, NetfilterEr
     if let Err(error) = restore(tools, Family::Ipv6, Step::Installing, &ruleset_text(spec, true)) {
         return Err(match remove_family(tools, Family::Ipv4, Step::RollingBack) {
             Ok(_) => error,
-            Err(rollback) => NetfilterError::RollbackFailed {
-                error: Box::new(error),
-                rollback: Box::new(rollback),
-            },
+            Err(rollback) => NetfilterError::RollbackFailed { error: Box::new(error), rollback: Box::new(rollback) },
         });
     }
-    Ok(Installed {
-        tools: tools.clone(),
-        spec: spec.clone(),
-        removed_leftovers,
-        armed: true,
-    })
+    Ok(Installed { tools: tools.clone(), spec: spec.clone(), removed_leftovers, armed: true })
 }
 
 /// Removes flowgate's jumps and chains, for both families, if present (left by an instance that
@@ -360,11 +326,8 @@ fn check_queues(queues: &RangeInclusive<u16>) -> Result<(), NetfilterError> {
 const ND_TYPES: [u8; 6] = [133, 134, 135, 136, 137, 143];
 
 pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
-    let (icmp, unreachable) = if ipv6 {
-        ("ipv6-icmp", "icmp6-port-unreachable")
-    } else {
-        ("icmp", "icmp-port-unreachable")
-    };
+    let (icmp, unreachable) =
+        if ipv6 { ("ipv6-icmp", "icmp6-port-unreachable") } else { ("icmp", "icmp-port-unreachable") };
     let mark = |value: u32| format!("{value:#x}/{:#x}", marks::MASK);
     let (allow, reject, drop) = (mark(marks::ALLOW), mark(marks::REJECT), mark(marks::DROP));
     let (first, last) = (*spec.queues.start(), *spec.queues.end());
@@ -401,21 +364,13 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
             mask = marks::MASK
         ));
         rules.push(format!("-m connmark --mark {allow} -j RETURN"));
-        rules.push(format!(
-            "-p tcp -m tcp --tcp-flags RST RST -m connmark --mark {reject} -j RETURN"
-        ));
-        rules.push(format!(
-            "-p {icmp} -m conntrack --ctstate RELATED -m connmark --mark {reject} -j RETURN"
-        ));
+        rules.push(format!("-p tcp -m tcp --tcp-flags RST RST -m connmark --mark {reject} -j RETURN"));
+        rules.push(format!("-p {icmp} -m conntrack --ctstate RELATED -m connmark --mark {reject} -j RETURN"));
         for matcher in ["connmark", "mark"] {
-            rules.push(format!(
-                "-p tcp -m {matcher} --mark {reject} -j REJECT --reject-with tcp-reset"
-            ));
+            rules.push(format!("-p tcp -m {matcher} --mark {reject} -j REJECT --reject-with tcp-reset"));
         }
         for matcher in ["connmark", "mark"] {
-            rules.push(format!(
-                "-m {matcher} --mark {reject} -j REJECT --reject-with {unreachable}"
-            ));
+            rules.push(format!("-m {matcher} --mark {reject} -j REJECT --reject-with {unreachable}"));
         }
         for matcher in ["connmark", "mark"] {
             rules.push(format!("-m {matcher} --mark {reject} -j DROP"));
@@ -470,11 +425,7 @@ fn remove_family(tools: &Tools, family: Family, step: Step) -> Result<bool, Netf
     if list_ours(tools, family, step)?.is_empty() {
         Ok(found)
     } else {
-        Err(NetfilterError::StillPresent {
-            family,
-            step,
-            attempts: REMOVAL_ATTEMPTS,
-        })
+        Err(NetfilterError::StillPresent { family, step, attempts: REMOVAL_ATTEMPTS })
     }
 }
 
@@ -591,13 +542,7 @@ fn run(
     family: Family,
     step: Step,
 ) -> Result<String, NetfilterError> {
-    let io_error = |source| NetfilterError::Run {
-        tool,
-        program: program.to_owned(),
-        family,
-        step,
-        source,
-    };
+    let io_error = |source| NetfilterError::Run { tool, program: program.to_owned(), family, step, source };
     let mut child = Command::new(program)
         .args(args.iter().map(OsStr::new))
         .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -614,9 +559,7 @@ fn run(
             _ => Ok(()),
         });
         let output = child.wait_with_output();
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("writing the input panicked")));
+        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("writing the input panicked")));
         (output, written)
     });
     let output = output.map_err(io_error)?;
@@ -644,11 +587,7 @@ mod tests {
     use super::*;
 
     fn spec(queues: RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
-        ChainSpec {
-            queues,
-            fail_open,
-            loopback,
-        }
+        ChainSpec { queues, fail_open, loopback }
     }
 
     fn chain_rules<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
@@ -724,9 +663,8 @@ COMMIT
                 .collect::<String>()
         };
         let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0x30000");
-        let mut expected = v4
-            .replace("-p icmp ", "-p ipv6-icmp ")
-            .replace("icmp-port-unreachable", "icmp6-port-unreachable");
+        let mut expected =
+            v4.replace("-p icmp ", "-p ipv6-icmp ").replace("icmp-port-unreachable", "icmp6-port-unreachable");
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
             expected = expected.replacen(&save(chain), &format!("{}{}", nd(chain), save(chain)), 1);
         }
@@ -748,10 +686,7 @@ COMMIT
         for ipv6 in [false, true] {
             let text = ruleset_text(&spec(3..=3, true, false), ipv6);
             for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
-                assert_eq!(
-                    chain_rules(&text, chain).last(),
-                    Some(&"-j NFQUEUE --queue-num 3 --queue-bypass")
-                );
+                assert_eq!(chain_rules(&text, chain).last(), Some(&"-j NFQUEUE --queue-num 3 --queue-bypass"));
             }
             assert!(!text.contains("queue-balance"));
         }
@@ -761,10 +696,7 @@ COMMIT
     fn several_queues_use_queue_balance() {
         let text = ruleset_text(&spec(2..=5, false, false), false);
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
-            assert_eq!(
-                chain_rules(&text, chain).last(),
-                Some(&"-j NFQUEUE --queue-balance 2:5")
-            );
+            assert_eq!(chain_rules(&text, chain).last(), Some(&"-j NFQUEUE --queue-balance 2:5"));
         }
         assert!(!text.contains("queue-num"));
     }
@@ -789,11 +721,8 @@ COMMIT
             assert_eq!(chain_rules(&exempt, CHAIN_IN)[0], "-i lo -j RETURN");
             assert!(!chain_rules(&exempt, CHAIN_FWD).iter().any(|r| r.contains(" lo ")));
             assert!(!filtered.contains(" lo "));
-            let without: String = exempt
-                .lines()
-                .filter(|l| !l.contains(" lo -j RETURN"))
-                .map(|l| format!("{l}\n"))
-                .collect();
+            let without: String =
+                exempt.lines().filter(|l| !l.contains(" lo -j RETURN")).map(|l| format!("{l}\n")).collect();
             assert_eq!(without, filtered);
         }
     }
@@ -803,19 +732,11 @@ COMMIT
         let text = ruleset_text(&spec(0..=1, false, false), false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "*filter");
-        assert_eq!(
-            &lines[1..4],
-            [":FLOWGATE-OUT - [0:0]", ":FLOWGATE-IN - [0:0]", ":FLOWGATE-FWD - [0:0]"]
-        );
+        assert_eq!(&lines[1..4], [":FLOWGATE-OUT - [0:0]", ":FLOWGATE-IN - [0:0]", ":FLOWGATE-FWD - [0:0]"]);
         let n = lines.len();
         assert_eq!(
             &lines[n - 4..],
-            [
-                "-I OUTPUT 1 -j FLOWGATE-OUT",
-                "-I INPUT 1 -j FLOWGATE-IN",
-                "-I FORWARD 1 -j FLOWGATE-FWD",
-                "COMMIT"
-            ]
+            ["-I OUTPUT 1 -j FLOWGATE-OUT", "-I INPUT 1 -j FLOWGATE-IN", "-I FORWARD 1 -j FLOWGATE-FWD", "COMMIT"]
         );
         assert!(lines[4..n - 4].iter().all(|l| l.starts_with("-A FLOWGATE-")));
 
@@ -823,10 +744,7 @@ COMMIT
         // catch-all drop for rejects, silent drop, queue.
         let rules = chain_rules(&text, CHAIN_OUT);
         let position = |needle: &str| {
-            rules
-                .iter()
-                .position(|r| r.contains(needle))
-                .unwrap_or_else(|| panic!("no rule with {needle}"))
+            rules.iter().position(|r| r.contains(needle)).unwrap_or_else(|| panic!("no rule with {needle}"))
         };
         let order = [
             position("-o lo -j RETURN"),
@@ -846,12 +764,7 @@ COMMIT
         ];
         assert_eq!(order.to_vec(), (0..rules.len()).collect::<Vec<_>>());
         // TCP resets are only ever sent for TCP.
-        assert!(
-            rules
-                .iter()
-                .filter(|r| r.contains("tcp-reset"))
-                .all(|r| r.starts_with("-p tcp "))
-        );
+        assert!(rules.iter().filter(|r| r.contains("tcp-reset")).all(|r| r.starts_with("-p tcp ")));
     }
 
     #[test]
@@ -871,10 +784,7 @@ COMMIT
         let empty = 5..=4;
         let err = check_queues(&empty).err().map(|e| e.to_string());
         assert_eq!(err.as_deref(), Some("invalid NFQUEUE range 5..=4: the range is empty"));
-        assert!(matches!(
-            check_queues(&(0..=65535)),
-            Err(NetfilterError::InvalidQueues { .. })
-        ));
+        assert!(matches!(check_queues(&(0..=65535)), Err(NetfilterError::InvalidQueues { .. })));
     }
 
     #[test]
@@ -923,14 +833,8 @@ COMMIT
     #[test]
     fn split_args_handles_quotes_and_escapes() {
         assert_eq!(split_args("OUTPUT  -j  X "), ["OUTPUT", "-j", "X"]);
-        assert_eq!(
-            split_args(r#"OUTPUT --comment "a b" -j X"#),
-            ["OUTPUT", "--comment", "a b", "-j", "X"]
-        );
-        assert_eq!(
-            split_args(r#"--comment "say \"hi\" \\" x"#),
-            ["--comment", r#"say "hi" \"#, "x"]
-        );
+        assert_eq!(split_args(r#"OUTPUT --comment "a b" -j X"#), ["OUTPUT", "--comment", "a b", "-j", "X"]);
+        assert_eq!(split_args(r#"--comment "say \"hi\" \\" x"#), ["--comment", r#"say "hi" \"#, "x"]);
         assert_eq!(split_args(r#"--comment "" x"#), ["--comment", "", "x"]);
     }
 
@@ -956,10 +860,7 @@ COMMIT
             status: ExitStatus::from_raw(9),
             stderr: String::new(),
         };
-        assert_eq!(
-            silent.to_string(),
-            "iptables (IPv4, removing leftovers) failed with signal 9: no error output"
-        );
+        assert_eq!(silent.to_string(), "iptables (IPv4, removing leftovers) failed with signal 9: no error output");
         let run = NetfilterError::Run {
             tool: "iptables-restore",
             program: PathBuf::from("/nonexistent/iptables-restore"),
@@ -984,57 +885,26 @@ COMMIT
             iptables: "/nonexistent/iptables".into(),
             ip6tables: "/nonexistent/ip6tables".into(),
         };
-        let err = cleanup(&tools)
-            .map(|_| ())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            err.contains("could not run iptables (IPv4, removing leftovers) as /nonexistent/iptables"),
-            "{err}"
-        );
-        assert!(
-            err.contains("could not run ip6tables (IPv6, removing leftovers) as /nonexistent/ip6tables"),
-            "{err}"
-        );
+        let err = cleanup(&tools).map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("could not run iptables (IPv4, removing leftovers) as /nonexistent/iptables"), "{err}");
+        assert!(err.contains("could not run ip6tables (IPv6, removing leftovers) as /nonexistent/ip6tables"), "{err}");
     }
 
     #[test]
     fn run_feeds_stdin_and_reports_failures() {
-        let out = run(
-            "cat",
-            Path::new("/bin/cat"),
-            &[],
-            Some("hello\n"),
-            Family::Ipv4,
-            Step::Installing,
-        );
+        let out = run("cat", Path::new("/bin/cat"), &[], Some("hello\n"), Family::Ipv4, Step::Installing);
         assert_eq!(out.ok().as_deref(), Some("hello\n"));
-        let err = run(
-            "sh",
-            Path::new("/bin/sh"),
-            &["-c", "echo ' oops ' >&2; exit 3"],
-            None,
-            Family::Ipv6,
-            Step::Removing,
-        )
-        .err()
-        .map(|e| e.to_string());
-        assert_eq!(
-            err.as_deref(),
-            Some("sh (IPv6, removing chains) failed with exit status 3: oops")
-        );
+        let err =
+            run("sh", Path::new("/bin/sh"), &["-c", "echo ' oops ' >&2; exit 3"], None, Family::Ipv6, Step::Removing)
+                .err()
+                .map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("sh (IPv6, removing chains) failed with exit status 3: oops"));
     }
 
     #[test]
     fn default_tools_are_found() {
         let tools = Tools::default();
-        for path in [
-            &tools.iptables_restore,
-            &tools.ip6tables_restore,
-            &tools.iptables,
-            &tools.ip6tables,
-        ] {
+        for path in [&tools.iptables_restore, &tools.ip6tables_restore, &tools.iptables, &tools.ip6tables] {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             assert!(name.contains("tables"), "{}", path.display());
         }

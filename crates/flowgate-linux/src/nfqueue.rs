@@ -4,9 +4,10 @@
 //!
 //! This room owns one `NETLINK_NETFILTER` socket and the one queue number it binds, nothing else:
 //! it installs no rules (that is [`crate::netfilter`]) and decides nothing (that is the engine).
-//! The netlink encoding is written here rather than taken from `libnetfilter_queue` (GPL) or the
-//! `nfq` crate (no batched verdicts, no conntrack mark in a verdict); the numbers follow
-//! `linux/netfilter/nfnetlink_queue.h` and `nfnetlink_conntrack.h`.
+//! The queue's messages are encoded here, on the crate's shared netlink framing (`netlink.rs`),
+//! rather than taken from `libnetfilter_queue` (GPL) or the `nfq` crate (no batched verdicts, no
+//! conntrack mark in a verdict); the numbers follow `linux/netfilter/nfnetlink_queue.h` and
+//! `nfnetlink_conntrack.h`.
 //!
 //! Setting the conntrack mark from a verdict (and seeing conntrack state in packets) needs a
 //! kernel with `CONFIG_NETFILTER_NETLINK_GLUE_CT`; without it the queue still works and
@@ -22,10 +23,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockopt, send, setsockopt, socket,
-    sockopt,
+use nix::sys::socket::{SockFlag, SockProtocol, getsockopt, setsockopt, sockopt};
+
+use crate::netlink::{
+    self, Attrs, Messages, NFGENMSG_LEN, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NLMSG_HDRLEN, be16, be32, begin_nest,
+    end_msg, end_nest, error_answer, put_attr, put_be32, read_u32_ne, recv_from_kernel, send_all,
 };
 
 /// The netfilter hook a packet was queued from, as [`QueuedPacket::hook`] reports it.
@@ -46,16 +48,7 @@ pub mod ct_info {
     pub const IS_REPLY: u32 = 3;
 }
 
-// Netlink and nfnetlink framing.
-const NLMSG_HDRLEN: usize = 16;
-const NFGENMSG_LEN: usize = 4;
-const NLA_HDRLEN: usize = 4;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-const NFNETLINK_V0: u8 = 0;
+// nfnetlink.h
 const NFNL_SUBSYS_QUEUE: u16 = 3;
 const AF_UNSPEC: u8 = 0;
 
@@ -133,12 +126,7 @@ pub struct QueueConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         // 1024 is the kernel's own default queue length (NFQNL_QMAX_DEFAULT).
-        QueueConfig {
-            num: 0,
-            max_len: 1024,
-            fail_open: false,
-            copy_range: 0xffff,
-        }
+        QueueConfig { num: 0, max_len: 1024, fail_open: false, copy_range: 0xffff }
     }
 }
 
@@ -187,10 +175,7 @@ pub struct Mark {
 impl Mark {
     /// Sets `bits` (within `mask`) and keeps every other bit of the packet's `current` mark.
     pub fn keeping(current: u32, bits: u32, mask: u32) -> Mark {
-        Mark {
-            value: (current & !mask) | (bits & mask),
-            mask,
-        }
+        Mark { value: (current & !mask) | (bits & mask), mask }
     }
 }
 
@@ -248,11 +233,7 @@ impl std::fmt::Display for Operation {
 pub enum NfqError {
     /// A system call failed, or the kernel refused a request.
     #[error("NFQUEUE queue {queue}: {op}: {error}")]
-    Os {
-        queue: u16,
-        op: Operation,
-        error: io::Error,
-    },
+    Os { queue: u16, op: Operation, error: io::Error },
     /// Another netlink socket (usually another process, possibly another flowgate) owns the
     /// queue: the kernel answers EPERM to a bind from a different socket and EBUSY to a second
     /// bind from the same one.
@@ -260,11 +241,7 @@ pub enum NfqError {
     AlreadyBound { queue: u16, error: io::Error },
     /// The kernel did not acknowledge a config request.
     #[error("NFQUEUE queue {queue}: {op}: no acknowledgement from the kernel within {timeout:?}")]
-    NoAck {
-        queue: u16,
-        op: Operation,
-        timeout: Duration,
-    },
+    NoAck { queue: u16, op: Operation, timeout: Duration },
 }
 
 impl NfqError {
@@ -334,18 +311,9 @@ impl Queue {
     /// socket's network namespace.
     pub fn open(cfg: &QueueConfig) -> Result<Queue, NfqError> {
         let num = cfg.num;
-        let os = |op, e: Errno| NfqError::Os {
-            queue: num,
-            op,
-            error: io::Error::from(e),
-        };
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(|e| os(Operation::Open, e))?;
+        let os = |op, e: Errno| NfqError::Os { queue: num, op, error: io::Error::from(e) };
+        let fd = netlink::open(SockProtocol::NetlinkNetFilter, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
+            .map_err(|(_, e)| os(Operation::Open, e))?;
         // Only the forced sizes go past net.core.{r,w}mem_max; the plain ones are the fallback
         // without CAP_NET_ADMIN, and a smaller buffer than asked for still works.
         if setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_RCVBUF).is_err() {
@@ -354,7 +322,6 @@ impl Queue {
         if setsockopt(&fd, sockopt::SndBufForce, &SOCKET_SNDBUF).is_err() {
             let _ = setsockopt(&fd, sockopt::SndBuf, &SOCKET_SNDBUF);
         }
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(|e| os(Operation::Open, e))?;
         let sndbuf = getsockopt(&fd, sockopt::SndBuf).unwrap_or(SOCKET_SNDBUF);
 
         let mut queue = Queue {
@@ -386,9 +353,7 @@ impl Queue {
             }
         }
 
-        match queue.request(Operation::Bind, |buf, seq| {
-            encode_cmd(buf, seq, num, NFQNL_CFG_CMD_BIND, 0, NLM_F_ACK)
-        }) {
+        match queue.request(Operation::Bind, |buf, seq| encode_cmd(buf, seq, num, NFQNL_CFG_CMD_BIND, 0, NLM_F_ACK)) {
             Ok(()) => queue.bound = true,
             Err(NfqError::Os { error, .. })
                 if !not_permitted && matches!(error.raw_os_error(), Some(libc::EPERM | libc::EBUSY)) =>
@@ -398,9 +363,7 @@ impl Queue {
             Err(e) => return Err(e),
         }
         // From here on a failure drops `queue`, which unbinds.
-        queue.request(Operation::SetParams, |buf, seq| {
-            encode_params(buf, seq, num, cfg.copy_range, cfg.max_len)
-        })?;
+        queue.request(Operation::SetParams, |buf, seq| encode_params(buf, seq, num, cfg.copy_range, cfg.max_len))?;
         let flags = NFQA_CFG_F_CONNTRACK
             | NFQA_CFG_F_GSO
             | NFQA_CFG_F_UID_GID
@@ -450,12 +413,7 @@ impl Queue {
     pub fn recv(&mut self, mut f: impl FnMut(&QueuedPacket<'_>)) -> Result<usize, NfqError> {
         loop {
             let Some(len) = self.recv_datagram()? else { return Ok(0) };
-            let Queue {
-                rx,
-                malformed,
-                kernel_errors,
-                ..
-            } = self;
+            let Queue { rx, malformed, kernel_errors, .. } = self;
             let mut packets = 0;
             walk_messages(rx.get(..len).unwrap_or(&[]), |event| match event {
                 Event::Packet(p) => {
@@ -494,11 +452,7 @@ impl Queue {
             if let Err(e) = send_all(self.fd.as_raw_fd(), chunk) {
                 self.pending -= count_messages(self.tx.get(..sent).unwrap_or(&[]));
                 self.tx.drain(..sent);
-                return Err(NfqError::Os {
-                    queue: self.num,
-                    op: Operation::SendVerdicts,
-                    error: e.into(),
-                });
+                return Err(NfqError::Os { queue: self.num, op: Operation::SendVerdicts, error: e.into() });
             }
             sent = end;
         }
@@ -514,9 +468,7 @@ impl Queue {
         let flushed = self.flush();
         if self.bound {
             let num = self.num;
-            self.request(Operation::Unbind, |buf, seq| {
-                encode_cmd(buf, seq, num, NFQNL_CFG_CMD_UNBIND, 0, NLM_F_ACK)
-            })?;
+            self.request(Operation::Unbind, |buf, seq| encode_cmd(buf, seq, num, NFQNL_CFG_CMD_UNBIND, 0, NLM_F_ACK))?;
             self.bound = false;
             // Packets received while waiting were given NF_REPEAT, but their queue is gone.
             self.tx.clear();
@@ -572,11 +524,7 @@ impl Queue {
                 Err(Errno::EINTR) => {}
                 Err(Errno::ENOBUFS) => self.overruns += 1,
                 Err(e) => {
-                    return Err(NfqError::Os {
-                        queue: self.num,
-                        op: Operation::Recv,
-                        error: e.into(),
-                    });
+                    return Err(NfqError::Os { queue: self.num, op: Operation::Recv, error: e.into() });
                 }
             }
         }
@@ -588,11 +536,7 @@ impl Queue {
         let mut msg = Vec::with_capacity(64);
         build(&mut msg, seq);
         let num = self.num;
-        let os = |e: Errno| NfqError::Os {
-            queue: num,
-            op,
-            error: e.into(),
-        };
+        let os = |e: Errno| NfqError::Os { queue: num, op, error: e.into() };
         send_all(self.fd.as_raw_fd(), &msg).map_err(os)?;
 
         let deadline = Instant::now() + ACK_TIMEOUT;
@@ -600,27 +544,13 @@ impl Queue {
             let Some(len) = self.recv_datagram()? else {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(NfqError::NoAck {
-                        queue: num,
-                        op,
-                        timeout: ACK_TIMEOUT,
-                    });
+                    return Err(NfqError::NoAck { queue: num, op, timeout: ACK_TIMEOUT });
                 }
                 let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX).max(1);
-                let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut fds, PollTimeout::from(ms)) {
-                    Ok(_) | Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(os(e)),
-                }
+                netlink::wait_readable(self.fd.as_fd(), ms).map_err(os)?;
+                continue;
             };
-            let Queue {
-                rx,
-                tx,
-                pending,
-                seq: next,
-                malformed,
-                ..
-            } = self;
+            let Queue { rx, tx, pending, seq: next, malformed, .. } = self;
             let mut answer = None;
             walk_messages(rx.get(..len).unwrap_or(&[]), |event| match event {
                 Event::Ack { seq: Some(s), errno } if s == seq => answer = Some(errno),
@@ -635,11 +565,7 @@ impl Queue {
             match answer {
                 Some(0) => return Ok(()),
                 Some(errno) => {
-                    return Err(NfqError::Os {
-                        queue: num,
-                        op,
-                        error: io::Error::from_raw_os_error(errno),
-                    });
+                    return Err(NfqError::Os { queue: num, op, error: io::Error::from_raw_os_error(errno) });
                 }
                 None => {}
             }
@@ -672,53 +598,11 @@ impl AsRawFd for Queue {
     }
 }
 
-/// A netlink datagram goes to the kernel whole or not at all, so a short count is not expected;
-/// it is reported rather than retried because a retry would repeat the messages before it.
-fn send_all(fd: RawFd, data: &[u8]) -> Result<(), Errno> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    loop {
-        // No address: an unconnected netlink socket sends to the kernel (port 0).
-        match send(fd, data, MsgFlags::empty()) {
-            Ok(n) if n == data.len() => return Ok(()),
-            Ok(_) => return Err(Errno::EMSGSIZE),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Receives one datagram into `buf`. `Ok(None)` means it did not come from the kernel. The
-/// returned length is the datagram's full length (MSG_TRUNC), which may exceed `buf`.
-fn recv_from_kernel(fd: RawFd, buf: &mut [u8]) -> Result<Option<usize>, Errno> {
-    // SAFETY: sockaddr_nl is plain data, all-zero is a valid value.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    let mut addr_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and `addr`/`addr_len` describe a
-    // sockaddr_nl the kernel may fill; all outlive the call.
-    let n = unsafe {
-        libc::recvfrom(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_TRUNC,
-            (&raw mut addr).cast(),
-            &mut addr_len,
-        )
-    };
-    let n = usize::try_from(Errno::result(n)?).unwrap_or(0);
-    if addr.nl_family != libc::AF_NETLINK as libc::sa_family_t || addr.nl_pid != 0 {
-        return Ok(None);
-    }
-    Ok(Some(n))
-}
-
 /// The end of the longest run of whole messages from `start` that fits in `max` bytes (at least
 /// one message).
 fn chunk_end(buf: &[u8], start: usize, max: usize) -> usize {
     let mut end = start;
-    while let Some(len) = buf.get(end..).and_then(ne_u32) {
+    while let Some(len) = read_u32_ne(buf, end) {
         let next = end.saturating_add((len as usize).max(NLMSG_HDRLEN)).min(buf.len());
         if end > start && next - start > max {
             break;
@@ -731,7 +615,7 @@ fn chunk_end(buf: &[u8], start: usize, max: usize) -> usize {
 fn count_messages(buf: &[u8]) -> usize {
     let mut n = 0;
     let mut at = 0;
-    while let Some(len) = buf.get(at..).and_then(ne_u32) {
+    while let Some(len) = read_u32_ne(buf, at) {
         at = at.saturating_add((len as usize).max(NLMSG_HDRLEN));
         n += 1;
     }
@@ -740,54 +624,9 @@ fn count_messages(buf: &[u8]) -> usize {
 
 // ---- encoding -------------------------------------------------------------------------------
 
-const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
 /// Starts a queue-subsystem message; [`end_msg`] writes its length.
 fn begin_msg(buf: &mut Vec<u8>, msg: u16, flags: u16, seq: u32, res_id: u16) -> usize {
-    let start = buf.len();
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    buf.extend_from_slice(&((NFNL_SUBSYS_QUEUE << 8) | msg).to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    // The kernel fills in our port id.
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    buf.extend_from_slice(&[AF_UNSPEC, NFNETLINK_V0]);
-    buf.extend_from_slice(&res_id.to_be_bytes());
-    start
-}
-
-fn end_msg(buf: &mut [u8], start: usize) {
-    let len = (buf.len() - start) as u32;
-    if let Some(field) = buf.get_mut(start..start + 4) {
-        field.copy_from_slice(&len.to_ne_bytes());
-    }
-}
-
-fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    buf.extend_from_slice(&((NLA_HDRLEN + payload.len()) as u16).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(align4(buf.len()), 0);
-}
-
-fn put_be32(buf: &mut Vec<u8>, ty: u16, value: u32) {
-    put_attr(buf, ty, &value.to_be_bytes());
-}
-
-fn begin_nest(buf: &mut Vec<u8>, ty: u16) -> usize {
-    let start = buf.len();
-    buf.extend_from_slice(&0u16.to_ne_bytes());
-    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-    start
-}
-
-fn end_nest(buf: &mut [u8], start: usize) {
-    let len = (buf.len() - start) as u16;
-    if let Some(field) = buf.get_mut(start..start + 2) {
-        field.copy_from_slice(&len.to_ne_bytes());
-    }
+    netlink::begin_nfmsg(buf, NFNL_SUBSYS_QUEUE, msg, flags, seq, AF_UNSPEC, res_id)
 }
 
 /// A config command; `extra_flags` is NLM_F_ACK or 0.
@@ -801,11 +640,7 @@ fn encode_cmd(buf: &mut Vec<u8>, seq: u32, queue: u16, cmd: u8, pf: u16, extra_f
 fn encode_params(buf: &mut Vec<u8>, seq: u32, queue: u16, copy_range: u32, max_len: u32) {
     let start = begin_msg(buf, NFQNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, queue);
     let range = copy_range.to_be_bytes();
-    put_attr(
-        buf,
-        NFQA_CFG_PARAMS,
-        &[range[0], range[1], range[2], range[3], NFQNL_COPY_PACKET],
-    );
+    put_attr(buf, NFQA_CFG_PARAMS, &[range[0], range[1], range[2], range[3], NFQNL_COPY_PACKET]);
     put_be32(buf, NFQA_CFG_QUEUE_MAXLEN, max_len);
     end_msg(buf, start);
 }
@@ -823,11 +658,7 @@ fn encode_verdict(buf: &mut Vec<u8>, seq: u32, queue: u16, id: u32, verdict: Ver
     let start = begin_msg(buf, NFQNL_MSG_VERDICT, NLM_F_REQUEST, seq, queue);
     let code = verdict.code().to_be_bytes();
     let id = id.to_be_bytes();
-    put_attr(
-        buf,
-        NFQA_VERDICT_HDR,
-        &[code[0], code[1], code[2], code[3], id[0], id[1], id[2], id[3]],
-    );
+    put_attr(buf, NFQA_VERDICT_HDR, &[code[0], code[1], code[2], code[3], id[0], id[1], id[2], id[3]]);
     if let Some(mark) = mark {
         put_be32(buf, NFQA_MARK, mark.value);
         let nest = begin_nest(buf, NFQA_CT);
@@ -839,22 +670,6 @@ fn encode_verdict(buf: &mut Vec<u8>, seq: u32, queue: u16, id: u32, verdict: Ver
 }
 
 // ---- parsing --------------------------------------------------------------------------------
-
-fn ne_u16(b: &[u8]) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(..2)?.try_into().ok()?))
-}
-
-fn ne_u32(b: &[u8]) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?))
-}
-
-fn be16(b: &[u8]) -> Option<u16> {
-    Some(u16::from_be_bytes(b.get(..2)?.try_into().ok()?))
-}
-
-fn be32(b: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
-}
 
 #[derive(Debug, PartialEq, Eq)]
 enum Event<'a> {
@@ -869,59 +684,24 @@ enum Event<'a> {
 
 /// Calls `f` for every message in a datagram. A header that does not fit ends the walk, since
 /// nothing after it can be located.
-fn walk_messages<'a>(mut data: &'a [u8], mut f: impl FnMut(Event<'a>)) {
-    while !data.is_empty() {
-        let (Some(len), Some(ty)) = (ne_u32(data), data.get(4..).and_then(ne_u16)) else {
-            f(Event::Malformed);
-            return;
-        };
-        let len = len as usize;
-        let Some(body) = data.get(NLMSG_HDRLEN..len).filter(|_| len >= NLMSG_HDRLEN) else {
-            f(Event::Malformed);
-            return;
-        };
-        if ty == NLMSG_ERROR {
-            match ne_u32(body) {
-                Some(err) => {
-                    // The answered request's header follows the (negative) errno.
-                    let seq = body.get(4 + 8..).and_then(ne_u32);
-                    f(Event::Ack {
-                        seq,
-                        errno: (err as i32).wrapping_neg(),
-                    })
-                }
-                None => f(Event::Malformed),
-            }
-        } else if ty == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET {
-            f(parse_packet(body).map_or(Event::Malformed, Event::Packet));
+fn walk_messages<'a>(data: &'a [u8], mut f: impl FnMut(Event<'a>)) {
+    let mut msgs = Messages::new(data);
+    for msg in &mut msgs {
+        if msg.ty == NLMSG_ERROR {
+            f(error_answer(msg.payload).map_or(Event::Malformed, |(errno, seq)| Event::Ack { seq, errno }));
+        } else if msg.ty == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET {
+            f(parse_packet(msg.payload).map_or(Event::Malformed, Event::Packet));
         }
         // NLMSG_NOOP, NLMSG_DONE and anything newer are not ours to act on.
-        data = data.get(align4(len)..).unwrap_or(&[]);
     }
-}
-
-/// Calls `f(type, payload)` for every attribute; false if the chain is malformed.
-fn walk_attrs<'a>(mut data: &'a [u8], mut f: impl FnMut(u16, &'a [u8]) -> Option<()>) -> bool {
-    while !data.is_empty() {
-        let (Some(len), Some(ty)) = (ne_u16(data), data.get(2..).and_then(ne_u16)) else {
-            return false;
-        };
-        let len = usize::from(len);
-        let Some(payload) = data.get(NLA_HDRLEN..len).filter(|_| len >= NLA_HDRLEN) else {
-            return false;
-        };
-        if f(ty & NLA_TYPE_MASK, payload).is_none() {
-            return false;
-        }
-        data = data.get(align4(len)..).unwrap_or(&[]);
+    if msgs.malformed {
+        f(Event::Malformed);
     }
-    true
 }
 
 /// The body of an NFQNL_MSG_PACKET (after the netlink header). `None` if it is malformed or has
 /// no packet header (without an id there is nothing to give a verdict to).
 fn parse_packet(body: &[u8]) -> Option<QueuedPacket<'_>> {
-    let attrs = body.get(NFGENMSG_LEN..)?;
     let mut header = None;
     let mut p = QueuedPacket {
         id: 0,
@@ -936,7 +716,8 @@ fn parse_packet(body: &[u8]) -> Option<QueuedPacket<'_>> {
         gid: None,
         mark: None,
     };
-    let ok = walk_attrs(attrs, |ty, v| {
+    let mut attrs = Attrs::new(body.get(NFGENMSG_LEN..)?);
+    for (ty, v) in &mut attrs {
         match ty {
             NFQA_PACKET_HDR => {
                 let hdr = v.get(..PACKET_HDR_LEN)?;
@@ -945,36 +726,39 @@ fn parse_packet(body: &[u8]) -> Option<QueuedPacket<'_>> {
             NFQA_IFINDEX_INDEV => p.indev = Some(be32(v)?),
             NFQA_IFINDEX_OUTDEV => p.outdev = Some(be32(v)?),
             NFQA_PAYLOAD => p.payload = v,
-            NFQA_CT => {
-                let mut mark = None;
-                if !walk_attrs(v, |ty, v| {
-                    if ty == CTA_MARK {
-                        mark = Some(be32(v)?);
-                    }
-                    Some(())
-                }) {
-                    return None;
-                }
-                p.ct_mark = mark;
-            }
+            NFQA_CT => p.ct_mark = ct_mark(v)?,
             NFQA_CT_INFO => p.ct_info = Some(be32(v)?),
             NFQA_UID => p.uid = Some(be32(v)?),
             NFQA_GID => p.gid = Some(be32(v)?),
             NFQA_MARK => p.mark = Some(be32(v)?),
             _ => {}
         }
-        Some(())
-    });
-    let (id, hw_protocol, hook) = header.filter(|_| ok)?;
-    p.id = id;
-    p.hw_protocol = hw_protocol;
-    p.hook = hook;
+    }
+    if attrs.malformed {
+        return None;
+    }
+    (p.id, p.hw_protocol, p.hook) = header?;
     Some(p)
+}
+
+/// The mark inside `NFQA_CT`: `Some(None)` when it has none, `None` when the nest is malformed.
+fn ct_mark(nest: &[u8]) -> Option<Option<u32>> {
+    let mut mark = None;
+    let mut attrs = Attrs::new(nest);
+    for (ty, v) in &mut attrs {
+        if ty == CTA_MARK {
+            mark = Some(be32(v)?);
+        }
+    }
+    (!attrs.malformed).then_some(mark)
 }
 
 #[cfg(test)]
 mod tests {
+    use nix::sys::socket::{AddressFamily, MsgFlags, SockType};
+
     use super::*;
+    use crate::netlink::NLA_F_NESTED;
 
     fn nlmsghdr(len: u32, ty: u16, flags: u16, seq: u32) -> Vec<u8> {
         let mut v = Vec::new();
@@ -1003,14 +787,7 @@ mod tests {
         assert_eq!(buf, want);
 
         let mut buf = Vec::new();
-        encode_cmd(
-            &mut buf,
-            1,
-            0,
-            NFQNL_CFG_CMD_PF_UNBIND,
-            libc::AF_INET6 as u16,
-            NLM_F_ACK,
-        );
+        encode_cmd(&mut buf, 1, 0, NFQNL_CFG_CMD_PF_UNBIND, libc::AF_INET6 as u16, NLM_F_ACK);
         let mut want_attr = attr_hdr(8, 1);
         // struct nfqnl_msg_config_cmd: command, pad, be16 pf.
         want_attr.extend_from_slice(&[4, 0, 0, 10]);
@@ -1063,10 +840,7 @@ mod tests {
     fn verdict_with_mark_bytes() {
         let mut buf = Vec::new();
         // Bit 0 is outside the mask: it goes to the packet mark but not to the conntrack mark.
-        let mark = Mark {
-            value: 0x0001_0001,
-            mask: 0x0003_0000,
-        };
+        let mark = Mark { value: 0x0001_0001, mask: 0x0003_0000 };
         encode_verdict(&mut buf, 2, 3, 42, Verdict::Accept, Some(mark));
         let mut want = nlmsghdr(60, 0x0301, 0x0001, 2);
         want.extend_from_slice(&[0, 0, 0, 3]);
@@ -1127,10 +901,7 @@ mod tests {
         q.flush().expect("empty flush");
         assert!(recv_all(&peer).is_empty(), "an empty flush sends nothing");
 
-        let allow = Mark {
-            value: 0x1_0000,
-            mask: 0x3_0000,
-        };
+        let allow = Mark { value: 0x1_0000, mask: 0x3_0000 };
         q.verdict(1, Verdict::Accept, Some(allow));
         q.verdict(2, Verdict::Drop, None);
         q.verdict(3, Verdict::Repeat, Some(allow));
@@ -1247,15 +1018,10 @@ mod tests {
         let start = begin_msg(&mut buf, NFQNL_MSG_PACKET, 0, 0, 0);
         put_attr(&mut buf, NFQA_PACKET_HDR, &[0, 0, 0, 9, 0x86, 0xdd, 1]);
         end_msg(&mut buf, start);
-        let Event::Packet(p) = &events(&buf)[0] else {
-            panic!("not a packet")
-        };
+        let Event::Packet(p) = &events(&buf)[0] else { panic!("not a packet") };
         assert_eq!((p.id, p.hw_protocol, p.hook), (9, 0x86dd, 1));
         assert_eq!(p.payload, &[] as &[u8]);
-        assert_eq!(
-            (p.indev, p.outdev, p.ct_mark, p.ct_info, p.uid, p.gid),
-            (None, None, None, None, None, None)
-        );
+        assert_eq!((p.indev, p.outdev, p.ct_mark, p.ct_info, p.uid, p.gid), (None, None, None, None, None, None));
     }
 
     #[test]
@@ -1279,13 +1045,7 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, [1, 2, 3]);
-        assert_eq!(
-            got[2],
-            Event::Ack {
-                seq: Some(77),
-                errno: libc::ENOENT
-            }
-        );
+        assert_eq!(got[2], Event::Ack { seq: Some(77), errno: libc::ENOENT });
     }
 
     #[test]
@@ -1293,23 +1053,11 @@ mod tests {
         let mut ack = nlmsghdr(36, NLMSG_ERROR, 0x100, 0);
         ack.extend_from_slice(&0i32.to_ne_bytes());
         ack.extend(nlmsghdr(28, 0x0302, 5, 12));
-        assert_eq!(
-            events(&ack),
-            vec![Event::Ack {
-                seq: Some(12),
-                errno: 0
-            }]
-        );
+        assert_eq!(events(&ack), vec![Event::Ack { seq: Some(12), errno: 0 }]);
         // Cut short after the errno: still an answer, to an unknown request.
         let mut short = nlmsghdr(20, NLMSG_ERROR, 0, 0);
         short.extend_from_slice(&(-libc::EPERM).to_ne_bytes());
-        assert_eq!(
-            events(&short),
-            vec![Event::Ack {
-                seq: None,
-                errno: libc::EPERM
-            }]
-        );
+        assert_eq!(events(&short), vec![Event::Ack { seq: None, errno: libc::EPERM }]);
     }
 
     #[test]
@@ -1404,14 +1152,7 @@ mod tests {
     fn chunking_never_splits_a_message() {
         let mut buf = Vec::new();
         for id in 0..10 {
-            encode_verdict(
-                &mut buf,
-                id,
-                0,
-                id,
-                Verdict::Accept,
-                (id % 2 == 0).then_some(Mark { value: 1, mask: 1 }),
-            );
+            encode_verdict(&mut buf, id, 0, id, Verdict::Accept, (id % 2 == 0).then_some(Mark { value: 1, mask: 1 }));
         }
         assert_eq!(count_messages(&buf), 10);
         for max in [1, 31, 32, 60, 61, 92, 200, 10_000] {
@@ -1430,22 +1171,13 @@ mod tests {
 
     #[test]
     fn errors_name_queue_and_operation() {
-        let e = NfqError::AlreadyBound {
-            queue: 3,
-            error: io::Error::from_raw_os_error(libc::EPERM),
-        };
+        let e = NfqError::AlreadyBound { queue: 3, error: io::Error::from_raw_os_error(libc::EPERM) };
         let s = e.to_string();
         assert!(s.contains("queue 3 is already bound by another process"), "{s}");
-        let e = NfqError::Os {
-            queue: 4,
-            op: Operation::SendVerdicts,
-            error: io::Error::from_raw_os_error(libc::ENOBUFS),
-        };
+        let e =
+            NfqError::Os { queue: 4, op: Operation::SendVerdicts, error: io::Error::from_raw_os_error(libc::ENOBUFS) };
         let s = e.to_string();
-        assert!(
-            s.contains("queue 4") && s.contains("send verdicts") && s.contains("os error"),
-            "{s}"
-        );
+        assert!(s.contains("queue 4") && s.contains("send verdicts") && s.contains("os error"), "{s}");
         assert_eq!(e.queue(), 4);
         assert_eq!(e.operation(), Operation::SendVerdicts);
     }

@@ -46,17 +46,7 @@ impl Netns {
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         // A rule that uses conntrack makes the namespace track its traffic, loopback included.
         for tool in ["iptables", "ip6tables"] {
-            ns.exec(&[
-                tool,
-                "-A",
-                "OUTPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW",
-                "-j",
-                "ACCEPT",
-            ]);
+            ns.exec(&[tool, "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]);
         }
         ns
     }
@@ -75,11 +65,7 @@ impl Netns {
         }
         let mut all = vec!["conntrack", "-L"];
         all.extend_from_slice(args);
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(&all)
-            .output()
-            .unwrap();
+        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(&all).output().unwrap();
         Some(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -104,15 +90,8 @@ impl Drop for Netns {
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -122,23 +101,11 @@ fn read_acct() -> String {
 }
 
 fn tuple(protocol: u8, src: SocketAddr, dst: SocketAddr) -> Tuple {
-    Tuple {
-        protocol,
-        src: src.ip(),
-        dst: dst.ip(),
-        src_port: src.port(),
-        dst_port: dst.port(),
-    }
+    Tuple { protocol, src: src.ip(), dst: dst.ip(), src_port: src.port(), dst_port: dst.port() }
 }
 
 fn reversed(t: &Tuple) -> Tuple {
-    Tuple {
-        protocol: t.protocol,
-        src: t.dst,
-        dst: t.src,
-        src_port: t.dst_port,
-        dst_port: t.src_port,
-    }
+    Tuple { protocol: t.protocol, src: t.dst, dst: t.src, src_port: t.dst_port, dst_port: t.src_port }
 }
 
 fn dump_all(ct: &mut Conntrack) -> Vec<Entry> {
@@ -209,18 +176,10 @@ fn ping(dst: IpAddr, id: u16) {
     }
     let flags = nix::sys::socket::MsgFlags::empty();
     match dst {
-        IpAddr::V4(a) => sendto(
-            fd.as_raw_fd(),
-            &pkt,
-            &SockaddrIn::from(std::net::SocketAddrV4::new(a, 0)),
-            flags,
-        ),
-        IpAddr::V6(a) => sendto(
-            fd.as_raw_fd(),
-            &pkt,
-            &SockaddrIn6::from(std::net::SocketAddrV6::new(a, 0, 0, 0)),
-            flags,
-        ),
+        IpAddr::V4(a) => sendto(fd.as_raw_fd(), &pkt, &SockaddrIn::from(std::net::SocketAddrV4::new(a, 0)), flags),
+        IpAddr::V6(a) => {
+            sendto(fd.as_raw_fd(), &pkt, &SockaddrIn6::from(std::net::SocketAddrV6::new(a, 0, 0, 0)), flags)
+        }
     }
     .unwrap();
     // Wait for the reply to come back, so the entry has seen both directions.
@@ -247,10 +206,7 @@ fn ping(dst: IpAddr, id: u16) {
 }
 
 fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
+    let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -265,10 +221,7 @@ fn dump_finds_a_tcp_flow_with_its_counters() {
     let host_acct = read_acct();
     let ns = Netns::new();
     ns.run(|| {
-        assert!(
-            !conntrack::enable_accounting().unwrap(),
-            "a new namespace starts with accounting off"
-        );
+        assert!(!conntrack::enable_accounting().unwrap(), "a new namespace starts with accounting off");
         assert_eq!(read_acct(), "1");
         assert!(conntrack::enable_accounting().unwrap());
 
@@ -397,21 +350,10 @@ fn missing_entries_are_not_found() {
     let ns = Netns::new();
     ns.run(|| {
         let mut ct = Conntrack::open().unwrap();
-        let t = Tuple {
-            protocol: TCP,
-            src: LO4,
-            dst: LO4,
-            src_port: 1,
-            dst_port: 2,
-        };
+        let t = Tuple { protocol: TCP, src: LO4, dst: LO4, src_port: 1, dst_port: 2 };
         assert!(matches!(ct.delete(&t), Err(CtError::NotFound)));
         assert!(matches!(ct.set_mark(&t, 1, 1), Err(CtError::NotFound)));
-        let t6 = Tuple {
-            protocol: UDP,
-            src: LO6,
-            dst: LO6,
-            ..t
-        };
+        let t6 = Tuple { protocol: UDP, src: LO6, dst: LO6, ..t };
         assert!(matches!(ct.delete(&t6), Err(CtError::NotFound)));
         let err = ct.delete(&Tuple { dst: LO6, ..t }).unwrap_err();
         assert!(matches!(err, CtError::MixedFamilies { .. }), "{err}");
@@ -439,10 +381,7 @@ fn ipv6_and_ipv4_flows_are_in_one_dump() {
 
         let mut ct = Conntrack::open().unwrap();
         let all = dump_all(&mut ct);
-        let e6 = all
-            .iter()
-            .find(|e| e.original == t6)
-            .unwrap_or_else(|| panic!("no {t6:?} in {all:?}"));
+        let e6 = all.iter().find(|e| e.original == t6).unwrap_or_else(|| panic!("no {t6:?} in {all:?}"));
         assert_eq!(e6.reply, reversed(&t6));
         assert!(e6.counters_original.unwrap().bytes >= 500 + 60 * 3);
         assert_eq!(e6.tcp_state, Some(3));
@@ -468,18 +407,9 @@ fn icmp_echo_flows_are_found_marked_and_deleted() {
         let mut ct = Conntrack::open().unwrap();
         for (ip, proto, id) in [(LO4, ICMP, 0x4242u16), (LO6, ICMPV6, 0x4343)] {
             ping(ip, id);
-            let t = Tuple {
-                protocol: proto,
-                src: ip,
-                dst: ip,
-                src_port: id,
-                dst_port: id,
-            };
+            let t = Tuple { protocol: proto, src: ip, dst: ip, src_port: id, dst_port: id };
             let all = dump_all(&mut ct);
-            let e = all
-                .iter()
-                .find(|e| e.original == t)
-                .unwrap_or_else(|| panic!("no {t:?} in {all:?}"));
+            let e = all.iter().find(|e| e.original == t).unwrap_or_else(|| panic!("no {t:?} in {all:?}"));
             assert_eq!(e.reply, t, "an echo's reply tuple on loopback is the same, id included");
             assert_eq!(e.tcp_state, None);
             ct.set_mark(&t, 0x10000, 0x30000).unwrap();
@@ -500,9 +430,7 @@ fn entries_in_other_zones_are_dumped_with_their_zone() {
     let b = ns.run(|| UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
     let port = b.port().to_string();
     for dir in ["--dport", "--sport"] {
-        ns.exec(&[
-            "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "udp", dir, &port, "-j", "CT", "--zone", "7",
-        ]);
+        ns.exec(&["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "udp", dir, &port, "-j", "CT", "--zone", "7"]);
     }
     ns.run(|| {
         let b = UdpSocket::bind(b).unwrap();

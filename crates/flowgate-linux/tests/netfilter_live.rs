@@ -44,10 +44,7 @@ fn program(name: &str) -> PathBuf {
 /// Runs a program (in the calling thread's network namespace), asserts it succeeds, returns its
 /// stdout.
 fn cmd(name: &str, args: &[&str]) -> String {
-    let out = Command::new(program(name))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    let out = Command::new(program(name)).args(args).output().unwrap_or_else(|e| panic!("running {name}: {e}"));
     assert!(
         out.status.success(),
         "{name} {args:?} failed with {}: {}",
@@ -94,11 +91,7 @@ impl Drop for Netns {
 }
 
 fn tool(ipv6: bool, name: &str) -> String {
-    if ipv6 {
-        name.replacen("iptables", "ip6tables", 1)
-    } else {
-        name.to_owned()
-    }
+    if ipv6 { name.replacen("iptables", "ip6tables", 1) } else { name.to_owned() }
 }
 
 /// `iptables-save` (or the IPv6 one) without comments and chain counters.
@@ -146,16 +139,8 @@ fn assert_installed(spec: &ChainSpec) {
         let text = netfilter::ruleset_text(spec, ipv6);
         for (builtin, chain) in BUILTINS {
             let builtin_rules = rules(ipv6, builtin);
-            assert_eq!(
-                builtin_rules.first(),
-                Some(&format!("-A {builtin} -j {chain}")),
-                "IPv6: {ipv6}"
-            );
-            assert_eq!(
-                builtin_rules.iter().filter(|r| r.contains("FLOWGATE")).count(),
-                1,
-                "IPv6: {ipv6}"
-            );
+            assert_eq!(builtin_rules.first(), Some(&format!("-A {builtin} -j {chain}")), "IPv6: {ipv6}");
+            assert_eq!(builtin_rules.iter().filter(|r| r.contains("FLOWGATE")).count(), 1, "IPv6: {ipv6}");
             let prefix = format!("-A {chain} ");
             let expected: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
             assert!(expected.len() >= 10);
@@ -175,20 +160,7 @@ fn add_host_rules() {
             &["-A", "HOST-LOG", "-p", "udp", "--dport", "514", "-j", "ACCEPT"],
             &["-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"],
             &["-A", "OUTPUT", "-j", "HOST-LOG"],
-            &[
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                "22",
-                "-m",
-                "comment",
-                "--comment",
-                "host ssh",
-                "-j",
-                "ACCEPT",
-            ],
+            &["-A", "INPUT", "-p", "tcp", "--dport", "22", "-m", "comment", "--comment", "host ssh", "-j", "ACCEPT"],
             &["-A", "INPUT", "-p", "udp", "-j", "DROP"],
         ] {
             cmd(&iptables, args);
@@ -197,11 +169,7 @@ fn add_host_rules() {
 }
 
 fn spec(queues: std::ops::RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
-    ChainSpec {
-        queues,
-        fail_open,
-        loopback,
-    }
+    ChainSpec { queues, fail_open, loopback }
 }
 
 #[test]
@@ -219,10 +187,7 @@ fn install_then_remove_in_an_empty_namespace() {
         assert_installed(&spec);
         installed.remove().expect("remove");
         assert_restored(&before);
-        assert!(
-            !netfilter::cleanup(&Tools::default()).expect("cleanup"),
-            "nothing left to clean"
-        );
+        assert!(!netfilter::cleanup(&Tools::default()).expect("cleanup"), "nothing left to clean");
     });
 }
 
@@ -235,11 +200,7 @@ fn install_then_remove_keeps_host_rules_in_place() {
     ns.run(|| {
         add_host_rules();
         let before = saves();
-        assert!(
-            before[0].contains("-A OUTPUT -p tcp -m tcp --dport 25 -j DROP"),
-            "{}",
-            before[0]
-        );
+        assert!(before[0].contains("-A OUTPUT -p tcp -m tcp --dport 25 -j DROP"), "{}", before[0]);
         let host_rules = |ipv6: bool| BUILTINS.map(|(builtin, _)| rules(ipv6, builtin));
         let host_before = [host_rules(false), host_rules(true)];
 
@@ -278,10 +239,7 @@ fn cleanup_removes_what_a_killed_instance_left() {
         assert!(saves()[0].contains("FLOWGATE") && saves()[1].contains("FLOWGATE"));
         assert!(netfilter::cleanup(&tools).expect("cleanup"), "leftovers found");
         assert_eq!(saves(), before);
-        assert!(
-            !netfilter::cleanup(&tools).expect("second cleanup"),
-            "nothing found the second time"
-        );
+        assert!(!netfilter::cleanup(&tools).expect("second cleanup"), "nothing found the second time");
         assert_eq!(saves(), before);
     });
 }
@@ -347,25 +305,12 @@ fn failed_ipv6_install_rolls_back_ipv4() {
     ns.run(|| {
         add_host_rules();
         let before = saves();
-        let tools = Tools {
-            ip6tables_restore: "/bin/false".into(),
-            ..Default::default()
-        };
+        let tools = Tools { ip6tables_restore: "/bin/false".into(), ..Default::default() };
         let err = netfilter::install(&spec(0..=1, true, false), &tools).expect_err("install must fail");
         let message = err.to_string();
         eprintln!("install failed as expected: {message}");
         assert!(message.contains("IPv6"), "{message}");
-        assert!(
-            matches!(
-                err,
-                NetfilterError::Failed {
-                    family: Family::Ipv6,
-                    step: Step::Installing,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, NetfilterError::Failed { family: Family::Ipv6, step: Step::Installing, .. }), "{err:?}");
         assert!(!save(false).contains("FLOWGATE"), "IPv4 rolled back");
         assert_eq!(saves(), before);
     });
@@ -379,13 +324,8 @@ fn failed_ipv6_install_in_an_empty_namespace_leaves_no_trace() {
     let ns = Netns::new();
     ns.run(|| {
         let before = saves();
-        let tools = Tools {
-            ip6tables_restore: "/bin/false".into(),
-            ..Default::default()
-        };
-        let message = netfilter::install(&spec(0..=0, false, true), &tools)
-            .expect_err("must fail")
-            .to_string();
+        let tools = Tools { ip6tables_restore: "/bin/false".into(), ..Default::default() };
+        let message = netfilter::install(&spec(0..=0, false, true), &tools).expect_err("must fail").to_string();
         assert!(message.starts_with("ip6tables-restore (IPv6, installing chains) failed with exit status 1"));
         assert!(!save(false).contains("FLOWGATE"));
         assert_restored(&before);
@@ -420,9 +360,7 @@ fn datagram_arrives(addr: &str) -> bool {
     let receiver = UdpSocket::bind(format!("{addr}:0")).expect("bind receiver");
     let to = receiver.local_addr().expect("address");
     let sender = UdpSocket::bind(format!("{addr}:0")).expect("bind sender");
-    sender
-        .send_to(b"flowgate", to)
-        .expect("send: queueing with no listener drops silently");
+    sender.send_to(b"flowgate", to).expect("send: queueing with no listener drops silently");
     let mut buf = [0; 16];
     match recv_within_wait(&receiver, &mut buf) {
         Ok(n) => {
@@ -443,10 +381,7 @@ fn fail_open_passes_packets_while_no_one_listens() {
     ns.run(|| {
         lo_up();
         let installed = netfilter::install(&spec(0..=0, true, true), &Tools::default()).expect("install");
-        assert!(
-            datagram_arrives("127.0.0.1"),
-            "IPv4 datagram bypasses the unbound queue"
-        );
+        assert!(datagram_arrives("127.0.0.1"), "IPv4 datagram bypasses the unbound queue");
         assert!(datagram_arrives("[::1]"), "IPv6 datagram bypasses the unbound queue");
         installed.remove().expect("remove");
     });
@@ -461,10 +396,7 @@ fn fail_closed_drops_packets_while_no_one_listens() {
     ns.run(|| {
         lo_up();
         let installed = netfilter::install(&spec(0..=0, false, true), &Tools::default()).expect("install");
-        assert!(
-            !datagram_arrives("127.0.0.1"),
-            "IPv4 datagram dropped at the unbound queue"
-        );
+        assert!(!datagram_arrives("127.0.0.1"), "IPv4 datagram dropped at the unbound queue");
         assert!(!datagram_arrives("[::1]"), "IPv6 datagram dropped at the unbound queue");
         installed.remove().expect("remove");
         assert!(datagram_arrives("127.0.0.1"), "IPv4 passes again after removal");
@@ -518,20 +450,7 @@ fn tcp_fate(listener: &TcpListener) -> Fate {
 fn mark_port(ipv6: bool, proto: &str, port: u16, target: &str, mark: u32) {
     let mark = format!("{mark:#x}/{:#x}", marks::MASK);
     let port = port.to_string();
-    let args = [
-        "-t",
-        "mangle",
-        "-A",
-        "OUTPUT",
-        "-p",
-        proto,
-        "--dport",
-        &port,
-        "-j",
-        target,
-        "--set-xmark",
-        &mark,
-    ];
+    let args = ["-t", "mangle", "-A", "OUTPUT", "-p", proto, "--dport", &port, "-j", target, "--set-xmark", &mark];
     cmd(&tool(ipv6, "iptables"), &args);
 }
 
@@ -569,11 +488,7 @@ fn decided_marks_act_without_the_daemon() {
             // A verdict's packet mark alone (what the daemon sets where the kernel cannot set
             // the conntrack mark from user space) is saved to the conntrack mark by the chain's
             // first rule, so the flow is rejected and its answer gets through like any other.
-            assert_eq!(
-                udp_fate(&mark_rejected),
-                Fate::Refused,
-                "packet-mark rejected UDP, IPv6: {ipv6}"
-            );
+            assert_eq!(udp_fate(&mark_rejected), Fate::Refused, "packet-mark rejected UDP, IPv6: {ipv6}");
             let counters = cmd(&tool(ipv6, "iptables"), &["-w", "-v", "-x", "-n", "-L", CHAIN_OUT]);
             let saved = counters
                 .lines()

@@ -91,10 +91,7 @@ impl Drop for Netns {
 }
 
 fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {}: {}\n{}",
@@ -198,11 +195,7 @@ fn sender(to: &str) -> (UdpSocket, SocketAddr) {
 }
 
 fn queue(num: u16) -> Queue {
-    Queue::open(&QueueConfig {
-        num,
-        ..QueueConfig::default()
-    })
-    .unwrap_or_else(|e| panic!("{e}"))
+    Queue::open(&QueueConfig { num, ..QueueConfig::default() }).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -225,11 +218,7 @@ fn accept_with_mark_sets_the_connmark() {
                 " -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000"
             ));
         }
-        assert_eq!(
-            q.recv(|_| panic!("nothing was sent")).expect("empty recv"),
-            0,
-            "recv does not block"
-        );
+        assert_eq!(q.recv(|_| panic!("nothing was sent")).expect("empty recv"), 0, "recv does not block");
         q.flush().expect("empty flush");
 
         let rx = receiver("127.0.0.1:9");
@@ -252,14 +241,7 @@ fn accept_with_mark_sets_the_connmark() {
         assert_eq!(p.gid, Some(nix::unistd::getegid().as_raw()));
         assert!(delivered(&rx, 1, QUIET).is_empty(), "held until the verdict");
 
-        q.verdict(
-            p.id,
-            Verdict::Accept,
-            Some(Mark {
-                value: marks::ALLOW,
-                mask: marks::MASK,
-            }),
-        );
+        q.verdict(p.id, Verdict::Accept, Some(Mark { value: marks::ALLOW, mask: marks::MASK }));
         assert_eq!(q.pending(), 1);
         q.flush().expect("flush");
         assert_eq!(delivered(&rx, 1, ARRIVAL), [b"first".to_vec()], "accepted");
@@ -267,17 +249,10 @@ fn accept_with_mark_sets_the_connmark() {
         tx.send_to(b"second", to).expect("send");
         assert_eq!(delivered(&rx, 1, ARRIVAL), [b"second".to_vec()]);
         let again = packets(&mut q, 1, QUIET);
-        assert!(
-            again.is_empty(),
-            "the flow's conntrack mark let it through unqueued: {again:?}"
-        );
+        assert!(again.is_empty(), "the flow's conntrack mark let it through unqueued: {again:?}");
         assert_eq!((q.malformed(), q.overruns(), q.kernel_errors()), (0, 0, 0));
     });
-    assert_eq!(
-        ns.counters("iptables", "filter", "OUTPUT"),
-        [1, 1],
-        "ACCEPT by connmark, NFQUEUE"
-    );
+    assert_eq!(ns.counters("iptables", "filter", "OUTPUT"), [1, 1], "ACCEPT by connmark, NFQUEUE");
 }
 
 #[test]
@@ -338,11 +313,7 @@ fn a_bound_queue_cannot_be_bound_again() {
     let ns = Netns::new();
     ns.enter(|| {
         let first = queue(7);
-        let err = Queue::open(&QueueConfig {
-            num: 7,
-            ..QueueConfig::default()
-        })
-        .expect_err("second bind");
+        let err = Queue::open(&QueueConfig { num: 7, ..QueueConfig::default() }).expect_err("second bind");
         let msg = err.to_string();
         eprintln!("second bind: {msg}");
         assert!(matches!(err, NfqError::AlreadyBound { queue: 7, .. }), "{err:?}");
@@ -370,9 +341,7 @@ fn conntrack_mark_mask_is_honoured_and_packet_mark_is_replaced() {
     ns.iptables(&format!("-A OUTPUT {udp9} -j CONNMARK --set-xmark 0x1/0x1"));
     // Counts only: matches when the conntrack mark is exactly 0x10001.
     ns.iptables(&format!("-A OUTPUT {udp9} -m connmark --mark 0x10001"));
-    ns.iptables(&format!(
-        "-A OUTPUT {udp9} -m connmark --mark 0x10000/0x30000 -j ACCEPT"
-    ));
+    ns.iptables(&format!("-A OUTPUT {udp9} -m connmark --mark 0x10000/0x30000 -j ACCEPT"));
     ns.iptables(&format!("-A OUTPUT {udp9} -j NFQUEUE --queue-num 0"));
     ns.iptables(&format!("-t mangle -A POSTROUTING {udp9} -m mark --mark 0x10000"));
     ns.iptables(&format!("-t mangle -A POSTROUTING {udp9} -m mark --mark 0x10004"));
@@ -387,14 +356,7 @@ fn conntrack_mark_mask_is_honoured_and_packet_mark_is_replaced() {
         if q.has_conntrack() {
             assert_eq!(got[0].ct_mark, Some(0x1), "the conntrack mark as the rules left it");
         }
-        q.verdict(
-            got[0].id,
-            Verdict::Accept,
-            Some(Mark {
-                value: marks::ALLOW,
-                mask: marks::MASK,
-            }),
-        );
+        q.verdict(got[0].id, Verdict::Accept, Some(Mark { value: marks::ALLOW, mask: marks::MASK }));
         q.flush().expect("flush");
         assert_eq!(delivered(&rx, 1, ARRIVAL).len(), 1);
 
@@ -404,11 +366,7 @@ fn conntrack_mark_mask_is_honoured_and_packet_mark_is_replaced() {
             assert!(again.is_empty(), "{again:?}");
         } else {
             eprintln!("note: kernel without NFQUEUE conntrack glue; checking that NFQA_CT is ignored, not refused");
-            assert_eq!(
-                again.len(),
-                1,
-                "without the glue the verdict left the conntrack mark alone"
-            );
+            assert_eq!(again.len(), 1, "without the glue the verdict left the conntrack mark alone");
             q.verdict(again[0].id, Verdict::Accept, None);
             q.flush().expect("flush");
         }
@@ -434,13 +392,8 @@ fn overflow_case(fail_open: bool) -> (usize, usize) {
     let ns = Netns::new();
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
     ns.enter(|| {
-        let mut q = Queue::open(&QueueConfig {
-            num: 0,
-            max_len: 1,
-            fail_open,
-            copy_range: 0xffff,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        let mut q = Queue::open(&QueueConfig { num: 0, max_len: 1, fail_open, copy_range: 0xffff })
+            .unwrap_or_else(|e| panic!("{e}"));
         let rx = receiver("127.0.0.1:9");
         let (tx, to) = sender("127.0.0.1:9");
         for data in [b"a", b"b", b"c"] {
@@ -479,12 +432,7 @@ fn ipv6_packets_are_queued_too() {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].hw_protocol, 0x86dd);
         assert_eq!(got[0].hook, hook::LOCAL_OUT);
-        assert_eq!(
-            udp(&got[0].payload),
-            Some((9, &b"six"[..])),
-            "payload {:02x?}",
-            got[0].payload
-        );
+        assert_eq!(udp(&got[0].payload), Some((9, &b"six"[..])), "payload {:02x?}", got[0].payload);
         q.verdict(got[0].id, Verdict::Accept, None);
         q.flush().expect("flush");
         assert_eq!(delivered(&rx, 1, ARRIVAL), [b"six".to_vec()]);
@@ -498,13 +446,8 @@ fn socket_overflow_case(fail_open: bool) -> (usize, usize, u64) {
     let ns = Netns::new();
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
     ns.enter(|| {
-        let mut q = Queue::open(&QueueConfig {
-            num: 0,
-            max_len: 10_000,
-            fail_open,
-            copy_range: 0xffff,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        let mut q = Queue::open(&QueueConfig { num: 0, max_len: 10_000, fail_open, copy_range: 0xffff })
+            .unwrap_or_else(|e| panic!("{e}"));
         setsockopt(&q, sockopt::RcvBuf, &4096).expect("shrink SO_RCVBUF");
         let rx = receiver("127.0.0.1:9");
         setsockopt(&rx, sockopt::RcvBufForce, &(4 << 20)).expect("grow the receiver's SO_RCVBUF");
@@ -553,25 +496,11 @@ fn repeat_with_a_mark_runs_the_chain_again() {
         tx.send_to(b"settled", to).expect("send");
         let got = packets(&mut q, 1, ARRIVAL);
         assert_eq!(got.len(), 1);
-        q.verdict(
-            got[0].id,
-            Verdict::Repeat,
-            Some(Mark {
-                value: marks::DROP,
-                mask: marks::MASK,
-            }),
-        );
+        q.verdict(got[0].id, Verdict::Repeat, Some(Mark { value: marks::DROP, mask: marks::MASK }));
         q.flush().expect("flush");
-        assert!(
-            packets(&mut q, 1, QUIET).is_empty(),
-            "the mark rule caught it before the queue"
-        );
+        assert!(packets(&mut q, 1, QUIET).is_empty(), "the mark rule caught it before the queue");
         assert!(delivered(&rx, 1, QUIET).is_empty());
         assert_eq!(q.kernel_errors(), 0);
     });
-    assert_eq!(
-        ns.counters("iptables", "filter", "OUTPUT"),
-        [1, 1],
-        "DROP by mark after the repeat, NFQUEUE once"
-    );
+    assert_eq!(ns.counters("iptables", "filter", "OUTPUT"), [1, 1], "DROP by mark after the repeat, NFQUEUE once");
 }

@@ -44,6 +44,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop live flows now, also ones allowed long ago and handled in the kernel since: a local
+    /// application's socket gets an error at once, a TCP peer a reset, and no further packet of
+    /// the flow passes either way. Name flows by id, or by --remote and/or --port.
+    Block {
+        #[command(flatten)]
+        select: FlowSelect,
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
+    /// Let live flows continue: held (paused) or inspected ones pass, blocked ones are allowed
+    /// again (a TCP connection already reset stays gone).
+    Allow {
+        #[command(flatten)]
+        select: FlowSelect,
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
+    /// Apply the daemon's config file again (like SIGHUP): new flows follow the new rules, and
+    /// every live flow the new rules drop is torn down; the others are untouched.
+    Reload {
+        #[command(flatten)]
+        target: DaemonTarget,
+    },
     /// Remove what a killed daemon left behind (netfilter chains, control socket).
     Cleanup {
         #[command(flatten)]
@@ -66,6 +89,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which live flows a command is about.
+#[derive(clap::Args, Debug)]
+pub struct FlowSelect {
+    /// Flow ids (from `flowgate flows` or the event log).
+    pub ids: Vec<u64>,
+    /// Flows whose remote address is in this network (CIDR; a bare address is one host).
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// Flows with this remote port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which daemon to talk to: by its config (its `run_dir`) or by `run_dir` directly.
@@ -111,13 +150,14 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Rules {
-            command: RulesCommand::Check { file, json, strict },
-        } => rules_check(&file, json, strict),
+        Command::Rules { command: RulesCommand::Check { file, json, strict } } => rules_check(&file, json, strict),
         Command::Replay { capture, config, json } => replay_cmd(&capture, config.as_deref(), json),
         Command::Run { config } => run_cmd(config.as_deref()),
         Command::Flows { target, json } => flows_cmd(&target, json),
         Command::Cleanup { target } => cleanup_cmd(&target),
+        Command::Block { select, target } => verdict_cmd("block", &select, &target),
+        Command::Allow { select, target } => verdict_cmd("allow", &select, &target),
+        Command::Reload { target } => reload_cmd(&target),
     }
 }
 
@@ -156,17 +196,11 @@ fn flows_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
         Err(e) => return fail(e),
     };
     let empty = Vec::new();
-    let flows = reply
-        .get("flows")
-        .and_then(serde_json::Value::as_array)
-        .unwrap_or(&empty);
+    let flows = reply.get("flows").and_then(serde_json::Value::as_array).unwrap_or(&empty);
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let written = if json {
-        flows.iter().try_for_each(|f| writeln!(out, "{f}"))
-    } else {
-        print_flow_table(&mut out, flows)
-    };
+    let written =
+        if json { flows.iter().try_for_each(|f| writeln!(out, "{f}")) } else { print_flow_table(&mut out, flows) };
     match written.and_then(|()| out.flush()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -206,6 +240,47 @@ fn print_flow_table(out: &mut dyn Write, flows: &[serde_json::Value]) -> io::Res
         )?;
     }
     Ok(())
+}
+
+fn verdict_cmd(cmd: &str, select: &FlowSelect, target: &DaemonTarget) -> ExitCode {
+    if select.ids.is_empty() && select.remote.is_none() && select.port.is_none() {
+        return fail(format!("flowgate {cmd}: name flows by id, or by --remote and/or --port"));
+    }
+    let run_dir = match target.run_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let req = json!({"cmd": cmd, "ids": select.ids, "remote": select.remote, "port": select.port});
+    match crate::daemon::control::request(&run_dir, &req) {
+        Ok(reply) => {
+            if select.json {
+                println!("{reply}");
+            } else {
+                let ids: Vec<String> = reply
+                    .get("flows")
+                    .and_then(serde_json::Value::as_array)
+                    .map(|a| a.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                println!("{}: {}", if cmd == "block" { "blocked" } else { "allowed" }, ids.join(" "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn reload_cmd(target: &DaemonTarget) -> ExitCode {
+    let run_dir = match target.run_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    match crate::daemon::control::request(&run_dir, &json!({"cmd": "reload"})) {
+        Ok(reply) => {
+            println!("reloaded: {} rules", reply.get("rules").and_then(serde_json::Value::as_u64).unwrap_or(0));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn cleanup_cmd(target: &DaemonTarget) -> ExitCode {

@@ -167,14 +167,22 @@ struct RawPeek {
 struct Source<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Byte offset where each line starts, so a position is a binary search, not a scan
+    /// (a file of 100,000 rules asks for a position per rule).
+    line_starts: Vec<usize>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Source { path, text, line_starts }
+    }
+
+    /// 1-based line and column (in bytes) of a byte offset.
     fn position(&self, offset: usize) -> (usize, usize) {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
-        (line, column)
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&start| start <= offset).max(1);
+        (line, offset - self.line_starts[line - 1] + 1)
     }
 
     fn line(&self, span: &Range<usize>) -> usize {
@@ -205,9 +213,7 @@ impl Source<'_> {
     /// The key written on the line of `offset` (`key = value`), to name the field in errors
     /// that come from the TOML layer without it.
     fn key_at(&self, offset: usize) -> Option<String> {
-        let start = self.text[..offset.min(self.text.len())]
-            .rfind('\n')
-            .map_or(0, |i| i + 1);
+        let start = self.text[..offset.min(self.text.len())].rfind('\n').map_or(0, |i| i + 1);
         let line = self.text[start..].lines().next()?;
         let (key, _) = line.split_once('=')?;
         let key = key.trim();
@@ -229,7 +235,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates config text; `path` is only used in messages.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let src = Source { path, text };
+    let src = Source::new(path, text);
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let span = e.span();
         let field = span.as_ref().and_then(|s| src.key_at(s.start));
@@ -256,11 +262,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             "open" => FailMode::Open,
             "closed" => FailMode::Closed,
             other => {
-                return Err(src.at(
-                    v,
-                    "fail",
-                    format!("`{other}` is not a fail mode: expected open or closed"),
-                ));
+                return Err(src.at(v, "fail", format!("`{other}` is not a fail mode: expected open or closed")));
             }
         },
     };
@@ -298,38 +300,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         rule_lines.push(line);
         rule_list.push(rule);
     }
-    let set = RuleSet {
-        rules: rule_list,
-        default_action,
-    };
+    let set = RuleSet { rules: rule_list, default_action };
     for l in lint::lint(&set) {
-        warnings.push(Warning {
-            path: path.to_path_buf(),
-            line: rule_lines[l.rule()],
-            message: l.message(&set),
-        });
+        warnings.push(Warning { path: path.to_path_buf(), line: rule_lines[l.rule()], message: l.message(&set) });
     }
     warnings.sort_by_key(|w| w.line);
-    Ok(Config {
-        path: path.to_path_buf(),
-        rules: set,
-        rule_lines,
-        engine,
-        fail,
-        live,
-        warnings,
-    })
+    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, warnings })
 }
 
 fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
     let mut live = Live::default();
     let int = |v: &Spanned<i64>, field: &str, lo: i64, hi: i64| -> Result<i64, ConfigError> {
         let n = *v.get_ref();
-        if (lo..=hi).contains(&n) {
-            Ok(n)
-        } else {
-            Err(src.at(v, field, format!("must be between {lo} and {hi}")))
-        }
+        if (lo..=hi).contains(&n) { Ok(n) } else { Err(src.at(v, field, format!("must be between {lo} and {hi}"))) }
     };
     if let Some(v) = &raw.queues {
         live.queues = u16::try_from(int(v, "queues", 1, 64)?).unwrap_or(1);
@@ -382,18 +365,11 @@ fn timeouts(src: &Source<'_>, t: &RawTimeouts) -> Result<Timeouts, ConfigError> 
                 src.at(
                     v,
                     &format!("timeouts.{name}"),
-                    format!(
-                        "`{}` is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\"",
-                        v.get_ref()
-                    ),
+                    format!("`{}` is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\"", v.get_ref()),
                 )
             })?;
             if d.is_zero() {
-                return Err(src.at(
-                    v,
-                    &format!("timeouts.{name}"),
-                    "a timeout of zero would close every flow at once",
-                ));
+                return Err(src.at(v, &format!("timeouts.{name}"), "a timeout of zero would close every flow at once"));
             }
             *slot = d;
         }
@@ -406,10 +382,7 @@ fn strings<'v>(src: &Source<'_>, v: &'v Spanned<toml::Value>, field: &str) -> Re
         toml::Value::String(s) => Ok(vec![s.as_str()]),
         toml::Value::Array(items) if !items.is_empty() => items
             .iter()
-            .map(|i| {
-                i.as_str()
-                    .ok_or_else(|| src.at(v, field, "expected a string or a list of strings"))
-            })
+            .map(|i| i.as_str().ok_or_else(|| src.at(v, field, "expected a string or a list of strings")))
             .collect(),
         toml::Value::Array(_) => Err(src.at(v, field, "empty list: leave the field out to match anything")),
         _ => Err(src.at(v, field, "expected a string or a list of strings")),
@@ -421,11 +394,7 @@ fn ports(src: &Source<'_>, v: &Spanned<toml::Value>, field: &str) -> Result<rule
         toml::Value::Integer(n) => n.to_string(),
         toml::Value::String(s) => s.clone(),
         _ => {
-            return Err(src.at(
-                v,
-                field,
-                "expected ports as a string like \"80,443,8000-8080\" or a number",
-            ));
+            return Err(src.at(v, field, "expected ports as a string like \"80,443,8000-8080\" or a number"));
         }
     };
     rules::parse_ports(&text).map_err(|e| src.at(v, field, e.0))
@@ -438,15 +407,11 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
         None => format!("rule-{}", index + 1),
     };
     let Some(action_text) = &r.action else {
-        return Err(src.error(
-            None,
-            Some("action"),
-            format!("rule `{name}` has no `action` (allow, drop or inspect)"),
-        ))
-        .map_err(|mut e| {
-            e.line = r.name.as_ref().map(|n| src.line(&n.span()));
-            e
-        });
+        return Err(src.error(None, Some("action"), format!("rule `{name}` has no `action` (allow, drop or inspect)")))
+            .map_err(|mut e| {
+                e.line = r.name.as_ref().map(|n| src.line(&n.span()));
+                e
+            });
     };
     let (peek_out, peek_in) = match &r.peek {
         Some(p) => (p.get_ref().outbound.unwrap_or(0), p.get_ref().inbound.unwrap_or(0)),
@@ -456,24 +421,10 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
         .map_err(|e| src.at(action_text, "action", e.0))?;
     match (&action, &r.peek) {
         (Action::Inspect { .. }, None) => {
-            return Err(src.at(
-                action_text,
-                "peek",
-                "an inspect rule needs `peek = { outbound = N, inbound = N }`",
-            ));
+            return Err(src.at(action_text, "peek", "an inspect rule needs `peek = { outbound = N, inbound = N }`"));
         }
-        (
-            Action::Inspect {
-                peek_outbound: 0,
-                peek_inbound: 0,
-            },
-            Some(p),
-        ) => {
-            return Err(src.at(
-                p,
-                "peek",
-                "an inspect rule must peek at least one byte in some direction",
-            ));
+        (Action::Inspect { peek_outbound: 0, peek_inbound: 0 }, Some(p)) => {
+            return Err(src.at(p, "peek", "an inspect rule must peek at least one byte in some direction"));
         }
         (Action::Allow | Action::Drop, Some(p)) => {
             return Err(src.at(p, "peek", "`peek` only goes with action = \"inspect\""));
@@ -490,10 +441,7 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
     }
     let mut rule = Rule::new(name, action);
     rule.silent = silent;
-    for (field, raw, out) in [
-        ("remote", &r.remote, &mut rule.remote),
-        ("local", &r.local, &mut rule.local),
-    ] {
+    for (field, raw, out) in [("remote", &r.remote, &mut rule.remote), ("local", &r.local, &mut rule.local)] {
         if let Some(v) = raw {
             for text in strings(src, v, field)? {
                 let net: IpNet = rules::parse_network(text).map_err(|e| src.at(v, field, e.0))?;
@@ -574,13 +522,7 @@ peek = { outbound = 2048, inbound = 0 }
         .expect("valid config");
         assert_eq!(c.rules.rules.len(), 2);
         assert_eq!(c.rule_lines, vec![10, 21]);
-        assert_eq!(
-            c.rules.rules[1].action,
-            Action::Inspect {
-                peek_outbound: 2048,
-                peek_inbound: 0
-            }
-        );
+        assert_eq!(c.rules.rules[1].action, Action::Inspect { peek_outbound: 2048, peek_inbound: 0 });
         assert_eq!(c.engine.local_networks.len(), 2);
         assert_eq!(c.engine.max_flows, 1000);
         assert_eq!(c.engine.timeouts.udp, Duration::from_secs(30));
@@ -625,32 +567,13 @@ peek = { outbound = 2048, inbound = 0 }
     fn rule_shape_errors() {
         assert_eq!(err("[[rule]]\nname = \"x\"\n").field.as_deref(), Some("action"));
         assert_eq!(err("[[rule]]\naction = \"inspect\"\n").field.as_deref(), Some("peek"));
-        assert_eq!(
-            err("[[rule]]\naction = \"drop\"\npeek = { outbound = 1 }\n")
-                .field
-                .as_deref(),
-            Some("peek")
-        );
-        assert_eq!(
-            err("[[rule]]\naction = \"drop\"\nhost = \"*.example.com\"\n")
-                .field
-                .as_deref(),
-            Some("host")
-        );
+        assert_eq!(err("[[rule]]\naction = \"drop\"\npeek = { outbound = 1 }\n").field.as_deref(), Some("peek"));
+        assert_eq!(err("[[rule]]\naction = \"drop\"\nhost = \"*.example.com\"\n").field.as_deref(), Some("host"));
         let dup = err("[[rule]]\nname = \"a\"\naction = \"drop\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\n");
         assert_eq!((dup.line, dup.field.as_deref()), (Some(5), Some("name")));
-        assert_eq!(
-            err("[timeouts]\nudp = \"soon\"\n").field.as_deref(),
-            Some("timeouts.udp")
-        );
-        assert_eq!(
-            err("local_addresses = [\"not-an-ip\"]\n").field.as_deref(),
-            Some("local_addresses")
-        );
-        assert_eq!(
-            err("[[rule]]\nremote = []\naction = \"drop\"\n").field.as_deref(),
-            Some("remote")
-        );
+        assert_eq!(err("[timeouts]\nudp = \"soon\"\n").field.as_deref(), Some("timeouts.udp"));
+        assert_eq!(err("local_addresses = [\"not-an-ip\"]\n").field.as_deref(), Some("local_addresses"));
+        assert_eq!(err("[[rule]]\nremote = []\naction = \"drop\"\n").field.as_deref(), Some("remote"));
     }
 
     #[test]

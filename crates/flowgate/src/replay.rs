@@ -38,11 +38,7 @@ pub enum ReplayError {
     #[error("{path}: not a pcap or pcapng capture (unknown magic number {magic:#010x})")]
     Format { path: PathBuf, magic: u32 },
     #[error("{path}: broken capture after {frames} frames: {message}")]
-    Corrupt {
-        path: PathBuf,
-        frames: u64,
-        message: String,
-    },
+    Corrupt { path: PathBuf, frames: u64, message: String },
     #[error("writing events: {0}")]
     Output(#[from] io::Error),
 }
@@ -76,10 +72,7 @@ pub fn replay(engine: &mut Engine, path: &Path, out: &mut dyn Write) -> Result<S
         }
         match ip_payload(frame.link, frame.data) {
             Some(ip) => {
-                let meta = PacketMeta {
-                    interface: frame.interface,
-                    origin: Origin::Unknown,
-                };
+                let meta = PacketMeta { interface: frame.interface, origin: Origin::Unknown };
                 // A replay only reports what would have happened; the decision itself is unused.
                 let _ = engine.handle_packet(frame.time, meta, ip);
             }
@@ -103,10 +96,7 @@ pub fn write_event(out: &mut dyn Write, e: &Event) -> io::Result<()> {
 }
 
 fn for_each_frame(path: &Path, mut f: impl FnMut(Frame<'_>) -> io::Result<()>) -> Result<(), ReplayError> {
-    let open_err = |source| ReplayError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
+    let open_err = |source| ReplayError::Open { path: path.to_path_buf(), source };
     let mut file = BufReader::new(File::open(path).map_err(open_err)?);
     // Peek at the magic number without consuming it; the readers parse the header themselves.
     let head = file.fill_buf().map_err(open_err)?;
@@ -134,12 +124,7 @@ fn for_each_frame(path: &Path, mut f: impl FnMut(Frame<'_>) -> io::Result<()>) -
                 let p = p.map_err(|e| corrupt(frames, e))?;
                 frames += 1;
                 let time = Instant::from_unix(p.timestamp.as_secs(), p.timestamp.subsec_nanos());
-                f(Frame {
-                    time,
-                    interface: None,
-                    link,
-                    data: &p.data,
-                })?;
+                f(Frame { time, interface: None, link, data: &p.data })?;
             }
         }
         0x0a0d_0d0a => {
@@ -176,22 +161,12 @@ fn for_each_frame(path: &Path, mut f: impl FnMut(Frame<'_>) -> io::Result<()>) -
                             });
                         };
                         let time = pcapng_time(epb.timestamp, *tsresol);
-                        f(Frame {
-                            time,
-                            interface: name.as_deref(),
-                            link: *link,
-                            data: &epb.data,
-                        })?;
+                        f(Frame { time, interface: name.as_deref(), link: *link, data: &epb.data })?;
                     }
                     Block::SimplePacket(spb) => {
                         frames += 1;
                         if let Some((link, name, _)) = ifaces.first() {
-                            f(Frame {
-                                time: Instant::ZERO,
-                                interface: name.as_deref(),
-                                link: *link,
-                                data: &spb.data,
-                            })?;
+                            f(Frame { time: Instant::ZERO, interface: name.as_deref(), link: *link, data: &spb.data })?;
                         }
                     }
                     _ => {}
@@ -199,10 +174,7 @@ fn for_each_frame(path: &Path, mut f: impl FnMut(Frame<'_>) -> io::Result<()>) -
             }
         }
         other => {
-            return Err(ReplayError::Format {
-                path: path.to_path_buf(),
-                magic: other,
-            });
+            return Err(ReplayError::Format { path: path.to_path_buf(), magic: other });
         }
     }
     Ok(())
@@ -213,11 +185,7 @@ fn pcapng_time(raw: Duration, tsresol: u8) -> Instant {
     let units = raw.as_nanos();
     let micros = if tsresol & 0x80 == 0 {
         let exp = u32::from(tsresol);
-        if exp >= 6 {
-            units / 10u128.pow(exp - 6)
-        } else {
-            units * 10u128.pow(6 - exp)
-        }
+        if exp >= 6 { units / 10u128.pow(exp - 6) } else { units * 10u128.pow(6 - exp) }
     } else {
         let exp = u32::from(tsresol & 0x7f).min(127);
         (units * 1_000_000) >> exp
@@ -256,11 +224,7 @@ fn ip_payload(link: DataLink, data: &[u8]) -> Option<&[u8]> {
             // A 4-byte address family in the capturing host's byte order (NULL) or big endian (LOOP).
             let fam = data.get(..4)?;
             let v = |f: u32| fam == f.to_le_bytes() || fam == f.to_be_bytes();
-            if v(2) || v(10) || v(24) || v(28) || v(30) {
-                data.get(4..)
-            } else {
-                None
-            }
+            if v(2) || v(10) || v(24) || v(28) || v(30) { data.get(4..) } else { None }
         }
         _ => None,
     }
@@ -298,21 +262,12 @@ mod tests {
     #[test]
     fn pcapng_timestamps_follow_tsresol() {
         // Default resolution: microseconds.
-        assert_eq!(
-            pcapng_time(Duration::from_nanos(1_500_000), 6),
-            Instant::from_micros(1_500_000)
-        );
+        assert_eq!(pcapng_time(Duration::from_nanos(1_500_000), 6), Instant::from_micros(1_500_000));
         // Nanoseconds.
-        assert_eq!(
-            pcapng_time(Duration::from_nanos(1_500_000), 9),
-            Instant::from_micros(1_500)
-        );
+        assert_eq!(pcapng_time(Duration::from_nanos(1_500_000), 9), Instant::from_micros(1_500));
         // Milliseconds.
         assert_eq!(pcapng_time(Duration::from_nanos(3), 3), Instant::from_micros(3_000));
         // Powers of two: 2^-10 s units.
-        assert_eq!(
-            pcapng_time(Duration::from_nanos(1024), 0x80 | 10),
-            Instant::from_micros(1_000_000)
-        );
+        assert_eq!(pcapng_time(Duration::from_nanos(1024), 0x80 | 10), Instant::from_micros(1_000_000));
     }
 }

@@ -21,9 +21,7 @@ fn root_or_skip(test: &str) -> bool {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 /// Connects from inside `ns` to a TCP echo server at `dst`, sends `len` bytes (writer thread,
@@ -44,8 +42,7 @@ fn tcp_echo_roundtrip(ns: &Netns, dst: SocketAddr, len: usize) -> SocketAddr {
             w.shutdown(Shutdown::Write).expect("shutdown");
         });
         let mut got = Vec::with_capacity(len);
-        (&s).read_to_end(&mut got)
-            .unwrap_or_else(|e| panic!("read from {dst}: {e} after {} bytes", got.len()));
+        (&s).read_to_end(&mut got).unwrap_or_else(|e| panic!("read from {dst}: {e} after {} bytes", got.len()));
         writer.join().expect("writer");
         assert_eq!(got.len(), expected.len(), "echo length from {dst}");
         assert!(got == expected, "echo content from {dst} differs");
@@ -57,11 +54,7 @@ fn tcp_echo_roundtrip(ns: &Netns, dst: SocketAddr, len: usize) -> SocketAddr {
 /// socket) and checks each comes back.
 fn udp_echo_roundtrip(ns: &Netns, dst: SocketAddr, len: usize, count: usize) {
     ns.in_ns(move || {
-        let bind: SocketAddr = if dst.is_ipv4() {
-            "0.0.0.0:0".parse().unwrap()
-        } else {
-            "[::]:0".parse().unwrap()
-        };
+        let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
         let s = UdpSocket::bind(bind).unwrap();
         s.connect(dst).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -69,9 +62,7 @@ fn udp_echo_roundtrip(ns: &Netns, dst: SocketAddr, len: usize, count: usize) {
         for i in 0..count {
             let msg = pattern(len, i as u8);
             s.send(&msg).unwrap_or_else(|e| panic!("send to {dst}: {e}"));
-            let n = s
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no UDP echo from {dst} (datagram {i}): {e}"));
+            let n = s.recv(&mut buf).unwrap_or_else(|e| panic!("no UDP echo from {dst} (datagram {i}): {e}"));
             assert_eq!(&buf[..n], &msg[..], "UDP echo from {dst}");
         }
     })
@@ -91,10 +82,7 @@ fn threads_named(names: &[String]) -> Vec<String> {
 }
 
 fn netns_list() -> String {
-    let o = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
+    let o = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -120,9 +108,7 @@ fn process_gone_or_zombie(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         // "pid (comm) STATE ..." — comm may contain spaces, so look after the last ')'.
-        Ok(s) => s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
 }
 
@@ -166,9 +152,8 @@ fn concurrent_connections_to_echo() {
     let addr = echo.addr;
     // All connections open at the same time, then each exchanges data.
     lab.cli.in_ns(move || {
-        let conns: Vec<TcpStream> = (0..32)
-            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
-            .collect();
+        let conns: Vec<TcpStream> =
+            (0..32).map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect")).collect();
         for (i, mut c) in conns.iter().enumerate() {
             c.write_all(format!("hello {i:03}").as_bytes()).unwrap();
         }
@@ -224,24 +209,12 @@ fn tunnel_carries_traffic() {
     let tx_after = lab.host.iface_counter("tun0", "tx_packets");
     let srv_rx_after = lab.srv.iface_counter("tun0", "rx_packets");
     // 256 KiB at MSS 1360 is ~190 data segments, plus handshake and teardown.
-    assert!(
-        tx_after - tx_before >= 190,
-        "host tun0 tx_packets {tx_before} -> {tx_after}"
-    );
-    assert!(
-        srv_rx_after - srv_rx_before >= 190,
-        "srv tun0 rx_packets {srv_rx_before} -> {srv_rx_after}"
-    );
-    assert!(
-        lab.host.iface_counter("veth1", "tx_packets") - udp_before >= 190,
-        "UDP carrier on veth1"
-    );
+    assert!(tx_after - tx_before >= 190, "host tun0 tx_packets {tx_before} -> {tx_after}");
+    assert!(srv_rx_after - srv_rx_before >= 190, "srv tun0 rx_packets {srv_rx_before} -> {srv_rx_after}");
+    assert!(lab.host.iface_counter("veth1", "tx_packets") - udp_before >= 190, "UDP carrier on veth1");
     let (encap, _) = lab.tunnel_host_stats();
     let (_, decap) = lab.tunnel_srv_stats();
-    assert!(
-        encap >= 190 && decap >= 190,
-        "forwarder counters: host encap {encap}, srv decap {decap}"
-    );
+    assert!(encap >= 190 && decap >= 190, "forwarder counters: host encap {encap}, srv decap {decap}");
 
     // IPv6 inside the tunnel.
     let tx_before = lab.host.iface_counter("tun0", "tx_packets");
@@ -276,10 +249,7 @@ fn cleanup_after_drop() {
     // A guarded child is terminated by its guard ...
     let child = lab.host.spawn(&["sleep", "1000"]);
     let guarded = child.pid();
-    assert!(
-        lab.host.pids().contains(&guarded),
-        "spawned process is inside the host namespace"
-    );
+    assert!(lab.host.pids().contains(&guarded), "spawned process is inside the host namespace");
     // ... and an unguarded one (guard leaked) is SIGKILLed when the namespace is deleted.
     let leaked = lab.srv.spawn(&["sleep", "1000"]);
     let leaked_pid = leaked.pid();
@@ -300,15 +270,10 @@ fn cleanup_after_drop() {
     }
     assert!(threads_named(&threads).is_empty(), "tunnel threads survived the lab");
     // The tunnel is in-process, but make sure no socat (or other helper) of this lab exists.
-    let socats: Vec<String> = processes_mentioning("socat")
-        .into_iter()
-        .filter(|p| names.iter().any(|n| p.contains(n)))
-        .collect();
+    let socats: Vec<String> =
+        processes_mentioning("socat").into_iter().filter(|p| names.iter().any(|n| p.contains(n))).collect();
     assert!(socats.is_empty(), "{socats:?}");
-    assert!(
-        process_gone_or_zombie(leaked_pid),
-        "leaked child {leaked_pid} survived its namespace"
-    );
+    assert!(process_gone_or_zombie(leaked_pid), "leaked child {leaked_pid} survived its namespace");
     // Reap the leaked child ourselves (its guard was forgotten).
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(leaked_pid), None);
     let _ = std::fs::remove_file(leaked_log);
@@ -326,10 +291,7 @@ fn cleanup_after_panic() {
         let _child = lab.host.spawn(&["sleep", "1000"]);
         std::panic::panic_any(names);
     });
-    let names = *result
-        .expect_err("closure panics")
-        .downcast::<Vec<String>>()
-        .expect("payload");
+    let names = *result.expect_err("closure panics").downcast::<Vec<String>>().expect("payload");
     let list = netns_list();
     for n in &names {
         assert!(!listed(&list, n), "{n} survived a panic:\n{list}");
@@ -361,10 +323,7 @@ fn two_labs_at_once() {
         s.spawn(|| tcp_echo_roundtrip(&b.host, tb.addr, 50_000));
     });
     // Each lab's traffic stayed in that lab.
-    assert_eq!(
-        (ea.connections(), eb.connections(), ta.connections(), tb.connections()),
-        (1, 1, 1, 1)
-    );
+    assert_eq!((ea.connections(), eb.connections(), ta.connections(), tb.connections()), (1, 1, 1, 1));
     assert_eq!(ea.bytes(), 200_000);
     assert_eq!(eb.bytes(), 200_000);
 }
@@ -388,21 +347,12 @@ fn namespace_settings() {
         assert!(!addrs.contains("tentative"), "{}: {addrs}", ns.name);
     }
     assert_eq!(lab.host.run_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
-    assert_eq!(
-        lab.host
-            .run_ok(&["cat", "/proc/sys/net/ipv6/conf/all/forwarding"])
-            .trim(),
-        "1"
-    );
+    assert_eq!(lab.host.run_ok(&["cat", "/proc/sys/net/ipv6/conf/all/forwarding"]).trim(), "1");
     assert_eq!(lab.cli.run_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(), "0");
     // No veth or tun of the lab appeared in the root namespace.
     let links = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).into_owned();
     for ns in lab.namespaces() {
-        assert!(
-            !links.contains(&ns.name),
-            "root namespace link mentions {}: {links}",
-            ns.name
-        );
+        assert!(!links.contains(&ns.name), "root namespace link mentions {}: {links}", ns.name);
     }
 }
 
@@ -414,9 +364,7 @@ fn child_guard_and_wait_helpers() {
     let lab = Lab::new("child");
 
     // A process ignoring SIGTERM is SIGKILLed after the (shortened) bounded wait.
-    let mut stubborn = lab
-        .host
-        .spawn(&["sh", "-c", "trap '' TERM; echo ready; exec sleep 1000"]);
+    let mut stubborn = lab.host.spawn(&["sh", "-c", "trap '' TERM; echo ready; exec sleep 1000"]);
     stubborn.set_term_timeout(Duration::from_millis(300));
     let pid = stubborn.pid();
     let t = Instant::now();
@@ -425,11 +373,8 @@ fn child_guard_and_wait_helpers() {
     assert!(process_gone_or_zombie(pid));
 
     // signal(), wait_timeout() and the log.
-    let mut c = lab.host.spawn(&[
-        "sh",
-        "-c",
-        "echo started; trap 'echo got-hup; exit 3' HUP; while :; do sleep 1; done",
-    ]);
+    let mut c =
+        lab.host.spawn(&["sh", "-c", "echo started; trap 'echo got-hup; exit 3' HUP; while :; do sleep 1; done"]);
     wait_for_log(&c, "started");
     c.signal(Signal::SIGHUP);
     let st = c.wait_timeout(Duration::from_secs(5)).expect("exits on SIGHUP");
@@ -445,16 +390,8 @@ fn child_guard_and_wait_helpers() {
     }
     let tcp = sa(SRV_SERVICE_V4, 9000);
     let udp = sa(SRV_SERVICE_V6, 9001);
-    let _t = lab
-        .srv
-        .spawn(&["socat", "TCP-LISTEN:9000,bind=203.0.113.10,reuseaddr,fork", "EXEC:cat"]);
-    let _u = lab.srv.spawn(&[
-        "socat",
-        "-T",
-        "5",
-        "UDP6-RECVFROM:9001,bind=[2001:db8:2::10],fork",
-        "EXEC:cat",
-    ]);
+    let _t = lab.srv.spawn(&["socat", "TCP-LISTEN:9000,bind=203.0.113.10,reuseaddr,fork", "EXEC:cat"]);
+    let _u = lab.srv.spawn(&["socat", "-T", "5", "UDP6-RECVFROM:9001,bind=[2001:db8:2::10],fork", "EXEC:cat"]);
     wait_listed(&lab.srv, Proto::Tcp, tcp);
     wait_tcp_listening(&lab.cli, tcp);
     tcp_echo_roundtrip(&lab.cli, tcp, 5000);
@@ -465,11 +402,7 @@ fn child_guard_and_wait_helpers() {
 fn wait_for_log(c: &Child, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !c.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} never appeared in the log: {}",
-            c.log()
-        );
+        assert!(Instant::now() < deadline, "{needle:?} never appeared in the log: {}", c.log());
         thread::sleep(Duration::from_millis(10)); // bounded polling of a file
     }
 }
@@ -524,9 +457,7 @@ fn server_stops_with_open_connections_and_sink_counts() {
     drop(echo);
     assert!(t.elapsed() < Duration::from_secs(2), "stop took {:?}", t.elapsed());
     // The listener is closed: new connections are refused.
-    let refused = lab
-        .cli
-        .in_ns(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_err());
+    let refused = lab.cli.in_ns(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_err());
     assert!(refused);
     drop((idle, stuffed));
 }
@@ -538,11 +469,7 @@ fn in_ns_propagates_panics_and_namespaces_isolate() {
     }
     let ns = Netns::new("bare");
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.in_ns(|| panic!("boom inside"))));
-    let msg = r
-        .expect_err("panics")
-        .downcast::<&str>()
-        .map(|s| s.to_string())
-        .unwrap_or_default();
+    let msg = r.expect_err("panics").downcast::<&str>().map(|s| s.to_string()).unwrap_or_default();
     assert_eq!(msg, "boom inside");
     // A bare namespace has only lo (down until setup_basics), and no route anywhere.
     let links = ns.ip(&["-o", "link"]);

@@ -78,13 +78,7 @@ impl Daemon {
                 }
             }
         });
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-            keep_dir: false,
-            ns: ns.to_string(),
-            stderr: rx,
-        };
+        let mut d = Daemon { child: Some(child), dir, keep_dir: false, ns: ns.to_string(), stderr: rx };
         d.wait_for_line("flowgate: ready", Duration::from_secs(30));
         d
     }
@@ -127,9 +121,7 @@ impl Daemon {
 
     fn events(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.dir.join("events.jsonl")).unwrap_or_default();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line ({e}): {l}")))
-            .collect()
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line ({e}): {l}"))).collect()
     }
 
     fn flowgate(&self, args: &[&str]) -> std::process::Output {
@@ -198,12 +190,7 @@ fn verdicts(events: &[Value]) -> Vec<(String, String, String, String)> {
         .filter(|e| e["event"] == "flow.verdict")
         .map(|e| {
             let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-            (
-                s(&e["flow"]["remote"]),
-                s(&e["verdict"]),
-                s(&e["rule"]),
-                s(&e["flow"]["interface"]),
-            )
+            (s(&e["flow"]["remote"]), s(&e["verdict"]), s(&e["rule"]), s(&e["flow"]["interface"]))
         })
         .collect()
 }
@@ -212,10 +199,7 @@ fn verdict_for<'a>(events: &'a [Value], remote_prefix: &str) -> &'a Value {
     events
         .iter()
         .find(|e| {
-            e["event"] == "flow.verdict"
-                && e["flow"]["remote"]
-                    .as_str()
-                    .is_some_and(|r| r.starts_with(remote_prefix))
+            e["event"] == "flow.verdict" && e["flow"]["remote"].as_str().is_some_and(|r| r.starts_with(remote_prefix))
         })
         .unwrap_or_else(|| panic!("no verdict for a flow to {remote_prefix} in {:#?}", verdicts(events)))
 }
@@ -234,27 +218,15 @@ fn outbound_tcp_by_address_and_port() {
     );
     let (refused, took, ok8, ok_other) = lab.host.in_ns(|| {
         let (kind, took) = tcp_refused(addr("203.0.113.10:7"));
-        (
-            kind,
-            took,
-            tcp_roundtrip(addr("203.0.113.10:8")).is_ok(),
-            tcp_roundtrip(addr("198.51.100.2:7")).is_ok(),
-        )
+        (kind, took, tcp_roundtrip(addr("203.0.113.10:8")).is_ok(), tcp_roundtrip(addr("198.51.100.2:7")).is_ok())
     });
-    assert_eq!(
-        refused,
-        ErrorKind::ConnectionRefused,
-        "a dropped connect gets a reset, not a hang"
-    );
+    assert_eq!(refused, ErrorKind::ConnectionRefused, "a dropped connect gets a reset, not a hang");
     assert!(took < Duration::from_secs(2), "refused after {took:?}");
     assert!(ok8, "another port of the same host is allowed");
     assert!(ok_other, "port 7 of another host is allowed");
     let ev = d.stop();
     let v = verdict_for(&ev, "203.0.113.10:7");
-    assert_eq!(
-        (v["verdict"].as_str(), v["rule"].as_str()),
-        (Some("drop"), Some("block-host-port-7"))
-    );
+    assert_eq!((v["verdict"].as_str(), v["rule"].as_str()), (Some("drop"), Some("block-host-port-7")));
     assert_eq!(v["flow"]["direction"], "outbound");
     assert_eq!(v["flow"]["interface"], "veth1");
     assert_eq!(verdict_for(&ev, "203.0.113.10:8")["verdict"], "allow");
@@ -282,31 +254,19 @@ fn udp_and_icmp_and_ipv6() {
         let v6_ok = tcp_roundtrip(addr("[2001:db8:2::10]:8")).is_ok();
         (blocked, ok, v6, v6_ok)
     });
-    assert_eq!(
-        udp_blocked,
-        Err(ErrorKind::ConnectionRefused),
-        "a dropped UDP flow gets port-unreachable"
-    );
+    assert_eq!(udp_blocked, Err(ErrorKind::ConnectionRefused), "a dropped UDP flow gets port-unreachable");
     assert!(udp_ok);
     assert_eq!(v6_blocked, ErrorKind::ConnectionRefused);
     assert!(v6_ok);
     let ping = lab.host.run(&["ping", "-c", "1", "-W", "2", "203.0.113.10"]);
-    assert!(
-        !ping.status.success(),
-        "ping to a host with an ICMP drop rule must fail"
-    );
+    assert!(!ping.status.success(), "ping to a host with an ICMP drop rule must fail");
     let ping6 = lab.host.run(&["ping", "-6", "-c", "1", "-W", "2", "2001:db8:2::10"]);
-    assert!(
-        ping6.status.success(),
-        "ICMPv6 to another host is allowed: {}",
-        String::from_utf8_lossy(&ping6.stderr)
-    );
+    assert!(ping6.status.success(), "ICMPv6 to another host is allowed: {}", String::from_utf8_lossy(&ping6.stderr));
     let ev = d.stop();
     assert_eq!(verdict_for(&ev, "203.0.113.10:5353")["rule"], "no-5353");
     assert_eq!(verdict_for(&ev, "[2001:db8:2::10]:7")["rule"], "v6-port-7");
-    let icmp = ev
-        .iter()
-        .find(|e| e["event"] == "flow.verdict" && e["flow"]["protocol"] == "icmp" && e["rule"] == "no-ping");
+    let icmp =
+        ev.iter().find(|e| e["event"] == "flow.verdict" && e["flow"]["protocol"] == "icmp" && e["rule"] == "no-ping");
     assert!(icmp.is_some(), "{:#?}", verdicts(&ev));
 }
 
@@ -325,25 +285,13 @@ fn inbound_and_forwarded_flows_are_judged() {
         "[[rule]]\nname = \"no-inbound-9000\"\ndirection = \"inbound\"\nlocal_ports = \"9000\"\naction = \"drop\"\n\
          [[rule]]\nname = \"no-forward-7\"\nremote = \"203.0.113.10\"\nremote_ports = \"7\"\naction = \"drop\"\n",
     );
-    let (in_blocked, in_ok) = lab.srv.in_ns(|| {
-        (
-            tcp_refused(addr("198.51.100.1:9000")).0,
-            tcp_roundtrip(addr("198.51.100.1:9001")).is_ok(),
-        )
-    });
+    let (in_blocked, in_ok) =
+        lab.srv.in_ns(|| (tcp_refused(addr("198.51.100.1:9000")).0, tcp_roundtrip(addr("198.51.100.1:9001")).is_ok()));
     assert_eq!(in_blocked, ErrorKind::ConnectionRefused);
     assert!(in_ok);
-    let (fwd_blocked, fwd_ok) = lab.cli.in_ns(|| {
-        (
-            tcp_refused(addr("203.0.113.10:7")).0,
-            tcp_roundtrip(addr("203.0.113.10:8")).is_ok(),
-        )
-    });
-    assert_eq!(
-        fwd_blocked,
-        ErrorKind::ConnectionRefused,
-        "a forwarded flow is dropped with a reset"
-    );
+    let (fwd_blocked, fwd_ok) =
+        lab.cli.in_ns(|| (tcp_refused(addr("203.0.113.10:7")).0, tcp_roundtrip(addr("203.0.113.10:8")).is_ok()));
+    assert_eq!(fwd_blocked, ErrorKind::ConnectionRefused, "a forwarded flow is dropped with a reset");
     assert!(fwd_ok, "another forwarded flow passes");
     let ev = d.stop();
     let inbound = ev
@@ -357,11 +305,7 @@ fn inbound_and_forwarded_flows_are_judged() {
     let fwd = verdict_for(&ev, "203.0.113.10:7");
     assert_eq!(fwd["flow"]["forwarded"], true);
     assert_eq!(fwd["rule"], "no-forward-7");
-    assert!(
-        fwd["flow"]["local"]
-            .as_str()
-            .is_some_and(|l| l.starts_with("198.18.0.2:"))
-    );
+    assert!(fwd["flow"]["local"].as_str().is_some_and(|l| l.starts_with("198.18.0.2:")));
 }
 
 #[test]
@@ -375,28 +319,18 @@ fn tunnel_traffic_and_its_carrier_are_both_flows() {
         "tun",
         "[[rule]]\nname = \"tunnel-port-7\"\ninterface = \"tun*\"\nremote_ports = \"7\"\naction = \"drop\"\n",
     );
-    let (blocked, ok) = lab.host.in_ns(|| {
-        (
-            tcp_refused(addr("192.0.2.2:7")).0,
-            tcp_roundtrip(addr("192.0.2.2:8")).is_ok(),
-        )
-    });
+    let (blocked, ok) =
+        lab.host.in_ns(|| (tcp_refused(addr("192.0.2.2:7")).0, tcp_roundtrip(addr("192.0.2.2:8")).is_ok()));
     assert_eq!(blocked, ErrorKind::ConnectionRefused);
     assert!(ok, "other traffic inside the tunnel passes");
     let ev = d.stop();
     let inner = verdict_for(&ev, "192.0.2.2:7");
-    assert_eq!(
-        (inner["flow"]["interface"].as_str(), inner["rule"].as_str()),
-        (Some("tun0"), Some("tunnel-port-7"))
-    );
+    assert_eq!((inner["flow"]["interface"].as_str(), inner["rule"].as_str()), (Some("tun0"), Some("tunnel-port-7")));
     assert_eq!(verdict_for(&ev, "192.0.2.2:8")["flow"]["interface"], "tun0");
     // The encapsulating UDP flow on the veth is a flow of its own.
     let carrier = verdict_for(&ev, "198.51.100.2:5555");
     assert_eq!(
-        (
-            carrier["flow"]["protocol"].as_str(),
-            carrier["flow"]["interface"].as_str()
-        ),
+        (carrier["flow"]["protocol"].as_str(), carrier["flow"]["interface"].as_str()),
         (Some("udp"), Some("veth1"))
     );
     assert_eq!(carrier["verdict"], "allow");
@@ -407,19 +341,11 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     require_root!();
     let lab = Lab::new("flows");
     // The host has a firewall of its own, which must come out exactly as it went in.
-    lab.host
-        .run_ok(&["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
-    lab.host
-        .run_ok(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "69", "-j", "DROP"]);
-    lab.host
-        .run_ok(&["ip6tables", "-A", "FORWARD", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    lab.host.run_ok(&["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    lab.host.run_ok(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "69", "-j", "DROP"]);
+    lab.host.run_ok(&["ip6tables", "-A", "FORWARD", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
     let rules = |cmd: &str| -> String {
-        lab.host
-            .run_ok(&[cmd])
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| format!("{l}\n"))
-            .collect()
+        lab.host.run_ok(&[cmd]).lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
     };
     let before4 = rules("iptables-save");
     let before6 = rules("ip6tables-save");
@@ -439,14 +365,9 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
     let out = d.flowgate(&["flows", "--json", "--run-dir", &d.run_dir()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let flows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let f = flows
-        .iter()
-        .find(|f| f["flow"]["remote"] == "203.0.113.10:7")
-        .unwrap_or_else(|| panic!("{flows:#?}"));
+    let flows: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let f = flows.iter().find(|f| f["flow"]["remote"] == "203.0.113.10:7").unwrap_or_else(|| panic!("{flows:#?}"));
     assert_eq!(f["verdict"], "allow");
     assert_eq!(f["flow"]["interface"], "veth1");
     assert!(f["packets_out"].as_u64().is_some_and(|n| n >= 1));
@@ -498,13 +419,8 @@ fn cleanup_removes_a_dead_instances_chains() {
     let d = Daemon::start(&lab, "clean", "");
     let run_dir = d.run_dir();
     let dir = d.kill9();
-    assert!(
-        lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"),
-        "SIGKILL leaves the chains"
-    );
-    let out = lab
-        .host
-        .run(&[env!("CARGO_BIN_EXE_flowgate"), "cleanup", "--run-dir", &run_dir]);
+    assert!(lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"), "SIGKILL leaves the chains");
+    let out = lab.host.run(&[env!("CARGO_BIN_EXE_flowgate"), "cleanup", "--run-dir", &run_dir]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
     assert!(!lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"));
@@ -520,12 +436,7 @@ fn bad_config_installs_nothing() {
     std::fs::create_dir_all(&dir).expect("dir");
     let conf = dir.join("bad.toml");
     std::fs::write(&conf, "[[rule]]\nremote = \"203.0.113.300\"\naction = \"drop\"\n").expect("write");
-    let out = lab.host.run(&[
-        env!("CARGO_BIN_EXE_flowgate"),
-        "run",
-        "--config",
-        &conf.display().to_string(),
-    ]);
+    let out = lab.host.run(&[env!("CARGO_BIN_EXE_flowgate"), "run", "--config", &conf.display().to_string()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:2:"));
     assert!(!lab.host.run_ok(&["iptables-save"]).contains("FLOWGATE"));
@@ -569,10 +480,7 @@ fn a_decided_flow_is_handled_in_the_kernel() {
     drop(sink);
     // The first packet of each direction goes to user space; everything after is the kernel's.
     assert!(queued <= 6, "{queued} packets went to user space");
-    assert!(
-        in_kernel > 100,
-        "only {in_kernel} packets were passed by the conntrack mark"
-    );
+    assert!(in_kernel > 100, "only {in_kernel} packets were passed by the conntrack mark");
 }
 
 #[test]
@@ -590,11 +498,7 @@ fn silent_drops_tell_the_sender_nothing() {
             .map(|_| ())
             .map_err(|e| e.kind())
     });
-    assert_eq!(
-        err,
-        Err(ErrorKind::TimedOut),
-        "a silent drop sends no reset: the connect times out"
-    );
+    assert_eq!(err, Err(ErrorKind::TimedOut), "a silent drop sends no reset: the connect times out");
     let ev = d.stop();
     assert_eq!(verdict_for(&ev, "203.0.113.10:7")["rule"], "quiet");
 }
@@ -606,11 +510,7 @@ fn wait_for_event(d: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Valu
         if let Some(e) = d.events().into_iter().find(|e| pred(e)) {
             return e;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} event within 10 s: {:#?}",
-            d.events()
-        );
+        assert!(Instant::now() < deadline, "no {what} event within 10 s: {:#?}", d.events());
         // The log is a file; its writer flushes per batch of events. Re-read it shortly.
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -642,22 +542,297 @@ fn a_kernel_handled_flow_closes_with_conntracks_counts() {
             }
         })
         .expect("dump");
-        ct.delete(&target.expect("the connection is in conntrack"))
-            .expect("delete");
+        ct.delete(&target.expect("the connection is in conntrack")).expect("delete");
     });
-    let closed = wait_for_event(&d, "flow.closed", |e| {
-        e["event"] == "flow.closed" && e["flow"]["remote"] == "203.0.113.10:7"
-    });
+    let closed =
+        wait_for_event(&d, "flow.closed", |e| e["event"] == "flow.closed" && e["flow"]["remote"] == "203.0.113.10:7");
     drop(conn);
     let _ = d.stop();
     assert_eq!(closed["reason"], "conntrack");
-    assert!(
-        closed["bytes_out"].as_u64().is_some_and(|b| b >= SENT as u64),
-        "{closed}"
-    );
-    assert!(
-        closed["bytes_in"].as_u64().is_some_and(|b| b >= SENT as u64),
-        "{closed}"
-    );
+    assert!(closed["bytes_out"].as_u64().is_some_and(|b| b >= SENT as u64), "{closed}");
+    assert!(closed["bytes_in"].as_u64().is_some_and(|b| b >= SENT as u64), "{closed}");
     assert!(closed["packets_out"].as_u64().is_some_and(|p| p > 2), "{closed}");
+}
+
+// ---- verdicts that change at any time, and connections that existed before the filter
+
+/// A long-lived TCP connection from the host to srv: the client end is returned; the server end
+/// waits on a thread in srv and reports how its connection ended and when.
+struct LongLived {
+    client: TcpStream,
+    server: std::thread::JoinHandle<(std::io::Result<usize>, Instant)>,
+}
+
+fn long_lived(lab: &Lab, to: SocketAddr) -> LongLived {
+    let listener = lab.srv.in_ns(move || std::net::TcpListener::bind(to).expect("listen"));
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 4096];
+        // Echo until the connection ends; report how it ended.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return (Ok(0), Instant::now()),
+                Ok(n) => {
+                    if let Err(e) = s.write_all(&buf[..n]) {
+                        return (Err(e), Instant::now());
+                    }
+                }
+                Err(e) => return (Err(e), Instant::now()),
+            }
+        }
+    });
+    let client = lab.host.in_ns(move || {
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        c.write_all(b"before").expect("send");
+        let mut b = [0u8; 6];
+        c.read_exact(&mut b).expect("echo");
+        c
+    });
+    LongLived { client, server }
+}
+
+/// Waits on the client end until the connection dies; returns the error and when.
+fn client_end(mut c: TcpStream) -> std::thread::JoinHandle<(std::io::Result<usize>, Instant)> {
+    std::thread::spawn(move || {
+        let mut b = [0u8; 16];
+        let r = c.read(&mut b);
+        (r, Instant::now())
+    })
+}
+
+fn assert_torn_down(conn: LongLived, action: impl FnOnce(), what: &str) {
+    let waiting = client_end(conn.client);
+    let t0 = Instant::now();
+    action();
+    let (client, client_at) = waiting.join().expect("client thread");
+    let (server, server_at) = conn.server.join().expect("server thread");
+    let kind = |r: &std::io::Result<usize>| r.as_ref().map_err(|e| e.kind()).map(|_| ()).err();
+    eprintln!(
+        "{what}: client saw {:?} after {:?}, server saw {:?} after {:?}",
+        kind(&client),
+        client_at.saturating_duration_since(t0),
+        kind(&server),
+        server_at.saturating_duration_since(t0)
+    );
+    assert!(client.is_err(), "{what}: the local application gets an error, got {client:?}");
+    assert_eq!(kind(&server), Some(ErrorKind::ConnectionReset), "{what}: the peer gets a reset");
+    assert!(client_at.saturating_duration_since(t0) < Duration::from_secs(2), "{what}: client error too late");
+    assert!(server_at.saturating_duration_since(t0) < Duration::from_secs(2), "{what}: server reset too late");
+}
+
+#[test]
+fn block_a_long_lived_idle_connection_by_cli() {
+    require_root!();
+    let lab = Lab::new("block");
+    let d = Daemon::start(&lab, "block", "");
+    let conn = long_lived(&lab, addr("203.0.113.10:7000"));
+    // Idle, and handled in the kernel since its first packet.
+    let run_dir = d.run_dir();
+    assert_torn_down(
+        conn,
+        || {
+            let out = d.flowgate(&["block", "--remote", "203.0.113.10/32", "--port", "7000", "--run-dir", &run_dir]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(String::from_utf8_lossy(&out.stdout).starts_with("blocked: "));
+        },
+        "block by CLI",
+    );
+    // Nothing of it passes any more: a new connection to the same port is a new flow, allowed.
+    assert!(
+        lab.host.in_ns(|| TcpStream::connect_timeout(&addr("203.0.113.10:7000"), Duration::from_millis(500)).is_err())
+    );
+    let bad = d.flowgate(&["block", "999999", "--run-dir", &run_dir]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no live flow has id 999999"));
+    let ev = d.stop();
+    let upd = ev.iter().find(|e| e["event"] == "flow.update").expect("flow.update event");
+    assert_eq!((upd["verdict"].as_str(), upd["source"].as_str()), (Some("drop"), Some("handle")));
+}
+
+#[test]
+fn reload_tears_down_what_the_new_rules_drop() {
+    require_root!();
+    let lab = Lab::new("reload");
+    let _keep = tcp_echo(&lab.srv, addr("203.0.113.10:8"));
+    let d = Daemon::start(&lab, "reload", "");
+    let conn = long_lived(&lab, addr("203.0.113.10:7001"));
+    let mut other = lab.host.in_ns(|| {
+        let s = TcpStream::connect_timeout(&addr("203.0.113.10:8"), Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s
+    });
+    let conf = d.dir.join("flowgate.toml");
+    let text = std::fs::read_to_string(&conf).expect("config");
+    std::fs::write(&conf, format!("{text}[[rule]]\nname = \"no-7001\"\nremote_ports = \"7001\"\naction = \"drop\"\n"))
+        .expect("rewrite config");
+    let run_dir = d.run_dir();
+    assert_torn_down(
+        conn,
+        || {
+            let out = d.flowgate(&["reload", "--run-dir", &run_dir]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        },
+        "reload",
+    );
+    // A connection the new rules still allow is untouched.
+    other.write_all(b"still here").expect("send");
+    let mut b = [0u8; 10];
+    other.read_exact(&mut b).expect("echo after reload");
+    // A broken config is refused and changes nothing.
+    std::fs::write(&conf, "this is not toml").expect("write");
+    let out = d.flowgate(&["reload", "--run-dir", &run_dir]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unchanged"));
+    let ev = d.stop();
+    let upd = ev.iter().find(|e| e["event"] == "flow.update").expect("update");
+    assert_eq!((upd["rule"].as_str(), upd["source"].as_str()), (Some("no-7001"), Some("rules")));
+}
+
+#[test]
+fn block_a_udp_stream_mid_stream() {
+    require_root!();
+    let lab = Lab::new("udpblock");
+    let _echo = udp_echo(&lab.srv, addr("203.0.113.10:5353"));
+    let d = Daemon::start(&lab, "udpblock", "");
+    let sock = lab.host.in_ns(|| {
+        let s = UdpSocket::bind("198.51.100.1:0").expect("bind");
+        s.connect("203.0.113.10:5353").expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        for _ in 0..3 {
+            s.send(b"tick").expect("send");
+            let mut b = [0u8; 8];
+            s.recv(&mut b).expect("echo");
+        }
+        s
+    });
+    let run_dir = d.run_dir();
+    let out = d.flowgate(&["block", "--remote", "203.0.113.10", "--port", "5353", "--run-dir", &run_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The socket is destroyed (an error at once) and nothing of the flow passes any more.
+    let t0 = Instant::now();
+    let _ = sock.send(b"tock");
+    let mut b = [0u8; 8];
+    let r = sock.recv(&mut b);
+    assert!(r.is_err(), "no echo after the block: {r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "the UDP socket learns at once ({:?})", t0.elapsed());
+    let _ = d.stop();
+}
+
+#[test]
+fn connections_open_before_the_start_are_adopted_kept_or_killed() {
+    require_root!();
+    let lab = Lab::new("adopt");
+    // A host firewall that tracks connections, as most hosts have: conntrack knows them.
+    lab.host.run_ok(&["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let keep = long_lived(&lab, addr("203.0.113.10:7002"));
+    let kill = long_lived(&lab, addr("203.0.113.10:7003"));
+    let LongLived { client: mut kept, server: kept_server } = keep;
+    let waiting = client_end(kill.client);
+    let d = Daemon::start(&lab, "adopt", "[[rule]]\nname = \"no-7003\"\nremote_ports = \"7003\"\naction = \"drop\"\n");
+    // The dropped one dies at once, both ends.
+    let (client, _) = waiting.join().expect("client");
+    let kind = client.map_err(|e| e.kind()).err();
+    assert!(
+        matches!(kind, Some(ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset)),
+        "the adopted connection the rules drop is torn down, not timed out: {kind:?}"
+    );
+    let (server, _) = kill.server.join().expect("server");
+    assert_eq!(server.map_err(|e| e.kind()).err(), Some(ErrorKind::ConnectionReset));
+    // The allowed one carries on, byte for byte.
+    let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut back = vec![0u8; payload.len()];
+    let writer = {
+        let mut w = kept.try_clone().expect("clone");
+        let p = payload.clone();
+        std::thread::spawn(move || w.write_all(&p))
+    };
+    kept.read_exact(&mut back).expect("echo of the adopted connection");
+    writer.join().expect("writer").expect("send");
+    assert!(back == payload, "every byte came back unchanged");
+    drop(kept);
+    let _ = kept_server.join();
+    let ev = d.stop();
+    let adopted: Vec<&Value> =
+        ev.iter().filter(|e| e["event"] == "flow.verdict" && e["flow"]["existing"] == true).collect();
+    let of =
+        |port: &str| adopted.iter().find(|e| e["flow"]["remote"].as_str().is_some_and(|r| r.ends_with(port))).copied();
+    assert_eq!(of(":7002").map(|e| e["verdict"].as_str()), Some(Some("allow")), "{adopted:#?}");
+    assert_eq!(of(":7003").map(|e| (e["verdict"].as_str(), e["rule"].as_str())), Some((Some("drop"), Some("no-7003"))));
+}
+
+#[test]
+fn a_restart_keeps_allowed_connections() {
+    require_root!();
+    let lab = Lab::new("restart");
+    // A host firewall that tracks connections: conntrack keeps them while no daemon runs.
+    lab.host.run_ok(&["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+    let mut d = Daemon::start(&lab, "restart", "");
+    // The restart below runs from the same directory; its guard removes it in the end.
+    d.keep_dir = true;
+    let LongLived { client: mut c, server } = long_lived(&lab, addr("203.0.113.10:7004"));
+    let dir = d.dir.clone();
+    let conf = dir.join("flowgate.toml");
+    let _ = d.stop();
+    // The new config would drop it; a flow the previous run allowed keeps its verdict.
+    let text = std::fs::read_to_string(&conf).expect("config");
+    std::fs::write(&conf, format!("{text}[[rule]]\nname = \"no-7004\"\nremote_ports = \"7004\"\naction = \"drop\"\n"))
+        .expect("rewrite");
+    let d2 = Daemon::spawn(&lab.host.name, dir, conf);
+    c.write_all(b"after restart").expect("send");
+    let mut b = [0u8; 13];
+    c.read_exact(&mut b).expect("the connection survived the restart");
+    assert_eq!(&b, b"after restart");
+    drop(c);
+    let _ = server.join();
+    let ev = d2.stop();
+    let v = ev
+        .iter()
+        .find(|e| {
+            e["event"] == "flow.verdict" && e["flow"]["remote"] == "203.0.113.10:7004" && e["flow"]["existing"] == true
+        })
+        .expect("adopted by the restarted daemon (both runs append to one log)");
+    assert_eq!(
+        (v["verdict"].as_str(), v["rule"].as_str(), v["flow"]["existing"].as_bool()),
+        (Some("allow"), Some("kept"), Some(true))
+    );
+}
+
+#[test]
+fn block_a_forwarded_flow() {
+    require_root!();
+    let lab = Lab::new("fwdblock");
+    let d = Daemon::start(&lab, "fwdblock", "");
+    let listener = lab.srv.in_ns(|| std::net::TcpListener::bind("203.0.113.10:7005").expect("listen"));
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        // Bounded: after the block nothing of the client reaches us any more.
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let mut b = [0u8; 16];
+        let first = s.read(&mut b);
+        // After the block the server talks: the filtering host answers with a reset.
+        let r = s.read(&mut b);
+        let _ = s.write_all(b"late");
+        let after = s.read(&mut b);
+        (first.is_ok(), r.map_err(|e| e.kind()), after.map_err(|e| e.kind()))
+    });
+    let mut c = lab.cli.in_ns(|| {
+        let mut c = TcpStream::connect_timeout(&addr("203.0.113.10:7005"), Duration::from_secs(5)).expect("connect");
+        c.write_all(b"hi").expect("send");
+        c.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        c
+    });
+    let run_dir = d.run_dir();
+    let out = d.flowgate(&["block", "--remote", "203.0.113.10", "--port", "7005", "--run-dir", &run_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The next packet from the client is answered with a reset by the filtering host.
+    let _ = c.write_all(b"more");
+    let mut b = [0u8; 4];
+    let r = c.read(&mut b).map_err(|e| e.kind());
+    assert_eq!(r.err(), Some(ErrorKind::ConnectionReset), "the forwarded connection is reset");
+    drop(c);
+    let (first_ok, during, after) = server.join().expect("server");
+    eprintln!("forwarded block: server read {during:?}, after writing {after:?}");
+    assert!(first_ok);
+    assert_eq!(after.err(), Some(ErrorKind::ConnectionReset), "the server side is reset when it next sends");
+    let _ = d.stop();
 }

@@ -11,9 +11,7 @@ use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use serde_json::Value;
 
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name)
 }
 
 /// A directory for one test's files, removed when the test ends (also on failure).
@@ -45,10 +43,7 @@ impl Drop for TempDir {
 }
 
 fn flowgate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(args)
-        .output()
-        .expect("run flowgate")
+    Command::new(env!("CARGO_BIN_EXE_flowgate")).args(args).output().expect("run flowgate")
 }
 
 /// Replays a capture and returns its events.
@@ -60,11 +55,7 @@ fn replay(capture: &Path, config: Option<&Path>) -> Vec<Value> {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = flowgate(&args);
-    assert!(
-        out.status.success(),
-        "replay failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "replay failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout)
         .expect("utf-8 output")
         .lines()
@@ -83,21 +74,13 @@ fn oracle(capture: &Path) -> Value {
         .arg(capture)
         .output()
         .expect("python3 is needed for the replay oracle (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "oracle failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "oracle failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("oracle JSON")
 }
 
 fn endpoint(addr: &Value, port: &Value) -> String {
     let a = addr.as_str().expect("addr");
-    if a.contains(':') {
-        format!("[{a}]:{port}")
-    } else {
-        format!("{a}:{port}")
-    }
+    if a.contains(':') { format!("[{a}]:{port}") } else { format!("{a}:{port}") }
 }
 
 const LAB_CONFIG: &str = "local_addresses = [\"198.51.100.1\", \"2001:db8:1::1\"]\n";
@@ -128,11 +111,7 @@ fn every_capture_matches_the_oracle() {
         for w in want {
             let local = endpoint(&w["local_addr"], &w["local_port"]);
             let remote = endpoint(&w["remote_addr"], &w["remote_port"]);
-            let proto = w["proto"]
-                .as_str()
-                .expect("proto")
-                .to_lowercase()
-                .replace("icmpv6", "icmp");
+            let proto = w["proto"].as_str().expect("proto").to_lowercase().replace("icmpv6", "icmp");
             let got = closed
                 .iter()
                 .find(|e| {
@@ -149,15 +128,8 @@ fn every_capture_matches_the_oracle() {
                     }
                 })
                 .unwrap_or_else(|| panic!("{name}: no flow {proto} {local} -> {remote} in {closed:?}"));
-            let dir = if w["initiator"] == "local" {
-                "outbound"
-            } else {
-                "inbound"
-            };
-            assert_eq!(
-                got["flow"]["direction"], dir,
-                "{name}: direction of {local} -> {remote}"
-            );
+            let dir = if w["initiator"] == "local" { "outbound" } else { "inbound" };
+            assert_eq!(got["flow"]["direction"], dir, "{name}: direction of {local} -> {remote}");
             for (mine, theirs) in [
                 ("packets_out", "packets_out"),
                 ("packets_in", "packets_in"),
@@ -187,41 +159,21 @@ fn rules_decide_with_the_rule_named() {
             .unwrap_or_else(|| panic!("no flow to {r}"))
     };
     let http6 = by_remote("[2001:db8:2::10]:8080");
-    assert_eq!(
-        (http6["verdict"].as_str(), http6["rule"].as_str()),
-        (Some("drop"), Some("no-plain-http-v6"))
-    );
+    assert_eq!((http6["verdict"].as_str(), http6["rule"].as_str()), (Some("drop"), Some("no-plain-http-v6")));
     let socat = by_remote("203.0.113.10:7000");
-    assert_eq!(
-        (socat["verdict"].as_str(), socat["rule"].as_str()),
-        (Some("inspect"), Some("peek-at-requests"))
-    );
+    assert_eq!((socat["verdict"].as_str(), socat["rule"].as_str()), (Some("inspect"), Some("peek-at-requests")));
     assert_eq!(socat["peek"]["outbound"], 512);
     let udp = by_remote("203.0.113.10:5353");
-    assert_eq!(
-        (udp["verdict"].as_str(), udp["rule"].as_str()),
-        (Some("allow"), Some("udp-to-lab-server"))
-    );
+    assert_eq!((udp["verdict"].as_str(), udp["rule"].as_str()), (Some("allow"), Some("udp-to-lab-server")));
     // The 1000-byte request fills the 512-byte window: the rule's inspection ends in allow.
     let updates = events(&ev, "flow.update");
     assert_eq!(updates.len(), 1, "{updates:?}");
-    assert_eq!(
-        (updates[0]["verdict"].as_str(), updates[0]["source"].as_str()),
-        (Some("allow"), Some("peek"))
-    );
+    assert_eq!((updates[0]["verdict"].as_str(), updates[0]["source"].as_str()), (Some("allow"), Some("peek")));
     assert_eq!(updates[0]["flow"]["id"], socat["flow"]["id"]);
     // Every event has the documented fields.
     for e in &ev {
         assert!(e["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{e}");
-        for k in [
-            "id",
-            "protocol",
-            "direction",
-            "local",
-            "remote",
-            "interface",
-            "existing",
-        ] {
+        for k in ["id", "protocol", "direction", "local", "remote", "interface", "existing"] {
             assert!(e["flow"].get(k).is_some(), "missing flow.{k} in {e}");
         }
     }
@@ -240,10 +192,7 @@ fn default_action_and_first_match_order() {
     let v: Vec<(String, String)> = events(&ev, "flow.verdict")
         .iter()
         .map(|e| {
-            (
-                e["rule"].as_str().unwrap_or_default().to_string(),
-                e["verdict"].as_str().unwrap_or_default().to_string(),
-            )
+            (e["rule"].as_str().unwrap_or_default().to_string(), e["verdict"].as_str().unwrap_or_default().to_string())
         })
         .collect();
     assert_eq!(
@@ -264,11 +213,7 @@ fn direction_without_local_addresses_is_the_openers() {
     let new = events(&ev, "flow.new");
     assert_eq!(new.len(), 1);
     assert_eq!(new[0]["flow"]["direction"], "outbound");
-    assert!(
-        new[0]["flow"]["local"]
-            .as_str()
-            .is_some_and(|l| l.starts_with("203.0.113.10:"))
-    );
+    assert!(new[0]["flow"]["local"].as_str().is_some_and(|l| l.starts_with("203.0.113.10:")));
     assert_eq!(new[0]["flow"]["remote"], "198.51.100.1:9000");
 
     let tmp = TempDir::new("dir");
@@ -295,9 +240,7 @@ fn inbound_rules_match_inbound_flows_only() {
 #[test]
 fn interface_comes_from_pcapng_and_interface_rules_use_it() {
     let ev = replay(&data("socat_tcp_v6.pcapng"), None);
-    let iface = events(&ev, "flow.new")[0]["flow"]["interface"]
-        .as_str()
-        .map(str::to_string);
+    let iface = events(&ev, "flow.new")[0]["flow"]["interface"].as_str().map(str::to_string);
     let iface = iface.expect("pcapng records the interface name");
     assert!(iface.starts_with("fgc"), "{iface}");
     // pcap has no interface names.
@@ -305,18 +248,11 @@ fn interface_comes_from_pcapng_and_interface_rules_use_it() {
     assert!(events(&ev, "flow.new")[0]["flow"]["interface"].is_null());
 
     let tmp = TempDir::new("iface");
-    let config = tmp.file(
-        "c.toml",
-        "[[rule]]\nname = \"lab-veth\"\ninterface = \"fgc*\"\naction = \"drop\"\n",
-    );
+    let config = tmp.file("c.toml", "[[rule]]\nname = \"lab-veth\"\ninterface = \"fgc*\"\naction = \"drop\"\n");
     let ev = replay(&data("socat_tcp_v6.pcapng"), Some(&config));
     assert_eq!(events(&ev, "flow.verdict")[0]["rule"], "lab-veth");
     let ev = replay(&data("socat_tcp_v4.pcap"), Some(&config));
-    assert_eq!(
-        events(&ev, "flow.verdict")[0]["rule"],
-        "default",
-        "unknown interface never matches a glob"
-    );
+    assert_eq!(events(&ev, "flow.verdict")[0]["rule"], "default", "unknown interface never matches a glob");
 }
 
 /// Writes the frames of `src` for which `keep(index, frame)` holds, and returns the path.
@@ -330,8 +266,7 @@ fn rewrite(tmp: &TempDir, src: &Path, name: &str, mut edit: impl FnMut(usize, &[
         let p = p.expect("packet");
         if let Some(data) = edit(i, &p.data) {
             let len = u32::try_from(data.len()).expect("len");
-            w.write_packet(&PcapPacket::new(p.timestamp, len, &data))
-                .expect("write");
+            w.write_packet(&PcapPacket::new(p.timestamp, len, &data)).expect("write");
         }
         i += 1;
     }
@@ -374,10 +309,7 @@ fn idle_timeouts_close_udp_flows_in_capture_time() {
     let closed = events(&ev, "flow.closed");
     assert!(closed.len() >= 2, "{closed:?}");
     assert!(closed.iter().filter(|e| e["reason"] == "idle").count() >= 1);
-    let mut ids: Vec<u64> = events(&ev, "flow.new")
-        .iter()
-        .filter_map(|e| e["flow"]["id"].as_u64())
-        .collect();
+    let mut ids: Vec<u64> = events(&ev, "flow.new").iter().filter_map(|e| e["flow"]["id"].as_u64()).collect();
     let n = ids.len();
     ids.dedup();
     assert_eq!(ids.len(), n, "flow ids are never reused");
@@ -414,10 +346,7 @@ fn broken_frames_are_counted_and_skipped() {
     let out = flowgate(&["replay", broken.to_str().expect("path"), "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(
-        out.stderr
-            .split(|&b| b == b'\n')
-            .find(|l| l.starts_with(b"{"))
-            .expect("JSON summary on stderr"),
+        out.stderr.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).expect("JSON summary on stderr"),
     )
     .expect("summary JSON");
     let s = &summary["summary"];
@@ -440,10 +369,7 @@ fn bad_inputs_get_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/capture.pcap"));
 
-    let bad_config = tmp.file(
-        "bad.toml",
-        "[[rule]]\nname = \"x\"\nprotocol = \"tcpp\"\naction = \"drop\"\n",
-    );
+    let bad_config = tmp.file("bad.toml", "[[rule]]\nname = \"x\"\nprotocol = \"tcpp\"\naction = \"drop\"\n");
     let out = flowgate(&[
         "replay",
         data("socat_tcp_v4.pcap").to_str().expect("path"),
@@ -453,10 +379,7 @@ fn bad_inputs_get_clear_errors() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty(), "nothing replayed with a bad config");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.toml:3:") && err.contains("`protocol`") && err.contains("tcpp"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml:3:") && err.contains("`protocol`") && err.contains("tcpp"), "{err}");
 
     // A capture cut in the middle of a record: the frames before the cut are still replayed.
     let whole = std::fs::read(data("socat_tcp_v4.pcap")).expect("read");
@@ -474,17 +397,13 @@ fn raw_ip_captures_replay_too() {
     let tmp = TempDir::new("raw");
     let mut r = PcapReader::new(std::fs::File::open(data("socat_tcp_v4.pcap")).expect("open")).expect("pcap");
     let path = tmp.0.join("raw.pcap");
-    let header = PcapHeader {
-        datalink: DataLink::RAW,
-        ..r.header()
-    };
+    let header = PcapHeader { datalink: DataLink::RAW, ..r.header() };
     let mut w = PcapWriter::with_header(std::fs::File::create(&path).expect("create"), header).expect("writer");
     while let Some(p) = r.next_packet() {
         let p = p.expect("packet");
         if p.data.get(12..14) == Some(&[0x08, 0x00]) {
             let ip = &p.data[14..];
-            w.write_packet(&PcapPacket::new(p.timestamp, u32::try_from(ip.len()).expect("len"), ip))
-                .expect("write");
+            w.write_packet(&PcapPacket::new(p.timestamp, u32::try_from(ip.len()).expect("len"), ip)).expect("write");
         }
     }
     drop(w);

@@ -55,12 +55,12 @@ fn tcp(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, flags: &str, payloa
 fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64)
-            .udp(src.port(), dst.port())
-            .write(&mut out, payload),
-        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64)
-            .udp(src.port(), dst.port())
-            .write(&mut out, payload),
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            PacketBuilder::ipv4(s.octets(), d.octets(), 64).udp(src.port(), dst.port()).write(&mut out, payload)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            PacketBuilder::ipv6(s.octets(), d.octets(), 64).udp(src.port(), dst.port()).write(&mut out, payload)
+        }
         _ => panic!("mixed address families"),
     }
     .expect("write udp packet");
@@ -104,12 +104,7 @@ struct Conn {
 
 impl Conn {
     fn new(client: &str, server: &str) -> Self {
-        Conn {
-            c: sa(client),
-            s: sa(server),
-            cseq: 1_000,
-            sseq: 70_000,
-        }
+        Conn { c: sa(client), s: sa(server), cseq: 1_000, sseq: 70_000 }
     }
 
     fn syn(&mut self) -> Vec<u8> {
@@ -169,18 +164,9 @@ impl Conn {
 // Engine helpers
 // ---------------------------------------------------------------------------------------------
 
-const OUT: PacketMeta<'static> = PacketMeta {
-    interface: None,
-    origin: Origin::Output,
-};
-const IN: PacketMeta<'static> = PacketMeta {
-    interface: None,
-    origin: Origin::Input,
-};
-const UNKNOWN: PacketMeta<'static> = PacketMeta {
-    interface: None,
-    origin: Origin::Unknown,
-};
+const OUT: PacketMeta<'static> = PacketMeta { interface: None, origin: Origin::Output };
+const IN: PacketMeta<'static> = PacketMeta { interface: None, origin: Origin::Input };
+const UNKNOWN: PacketMeta<'static> = PacketMeta { interface: None, origin: Origin::Unknown };
 
 /// Virtual time: an arbitrary origin plus `ms` milliseconds.
 fn ms(ms: u64) -> Instant {
@@ -229,12 +215,7 @@ fn new_flow(ev: &Event) -> &Flow {
 /// (flow, verdict, rule, peek) of a flow.verdict event.
 fn verdict_of(ev: &Event) -> (&Flow, FlowVerdict, Option<&str>, Option<Peek>) {
     match &ev.kind {
-        EventKind::FlowVerdict {
-            flow,
-            verdict,
-            rule,
-            peek,
-        } => (flow, *verdict, rule.as_deref(), *peek),
+        EventKind::FlowVerdict { flow, verdict, rule, peek } => (flow, *verdict, rule.as_deref(), *peek),
         other => panic!("expected flow.verdict, got {other:?}"),
     }
 }
@@ -242,13 +223,7 @@ fn verdict_of(ev: &Event) -> (&Flow, FlowVerdict, Option<&str>, Option<Peek>) {
 /// (flow id, verdict, direction, source) of a flow.update event.
 fn update_of(ev: &Event) -> (FlowId, FlowVerdict, Option<Direction>, UpdateSource) {
     match &ev.kind {
-        EventKind::FlowUpdate {
-            flow,
-            verdict,
-            direction,
-            source,
-            ..
-        } => (flow.id, *verdict, *direction, *source),
+        EventKind::FlowUpdate { flow, verdict, direction, source, .. } => (flow.id, *verdict, *direction, *source),
         other => panic!("expected flow.update, got {other:?}"),
     }
 }
@@ -314,35 +289,20 @@ impl PartialEq<Expect> for Decision {
 }
 
 fn accepted(flow: FlowId, settled: bool) -> Expect {
-    Expect {
-        action: PacketAction::Accept,
-        flow: Some(flow),
-        settled,
-    }
+    Expect { action: PacketAction::Accept, flow: Some(flow), settled }
 }
 
 fn dropped(flow: FlowId, settled: bool) -> Expect {
-    Expect {
-        action: PacketAction::Drop,
-        flow: Some(flow),
-        settled,
-    }
+    Expect { action: PacketAction::Drop, flow: Some(flow), settled }
 }
 
 /// An untracked packet: no flow, never settled.
 fn untracked(action: PacketAction) -> Expect {
-    Expect {
-        action,
-        flow: None,
-        settled: false,
-    }
+    Expect { action, flow: None, settled: false }
 }
 
 fn rule_remote(name: &str, net: &str, action: Action) -> Rule {
-    Rule {
-        remote: vec![parse_network(net).expect("net")],
-        ..Rule::new(name, action)
-    }
+    Rule { remote: vec![parse_network(net).expect("net")], ..Rule::new(name, action) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -370,11 +330,7 @@ fn scripted(
     data: impl IntoIterator<Item = DataVerdict>,
 ) -> (Box<dyn FlowFilter>, Arc<Mutex<Log>>) {
     let log = Arc::new(Mutex::new(Log::default()));
-    let f = Scripted {
-        first,
-        data: data.into_iter().collect(),
-        log: log.clone(),
-    };
+    let f = Scripted { first, data: data.into_iter().collect(), log: log.clone() };
     (Box::new(f), log)
 }
 
@@ -385,11 +341,7 @@ impl FlowFilter for Scripted {
     }
 
     fn data(&mut self, flow: &Flow, direction: Direction, offset: u64, bytes: &[u8]) -> DataVerdict {
-        self.log
-            .lock()
-            .expect("log")
-            .data
-            .push((flow.id, direction, offset, bytes.to_vec()));
+        self.log.lock().expect("log").data.push((flow.id, direction, offset, bytes.to_vec()));
         self.data.pop_front().unwrap_or(DataVerdict::Allow)
     }
 
@@ -399,11 +351,7 @@ impl FlowFilter for Scripted {
     }
 
     fn closed(&mut self, flow: &Flow, report: &FlowReport) {
-        self.log
-            .lock()
-            .expect("log")
-            .closed
-            .push((flow.clone(), report.clone()));
+        self.log.lock().expect("log").closed.push((flow.clone(), report.clone()));
     }
 }
 
@@ -417,21 +365,12 @@ type Seen = Arc<Mutex<Vec<(FlowId, Direction, usize)>>>;
 
 fn packet_filter(verdict: PacketVerdict) -> (Box<dyn PacketFilter>, Seen) {
     let seen: Seen = Arc::default();
-    (
-        Box::new(FixedPacketFilter {
-            verdict,
-            seen: seen.clone(),
-        }),
-        seen,
-    )
+    (Box::new(FixedPacketFilter { verdict, seen: seen.clone() }), seen)
 }
 
 impl PacketFilter for FixedPacketFilter {
     fn packet(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict {
-        self.seen
-            .lock()
-            .expect("seen")
-            .push((ctx.flow, ctx.direction, ctx.bytes.len()));
+        self.seen.lock().expect("seen").push((ctx.flow, ctx.direction, ctx.bytes.len()));
         self.verdict
     }
 }
@@ -479,10 +418,7 @@ fn syn_opens_a_flow_with_new_then_verdict_events() {
 
 #[test]
 fn flow_verdict_names_the_matching_rule() {
-    let web = Rule {
-        remote_ports: Some(parse_ports("443").expect("ports")),
-        ..Rule::new("web", Action::Allow)
-    };
+    let web = Rule { remote_ports: Some(parse_ports("443").expect("ports")), ..Rule::new("web", Action::Allow) };
     let mut e = engine_with_rules(vec![web], Action::Drop);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let _ = e.handle_packet(ms(0), OUT, &c.syn());
@@ -640,13 +576,8 @@ fn one_fin_does_not_close_the_flow() {
 #[test]
 fn fin_from_both_sides_closes_after_tcp_closing_with_exact_counters() {
     let closing = Duration::from_secs(5);
-    let config = EngineConfig {
-        timeouts: Timeouts {
-            tcp_closing: closing,
-            ..Timeouts::default()
-        },
-        ..EngineConfig::default()
-    };
+    let config =
+        EngineConfig { timeouts: Timeouts { tcp_closing: closing, ..Timeouts::default() }, ..EngineConfig::default() };
     let mut e = engine_with_config(config);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let mut want = Counters::default();
@@ -690,10 +621,7 @@ fn fin_from_both_sides_closes_after_tcp_closing_with_exact_counters() {
     assert!(e.poll_timeout().expect("a timer") <= deadline);
     e.handle_timeout(ms(70) + closing); // the old deadline, from the second FIN
     e.handle_timeout(Instant::from_micros(deadline.as_micros() - 1));
-    assert!(
-        closed_events(&events(&mut e)).is_empty(),
-        "closed before last packet + tcp_closing"
-    );
+    assert!(closed_events(&events(&mut e)).is_empty(), "closed before last packet + tcp_closing");
 
     e.handle_timeout(deadline);
     let ev = events(&mut e);
@@ -784,11 +712,7 @@ fn retransmitted_syn_on_a_live_flow_stays_in_that_flow() {
 
 fn short_timeouts() -> EngineConfig {
     EngineConfig {
-        timeouts: Timeouts {
-            udp: Duration::from_secs(30),
-            icmp: Duration::from_secs(5),
-            ..Timeouts::default()
-        },
+        timeouts: Timeouts { udp: Duration::from_secs(30), icmp: Duration::from_secs(5), ..Timeouts::default() },
         ..EngineConfig::default()
     }
 }
@@ -796,11 +720,7 @@ fn short_timeouts() -> EngineConfig {
 #[test]
 fn udp_flow_closes_when_idle_and_not_before() {
     let mut e = engine_with_config(short_timeouts());
-    let d = e.handle_packet(
-        secs(0),
-        OUT,
-        &udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), b"query"),
-    );
+    let d = e.handle_packet(secs(0), OUT, &udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), b"query"));
     let id = d.flow.expect("tracked");
     events(&mut e);
     assert!(e.poll_timeout().expect("a timer") <= secs(30));
@@ -930,38 +850,23 @@ fn flow_ids_increase_and_are_never_reused_after_close() {
     e.handle_timeout(secs(30));
     assert_eq!(closed_events(&events(&mut e)).len(), 1);
     let second = e.handle_packet(secs(31), OUT, &udp(a, b, b"q")).flow.expect("tracked");
-    let third = e
-        .handle_packet(secs(31), OUT, &udp(a, sa("203.0.113.8:53"), b"q"))
-        .flow
-        .expect("tracked");
+    let third = e.handle_packet(secs(31), OUT, &udp(a, sa("203.0.113.8:53"), b"q")).flow.expect("tracked");
     assert_eq!((first, second, third), (FlowId(1), FlowId(2), FlowId(3)));
 }
 
 #[test]
 fn first_flow_id_and_step_space_the_ids() {
-    let config = EngineConfig {
-        first_flow_id: 2,
-        flow_id_step: 4,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { first_flow_id: 2, flow_id_step: 4, ..EngineConfig::default() };
     let mut e = engine_with_config(config);
     let ids: Vec<FlowId> = (0..3u16)
         .map(|i| {
-            let p = udp(
-                sa("198.51.100.1:5353"),
-                SocketAddr::new(ip("203.0.113.7"), 53 + i),
-                b"q",
-            );
+            let p = udp(sa("198.51.100.1:5353"), SocketAddr::new(ip("203.0.113.7"), 53 + i), b"q");
             e.handle_packet(ms(u64::from(i)), OUT, &p).flow.expect("tracked")
         })
         .collect();
     assert_eq!(ids, [FlowId(2), FlowId(6), FlowId(10)]);
     let ev = events(&mut e);
-    let event_ids: Vec<FlowId> = ev
-        .iter()
-        .filter(|x| x.kind.name() == "flow.new")
-        .map(|x| x.kind.flow().id)
-        .collect();
+    let event_ids: Vec<FlowId> = ev.iter().filter(|x| x.kind.name() == "flow.new").map(|x| x.kind.flow().id).collect();
     assert_eq!(event_ids, ids);
 }
 
@@ -972,14 +877,7 @@ fn first_flow_id_and_step_space_the_ids() {
 #[test]
 fn unusable_packets_are_counted_accepted_and_never_tracked() {
     let mut e = engine();
-    let good = tcp(
-        sa("198.51.100.1:40000"),
-        sa("203.0.113.7:443"),
-        1,
-        0,
-        "S",
-        b"0123456789",
-    );
+    let good = tcp(sa("198.51.100.1:40000"), sa("203.0.113.7:443"), 1, 0, "S", b"0123456789");
     let mut malformed = good.clone();
     malformed[0] = 0x41; // IPv4 with a header length below the minimum
     let mut fragment = udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), &[7u8; 64]);
@@ -1043,10 +941,7 @@ fn random_bytes_never_panic_and_are_all_counted() {
 
 #[test]
 fn drop_rule_drops_both_directions_and_is_settled() {
-    let mut e = engine_with_rules(
-        vec![rule_remote("block", "203.0.113.0/24", Action::Drop)],
-        Action::Allow,
-    );
+    let mut e = engine_with_rules(vec![rule_remote("block", "203.0.113.0/24", Action::Drop)], Action::Allow);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let d1 = e.handle_packet(ms(0), OUT, &c.syn());
     let id = d1.flow.expect("tracked");
@@ -1060,10 +955,7 @@ fn drop_rule_drops_both_directions_and_is_settled() {
 
 #[test]
 fn allow_rule_accepts_settled_and_default_drop_applies_to_the_rest() {
-    let web = Rule {
-        remote_ports: Some(parse_ports("443").expect("ports")),
-        ..Rule::new("web", Action::Allow)
-    };
+    let web = Rule { remote_ports: Some(parse_ports("443").expect("ports")), ..Rule::new("web", Action::Allow) };
     let mut e = engine_with_rules(vec![web], Action::Drop);
     let mut https = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let mut http = Conn::new("198.51.100.1:40001", "203.0.113.7:80");
@@ -1084,10 +976,7 @@ fn allow_rule_accepts_settled_and_default_drop_applies_to_the_rest() {
             (v, r)
         })
         .collect();
-    assert_eq!(
-        verdicts,
-        [(FlowVerdict::Allow, Some("web")), (FlowVerdict::Drop, Some("default"))]
-    );
+    assert_eq!(verdicts, [(FlowVerdict::Allow, Some("web")), (FlowVerdict::Drop, Some("default"))]);
 }
 
 #[test]
@@ -1095,10 +984,7 @@ fn set_rules_applies_to_flows_that_start_afterwards() {
     let mut e = engine();
     let mut before = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut before, ms(0));
-    e.set_rules(compiled(
-        vec![rule_remote("block", "203.0.113.0/24", Action::Drop)],
-        Action::Allow,
-    ));
+    e.set_rules(compiled(vec![rule_remote("block", "203.0.113.0/24", Action::Drop)], Action::Allow));
     assert_eq!(e.handle_packet(ms(10), OUT, &before.send(b"x")), accepted(id, true));
     let mut after = Conn::new("198.51.100.1:40001", "203.0.113.7:443");
     assert_eq!(e.handle_packet(ms(11), OUT, &after.syn()).action, PacketAction::Drop);
@@ -1109,13 +995,7 @@ fn set_rules_applies_to_flows_that_start_afterwards() {
 // ---------------------------------------------------------------------------------------------
 
 fn inspect_rule(peek_outbound: u32, peek_inbound: u32) -> Vec<Rule> {
-    vec![Rule::new(
-        "peek",
-        Action::Inspect {
-            peek_outbound,
-            peek_inbound,
-        },
-    )]
+    vec![Rule::new("peek", Action::Inspect { peek_outbound, peek_inbound })]
 }
 
 #[test]
@@ -1130,13 +1010,7 @@ fn inspect_rule_allows_once_the_outbound_peek_has_passed() {
     let ev = events(&mut e);
     let (_, verdict, rule, peek) = verdict_of(&ev[1]);
     assert_eq!((verdict, rule), (FlowVerdict::Inspect, Some("peek")));
-    assert_eq!(
-        peek,
-        Some(Peek {
-            outbound: 10,
-            inbound: 0
-        })
-    );
+    assert_eq!(peek, Some(Peek { outbound: 10, inbound: 0 }));
 
     let first = c.send(b"012345");
     assert_eq!(e.handle_packet(ms(3), OUT, &first), accepted(id, false));
@@ -1172,10 +1046,7 @@ fn inspect_rule_allows_when_the_direction_ends_before_the_window_fills() {
 // ---------------------------------------------------------------------------------------------
 
 fn inspect(peek_outbound: u32, peek_inbound: u32) -> NewFlowVerdict {
-    NewFlowVerdict::Inspect {
-        peek_outbound,
-        peek_inbound,
-    }
+    NewFlowVerdict::Inspect { peek_outbound, peek_inbound }
 }
 
 #[test]
@@ -1191,42 +1062,23 @@ fn flow_filter_sees_exactly_its_peek_window_from_offset_zero() {
     let _ = e.handle_packet(ms(2), OUT, &c.ack());
     let ev = events(&mut e);
     let (_, verdict, rule, peek) = verdict_of(&ev[1]);
-    assert_eq!(
-        (verdict, rule, peek),
-        (
-            FlowVerdict::Inspect,
-            Some("default"),
-            Some(Peek {
-                outbound: 5,
-                inbound: 0
-            })
-        )
-    );
+    assert_eq!((verdict, rule, peek), (FlowVerdict::Inspect, Some("default"), Some(Peek { outbound: 5, inbound: 0 })));
     assert_eq!(log.lock().expect("log").new_flows.len(), 1);
 
     let d = e.handle_packet(ms(3), OUT, &c.send(b"ABCDEFGH"));
     assert_eq!(d, accepted(id, true));
     let _ = e.handle_packet(ms(4), IN, &c.reply(b"inbound is not inspected"));
-    assert_eq!(
-        log.lock().expect("log").data,
-        [(id, Direction::Outbound, 0, b"ABCDE".to_vec())]
-    );
+    assert_eq!(log.lock().expect("log").data, [(id, Direction::Outbound, 0, b"ABCDE".to_vec())]);
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
-    assert_eq!(
-        update_of(&ev[0]),
-        (id, FlowVerdict::Allow, None, UpdateSource::Provider)
-    );
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Provider));
 }
 
 #[test]
 fn flow_filter_is_not_shown_a_retransmitted_segment_twice() {
     let mut e = engine();
     // After the first 3 bytes, ask for the next 2.
-    let (f, log) = scripted(
-        inspect(5, 0),
-        [DataVerdict::Pass { pass: 0, peek: 2 }, DataVerdict::Allow],
-    );
+    let (f, log) = scripted(inspect(5, 0), [DataVerdict::Pass { pass: 0, peek: 2 }, DataVerdict::Allow]);
     e.set_flow_filter(f);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
@@ -1236,10 +1088,7 @@ fn flow_filter_is_not_shown_a_retransmitted_segment_twice() {
     assert_eq!(e.handle_packet(ms(5), OUT, &c.send(b"defg")), accepted(id, true));
     assert_eq!(
         log.lock().expect("log").data,
-        [
-            (id, Direction::Outbound, 0, b"abc".to_vec()),
-            (id, Direction::Outbound, 3, b"de".to_vec())
-        ]
+        [(id, Direction::Outbound, 0, b"abc".to_vec()), (id, Direction::Outbound, 3, b"de".to_vec())]
     );
 }
 
@@ -1257,10 +1106,7 @@ fn flow_filter_sees_only_the_new_bytes_of_an_overlapping_retransmission() {
     let _ = e.handle_packet(ms(4), OUT, &p);
     assert_eq!(
         log.lock().expect("log").data,
-        [
-            (id, Direction::Outbound, 0, b"abc".to_vec()),
-            (id, Direction::Outbound, 3, b"def".to_vec())
-        ]
+        [(id, Direction::Outbound, 0, b"abc".to_vec()), (id, Direction::Outbound, 3, b"def".to_vec())]
     );
 }
 
@@ -1319,10 +1165,7 @@ fn flow_filter_drop_wins_over_an_allow_rule() {
 
 #[test]
 fn flow_filter_allow_does_not_override_a_drop_rule() {
-    let mut e = engine_with_rules(
-        vec![rule_remote("block", "203.0.113.0/24", Action::Drop)],
-        Action::Allow,
-    );
+    let mut e = engine_with_rules(vec![rule_remote("block", "203.0.113.0/24", Action::Drop)], Action::Allow);
     let (f, _log) = scripted(NewFlowVerdict::Allow, []);
     e.set_flow_filter(f);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
@@ -1363,28 +1206,10 @@ fn paused_flow_holds_packets_until_resumed_from_another_thread() {
     assert!(releases(&mut e).is_empty());
 
     let h = e.handle();
-    std::thread::spawn(move || h.resume(id, DataVerdict::Allow))
-        .join()
-        .expect("thread")
-        .expect("engine alive");
-    assert!(
-        releases(&mut e).is_empty(),
-        "commands apply only when the engine is driven"
-    );
+    std::thread::spawn(move || h.resume(id, DataVerdict::Allow)).join().expect("thread").expect("engine alive");
+    assert!(releases(&mut e).is_empty(), "commands apply only when the engine is driven");
     e.handle_commands(ms(50));
-    assert_eq!(
-        releases(&mut e),
-        [
-            Release {
-                packet: p1,
-                accept: true
-            },
-            Release {
-                packet: p2,
-                accept: true
-            }
-        ]
-    );
+    assert_eq!(releases(&mut e), [Release { packet: p1, accept: true }, Release { packet: p2, accept: true }]);
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
     assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Handle));
@@ -1401,18 +1226,9 @@ fn resume_with_drop_releases_held_packets_as_dropped() {
     let id = d1.flow.expect("tracked");
     let p1 = hold_id(d1);
     let h = e.handle();
-    std::thread::spawn(move || h.resume(id, DataVerdict::Drop))
-        .join()
-        .expect("thread")
-        .expect("engine alive");
+    std::thread::spawn(move || h.resume(id, DataVerdict::Drop)).join().expect("thread").expect("engine alive");
     e.handle_commands(ms(10));
-    assert_eq!(
-        releases(&mut e),
-        [Release {
-            packet: p1,
-            accept: false
-        }]
-    );
+    assert_eq!(releases(&mut e), [Release { packet: p1, accept: false }]);
     assert_eq!(e.handle_packet(ms(20), IN, &c.syn_ack()), dropped(id, true));
 }
 
@@ -1426,26 +1242,11 @@ fn closing_a_paused_flow_releases_its_held_packets_as_dropped() {
     let p2 = hold_id(e.handle_packet(secs(1), OUT, &udp(a, b, b"two")));
     events(&mut e);
     e.handle_timeout(secs(31));
-    assert_eq!(
-        releases(&mut e),
-        [
-            Release {
-                packet: p1,
-                accept: false
-            },
-            Release {
-                packet: p2,
-                accept: false
-            }
-        ]
-    );
+    assert_eq!(releases(&mut e), [Release { packet: p1, accept: false }, Release { packet: p2, accept: false }]);
     let ev = events(&mut e);
     let closed = closed_events(&ev);
     assert_eq!(closed.len(), 1);
-    assert_eq!(
-        (closed[0].1.reason, closed[0].1.verdict),
-        (CloseReason::Idle, FlowVerdict::Pause)
-    );
+    assert_eq!((closed[0].1.reason, closed[0].1.verdict), (CloseReason::Idle, FlowVerdict::Pause));
     assert_eq!(log.lock().expect("log").closed.len(), 1);
 }
 
@@ -1460,10 +1261,7 @@ fn handle_update_drops_a_settled_flow_long_after_it_started() {
     let id = handshake(&mut e, &mut c, ms(0));
     assert_eq!(e.handle_packet(ms(10), OUT, &c.send(b"hi")), accepted(id, true));
     let h = e.handle();
-    std::thread::spawn(move || h.update(id, DataVerdict::Drop, None))
-        .join()
-        .expect("thread")
-        .expect("engine alive");
+    std::thread::spawn(move || h.update(id, DataVerdict::Drop, None)).join().expect("thread").expect("engine alive");
     // handle_packet applies pending commands before judging the packet.
     assert_eq!(e.handle_packet(secs(3600), OUT, &c.send(b"later")), dropped(id, true));
     let ev = events(&mut e);
@@ -1478,16 +1276,11 @@ fn handle_update_in_one_direction_drops_only_that_direction() {
     let mut e = engine();
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
-    e.handle()
-        .update(id, DataVerdict::Drop, Some(Direction::Inbound))
-        .expect("engine alive");
+    e.handle().update(id, DataVerdict::Drop, Some(Direction::Inbound)).expect("engine alive");
     e.handle_commands(secs(10));
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
-    assert_eq!(
-        update_of(&ev[0]),
-        (id, FlowVerdict::Drop, Some(Direction::Inbound), UpdateSource::Handle)
-    );
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Drop, Some(Direction::Inbound), UpdateSource::Handle));
     assert_eq!(e.handle_packet(secs(11), OUT, &c.send(b"out")), accepted(id, false));
     assert_eq!(e.handle_packet(secs(12), IN, &c.reply(b"in")), dropped(id, false));
 }
@@ -1538,11 +1331,7 @@ fn handle_flows_reads_the_snapshot_published_by_timeout_or_refresh() {
     assert_eq!((s.counters.packets_out, s.counters.packets_in), (2, 1));
 
     let _ = e.handle_packet(ms(20), IN, &c.reply(b"data"));
-    assert_eq!(
-        h.flows().flows[0].counters.packets_in,
-        1,
-        "snapshot is not the live table"
-    );
+    assert_eq!(h.flows().flows[0].counters.packets_in, 1, "snapshot is not the live table");
     h.refresh().expect("engine alive");
     assert_eq!(h.flows().taken, ms(10));
     e.handle_commands(ms(30));
@@ -1566,10 +1355,7 @@ fn waker_is_called_for_each_handle_command() {
     h.refresh().expect("engine alive");
     assert_eq!(woken.load(Ordering::SeqCst), 1);
     let h2 = h.clone();
-    std::thread::spawn(move || h2.update(FlowId(1), DataVerdict::Allow, None))
-        .join()
-        .expect("thread")
-        .expect("alive");
+    std::thread::spawn(move || h2.update(FlowId(1), DataVerdict::Allow, None)).join().expect("thread").expect("alive");
     assert_eq!(woken.load(Ordering::SeqCst), 2);
     h.release(PacketId(1), true).expect("engine alive");
     assert_eq!(woken.load(Ordering::SeqCst), 3);
@@ -1581,10 +1367,7 @@ fn waker_is_called_for_each_handle_command() {
 
 #[test]
 fn flows_past_max_flows_are_untracked_but_judged_by_the_rules() {
-    let config = EngineConfig {
-        max_flows: 1,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { max_flows: 1, ..EngineConfig::default() };
     let rules = compiled(vec![rule_remote("block", "192.0.2.0/24", Action::Drop)], Action::Allow);
     let mut e = Engine::new(config, rules);
     let mut tracked = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
@@ -1612,10 +1395,7 @@ fn flows_past_max_flows_are_untracked_but_judged_by_the_rules() {
 
 #[test]
 fn untracked_counts_every_packet_of_an_untracked_flow() {
-    let config = EngineConfig {
-        max_flows: 1,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { max_flows: 1, ..EngineConfig::default() };
     let mut e = engine_with_config(config);
     let mut tracked = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let _ = e.handle_packet(ms(0), OUT, &tracked.syn());
@@ -1623,11 +1403,7 @@ fn untracked_counts_every_packet_of_an_untracked_flow() {
     let _ = e.handle_packet(ms(1), OUT, &second.syn());
     let _ = e.handle_packet(ms(2), IN, &second.syn_ack());
     let _ = e.handle_packet(ms(3), OUT, &second.ack());
-    assert_eq!(
-        e.stats().untracked,
-        3,
-        "each packet of an untracked flow is judged (and counted) afresh"
-    );
+    assert_eq!(e.stats().untracked, 3, "each packet of an untracked flow is judged (and counted) afresh");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1639,23 +1415,14 @@ fn close_all_closes_every_flow_with_reason_end() {
     let mut e = engine();
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let a = handshake(&mut e, &mut c, ms(0));
-    let b = e
-        .handle_packet(ms(5), OUT, &udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), b"q"))
-        .flow
-        .expect("udp");
-    let i = e
-        .handle_packet(ms(6), OUT, &echo("198.51.100.1", "192.0.2.1", 1, 1, false))
-        .flow
-        .expect("icmp");
+    let b = e.handle_packet(ms(5), OUT, &udp(sa("198.51.100.1:5353"), sa("203.0.113.7:53"), b"q")).flow.expect("udp");
+    let i = e.handle_packet(ms(6), OUT, &echo("198.51.100.1", "192.0.2.1", 1, 1, false)).flow.expect("icmp");
     events(&mut e);
     e.close_all(secs(1));
     let ev = events(&mut e);
     let mut closed: Vec<(FlowId, CloseReason)> = closed_events(&ev).into_iter().map(|(id, r)| (id, r.reason)).collect();
     closed.sort_by_key(|(id, _)| *id);
-    assert_eq!(
-        closed,
-        [(a, CloseReason::End), (b, CloseReason::End), (i, CloseReason::End)]
-    );
+    assert_eq!(closed, [(a, CloseReason::End), (b, CloseReason::End), (i, CloseReason::End)]);
     assert!(ev.iter().all(|x| x.time == secs(1)));
     assert!(e.flows().is_empty());
     assert_eq!(e.stats().flows_closed, 3);
@@ -1683,29 +1450,14 @@ fn packet_filter_delay_holds_until_released_through_the_handle() {
     h.release(p2, false).expect("engine alive");
     assert!(releases(&mut e).is_empty());
     e.handle_commands(ms(2));
-    assert_eq!(
-        releases(&mut e),
-        [
-            Release {
-                packet: p1,
-                accept: true
-            },
-            Release {
-                packet: p2,
-                accept: false
-            }
-        ]
-    );
+    assert_eq!(releases(&mut e), [Release { packet: p1, accept: true }, Release { packet: p2, accept: false }]);
     // A second release of the same packet does nothing.
     h.release(p1, true).expect("engine alive");
     e.handle_commands(ms(3));
     assert!(releases(&mut e).is_empty());
     assert_eq!(
         *seen.lock().expect("seen"),
-        [
-            (id, Direction::Outbound, syn.len()),
-            (id, Direction::Inbound, syn_ack.len())
-        ]
+        [(id, Direction::Outbound, syn.len()), (id, Direction::Inbound, syn_ack.len())]
     );
 }
 
@@ -1742,19 +1494,10 @@ fn packet_filter_makes_every_decision_unsettled() {
 
 #[test]
 fn interface_is_on_the_flow_and_matches_interface_rules() {
-    let vpn = Rule {
-        interface: Some(parse_interface("tun*").expect("glob")),
-        ..Rule::new("vpn", Action::Drop)
-    };
+    let vpn = Rule { interface: Some(parse_interface("tun*").expect("glob")), ..Rule::new("vpn", Action::Drop) };
     let mut e = engine_with_rules(vec![vpn], Action::Allow);
-    let tun0 = PacketMeta {
-        interface: Some("tun0"),
-        origin: Origin::Output,
-    };
-    let eth0 = PacketMeta {
-        interface: Some("eth0"),
-        origin: Origin::Output,
-    };
+    let tun0 = PacketMeta { interface: Some("tun0"), origin: Origin::Output };
+    let eth0 = PacketMeta { interface: Some("eth0"), origin: Origin::Output };
     let mut a = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let mut b = Conn::new("198.51.100.1:40001", "203.0.113.7:443");
     let mut c = Conn::new("198.51.100.1:40002", "203.0.113.7:443");
@@ -1778,13 +1521,7 @@ fn interface_is_on_the_flow_and_matches_interface_rules() {
             (None, FlowVerdict::Allow, Some("default")),
         ]
     );
-    assert_eq!(
-        e.flows()
-            .iter()
-            .filter(|s| s.flow.interface.as_deref() == Some("tun0"))
-            .count(),
-        1
-    );
+    assert_eq!(e.flows().iter().filter(|s| s.flow.interface.as_deref() == Some("tun0")).count(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1799,10 +1536,7 @@ fn syn_payload_is_shown_from_its_first_byte() {
     let (client, server) = (sa("198.51.100.1:40000"), sa("203.0.113.7:443"));
     let d = e.handle_packet(ms(0), OUT, &tcp(client, server, 1_000, 0, "S", b"hello"));
     let id = d.flow.expect("tracked");
-    assert_eq!(
-        log.lock().expect("log").data,
-        [(id, Direction::Outbound, 0, b"hello".to_vec())]
-    );
+    assert_eq!(log.lock().expect("log").data, [(id, Direction::Outbound, 0, b"hello".to_vec())]);
 }
 
 #[test]
@@ -1815,11 +1549,7 @@ fn flow_filter_is_not_shown_a_direction_it_did_not_ask_for() {
     let _ = e.handle_packet(ms(3), OUT, &c.send(b"hello"));
     let _ = e.handle_packet(ms(4), IN, &c.reply(b"0123456789"));
     let log = log.lock().expect("log");
-    assert!(
-        log.data.iter().all(|(_, d, _, _)| *d == Direction::Outbound),
-        "{:?}",
-        log.data
-    );
+    assert!(log.data.iter().all(|(_, d, _, _)| *d == Direction::Outbound), "{:?}", log.data);
 }
 
 #[test]
@@ -1830,17 +1560,9 @@ fn handle_update_pass_mid_stream_shows_the_next_bytes() {
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
     let _ = e.handle_packet(ms(3), OUT, &c.send(&[b'x'; 100]));
-    e.update(
-        ms(4),
-        id,
-        DataVerdict::Pass { pass: 0, peek: 4 },
-        Some(Direction::Outbound),
-    );
+    e.update(ms(4), id, DataVerdict::Pass { pass: 0, peek: 4 }, Some(Direction::Outbound));
     let _ = e.handle_packet(ms(5), OUT, &c.send(b"ABCDEFGH"));
-    assert_eq!(
-        log.lock().expect("log").data,
-        [(id, Direction::Outbound, 100, b"ABCD".to_vec())]
-    );
+    assert_eq!(log.lock().expect("log").data, [(id, Direction::Outbound, 100, b"ABCD".to_vec())]);
 }
 
 // ---- connections that existed before the start, reloads, and what the data plane must enforce
@@ -1870,12 +1592,8 @@ fn enforced(e: &mut Engine) -> Vec<Enforce> {
 #[test]
 fn adopted_flows_are_existing_judged_and_enforced() {
     let mut e = engine_with_rules(vec![drop_host("bad", "203.0.113.66")], Action::Allow);
-    let ok = e
-        .adopt(ms(1), &existing("198.51.100.1:40000", "203.0.113.7:443", None))
-        .expect("adopted");
-    let bad = e
-        .adopt(ms(1), &existing("198.51.100.1:40001", "203.0.113.66:443", None))
-        .expect("adopted");
+    let ok = e.adopt(ms(1), &existing("198.51.100.1:40000", "203.0.113.7:443", None)).expect("adopted");
+    let bad = e.adopt(ms(1), &existing("198.51.100.1:40001", "203.0.113.66:443", None)).expect("adopted");
     assert_ne!(ok, bad);
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.new", "flow.verdict", "flow.new", "flow.verdict"]);
@@ -1894,32 +1612,19 @@ fn adopted_flows_are_existing_judged_and_enforced() {
     assert_eq!(d.flow, Some(ok));
     assert!(events(&mut e).is_empty());
     // Adopting the same connection twice does nothing.
-    assert_eq!(
-        e.adopt(ms(3), &existing("198.51.100.1:40000", "203.0.113.7:443", None)),
-        None
-    );
+    assert_eq!(e.adopt(ms(3), &existing("198.51.100.1:40000", "203.0.113.7:443", None)), None);
 }
 
 #[test]
 fn a_kept_verdict_survives_rules_that_would_say_otherwise() {
     // A previous instance allowed this flow; the rules now would drop it: a restart keeps it.
     let mut e = engine_with_rules(vec![drop_host("bad", "203.0.113.66")], Action::Allow);
-    let id = e
-        .adopt(
-            ms(1),
-            &existing("198.51.100.1:40001", "203.0.113.66:443", Some(FlowVerdict::Allow)),
-        )
-        .expect("adopted");
+    let id =
+        e.adopt(ms(1), &existing("198.51.100.1:40001", "203.0.113.66:443", Some(FlowVerdict::Allow))).expect("adopted");
     let ev = events(&mut e);
-    assert_eq!(
-        (verdict_of(&ev[1]).1, verdict_of(&ev[1]).2),
-        (FlowVerdict::Allow, Some("kept"))
-    );
+    assert_eq!((verdict_of(&ev[1]).1, verdict_of(&ev[1]).2), (FlowVerdict::Allow, Some("kept")));
     assert_eq!(enforced(&mut e)[0].verdict, FlowVerdict::Allow);
-    assert_eq!(
-        e.flows().iter().find(|f| f.flow.id == id).map(|f| f.verdict),
-        Some(FlowVerdict::Allow)
-    );
+    assert_eq!(e.flows().iter().find(|f| f.flow.id == id).map(|f| f.verdict), Some(FlowVerdict::Allow));
 }
 
 #[test]
@@ -1930,17 +1635,11 @@ fn reload_drops_live_flows_the_new_rules_drop_and_leaves_the_rest() {
     let da = e.handle_packet(ms(1), OUT, &a.syn());
     let db = e.handle_packet(ms(1), OUT, &b.syn());
     let _ = events(&mut e);
-    e.reload(
-        secs(60),
-        compiled(vec![drop_host("now-bad", "203.0.113.7")], Action::Allow),
-    );
+    e.reload(secs(60), compiled(vec![drop_host("now-bad", "203.0.113.7")], Action::Allow));
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
     let (id, verdict, dir, source) = update_of(&ev[0]);
-    assert_eq!(
-        (id, verdict, dir, source),
-        (da.flow.expect("a"), FlowVerdict::Drop, None, UpdateSource::Rules)
-    );
+    assert_eq!((id, verdict, dir, source), (da.flow.expect("a"), FlowVerdict::Drop, None, UpdateSource::Rules));
     if let EventKind::FlowUpdate { rule, .. } = &ev[0].kind {
         assert_eq!(rule.as_deref(), Some("now-bad"), "the update names the new rule");
     }
@@ -1962,29 +1661,39 @@ fn handle_verdicts_on_decided_flows_are_enforced_but_packet_verdicts_are_not() {
     let mut a = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let d = e.handle_packet(ms(1), OUT, &a.syn());
     assert!(d.settled);
-    assert!(
-        enforced(&mut e).is_empty(),
-        "a verdict given on a packet travels with that packet"
-    );
+    assert!(enforced(&mut e).is_empty(), "a verdict given on a packet travels with that packet");
     let id = d.flow.expect("tracked");
     let h = e.handle();
-    std::thread::spawn(move || h.update(id, DataVerdict::Drop, None))
-        .join()
-        .expect("thread")
-        .expect("sent");
+    std::thread::spawn(move || h.update(id, DataVerdict::Drop, None)).join().expect("thread").expect("sent");
     e.handle_commands(secs(3600));
     let en = enforced(&mut e);
-    assert_eq!(
-        en.len(),
-        1,
-        "a flow the kernel handles alone must be torn down by the data plane"
-    );
+    assert_eq!(en.len(), 1, "a flow the kernel handles alone must be torn down by the data plane");
     assert_eq!((en[0].flow.id, en[0].verdict), (id, FlowVerdict::Drop));
     // Allowing it again is enforced too; the same verdict twice is not.
     e.update(secs(3601), id, DataVerdict::Allow, None);
     e.update(secs(3602), id, DataVerdict::Allow, None);
-    assert_eq!(
-        enforced(&mut e).iter().map(|x| x.verdict).collect::<Vec<_>>(),
-        [FlowVerdict::Allow]
-    );
+    assert_eq!(enforced(&mut e).iter().map(|x| x.verdict).collect::<Vec<_>>(), [FlowVerdict::Allow]);
+}
+
+#[test]
+fn a_new_connection_on_a_reused_tuple_is_judged_even_if_the_old_end_was_unseen() {
+    // A kernel-handled flow ends without the engine seeing its FIN or RST; a new connection then
+    // reuses its 4-tuple with a new initial sequence number.
+    let mut e = engine();
+    let mut old = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let syn = old.syn();
+    let first = e.handle_packet(ms(1), OUT, &syn);
+    // The same SYN again (a retransmission) stays in the flow.
+    let again = e.handle_packet(ms(2), OUT, &syn);
+    assert_eq!(again.flow, first.flow);
+    let _ = events(&mut e);
+    let mut new = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let mut syn = new.syn();
+    // A different initial sequence number: patch the TCP header's sequence field (IPv4, no options).
+    syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    let d = e.handle_packet(secs(5), OUT, &syn);
+    assert_ne!(d.flow, first.flow, "a new connection gets a new flow");
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.closed", "flow.new", "flow.verdict"]);
+    assert_eq!(closed_of(&ev[0]).1.reason, CloseReason::Reused);
 }

@@ -17,11 +17,7 @@ use crate::flow::Protocol;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lint {
     /// The rule's `field` holds a `/0` network: it matches every address of that family.
-    MatchesEveryAddress {
-        rule: usize,
-        field: &'static str,
-        network: IpNet,
-    },
+    MatchesEveryAddress { rule: usize, field: &'static str, network: IpNet },
     /// An earlier rule matches every flow this one would: this one never fires.
     Shadowed { rule: usize, by: usize },
     /// The rule's own fields contradict each other.
@@ -64,11 +60,7 @@ pub fn lint(set: &RuleSet) -> Vec<Lint> {
     for (i, r) in set.rules.iter().enumerate() {
         for (field, nets) in [("remote", &r.remote), ("local", &r.local)] {
             for n in nets.iter().filter(|n| n.prefix_len() == 0) {
-                out.push(Lint::MatchesEveryAddress {
-                    rule: i,
-                    field,
-                    network: *n,
-                });
+                out.push(Lint::MatchesEveryAddress { rule: i, field, network: *n });
             }
         }
         if let Some(reason) = contradiction(r) {
@@ -113,12 +105,11 @@ fn shadowed(set: &RuleSet, dead: &[bool]) -> Vec<Lint> {
             } else {
                 // Only rules without a remote constraint, or with /0 of both families, can cover.
                 if let Some(l) = v4.get(&Ipv4Net::default()) {
-                    cands.extend(l.iter().filter(|&&i| {
-                        set.rules[i]
-                            .remote
-                            .iter()
-                            .any(|n| n.prefix_len() == 0 && n.addr().is_ipv6())
-                    }));
+                    cands.extend(
+                        l.iter().filter(|&&i| {
+                            set.rules[i].remote.iter().any(|n| n.prefix_len() == 0 && n.addr().is_ipv6())
+                        }),
+                    );
                 }
             }
             cands.sort_unstable();
@@ -206,27 +197,14 @@ mod tests {
     }
 
     fn lints(rules: Vec<Rule>) -> Vec<Lint> {
-        lint(&RuleSet {
-            rules,
-            default_action: Action::Allow,
-        })
+        lint(&RuleSet { rules, default_action: Action::Allow })
     }
 
     #[test]
     fn warns_on_prefix_length_zero() {
         let l = lints(vec![r("oops", |r| r.remote = vec![net("203.0.113.7/0")])]);
-        assert_eq!(
-            l,
-            vec![Lint::MatchesEveryAddress {
-                rule: 0,
-                field: "remote",
-                network: net("0.0.0.0/0")
-            }]
-        );
-        let set = RuleSet {
-            rules: vec![r("oops", |_| {})],
-            default_action: Action::Allow,
-        };
+        assert_eq!(l, vec![Lint::MatchesEveryAddress { rule: 0, field: "remote", network: net("0.0.0.0/0") }]);
+        let set = RuleSet { rules: vec![r("oops", |_| {})], default_action: Action::Allow };
         assert!(l[0].message(&set).contains("/32"));
         assert!(lints(vec![r("fine", |r| r.remote = vec![net("203.0.113.7/32")])]).is_empty());
     }
@@ -253,9 +231,7 @@ mod tests {
             }),
             r("wide", |r| r.remote = vec![net("203.0.113.0/24")]),
             r("ports", |r| r.remote_ports = Some(parse_ports("80-90").expect("p"))),
-            r("more-ports", |r| {
-                r.remote_ports = Some(parse_ports("80-100").expect("p"))
-            }),
+            r("more-ports", |r| r.remote_ports = Some(parse_ports("80-100").expect("p"))),
             r("in", |r| r.direction = DirectionMatch::Only(Direction::Inbound)),
             r("tun", |r| r.interface = Some(parse_interface("tun0").expect("i"))),
         ]);
@@ -276,10 +252,7 @@ mod tests {
             }),
             r("udp", |r| r.protocol = ProtocolMatch::Only(Protocol::Udp)),
         ]);
-        assert_eq!(
-            l,
-            vec![Lint::Shadowed { rule: 1, by: 0 }, Lint::Shadowed { rule: 2, by: 0 }]
-        );
+        assert_eq!(l, vec![Lint::Shadowed { rule: 1, by: 0 }, Lint::Shadowed { rule: 2, by: 0 }]);
     }
 
     #[test]

@@ -98,9 +98,7 @@ impl CompiledRules {
         for (i, rule) in set.rules.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
             let small = |p: &Option<super::PortSet>| {
-                p.as_ref()
-                    .filter(|p| p.len() <= MAX_INDEXED_PORTS)
-                    .map(|p| p.ranges().to_vec())
+                p.as_ref().filter(|p| p.len() <= MAX_INDEXED_PORTS).map(|p| p.ranges().to_vec())
             };
             if !rule.remote.is_empty() {
                 rule.remote.iter().for_each(|n| c.remote.insert(*n, i));
@@ -161,14 +159,8 @@ impl CompiledRules {
         }
         scan(&self.rest);
         match best {
-            u32::MAX => Classification {
-                rule: None,
-                action: self.default_action,
-            },
-            i => Classification {
-                rule: Some(i as usize),
-                action: self.rules[i as usize].action,
-            },
+            u32::MAX => Classification { rule: None, action: self.default_action },
+            i => Classification { rule: Some(i as usize), action: self.rules[i as usize].action },
         }
     }
 }
@@ -218,13 +210,7 @@ mod tests {
     }
 
     fn out_tcp(remote: &str) -> Flow {
-        flow(
-            Protocol::Tcp,
-            Direction::Outbound,
-            "198.51.100.1:40000",
-            remote,
-            Some("eth0"),
-        )
+        flow(Protocol::Tcp, Direction::Outbound, "198.51.100.1:40000", remote, Some("eth0"))
     }
 
     fn rule(name: &str, action: Action, f: impl FnOnce(&mut Rule)) -> Rule {
@@ -238,20 +224,14 @@ mod tests {
     }
 
     fn classify(rules: Vec<Rule>, f: &Flow) -> Option<String> {
-        let c = CompiledRules::compile(RuleSet {
-            rules,
-            default_action: Action::Allow,
-        });
+        let c = CompiledRules::compile(RuleSet { rules, default_action: Action::Allow });
         c.classify(f).rule.map(|i| c.rules()[i].name.clone())
     }
 
     #[test]
     fn slash_32_is_one_host_and_slash_0_is_everything() {
         let rules = vec![rule("one", Action::Drop, |r| r.remote = vec![net("203.0.113.7")])];
-        assert_eq!(
-            classify(rules.clone(), &out_tcp("203.0.113.7:80")).as_deref(),
-            Some("one")
-        );
+        assert_eq!(classify(rules.clone(), &out_tcp("203.0.113.7:80")).as_deref(), Some("one"));
         assert_eq!(classify(rules, &out_tcp("203.0.113.8:80")), None);
         let all = vec![rule("all", Action::Drop, |r| r.remote = vec![net("0.0.0.0/0")])];
         assert_eq!(classify(all.clone(), &out_tcp("192.0.2.99:1")).as_deref(), Some("all"));
@@ -262,10 +242,7 @@ mod tests {
     #[test]
     fn ipv6_networks() {
         let rules = vec![rule("v6", Action::Drop, |r| r.remote = vec![net("2001:db8:2::/48")])];
-        assert_eq!(
-            classify(rules.clone(), &out_tcp("[2001:db8:2::10]:443")).as_deref(),
-            Some("v6")
-        );
+        assert_eq!(classify(rules.clone(), &out_tcp("[2001:db8:2::10]:443")).as_deref(), Some("v6"));
         assert_eq!(classify(rules, &out_tcp("[2001:db8:3::10]:443")), None);
     }
 
@@ -274,26 +251,13 @@ mod tests {
         // Rule 0 is filed under ports, rule 1 under remote networks, rule 2 in the rest list:
         // order must still be the file's order.
         let rules = vec![
-            rule("port", Action::Allow, |r| {
-                r.remote_ports = Some(parse_ports("443").expect("p"))
-            }),
+            rule("port", Action::Allow, |r| r.remote_ports = Some(parse_ports("443").expect("p"))),
             rule("net", Action::Drop, |r| r.remote = vec![net("203.0.113.0/24")]),
-            rule("rest", Action::Drop, |r| {
-                r.protocol = ProtocolMatch::Only(Protocol::Tcp)
-            }),
+            rule("rest", Action::Drop, |r| r.protocol = ProtocolMatch::Only(Protocol::Tcp)),
         ];
-        assert_eq!(
-            classify(rules.clone(), &out_tcp("203.0.113.7:443")).as_deref(),
-            Some("port")
-        );
-        assert_eq!(
-            classify(rules.clone(), &out_tcp("203.0.113.7:80")).as_deref(),
-            Some("net")
-        );
-        assert_eq!(
-            classify(rules.clone(), &out_tcp("192.0.2.1:80")).as_deref(),
-            Some("rest")
-        );
+        assert_eq!(classify(rules.clone(), &out_tcp("203.0.113.7:443")).as_deref(), Some("port"));
+        assert_eq!(classify(rules.clone(), &out_tcp("203.0.113.7:80")).as_deref(), Some("net"));
+        assert_eq!(classify(rules.clone(), &out_tcp("192.0.2.1:80")).as_deref(), Some("rest"));
         let mut reversed = rules;
         reversed.reverse();
         assert_eq!(classify(reversed, &out_tcp("203.0.113.7:443")).as_deref(), Some("rest"));
@@ -319,93 +283,38 @@ mod tests {
         let hit = |f: &Flow| classify(rules.clone(), f).is_some();
         assert!(hit(&out_tcp("192.0.2.1:8042")));
         assert!(!hit(&out_tcp("192.0.2.1:8081")));
-        assert!(!hit(&flow(
-            Protocol::Udp,
-            Direction::Outbound,
-            "198.51.100.1:1",
-            "192.0.2.1:80",
-            Some("eth0")
-        )));
-        assert!(!hit(&flow(
-            Protocol::Tcp,
-            Direction::Inbound,
-            "198.51.100.1:1",
-            "192.0.2.1:80",
-            Some("eth0")
-        )));
-        assert!(!hit(&flow(
-            Protocol::Tcp,
-            Direction::Outbound,
-            "198.51.100.1:1",
-            "192.0.2.1:80",
-            Some("tun0")
-        )));
-        assert!(!hit(&flow(
-            Protocol::Tcp,
-            Direction::Outbound,
-            "198.51.100.1:1",
-            "192.0.2.1:80",
-            None
-        )));
+        assert!(!hit(&flow(Protocol::Udp, Direction::Outbound, "198.51.100.1:1", "192.0.2.1:80", Some("eth0"))));
+        assert!(!hit(&flow(Protocol::Tcp, Direction::Inbound, "198.51.100.1:1", "192.0.2.1:80", Some("eth0"))));
+        assert!(!hit(&flow(Protocol::Tcp, Direction::Outbound, "198.51.100.1:1", "192.0.2.1:80", Some("tun0"))));
+        assert!(!hit(&flow(Protocol::Tcp, Direction::Outbound, "198.51.100.1:1", "192.0.2.1:80", None)));
     }
 
     #[test]
     fn ports_never_match_icmp_and_local_side_is_checked() {
         let rules = vec![
-            rule("p", Action::Drop, |r| {
-                r.remote_ports = Some(parse_ports("0-65535").expect("p"))
-            }),
+            rule("p", Action::Drop, |r| r.remote_ports = Some(parse_ports("0-65535").expect("p"))),
             rule("l", Action::Drop, |r| {
                 r.local = vec![net("198.51.100.0/24")];
                 r.local_ports = Some(parse_ports("22").expect("p"));
             }),
         ];
-        let icmp = flow(
-            Protocol::Icmp,
-            Direction::Outbound,
-            "198.51.100.1:7",
-            "192.0.2.1:7",
-            None,
-        );
+        let icmp = flow(Protocol::Icmp, Direction::Outbound, "198.51.100.1:7", "192.0.2.1:7", None);
         assert_eq!(classify(rules.clone(), &icmp), None);
-        let ssh_in = flow(
-            Protocol::Udp,
-            Direction::Inbound,
-            "198.51.100.1:22",
-            "192.0.2.1:5000",
-            None,
-        );
+        let ssh_in = flow(Protocol::Udp, Direction::Inbound, "198.51.100.1:22", "192.0.2.1:5000", None);
         assert_eq!(classify(rules, &ssh_in).as_deref(), Some("p"));
     }
 
     #[test]
     fn interface_glob_selects_tunnels() {
-        let rules = vec![rule("tun", Action::Drop, |r| {
-            r.interface = Some(parse_interface("tun*").expect("g"))
-        })];
-        let t = flow(
-            Protocol::Udp,
-            Direction::Outbound,
-            "192.0.2.1:1",
-            "192.0.2.2:2",
-            Some("tun0"),
-        );
+        let rules = vec![rule("tun", Action::Drop, |r| r.interface = Some(parse_interface("tun*").expect("g")))];
+        let t = flow(Protocol::Udp, Direction::Outbound, "192.0.2.1:1", "192.0.2.2:2", Some("tun0"));
         assert_eq!(classify(rules, &t).as_deref(), Some("tun"));
     }
 
     #[test]
     fn default_applies_when_nothing_matches() {
-        let c = CompiledRules::compile(RuleSet {
-            rules: vec![],
-            default_action: Action::Drop,
-        });
-        assert_eq!(
-            c.classify(&out_tcp("192.0.2.1:1")),
-            Classification {
-                rule: None,
-                action: Action::Drop
-            }
-        );
+        let c = CompiledRules::compile(RuleSet { rules: vec![], default_action: Action::Drop });
+        assert_eq!(c.classify(&out_tcp("192.0.2.1:1")), Classification { rule: None, action: Action::Drop });
     }
 
     #[test]
@@ -421,37 +330,26 @@ mod tests {
         let mut rules = Vec::new();
         for i in 0..400 {
             let n = next();
-            let r = rule(
-                &format!("r{i}"),
-                if n & 1 == 0 { Action::Drop } else { Action::Allow },
-                |r| {
-                    match (n >> 1) % 5 {
-                        0 => r.remote = vec![net(&format!("203.0.113.{}/{}", (n >> 8) % 256, 24 + (n >> 16) % 9))],
-                        1 => r.local = vec![net(&format!("198.51.100.{}/{}", (n >> 8) % 256, 28 + (n >> 16) % 5))],
-                        2 => r.remote_ports = Some(parse_ports(&format!("{}", (n >> 8) % 64)).expect("p")),
-                        3 => r.local_ports = Some(parse_ports(&format!("{}-{}", (n >> 8) % 64, 200)).expect("p")),
-                        _ => r.protocol = ProtocolMatch::Only(Protocol::Udp),
-                    }
-                    if (n >> 24) % 3 == 0 {
-                        r.direction = DirectionMatch::Only(Direction::Inbound);
-                    }
-                },
-            );
+            let r = rule(&format!("r{i}"), if n & 1 == 0 { Action::Drop } else { Action::Allow }, |r| {
+                match (n >> 1) % 5 {
+                    0 => r.remote = vec![net(&format!("203.0.113.{}/{}", (n >> 8) % 256, 24 + (n >> 16) % 9))],
+                    1 => r.local = vec![net(&format!("198.51.100.{}/{}", (n >> 8) % 256, 28 + (n >> 16) % 5))],
+                    2 => r.remote_ports = Some(parse_ports(&format!("{}", (n >> 8) % 64)).expect("p")),
+                    3 => r.local_ports = Some(parse_ports(&format!("{}-{}", (n >> 8) % 64, 200)).expect("p")),
+                    _ => r.protocol = ProtocolMatch::Only(Protocol::Udp),
+                }
+                if (n >> 24) % 3 == 0 {
+                    r.direction = DirectionMatch::Only(Direction::Inbound);
+                }
+            });
             rules.push(r);
         }
-        let compiled = CompiledRules::compile(RuleSet {
-            rules: rules.clone(),
-            default_action: Action::Allow,
-        });
+        let compiled = CompiledRules::compile(RuleSet { rules: rules.clone(), default_action: Action::Allow });
         for _ in 0..2000 {
             let n = next();
             let f = flow(
                 if n & 1 == 0 { Protocol::Tcp } else { Protocol::Udp },
-                if n & 2 == 0 {
-                    Direction::Outbound
-                } else {
-                    Direction::Inbound
-                },
+                if n & 2 == 0 { Direction::Outbound } else { Direction::Inbound },
                 &format!("198.51.100.{}:{}", (n >> 8) % 256, (n >> 16) % 256),
                 &format!("203.0.113.{}:{}", (n >> 24) % 256, (n >> 32) % 70),
                 None,

@@ -124,11 +124,7 @@ impl fmt::Display for PortSet {
             if i > 0 {
                 f.write_str(",")?;
             }
-            if lo == hi {
-                write!(f, "{lo}")?
-            } else {
-                write!(f, "{lo}-{hi}")?
-            }
+            if lo == hi { write!(f, "{lo}")? } else { write!(f, "{lo}-{hi}")? }
         }
         Ok(())
     }
@@ -207,10 +203,7 @@ pub struct RuleSet {
 
 impl Default for RuleSet {
     fn default() -> Self {
-        RuleSet {
-            rules: Vec::new(),
-            default_action: Action::Allow,
-        }
+        RuleSet { rules: Vec::new(), default_action: Action::Allow }
     }
 }
 
@@ -294,9 +287,7 @@ pub fn parse_direction(text: &str) -> Result<DirectionMatch, ParseError> {
         "outbound" => DirectionMatch::Only(Direction::Outbound),
         "any" => DirectionMatch::Any,
         other => {
-            return err(format!(
-                "unknown direction `{other}`: expected inbound, outbound or any"
-            ));
+            return err(format!("unknown direction `{other}`: expected inbound, outbound or any"));
         }
     })
 }
@@ -313,10 +304,7 @@ pub fn parse_interface(text: &str) -> Result<InterfaceGlob, ParseError> {
     if t.contains(['/', ' ']) {
         return err(format!("`{t}` cannot be an interface name (no `/` or spaces)"));
     }
-    Ok(InterfaceGlob {
-        text: t.to_string(),
-        glob: WildMatch::new(t),
-    })
+    Ok(InterfaceGlob { text: t.to_string(), glob: WildMatch::new(t) })
 }
 
 /// Parses an action name; `inspect` takes its peek sizes from the rule's `peek` field.
@@ -324,10 +312,7 @@ pub fn parse_action(text: &str, peek_outbound: u32, peek_inbound: u32) -> Result
     Ok(match text.trim() {
         "allow" => Action::Allow,
         "drop" => Action::Drop,
-        "inspect" => Action::Inspect {
-            peek_outbound,
-            peek_inbound,
-        },
+        "inspect" => Action::Inspect { peek_outbound, peek_inbound },
         other => return err(format!("unknown action `{other}`: expected allow, drop or inspect")),
     })
 }
@@ -340,15 +325,9 @@ mod tests {
     fn bare_address_is_one_host_and_cidr_is_kept() {
         assert_eq!(parse_network("203.0.113.7").expect("ok").to_string(), "203.0.113.7/32");
         assert_eq!(parse_network("2001:db8::1").expect("ok").to_string(), "2001:db8::1/128");
-        assert_eq!(
-            parse_network("203.0.113.0/24").expect("ok").to_string(),
-            "203.0.113.0/24"
-        );
+        assert_eq!(parse_network("203.0.113.0/24").expect("ok").to_string(), "203.0.113.0/24");
         assert_eq!(parse_network("0.0.0.0/0").expect("ok").prefix_len(), 0);
-        assert_eq!(
-            parse_network("203.0.113.7/24").expect("ok").to_string(),
-            "203.0.113.0/24"
-        );
+        assert_eq!(parse_network("203.0.113.7/24").expect("ok").to_string(), "203.0.113.0/24");
         assert!(has_host_bits("203.0.113.7/24"));
         assert!(!has_host_bits("203.0.113.0/24"));
         assert!(parse_network("203.0.113.7/33").is_err());

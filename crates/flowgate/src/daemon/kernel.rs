@@ -40,8 +40,7 @@ pub(crate) fn report(e: &Entry, ended: bool) -> KernelReport {
 pub(crate) fn refresh_counters(handles: &[Handle]) -> Result<(), String> {
     let mut ct = Conntrack::open().map_err(|e| format!("conntrack: {e}"))?;
     let mut reports = Vec::new();
-    ct.dump(|e| reports.push(report(e, false)))
-        .map_err(|e| format!("conntrack dump: {e}"))?;
+    ct.dump(|e| reports.push(report(e, false))).map_err(|e| format!("conntrack dump: {e}"))?;
     for r in reports {
         for h in handles {
             let _ = h.kernel_report(r);

@@ -11,8 +11,10 @@
 //! `fail = "open"` their `--queue-bypass` lets traffic pass while no one listens, with
 //! `fail = "closed"` nothing new passes; the next start (or `flowgate cleanup`) removes them.
 
+mod adopt;
 mod clock;
 pub mod control;
+mod enforce;
 mod kernel;
 mod lock;
 mod shard;
@@ -37,7 +39,8 @@ use shard::Shard;
 
 pub use lock::LOCK;
 
-/// Runs the daemon until SIGINT or SIGTERM. Errors say what failed and what was undone.
+/// Runs the daemon until SIGINT or SIGTERM (SIGHUP reloads the rules). Errors say what failed
+/// and what was undone.
 pub fn run(config: &Config) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("flowgate run needs root (it installs netfilter rules and binds NFQUEUE queues)".into());
@@ -48,9 +51,7 @@ pub fn run(config: &Config) -> Result<(), String> {
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         signals.add(s);
     }
-    signals
-        .thread_block()
-        .map_err(|e| format!("cannot block signals: {e}"))?;
+    signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
 
     let live = &config.live;
     std::fs::create_dir_all(&live.run_dir)
@@ -69,41 +70,34 @@ pub fn run(config: &Config) -> Result<(), String> {
     let last = live.first_queue + (live.queues - 1);
     let mut queues = Vec::with_capacity(usize::from(live.queues));
     for num in live.first_queue..=last {
-        let q = Queue::open(&QueueConfig {
-            num,
-            max_len: live.queue_max_len,
-            fail_open,
-            copy_range: 0xffff,
-        })
-        .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
+        let q = Queue::open(&QueueConfig { num, max_len: live.queue_max_len, fail_open, copy_range: 0xffff })
+            .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
         queues.push(q);
     }
     // Per-flow counters of kernel-handled flows come from conntrack accounting.
     let accounting_was =
         flowgate_linux::conntrack::enable_accounting().map_err(|e| format!("enabling conntrack accounting: {e}"))?;
-    let spec = ChainSpec {
-        queues: live.first_queue..=last,
-        fail_open,
-        loopback: live.loopback,
-    };
+    let clock = Clock::new();
+    let mut engines = engines(config, queues.len());
+    // Connections already open become flows, and are marked or torn down, before the chains
+    // exist: an allowed one never has a packet queued.
+    let adopted = adopt_existing(config, &mut engines, &clock)?;
+    let spec = ChainSpec { queues: live.first_queue..=last, fail_open, loopback: live.loopback };
     let installed = netfilter::install(&spec, &Tools::default())
         .map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
 
     // From here on, whatever fails must remove the chains again.
-    let started = start(config, queues, group);
+    let started = start(config, queues, engines, clock, group);
     let (workers, writer, socket) = match started {
         Ok(x) => x,
         Err(e) => {
-            let undo = installed
-                .remove()
-                .err()
-                .map(|u| format!("; removing the rules also failed: {u}"))
-                .unwrap_or_default();
+            let undo =
+                installed.remove().err().map(|u| format!("; removing the rules also failed: {u}")).unwrap_or_default();
             return Err(format!("{e}{undo}"));
         }
     };
     eprintln!(
-        "flowgate: ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, control socket {}",
+        "flowgate: ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, control socket {}",
         live.queues,
         if live.queues == 1 { "" } else { "s" },
         live.first_queue,
@@ -112,14 +106,16 @@ pub fn run(config: &Config) -> Result<(), String> {
         config.rules.rules.len(),
         if config.rules.rules.len() == 1 { "" } else { "s" },
         config.rules.default_action.name(),
+        if adopted == 1 { "" } else { "s" },
         socket.display(),
     );
 
     let signal = loop {
         match signals.wait() {
-            Ok(Signal::SIGHUP) => {
-                eprintln!("flowgate: SIGHUP: reloading is not implemented in this version; rules unchanged")
-            }
+            Ok(Signal::SIGHUP) => match reload(&config.path, &workers.handles()) {
+                Ok(n) => eprintln!("flowgate: SIGHUP: reloaded {}: {n} rules", config.path.display()),
+                Err(e) => eprintln!("flowgate: SIGHUP: {e}; the rules in force are unchanged"),
+            },
             Ok(s) => break s,
             Err(e) => return Err(format!("waiting for signals: {e}")),
         }
@@ -153,10 +149,15 @@ pub fn run(config: &Config) -> Result<(), String> {
 struct Workers {
     shards: Vec<Shard>,
     conntrack: Option<std::thread::JoinHandle<Result<(), String>>>,
+    enforcer: Option<enforce::Enforcer>,
     stop: Arc<AtomicBool>,
 }
 
 impl Workers {
+    fn handles(&self) -> Vec<flowgate_core::Handle> {
+        self.shards.iter().map(|s| s.handle.clone()).collect()
+    }
+
     fn stop(self) -> Result<(), String> {
         self.stop.store(true, Ordering::Release);
         let mut errors: Vec<String> = Vec::new();
@@ -168,17 +169,88 @@ impl Workers {
             }
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
+        // The workers are gone: what they queued for the enforcer is carried out, then it ends.
+        if let Some(e) = self.enforcer {
+            e.finish();
         }
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
     }
 }
 
 type Started = (Workers, std::thread::JoinHandle<Result<(), String>>, std::path::PathBuf);
 
-fn start(config: &Config, queues: Vec<Queue>, group: Option<nix::unistd::Gid>) -> Result<Started, String> {
+/// One engine per queue. Ids never collide across them: engine k hands out k+1, k+1+n, ...
+fn engines(config: &Config, n: usize) -> Vec<Engine> {
+    let rules = Arc::new(CompiledRules::compile(config.rules.clone()));
+    (0..n)
+        .map(|k| {
+            let c = EngineConfig { first_flow_id: k as u64 + 1, flow_id_step: n as u64, ..config.engine.clone() };
+            Engine::new(c, rules.clone())
+        })
+        .collect()
+}
+
+/// Adopts the connections open now into the engines (spread by a hash of their endpoints) and
+/// carries out their verdicts. Returns how many were adopted. A host whose socket tables cannot
+/// be read still starts: its connections are then judged at their next packet.
+fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Result<usize, String> {
+    let found = match adopt::find(config.live.loopback) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("flowgate: cannot list existing connections ({e}); each is judged at its next packet");
+            return Ok(0);
+        }
+    };
+    let now = clock.now();
+    let mut adopted = 0;
+    for f in &found {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&(f.local.min(f.remote), f.local.max(f.remote)), &mut h);
+        let k = (std::hash::Hasher::finish(&h) % engines.len() as u64) as usize;
+        let x = flowgate_core::Existing {
+            protocol: f.protocol,
+            local: f.local,
+            remote: f.remote,
+            direction: f.direction,
+            forwarded: f.forwarded,
+            interface: f.interface.as_deref(),
+            kept: f.kept,
+        };
+        if engines[k].adopt(now, &x).is_some() {
+            adopted += 1;
+        }
+    }
+    let mut ct = flowgate_linux::conntrack::Conntrack::open().map_err(|e| format!("conntrack: {e}"))?;
+    let mut diag = flowgate_linux::sockdiag::SockDiag::open().ok();
+    for engine in engines.iter_mut() {
+        while let Some(x) = engine.poll_enforce() {
+            if let Err(e) = enforce::enforce(&mut ct, diag.as_mut(), &x) {
+                eprintln!("flowgate: {e}");
+            }
+        }
+    }
+    Ok(adopted)
+}
+
+/// Loads the config at `path` again and gives its rules to every engine, which judge their live
+/// flows again. A config that does not load changes nothing.
+fn reload(path: &Path, handles: &[flowgate_core::Handle]) -> Result<usize, String> {
+    let c = crate::config::load(path).map_err(|e| e.to_string())?;
+    let rules = Arc::new(CompiledRules::compile(c.rules));
+    let n = rules.rules().len();
+    for h in handles {
+        h.reload(rules.clone()).map_err(|e| e.to_string())?;
+    }
+    Ok(n)
+}
+
+fn start(
+    config: &Config,
+    queues: Vec<Queue>,
+    engines: Vec<Engine>,
+    clock: Clock,
+    group: Option<nix::unistd::Gid>,
+) -> Result<Started, String> {
     let live = &config.live;
     let out: Box<dyn Write + Send> = match &live.log {
         None => Box::new(std::io::stdout()),
@@ -195,30 +267,17 @@ fn start(config: &Config, queues: Vec<Queue>, group: Option<nix::unistd::Gid>) -
         .name("flowgate-log".into())
         .spawn(move || write_events(rx, out))
         .map_err(|e| format!("cannot start the event writer: {e}"))?;
-    let clock = Clock::new();
-    let rules = Arc::new(CompiledRules::compile(config.rules.clone()));
+    let enforcer = enforce::Enforcer::start()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let n = queues.len() as u64;
     let mut shards = Vec::with_capacity(queues.len());
-    for (k, queue) in queues.into_iter().enumerate() {
-        // Ids never collide across workers: worker k hands out k+1, k+1+n, ...
-        let engine_config = EngineConfig {
-            first_flow_id: k as u64 + 1,
-            flow_id_step: n,
-            ..config.engine.clone()
-        };
-        let engine = Engine::new(engine_config, rules.clone());
-        let shard = Shard::start(queue, engine, clock, tx.clone(), stop.clone())
+    for (queue, engine) in queues.into_iter().zip(engines) {
+        let shard = Shard::start(queue, engine, clock, tx.clone(), enforcer.tx.clone(), stop.clone())
             .map_err(|e| format!("cannot start a queue worker: {e}"))?;
         shards.push(shard);
     }
     drop(tx);
     let handles: Vec<_> = shards.iter().map(|s| s.handle.clone()).collect();
-    let mut workers = Workers {
-        shards,
-        conntrack: None,
-        stop: stop.clone(),
-    };
+    let mut workers = Workers { shards, conntrack: None, enforcer: Some(enforcer), stop: stop.clone() };
     match kernel::watch_ends(handles.clone(), stop) {
         Ok(t) => workers.conntrack = Some(t),
         Err(e) => {
@@ -226,7 +285,7 @@ fn start(config: &Config, queues: Vec<Queue>, group: Option<nix::unistd::Gid>) -
             return Err(e);
         }
     }
-    let socket = match control::serve(&live.run_dir, group, handles, clock) {
+    let socket = match control::serve(&live.run_dir, group, handles, clock, config.path.clone()) {
         Ok(p) => p,
         Err(e) => {
             let _ = workers.stop();

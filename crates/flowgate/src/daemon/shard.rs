@@ -16,7 +16,7 @@ use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use flowgate_core::{Decision, Engine, Event, Handle, Origin, PacketAction, PacketId, PacketMeta};
+use flowgate_core::{Decision, Enforce, Engine, Event, Handle, Origin, PacketAction, PacketId, PacketMeta};
 use flowgate_linux::ifname::IfNames;
 use flowgate_linux::marks;
 use flowgate_linux::nfqueue::{Mark, Queue, Verdict};
@@ -48,10 +48,9 @@ pub(crate) fn verdict_for(d: &Decision, current_mark: u32) -> Option<(Verdict, O
         PacketAction::Accept => Some((Verdict::Accept, None)),
         // Decided for good: mark it and send the packet round the chain again, where the
         // reject rule answers the sender (TCP reset, ICMP unreachable) unless silent.
-        PacketAction::Drop if d.settled => Some((
-            Verdict::Repeat,
-            mark(if d.silent { marks::DROP } else { marks::REJECT }),
-        )),
+        PacketAction::Drop if d.settled => {
+            Some((Verdict::Repeat, mark(if d.silent { marks::DROP } else { marks::REJECT })))
+        }
         PacketAction::Drop => Some((Verdict::Drop, None)),
         PacketAction::Hold(_) => None,
     }
@@ -71,12 +70,10 @@ impl Shard {
         mut engine: Engine,
         clock: Clock,
         events: Sender<Event>,
+        enforce: Sender<Enforce>,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<Shard> {
-        let wake = Arc::new(EventFd::from_value_and_flags(
-            0,
-            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
-        )?);
+        let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
         let waker = wake.clone();
         engine.set_waker(move || {
             // A full counter still wakes the poll; nothing to do on error.
@@ -85,30 +82,16 @@ impl Shard {
         let handle = engine.handle();
         let w = wake.clone();
         let num = queue.num();
-        let thread = std::thread::Builder::new()
-            .name(format!("flowgate-q{num}"))
-            .spawn(move || {
-                let result = Worker {
-                    queue,
-                    engine,
-                    clock,
-                    events,
-                    stop,
-                    wake: w,
-                }
-                .run();
-                // Say so at once: until shutdown nobody else would notice that this queue's flows
-                // now go unjudged (fail-open) or stall (fail-closed).
-                if let Err(e) = &result {
-                    eprintln!("flowgate: queue {num} worker stopped: {e}");
-                }
-                result
-            })?;
-        Ok(Shard {
-            handle,
-            wake,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name(format!("flowgate-q{num}")).spawn(move || {
+            let result = Worker { queue, engine, clock, events, enforce, stop, wake: w }.run();
+            // Say so at once: until shutdown nobody else would notice that this queue's flows
+            // now go unjudged (fail-open) or stall (fail-closed).
+            if let Err(e) = &result {
+                eprintln!("flowgate: queue {num} worker stopped: {e}");
+            }
+            result
+        })?;
+        Ok(Shard { handle, wake, thread: Some(thread) })
     }
 
     /// Wakes the worker (after the stop flag was set) and waits for it to finish.
@@ -127,6 +110,7 @@ struct Worker {
     engine: Engine,
     clock: Clock,
     events: Sender<Event>,
+    enforce: Sender<Enforce>,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
 }
@@ -140,9 +124,10 @@ impl Worker {
         let mut answers: Vec<(u32, Verdict, Option<Mark>)> = Vec::with_capacity(256);
         while !self.stop.load(Ordering::Acquire) {
             let now = self.clock.now();
-            let wait = self.engine.poll_timeout().map_or(Duration::from_secs(1), |t| {
-                t.saturating_since(now).min(Duration::from_secs(1))
-            });
+            let wait = self
+                .engine
+                .poll_timeout()
+                .map_or(Duration::from_secs(1), |t| t.saturating_since(now).min(Duration::from_secs(1)));
             let ready = {
                 let mut fds = [
                     PollFd::new(self.queue.as_fd(), PollFlags::POLLIN),
@@ -216,6 +201,11 @@ impl Worker {
                 return Err("the event writer stopped".into());
             }
         }
+        while let Some(x) = self.engine.poll_enforce() {
+            if self.enforce.send(x).is_err() {
+                return Err("the enforcer stopped".into());
+            }
+        }
         Ok(())
     }
 }
@@ -226,77 +216,27 @@ mod tests {
     use flowgate_core::FlowId;
 
     fn decision(action: PacketAction, settled: bool, silent: bool) -> Decision {
-        Decision {
-            action,
-            flow: Some(FlowId(1)),
-            settled,
-            silent,
-        }
+        Decision { action, flow: Some(FlowId(1)), settled, silent }
     }
 
     #[test]
     fn settled_verdicts_carry_the_mark_and_keep_other_bits() {
         let other = 0x0000_00ff;
         let allow = verdict_for(&decision(PacketAction::Accept, true, false), other);
-        assert_eq!(
-            allow,
-            Some((
-                Verdict::Repeat,
-                Some(Mark {
-                    value: other | marks::ALLOW,
-                    mask: marks::MASK
-                })
-            ))
-        );
+        assert_eq!(allow, Some((Verdict::Repeat, Some(Mark { value: other | marks::ALLOW, mask: marks::MASK }))));
         let reject = verdict_for(&decision(PacketAction::Drop, true, false), 0);
-        assert_eq!(
-            reject,
-            Some((
-                Verdict::Repeat,
-                Some(Mark {
-                    value: marks::REJECT,
-                    mask: marks::MASK
-                })
-            ))
-        );
+        assert_eq!(reject, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT, mask: marks::MASK }))));
         let silent = verdict_for(&decision(PacketAction::Drop, true, true), 0);
-        assert_eq!(
-            silent,
-            Some((
-                Verdict::Repeat,
-                Some(Mark {
-                    value: marks::DROP,
-                    mask: marks::MASK
-                })
-            ))
-        );
+        assert_eq!(silent, Some((Verdict::Repeat, Some(Mark { value: marks::DROP, mask: marks::MASK }))));
         // Our bits already set on the packet are replaced, not or-ed.
         let flip = verdict_for(&decision(PacketAction::Drop, true, false), marks::ALLOW | 0x1);
-        assert_eq!(
-            flip,
-            Some((
-                Verdict::Repeat,
-                Some(Mark {
-                    value: marks::REJECT | 0x1,
-                    mask: marks::MASK
-                })
-            ))
-        );
+        assert_eq!(flip, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT | 0x1, mask: marks::MASK }))));
     }
 
     #[test]
     fn undecided_packets_pass_or_drop_without_a_mark_and_held_ones_wait() {
-        assert_eq!(
-            verdict_for(&decision(PacketAction::Accept, false, false), 7),
-            Some((Verdict::Accept, None))
-        );
-        assert_eq!(
-            verdict_for(&decision(PacketAction::Drop, false, false), 7),
-            Some((Verdict::Drop, None))
-        );
-        assert_eq!(
-            verdict_for(&decision(PacketAction::Hold(PacketId(3)), false, false), 7),
-            None
-        );
+        assert_eq!(verdict_for(&decision(PacketAction::Accept, false, false), 7), Some((Verdict::Accept, None)));
+        assert_eq!(verdict_for(&decision(PacketAction::Drop, false, false), 7), Some((Verdict::Drop, None)));
+        assert_eq!(verdict_for(&decision(PacketAction::Hold(PacketId(3)), false, false), 7), None);
     }
 }

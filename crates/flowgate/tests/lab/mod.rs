@@ -182,11 +182,7 @@ fn next_serial() -> u32 {
 }
 
 fn sanitize_tag(tag: &str) -> String {
-    let t: String = tag
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .take(16)
-        .collect();
+    let t: String = tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(16).collect();
     if t.is_empty() { "t".to_string() } else { t }
 }
 
@@ -245,10 +241,7 @@ impl Netns {
         };
         match out {
             Ok(o) if o.status.success() => Ok(Netns { name }),
-            Ok(o) => Err(format!(
-                "`ip netns add {name}` failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
+            Ok(o) => Err(format!("`ip netns add {name}` failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
             Err(e) => Err(format!("cannot run `ip netns add {name}`: {e}")),
         }
     }
@@ -260,9 +253,7 @@ impl Netns {
 
     /// The kernel's id of the namespace (the inode shown as `net:[N]` in `/proc/PID/ns/net`).
     pub fn inode(&self) -> u64 {
-        std::fs::metadata(self.path())
-            .map(|m| m.ino())
-            .unwrap_or_else(|e| panic!("stat {:?}: {e}", self.path()))
+        std::fs::metadata(self.path()).map(|m| m.ino()).unwrap_or_else(|e| panic!("stat {:?}: {e}", self.path()))
     }
 
     /// Brings `lo` up and sets the IPv6 / rp_filter defaults every lab namespace gets (see the
@@ -347,12 +338,7 @@ impl Netns {
             .unwrap_or_else(|e| panic!("cannot run ip: {e}"));
         let mut script = lines.join("\n");
         script.push('\n');
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(script.as_bytes())
-            .expect("write ip batch");
+        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write ip batch");
         let o = child.wait_with_output().expect("wait ip batch");
         check_output(&format!("ip -n {} -batch:\n{script}", self.name), &o);
     }
@@ -361,22 +347,16 @@ impl Netns {
     pub fn iface_counter(&self, dev: &str, counter: &str) -> u64 {
         let path = format!("/sys/class/net/{dev}/statistics/{counter}");
         let s = self.run_ok(&["cat", &path]);
-        s.trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("in netns {}: {path}: {s:?}: {e}", self.name))
+        s.trim().parse().unwrap_or_else(|e| panic!("in netns {}: {path}: {s:?}: {e}", self.name))
     }
 
     /// Pids of the processes inside the namespace (`ip netns pids`).
     pub fn pids(&self) -> Vec<i32> {
-        let o = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .stdin(Stdio::null())
-            .output();
+        let o = Command::new("ip").args(["netns", "pids", &self.name]).stdin(Stdio::null()).output();
         match o {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect(),
+            Ok(o) if o.status.success() => {
+                String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+            }
             _ => Vec::new(),
         }
     }
@@ -396,11 +376,8 @@ impl Netns {
             .file_name()
             .map(|s| sanitize_tag(&s.to_string_lossy()))
             .unwrap_or_default();
-        let log_path = std::env::temp_dir().join(format!(
-            "flowgate-lab-{}-{}-{prog}.log",
-            std::process::id(),
-            next_serial()
-        ));
+        let log_path =
+            std::env::temp_dir().join(format!("flowgate-lab-{}-{}-{prog}.log", std::process::id(), next_serial()));
         let log = File::create(&log_path).unwrap_or_else(|e| panic!("create {log_path:?}: {e}"));
         let log2 = log.try_clone().expect("dup log fd");
         let mut cmd = self.command(args);
@@ -468,17 +445,11 @@ impl Drop for Netns {
             }
         }
         let _g = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdin(Stdio::null())
-            .output()
-        {
+        match Command::new("ip").args(["netns", "del", &self.name]).stdin(Stdio::null()).output() {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "lab: `ip netns del {}` failed: {}",
-                self.name,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
+            Ok(o) => {
+                eprintln!("lab: `ip netns del {}` failed: {}", self.name, String::from_utf8_lossy(&o.stderr).trim())
+            }
             Err(e) => eprintln!("lab: cannot run `ip netns del {}`: {e}", self.name),
         }
     }
@@ -584,10 +555,7 @@ impl Child {
         if let Some(st) = self.wait_timeout(self.term_timeout) {
             return Some(st);
         }
-        eprintln!(
-            "lab: {} still running {:?} after SIGTERM; sending SIGKILL",
-            self.desc, self.term_timeout
-        );
+        eprintln!("lab: {} still running {:?} after SIGTERM; sending SIGKILL", self.desc, self.term_timeout);
         self.kill_now()
     }
 
@@ -599,9 +567,7 @@ impl Child {
 
     /// Everything the process has written to stdout and stderr so far.
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 }
 
@@ -615,11 +581,7 @@ impl Drop for Child {
                 start += 1;
             }
             let st = st.map_or_else(|| "status unknown".to_string(), |s| s.to_string());
-            eprintln!(
-                "lab: --- {} ({st}), log tail ---\n{}\nlab: --- end of log ---",
-                self.desc,
-                &log[start..]
-            );
+            eprintln!("lab: --- {} ({st}), log tail ---\n{}\nlab: --- end of log ---", self.desc, &log[start..]);
         }
         let _ = std::fs::remove_file(&self.log_path);
     }
@@ -785,12 +747,7 @@ fn tcp_server(
             }
         })
         .expect("spawn server thread");
-    Server {
-        addr,
-        stats,
-        stop,
-        thread: Some(thread),
-    }
+    Server { addr, stats, stop, thread: Some(thread) }
 }
 
 /// Reads into `buf` from a nonblocking stream; None on EOF, error or stop.
@@ -908,12 +865,7 @@ pub fn udp_echo(ns: &Netns, addr: SocketAddr) -> Server {
             }
         })
         .expect("spawn udp thread");
-    Server {
-        addr,
-        stats,
-        stop,
-        thread: Some(thread),
-    }
+    Server { addr, stats, stop, thread: Some(thread) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -958,19 +910,14 @@ pub fn wait_listed(ns: &Netns, proto: Proto, addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = ns.run_ok(&["ss", flags]);
-        if out.lines().any(|l| {
-            l.split_whitespace()
-                .nth(3)
-                .and_then(parse_ss_addr)
-                .is_some_and(|a| addr_matches(a, addr))
-        }) {
+        if out
+            .lines()
+            .any(|l| l.split_whitespace().nth(3).and_then(parse_ss_addr).is_some_and(|a| addr_matches(a, addr)))
+        {
             return;
         }
         if Instant::now() >= deadline {
-            panic!(
-                "no {proto:?} socket bound to {addr} in netns {} after 5 s; ss {flags}:\n{out}",
-                ns.name
-            );
+            panic!("no {proto:?} socket bound to {addr} in netns {} after 5 s; ss {flags}:\n{out}", ns.name);
         }
         thread::sleep(Duration::from_millis(10)); // bounded polling interval
     }
@@ -983,11 +930,7 @@ fn parse_ss_addr(s: &str) -> Option<SocketAddr> {
     let port: u16 = port.parse().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let host = host.split('%').next()?;
-    let ip: IpAddr = if host == "*" {
-        Ipv6Addr::UNSPECIFIED.into()
-    } else {
-        host.parse().ok()?
-    };
+    let ip: IpAddr = if host == "*" { Ipv6Addr::UNSPECIFIED.into() } else { host.parse().ok()? };
     Some(SocketAddr::new(ip, port))
 }
 
@@ -1062,11 +1005,7 @@ impl Tunnel {
         // Open both sides before starting threads, so a failure leaks nothing (fds just close).
         let side_a = open(a.0, a.1);
         let side_b = open(b.0, b.1);
-        let mut tunnel = Tunnel {
-            stop: stop.clone(),
-            threads: Vec::new(),
-            stats: stats.clone(),
-        };
+        let mut tunnel = Tunnel { stop: stop.clone(), threads: Vec::new(), stats: stats.clone() };
         for (i, ((tun, udp), peer)) in [(side_a, b.1), (side_b, a.1)].into_iter().enumerate() {
             let (stop, st) = (stop.clone(), stats[i].clone());
             let name = tunnel_thread_name(serial, i);
@@ -1194,16 +1133,11 @@ impl Lab {
         // veth pairs created directly inside the namespaces (nothing in the root namespace).
         for (a, an, b, bn) in [(&cli, "veth0", &host, "veth0"), (&host, "veth1", &srv, "veth0")] {
             let o = Command::new("ip")
-                .args([
-                    "link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn, "netns", &b.name,
-                ])
+                .args(["link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn, "netns", &b.name])
                 .stdin(Stdio::null())
                 .output()
                 .unwrap_or_else(|e| panic!("cannot run ip: {e}"));
-            check_output(
-                &format!("Lab::new({tag:?}): veth {}:{an} <-> {}:{bn}", a.name, b.name),
-                &o,
-            );
+            check_output(&format!("Lab::new({tag:?}): veth {}:{an} <-> {}:{bn}", a.name, b.name), &o);
         }
 
         let l = |s: &str| s.to_string();
@@ -1241,11 +1175,8 @@ impl Lab {
             format!("route add 2001:db8:18::/64 via {HOST_SRV_SIDE_V6}"),
         ]);
 
-        let tunnel = Tunnel::start(
-            serial,
-            (&host, sa(HOST_SRV_SIDE_V4, TUNNEL_UDP_PORT)),
-            (&srv, sa(SRV_V4, TUNNEL_UDP_PORT)),
-        );
+        let tunnel =
+            Tunnel::start(serial, (&host, sa(HOST_SRV_SIDE_V4, TUNNEL_UDP_PORT)), (&srv, sa(SRV_V4, TUNNEL_UDP_PORT)));
         for (ns, v4, v6) in [(&host, HOST_TUN_V4, HOST_TUN_V6), (&srv, SRV_TUN_V4, SRV_TUN_V6)] {
             ns.ip_batch(&[
                 format!("link set tun0 mtu {TUNNEL_MTU} up"),
@@ -1253,13 +1184,7 @@ impl Lab {
                 format!("addr add {v6}/64 dev tun0 nodad"),
             ]);
         }
-        Lab {
-            cli,
-            host,
-            srv,
-            tunnel: Some(tunnel),
-            serial,
-        }
+        Lab { cli, host, srv, tunnel: Some(tunnel), serial }
     }
 
     /// The three namespaces, in the order cli, host, srv.
@@ -1279,10 +1204,7 @@ impl Lab {
 
     fn tunnel_stats(&self, i: usize) -> (u64, u64) {
         let t = self.tunnel.as_ref().expect("tunnel");
-        (
-            t.stats[i].encapsulated.load(Ordering::Relaxed),
-            t.stats[i].decapsulated.load(Ordering::Relaxed),
-        )
+        (t.stats[i].encapsulated.load(Ordering::Relaxed), t.stats[i].decapsulated.load(Ordering::Relaxed))
     }
 
     /// Names of the two tunnel forwarder threads (as in /proc/self/task/*/comm), for checks

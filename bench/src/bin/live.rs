@@ -1,0 +1,991 @@
+//! Live benchmark: the real `flowgate run` daemon in the namespace lab, measured against the same
+//! traffic with no filter at all. Run it with `bench/live.sh` (root); see bench/README.md, "Live".
+//!
+//! One run measures three configurations, in this order, each in a fresh lab
+//! (`crates/flowgate/tests/lab/mod.rs`: namespaces `cli`, `host`, `srv`):
+//!
+//! 1. `none`: no filter;
+//! 2. `flowgate`: `flowgate run` in `host` with 2 queues and no rules (allow everything);
+//! 3. `flowgate-100k-rules`: the same with 100,000 `/32` drop rules in 198.18.0.0/15 that the
+//!    benchmark traffic never uses, so every flow is still allowed after matching.
+//!
+//! The client is `host` itself (198.51.100.1), the servers are on 203.0.113.10 in `srv`:
+//!
+//! * bulk: one TCP flow to a sink, 128 KiB writes for ~3 s or 2 GiB, whichever comes first;
+//!   throughput counted until the sink confirmed every byte;
+//! * connects: sequential new TCP connections, each from a source port of its own, to an
+//!   accept-and-close server, each closed by the client with SO_LINGER 0 (a RST, so no
+//!   TIME_WAIT); connections per second over the loop, and the time of each `connect()` (SYN to
+//!   established), median and 99th percentile.
+//!
+//! The results are printed as a table and as ratios against `none`, and the last line of stdout
+//! is one JSON object with everything (also written to `--json FILE`).
+//!
+//! Cleanup: the lab's guards delete every namespace (killing what is inside) and stop the daemon
+//! (SIGTERM, then SIGKILL) when a configuration ends, also when it fails. SIGINT, SIGTERM and
+//! SIGHUP are taken by a thread that kills everything in this process's namespaces, deletes
+//! them and exits; in a build with `panic = "abort"` (the workspace's release profile), where no
+//! guard runs on a panic, a panic hook does the same. `bench/live.sh` builds this binary with
+//! unwinding panics, so a failure unwinds through the guards.
+
+#[path = "../../../crates/flowgate/tests/lab/mod.rs"]
+mod lab;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lab::{Lab, Netns, SRV_SERVICE_V4};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt, socket, sockopt,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+type Result<T> = std::result::Result<T, String>;
+
+/// Port of the bulk sink and of the accept server on 203.0.113.10.
+const SINK_PORT: u16 = 5001;
+const ACCEPT_PORT: u16 = 5002;
+/// Size of each bulk write.
+const WRITE_SIZE: usize = 128 << 10;
+/// The bulk flow stops after this many bytes even if time is left.
+const BULK_MAX_BYTES: u64 = 2 << 30;
+/// Rules of the large configuration.
+const BIG_RULES: usize = 100_000;
+/// How long the daemon may take to print its ready line (the config loader is slow on huge rule
+/// files; see bench/README.md).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the daemon may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_LINE: &str = "flowgate: ready";
+
+struct Opts {
+    flowgate: PathBuf,
+    json: Option<PathBuf>,
+    connects: usize,
+    warmup: usize,
+    bulk_seconds: f64,
+    /// Names of the configurations to run (all three by default).
+    configs: Vec<String>,
+}
+
+const USAGE: &str = "usage: live [--flowgate PATH] [--json FILE] [--connects N] [--warmup N] [--bulk-seconds S]
+            [--configs none,flowgate,flowgate-100k-rules]
+
+Runs as root. Measures bulk TCP throughput and new-connection rate and latency from the lab's
+`host` namespace to `srv`, with no filter, with flowgate (no rules) and with flowgate and 100,000
+rules, and prints ratios against no filter (when `none` is among --configs). Defaults:
+--connects 3000 --warmup 100 --bulk-seconds 3, all configurations; --flowgate defaults to `flowgate` next to this binary, else
+<workspace>/target/release/flowgate.";
+
+fn parse_opts() -> Result<Opts> {
+    let mut opts = Opts {
+        flowgate: PathBuf::new(),
+        json: None,
+        connects: 3000,
+        warmup: 100,
+        bulk_seconds: 3.0,
+        configs: SPECS.iter().map(|s| s.name.to_string()).collect(),
+    };
+    let mut flowgate = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value\n\n{USAGE}"));
+        match a.as_str() {
+            "--flowgate" => flowgate = Some(PathBuf::from(value("--flowgate")?)),
+            "--json" => opts.json = Some(PathBuf::from(value("--json")?)),
+            "--connects" => opts.connects = number(&value("--connects")?, "--connects", 1.0, 1e6)? as usize,
+            "--warmup" => opts.warmup = number(&value("--warmup")?, "--warmup", 0.0, 1e6)? as usize,
+            "--bulk-seconds" => opts.bulk_seconds = number(&value("--bulk-seconds")?, "--bulk-seconds", 0.1, 60.0)?,
+            "--configs" => {
+                let list = value("--configs")?;
+                opts.configs = list.split(',').map(str::to_string).collect();
+                if let Some(bad) = opts.configs.iter().find(|c| !SPECS.iter().any(|s| s.name == c.as_str())) {
+                    return Err(format!("--configs: unknown configuration `{bad}`\n\n{USAGE}"));
+                }
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument `{other}`\n\n{USAGE}")),
+        }
+    }
+    let ports = usize::from(LAST_CLIENT_PORT - FIRST_CLIENT_PORT) + 1;
+    if opts.warmup + opts.connects > ports {
+        return Err(format!("--warmup + --connects must not exceed {ports} (one client port per connection)"));
+    }
+    opts.flowgate = match flowgate {
+        Some(p) => p,
+        None => {
+            let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("flowgate")));
+            match sibling {
+                Some(p) if p.is_file() => p,
+                _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/flowgate"),
+            }
+        }
+    };
+    opts.flowgate = fs::canonicalize(&opts.flowgate).map_err(|e| {
+        format!(
+            "flowgate binary {}: {e} (build it with `cargo build --release -p flowgate`, or pass --flowgate)",
+            opts.flowgate.display()
+        )
+    })?;
+    Ok(opts)
+}
+
+fn number(s: &str, name: &str, lo: f64, hi: f64) -> Result<f64> {
+    match s.parse::<f64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!("{name}: `{s}` is not a number from {lo} to {hi}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cleanup outside the guards (signals, and panics when panics abort)
+// ---------------------------------------------------------------------------------------------
+
+/// Prefix of the temp directories of this process.
+fn temp_prefix() -> String {
+    format!("flowgate-live-bench-{}-", std::process::id())
+}
+
+/// Kills everything inside this process's lab namespaces (the daemon included), deletes them,
+/// and removes this process's temp files. For paths where the Drop guards cannot run.
+fn emergency_cleanup() {
+    let me = std::process::id();
+    let prefix = format!("fg{me}x");
+    if let Ok(dir) = fs::read_dir("/run/netns") {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(&prefix) {
+                continue;
+            }
+            let pids = Command::new("ip").args(["netns", "pids", &name]).stderr(Stdio::null()).output();
+            if let Ok(o) = pids {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    if pid != me as i32 {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+            eprintln!("live: removed namespace {name}");
+        }
+    }
+    // Ours, and the log files of the lab's process guards (`flowgate-lab-<pid>-...`).
+    let lab_logs = format!("flowgate-lab-{me}-");
+    if let Ok(dir) = fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&temp_prefix()) {
+                let _ = fs::remove_dir_all(entry.path());
+            } else if name.starts_with(&lab_logs) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in every thread (call before any thread starts) and takes
+/// them on a thread of their own, which cleans up and exits. Children get a clean signal mask
+/// from `std::process::Command`.
+fn install_signal_handling() -> Result<()> {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("live-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                eprintln!("live: {sig}: removing the labs and the daemon, then exiting");
+                emergency_cleanup();
+                std::process::exit(128 + sig as i32);
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    if cfg!(panic = "abort") {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            eprintln!("live: panic with panic = \"abort\": removing the labs and the daemon");
+            emergency_cleanup();
+        }));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------------------------
+
+/// A temp directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("{}{tag}", temp_prefix()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes the daemon's config: run_dir, log, 2 queues, and `rules` drop rules on distinct /32s
+/// in 198.18.1.0 .. 198.19.135.159 (inside 198.18.0.0/15; 198.18.0.0/24 is left out because the
+/// lab's `cli` namespace uses it).
+///
+/// The rules are one array of inline tables on a single line: `flowgate run` computes the line
+/// of every rule by scanning the file from its start, which with one `[[rule]]` table per rule
+/// (3 lines each) takes about 3 minutes at 100,000 rules; on one line, about 30 s.
+fn write_config(dir: &Path, rules: usize) -> Result<PathBuf> {
+    let mut text = format!(
+        "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n",
+        dir.join("run").display(),
+        dir.join("events.jsonl").display()
+    );
+    if rules > 0 {
+        assert!(rules <= (1 << 17) - 256, "{rules} distinct /32s do not fit in 198.18.1.0 .. 198.19.255.255");
+        text.reserve(rules * 48);
+        text.push_str("rule = [");
+        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0));
+        for i in 0..rules {
+            let ip = std::net::Ipv4Addr::from(base + i as u32);
+            if i > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, "{{remote=\"{ip}/32\",action=\"drop\"}}");
+        }
+        text.push_str("]\n");
+    }
+    let path = dir.join("flowgate.toml");
+    fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// `flowgate run` inside a namespace. The lab's [`lab::Child`] guard SIGTERMs (then SIGKILLs)
+/// and reaps it on drop; the process also gets SIGTERM if this process dies
+/// (PR_SET_PDEATHSIG: the main thread spawns it and lives until the end).
+struct Daemon {
+    child: lab::Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Spawns the daemon and waits for its ready line; returns it and how long that took.
+    fn start(ns: &Netns, flowgate: &Path, config: &Path) -> Result<(Daemon, Duration)> {
+        let t0 = Instant::now();
+        let flowgate = flowgate.to_string_lossy();
+        let config = config.to_string_lossy();
+        let mut child = ns.spawn_with(&[&flowgate, "run", "--config", &config], |cmd| {
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(cmd, || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        });
+        child.set_term_timeout(STOP_TIMEOUT);
+        let pipe = child.child.stderr.take().ok_or("no stderr pipe")?;
+        let (tx, rx) = mpsc::channel();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let kept = stderr.clone();
+        std::thread::Builder::new()
+            .name("flowgate-stderr".into())
+            .spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(std::result::Result::ok) {
+                    eprintln!("  [flowgate] {line}");
+                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(line.clone());
+                    let _ = tx.send(line);
+                }
+            })
+            .map_err(|e| format!("cannot start the stderr reader: {e}"))?;
+        let mut d = Daemon { child, lines: rx, stderr };
+        let deadline = t0 + READY_TIMEOUT;
+        loop {
+            match d.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains(READY_LINE) => return Ok((d, t0.elapsed())),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = d.child.wait_timeout(Duration::from_secs(5));
+                    return Err(format!("flowgate exited before it was ready ({}):\n{}", status(st), d.stderr_text()));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!("flowgate did not print `{READY_LINE}` within {READY_TIMEOUT:?}"));
+                }
+            }
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+    }
+
+    /// SIGTERM, waits for the exit; returns how long it took, or an error unless it exited 0.
+    fn stop(mut self) -> Result<Duration> {
+        let t0 = Instant::now();
+        kill(Pid::from_raw(self.child.pid()), Signal::SIGTERM).map_err(|e| format!("kill flowgate: {e}"))?;
+        match self.child.wait_timeout(STOP_TIMEOUT) {
+            Some(st) if st.success() => Ok(t0.elapsed()),
+            st => Err(format!("flowgate did not exit 0 after SIGTERM ({}):\n{}", status(st), self.stderr_text())),
+        }
+    }
+}
+
+fn status(st: Option<ExitStatus>) -> String {
+    st.map_or_else(|| "still running or status unknown".into(), |s| s.to_string())
+}
+
+/// What the event log holds.
+struct EventCounts {
+    by_type: BTreeMap<String, u64>,
+    /// `flow.new` of TCP flows to the service address.
+    tcp_new: u64,
+    /// The other `flow.new` flows (`protocol local -> remote`), at most 10.
+    other_new: Vec<String>,
+}
+
+/// Counts the events of an event log by type, and the `flow.new` of TCP flows to `to`.
+fn count_events(path: &Path, to: std::net::Ipv4Addr) -> Result<EventCounts> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut c = EventCounts { by_type: BTreeMap::new(), tcp_new: 0, other_new: Vec::new() };
+    let prefix = format!("{to}:");
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("bad event line ({e}): {line}"))?;
+        let kind = v["event"].as_str().unwrap_or("?").to_string();
+        if kind == "flow.new" {
+            let f = &v["flow"];
+            if f["protocol"] == "tcp" && f["remote"].as_str().is_some_and(|r| r.starts_with(&prefix)) {
+                c.tcp_new += 1;
+            } else if c.other_new.len() < 10 {
+                let s = |k: &str| f[k].as_str().unwrap_or("?").to_string();
+                c.other_new.push(format!("{} {} -> {} ({})", s("protocol"), s("local"), s("remote"), s("direction")));
+            }
+        }
+        *c.by_type.entry(kind).or_insert(0) += 1;
+    }
+    Ok(c)
+}
+
+// ---------------------------------------------------------------------------------------------
+// iptables counters
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Default, Debug)]
+struct Count {
+    pkts: u64,
+    bytes: u64,
+}
+
+/// Counters of the two rules of a flowgate chain that matter here: the RETURN of flows whose
+/// conntrack mark says "allowed" (handled by the kernel alone) and the NFQUEUE at the end.
+#[derive(Clone, Copy, Default, Debug)]
+struct ChainCounters {
+    allow_return: Count,
+    nfqueue: Count,
+}
+
+impl ChainCounters {
+    fn since(self, before: ChainCounters) -> ChainCounters {
+        let d = |a: Count, b: Count| Count { pkts: a.pkts - b.pkts.min(a.pkts), bytes: a.bytes - b.bytes.min(a.bytes) };
+        ChainCounters {
+            allow_return: d(self.allow_return, before.allow_return),
+            nfqueue: d(self.nfqueue, before.nfqueue),
+        }
+    }
+
+    fn json(self) -> Value {
+        json!({
+            "connmark_allow_return": {"pkts": self.allow_return.pkts, "bytes": self.allow_return.bytes},
+            "nfqueue": {"pkts": self.nfqueue.pkts, "bytes": self.nfqueue.bytes},
+        })
+    }
+
+    fn describe(self) -> String {
+        format!(
+            "connmark-allow RETURN {} pkts / {} bytes, NFQUEUE {} pkts / {} bytes",
+            self.allow_return.pkts, self.allow_return.bytes, self.nfqueue.pkts, self.nfqueue.bytes
+        )
+    }
+}
+
+/// The chains whose counters are read: locally generated packets and packets to the host.
+const CHAINS: [&str; 2] = ["FLOWGATE-OUT", "FLOWGATE-IN"];
+
+/// Reads `iptables -L CHAIN -v -x -n` in `ns`.
+fn chain_counters(ns: &Netns, chain: &str) -> Result<ChainCounters> {
+    let o = ns.run(&["iptables", "-L", chain, "-v", "-x", "-n"]);
+    if !o.status.success() {
+        return Err(format!("iptables -L {chain}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut c = ChainCounters::default();
+    let (mut allow, mut queue) = (false, false);
+    for line in text.lines().skip(2) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(pkts), Some(bytes), Some(target)) =
+            (f.first().and_then(|s| s.parse().ok()), f.get(1).and_then(|s| s.parse().ok()), f.get(2))
+        else {
+            continue;
+        };
+        let n = Count { pkts, bytes };
+        if *target == "NFQUEUE" {
+            c.nfqueue = n;
+            queue = true;
+        } else if *target == "RETURN"
+            && line.contains("connmark match")
+            && line.contains("0x10000/0x30000")
+            && !line.contains("flags:")
+            && !line.contains("ctstate")
+        {
+            c.allow_return = n;
+            allow = true;
+        }
+    }
+    if !(allow && queue) {
+        return Err(format!("iptables -L {chain}: connmark-allow RETURN or NFQUEUE rule not found:\n{text}"));
+    }
+    Ok(c)
+}
+
+fn all_chain_counters(ns: &Netns) -> Result<Vec<ChainCounters>> {
+    CHAINS.iter().map(|c| chain_counters(ns, c)).collect()
+}
+
+/// A `TcpExt` counter of `/proc/net/netstat` in `ns` (e.g. `TCPSynRetrans`).
+fn tcp_ext(ns: &Netns, name: &str) -> Result<u64> {
+    let o = ns.run(&["cat", "/proc/net/netstat"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    if let (Some(names), Some(values)) = (lines.next(), lines.next())
+        && let Some((_, v)) = names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == name)
+    {
+        return v.parse().map_err(|e| format!("/proc/net/netstat TcpExt {name} = {v:?}: {e}"));
+    }
+    Err(format!("no TcpExt {name} in /proc/net/netstat of {}", ns.name))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers and clients
+// ---------------------------------------------------------------------------------------------
+
+/// Listen backlog of the accept server. std's `TcpListener::bind` uses 128: the connect loop
+/// opens 30,000 connections a second without a filter, so an accept thread that is off the CPU
+/// for 4 ms lets the queue overflow, the SYN is dropped and that connect() takes 1 s (the SYN
+/// retransmission timeout). That was seen here, several times per run; with 4096 (the default
+/// `net.core.somaxconn`) the queue holds more than a whole run.
+const ACCEPT_BACKLOG: i32 = 4096;
+
+/// A TCP server that accepts connections and closes them at once, on one thread (no thread per
+/// connection, so it costs the 2-core machine little). Stopped and joined on drop.
+struct AcceptServer {
+    listener: Arc<TcpListener>,
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AcceptServer {
+    fn start(ns: &Netns, addr: SocketAddr) -> Result<AcceptServer> {
+        let SocketAddr::V4(v4) = addr else { return Err(format!("{addr}: IPv4 only")) };
+        let listener = ns.in_ns(move || -> nix::Result<TcpListener> {
+            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+            bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?;
+            listen(&fd, Backlog::new(ACCEPT_BACKLOG)?)?;
+            Ok(TcpListener::from(fd))
+        });
+        let listener = Arc::new(listener.map_err(|e| format!("listen on {addr}: {e}"))?);
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, n, s) = (listener.clone(), accepted.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("live-accept".into())
+            .spawn(move || {
+                loop {
+                    match l.accept() {
+                        Ok((conn, _)) => {
+                            n.fetch_add(1, Ordering::Relaxed);
+                            drop(conn);
+                        }
+                        Err(_) if s.load(Ordering::Acquire) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            eprintln!("live: accept server on {addr}: {e}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the accept server: {e}"))?;
+        Ok(AcceptServer { listener, accepted, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for AcceptServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // shutdown() on a listening socket wakes a blocked accept() with EINVAL.
+        let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bulk {
+    bytes: u64,
+    seconds: f64,
+}
+
+impl Bulk {
+    fn gbit_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.seconds / 1e9
+    }
+}
+
+/// One TCP flow to the sink: 128 KiB writes for `seconds` or 2 GiB, then a half-close; the time
+/// runs until the sink's reply confirms it received every byte.
+fn bulk(to: SocketAddr, seconds: f64) -> Result<Bulk> {
+    let mut s =
+        TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("bulk: connect {to}: {e}"))?;
+    s.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let buf = vec![0x5a_u8; WRITE_SIZE];
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(seconds);
+    let mut sent = 0u64;
+    while sent < BULK_MAX_BYTES && Instant::now() < until {
+        s.write_all(&buf).map_err(|e| format!("bulk: write after {sent} bytes: {e}"))?;
+        sent += WRITE_SIZE as u64;
+    }
+    s.shutdown(Shutdown::Write).map_err(|e| format!("bulk: shutdown: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(|e| format!("bulk: reading the sink's count: {e}"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    match reply.trim().parse::<u64>() {
+        Ok(n) if n == sent => Ok(Bulk { bytes: sent, seconds }),
+        _ => Err(format!("bulk: sent {sent} bytes, the sink answered {reply:?}")),
+    }
+}
+
+#[derive(Debug)]
+struct Connects {
+    /// connect() times, sorted.
+    latencies: Vec<Duration>,
+    seconds: f64,
+}
+
+impl Connects {
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.seconds
+    }
+
+    /// Nearest-rank percentile, in microseconds.
+    fn percentile_us(&self, p: f64) -> f64 {
+        let n = self.latencies.len();
+        let rank = ((p / 100.0 * n as f64).ceil() as usize).clamp(1, n);
+        self.latencies[rank - 1].as_secs_f64() * 1e6
+    }
+
+    fn mean_us(&self) -> f64 {
+        self.latencies.iter().map(Duration::as_secs_f64).sum::<f64>() / self.latencies.len() as f64 * 1e6
+    }
+}
+
+/// First client port of the connect loop; connection `i` uses `FIRST_CLIENT_PORT + i`.
+///
+/// Every connection gets a source port of its own, so each one is a new 4-tuple. With ports
+/// picked by the kernel, a run of 3,100 connections wraps around the ephemeral range (the
+/// kernel advances its per-destination offset by 2 to 16 per connect) and reuses 4-tuples of
+/// connections reset a fraction of a second earlier, whose conntrack entries (10 s in CLOSE)
+/// and flowgate flows (`tcp_closing`, 10 s) still exist: those are not the plain new flows this
+/// benchmark measures (and flowgate did not always log them as new flows; see bench/README.md).
+/// The ports stay below the ephemeral range (32768), where nothing else binds.
+const FIRST_CLIENT_PORT: u16 = 10_000;
+const LAST_CLIENT_PORT: u16 = 32_767;
+
+/// One connection: a fresh socket bound to `port`, a blocking connect() (timed; SO_SNDTIMEO
+/// bounds it to 5 s), then SO_LINGER 0 and close, which sends a RST.
+fn connect_once(to: &SockaddrIn, port: u16) -> Result<Duration> {
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("socket: {e}"))?;
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::seconds(5)).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    let local = SockaddrIn::from(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port));
+    bind(fd.as_raw_fd(), &local).map_err(|e| format!("bind {local}: {e}"))?;
+    let t0 = Instant::now();
+    connect(fd.as_raw_fd(), to).map_err(|e| format!("connect {to}: {e}"))?;
+    let dt = t0.elapsed();
+    setsockopt(&fd, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })
+        .map_err(|e| format!("SO_LINGER: {e}"))?;
+    drop(fd);
+    Ok(dt)
+}
+
+/// `warmup` untimed connections, then `n` timed ones, one after the other.
+fn connect_loop(to: SocketAddrV4, warmup: usize, n: usize) -> Result<Connects> {
+    let to = SockaddrIn::from(to);
+    let mut ports = FIRST_CLIENT_PORT..=LAST_CLIENT_PORT;
+    let mut next_port = || ports.next().ok_or_else(|| "out of client ports".to_string());
+    for _ in 0..warmup {
+        connect_once(&to, next_port()?)?;
+    }
+    let mut latencies = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        latencies.push(connect_once(&to, next_port()?).map_err(|e| format!("connection {} of {n}: {e}", i + 1))?);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    Ok(Connects { latencies, seconds })
+}
+
+// ---------------------------------------------------------------------------------------------
+// One configuration
+// ---------------------------------------------------------------------------------------------
+
+struct Spec {
+    name: &'static str,
+    /// Lab tag (goes into the namespace names).
+    tag: &'static str,
+    /// None: no filter; Some(n): flowgate with n rules.
+    rules: Option<usize>,
+}
+
+const SPECS: [Spec; 3] = [
+    Spec { name: "none", tag: "none", rules: None },
+    Spec { name: "flowgate", tag: "fg", rules: Some(0) },
+    Spec { name: "flowgate-100k-rules", tag: "fg100k", rules: Some(BIG_RULES) },
+];
+
+struct DaemonReport {
+    ready: Duration,
+    stopped: Duration,
+    events: EventCounts,
+    expected_flows: u64,
+    /// Per chain ([`CHAINS`]), during the bulk run and during the connection loop (warm-up
+    /// included), or why they could not be read.
+    chains_bulk: Result<Vec<ChainCounters>>,
+    chains_connects: Result<Vec<ChainCounters>>,
+}
+
+struct Outcome {
+    bulk: Bulk,
+    connects: Connects,
+    accepted: u64,
+    /// During the connect loop: SYNs `host` retransmitted (each one is a connect() of 1 s or
+    /// more), and connections `srv`'s listen queue refused.
+    syn_retrans: u64,
+    listen_overflows: u64,
+    daemon: Option<DaemonReport>,
+}
+
+fn run_spec(spec: &Spec, opts: &Opts) -> Result<Outcome> {
+    // Drop order (reverse of declaration): daemon, temp dir, servers, lab.
+    let lab = Lab::new(spec.tag);
+    let sink = lab::tcp_sink(&lab.srv, lab::sa(SRV_SERVICE_V4, SINK_PORT));
+    let acceptor = AcceptServer::start(&lab.srv, lab::sa(SRV_SERVICE_V4, ACCEPT_PORT))?;
+    let tmp = TempDir::new(spec.tag)?;
+    let mut daemon = None;
+    let mut ready = Duration::ZERO;
+    if let Some(rules) = spec.rules {
+        let t = Instant::now();
+        let config = write_config(&tmp.0, rules)?;
+        if rules > 0 {
+            eprintln!("live: [{}] wrote {rules} rules in {:.2} s", spec.name, t.elapsed().as_secs_f64());
+        }
+        let (d, took) = Daemon::start(&lab.host, &opts.flowgate, &config)?;
+        daemon = Some(d);
+        ready = took;
+        eprintln!("live: [{}] flowgate ready after {:.2} s", spec.name, took.as_secs_f64());
+    }
+
+    let counters = |d: &Option<Daemon>| d.as_ref().map(|_| all_chain_counters(&lab.host));
+    let before_bulk = counters(&daemon);
+    let secs = opts.bulk_seconds;
+    let b = lab.host.in_ns(move || bulk(lab::sa(SRV_SERVICE_V4, SINK_PORT), secs))?;
+    eprintln!("live: [{}] bulk: {:.2} Gbit/s ({} bytes in {:.2} s)", spec.name, b.gbit_s(), b.bytes, b.seconds);
+    let after_bulk = counters(&daemon);
+
+    let (warmup, n) = (opts.warmup, opts.connects);
+    let (syn_before, overflow_before) = (tcp_ext(&lab.host, "TCPSynRetrans")?, tcp_ext(&lab.srv, "ListenOverflows")?);
+    let c = lab.host.in_ns(move || connect_loop(SocketAddrV4::new(SRV_SERVICE_V4, ACCEPT_PORT), warmup, n))?;
+    let syn_retrans = tcp_ext(&lab.host, "TCPSynRetrans")? - syn_before;
+    let listen_overflows = tcp_ext(&lab.srv, "ListenOverflows")? - overflow_before;
+    eprintln!(
+        "live: [{}] connects: {:.0}/s, p50 {:.1} µs, p99 {:.1} µs; {syn_retrans} SYN retransmissions",
+        spec.name,
+        c.rate(),
+        c.percentile_us(50.0),
+        c.percentile_us(99.0)
+    );
+    let after_connects = counters(&daemon);
+
+    let report = match daemon.take() {
+        None => None,
+        Some(d) => {
+            let stopped = d.stop()?;
+            let events = count_events(&tmp.0.join("events.jsonl"), SRV_SERVICE_V4)?;
+            let delta = |a: Option<Result<Vec<ChainCounters>>>, b: Option<Result<Vec<ChainCounters>>>| match (a, b) {
+                (Some(Ok(a)), Some(Ok(b))) => {
+                    Ok(a.into_iter().zip(b).map(|(after, before)| after.since(before)).collect())
+                }
+                (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
+                _ => Err("not read".to_string()),
+            };
+            let bulk_counters = delta(after_bulk.clone(), before_bulk);
+            let connect_counters = delta(after_connects, after_bulk);
+            Some(DaemonReport {
+                ready,
+                stopped,
+                events,
+                expected_flows: 1 + (warmup + n) as u64,
+                chains_bulk: bulk_counters,
+                chains_connects: connect_counters,
+            })
+        }
+    };
+    let accepted = acceptor.accepted.load(Ordering::Relaxed);
+    if let Some(r) = &report {
+        let left = lab.host.pids();
+        if !left.is_empty() {
+            return Err(format!("processes left in {} after flowgate stopped: {left:?}", lab.host.name));
+        }
+        eprintln!("live: [{}] flowgate stopped (exit 0) after {:.2} s", spec.name, r.stopped.as_secs_f64());
+    }
+    drop(sink);
+    Ok(Outcome { bulk: b, connects: c, accepted, syn_retrans, listen_overflows, daemon: report })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn report(results: &[(&Spec, Outcome)], opts: &Opts, load: (String, String), wall: f64) -> (String, Value) {
+    let mut out = String::new();
+    let _ =
+        writeln!(out, "\n== live: host 198.51.100.1 -> 203.0.113.10 (srv), one run, each configuration in a fresh lab");
+    let _ = writeln!(
+        out,
+        "{:<22} {:>12} {:>12} {:>15} {:>15} {:>9}",
+        "configuration", "bulk Gbit/s", "connects/s", "connect p50 µs", "connect p99 µs", "SYN rtx"
+    );
+    for (spec, o) in results {
+        let _ = writeln!(
+            out,
+            "{:<22} {:>12.2} {:>12.0} {:>15.1} {:>15.1} {:>9}",
+            spec.name,
+            o.bulk.gbit_s(),
+            o.connects.rate(),
+            o.connects.percentile_us(50.0),
+            o.connects.percentile_us(99.0),
+            o.syn_retrans
+        );
+    }
+    let base = results.iter().find(|(s, _)| s.rules.is_none()).map(|(_, o)| o);
+    let mut ratios = serde_json::Map::new();
+    if base.is_some() && results.iter().any(|(s, _)| s.rules.is_some()) {
+        let _ =
+            writeln!(out, "\n== ratios vs none (bulk and connect rate: higher is better; latency: lower is better)");
+    }
+    for (spec, o) in results.iter().filter(|(s, _)| s.rules.is_some()) {
+        let Some(base) = base else { break };
+        let r = [
+            ("bulk", o.bulk.gbit_s() / base.bulk.gbit_s()),
+            ("connect rate", o.connects.rate() / base.connects.rate()),
+            ("connect p50", o.connects.percentile_us(50.0) / base.connects.percentile_us(50.0)),
+            ("connect p99", o.connects.percentile_us(99.0) / base.connects.percentile_us(99.0)),
+        ];
+        let mut m = serde_json::Map::new();
+        for (what, x) in r {
+            let _ = writeln!(out, "{} {what}: {x:.2}x", spec.name);
+            m.insert(what.replace(' ', "_"), json!(round(x, 3)));
+        }
+        ratios.insert(spec.name.to_string(), Value::Object(m));
+    }
+    if results.iter().any(|(_, o)| o.daemon.is_some()) {
+        let _ = writeln!(out, "\n== flowgate sanity");
+    }
+    let mut configs = serde_json::Map::new();
+    for (spec, o) in results {
+        let mut v = json!({
+            "bulk": {
+                "gbit_s": round(o.bulk.gbit_s(), 3),
+                "bytes": o.bulk.bytes,
+                "seconds": round(o.bulk.seconds, 4),
+            },
+            "connects": {
+                "count": o.connects.latencies.len(),
+                "warmup": opts.warmup,
+                "seconds": round(o.connects.seconds, 4),
+                "per_second": round(o.connects.rate(), 1),
+                "p50_us": round(o.connects.percentile_us(50.0), 1),
+                "p90_us": round(o.connects.percentile_us(90.0), 1),
+                "p99_us": round(o.connects.percentile_us(99.0), 1),
+                "mean_us": round(o.connects.mean_us(), 1),
+                "max_us": round(o.connects.percentile_us(100.0), 1),
+                "server_accepted": o.accepted,
+                "syn_retransmissions": o.syn_retrans,
+                "listen_overflows": o.listen_overflows,
+            },
+        });
+        if let Some(d) = &o.daemon {
+            let ok = d.events.tcp_new == d.expected_flows;
+            let events: Vec<String> = d.events.by_type.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            let _ = writeln!(
+                out,
+                "{}: ready after {:.2} s, stopped (exit 0) after {:.2} s; events: {}",
+                spec.name,
+                d.ready.as_secs_f64(),
+                d.stopped.as_secs_f64(),
+                if events.is_empty() { "none".to_string() } else { events.join(", ") }
+            );
+            let _ = writeln!(
+                out,
+                "{}: flow.new for TCP to 203.0.113.10: {} (expected {}: 1 bulk + {} warm-up + {} timed connections){}",
+                spec.name,
+                d.events.tcp_new,
+                d.expected_flows,
+                opts.warmup,
+                opts.connects,
+                if ok { "" } else { "  <-- MISMATCH" }
+            );
+            for other in &d.events.other_new {
+                let _ = writeln!(out, "{}: other flow: {other}", spec.name);
+            }
+            let chains = |r: &Result<Vec<ChainCounters>>, during: &str, out: &mut String| -> Value {
+                match r {
+                    Ok(v) => {
+                        let mut m = serde_json::Map::new();
+                        for (name, c) in CHAINS.iter().zip(v) {
+                            let _ = writeln!(out, "{}: {name} during {during}: {}", spec.name, c.describe());
+                            m.insert(name.to_string(), c.json());
+                        }
+                        Value::Object(m)
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "{}: counters during {during}: {e}", spec.name);
+                        json!({ "error": e })
+                    }
+                }
+            };
+            let bulk_chains = chains(&d.chains_bulk, "bulk", &mut out);
+            let connect_chains = chains(&d.chains_connects, "connects (warm-up included)", &mut out);
+            v["flowgate"] = json!({
+                "ready_seconds": round(d.ready.as_secs_f64(), 3),
+                "stop_seconds": round(d.stopped.as_secs_f64(), 3),
+                "exit": 0,
+                "events": d.events.by_type,
+                "tcp_flow_new": d.events.tcp_new,
+                "other_flows": d.events.other_new,
+                "expected_flows": d.expected_flows,
+                "flows_match": ok,
+                "iptables_during_bulk": bulk_chains,
+                "iptables_during_connects": connect_chains,
+            });
+        }
+        configs.insert(spec.name.to_string(), v);
+    }
+    let json = json!({
+        "benchmark": "flowgate-live",
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "loadavg_start": load.0,
+        "loadavg_end": load.1,
+        "wall_seconds": round(wall, 1),
+        "configs": Value::Object(configs),
+        "ratios_vs_none": Value::Object(ratios),
+    });
+    (out, json)
+}
+
+fn main() {
+    let opts = match parse_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("live: {e}");
+            std::process::exit(2);
+        }
+    };
+    if !lab::is_root() {
+        eprintln!("live: needs root (network namespaces, iptables, NFQUEUE); run bench/live.sh as root");
+        std::process::exit(2);
+    }
+    if let Err(e) = install_signal_handling() {
+        eprintln!("live: {e}");
+        std::process::exit(1);
+    }
+    let start = Instant::now();
+    let load_start = loadavg();
+    eprintln!("live: flowgate binary {}, load average {load_start}", opts.flowgate.display());
+    let mut results = Vec::new();
+    for spec in SPECS.iter().filter(|s| opts.configs.iter().any(|c| c == s.name)) {
+        eprintln!("live: [{}] starting", spec.name);
+        match run_spec(spec, &opts) {
+            Ok(o) => results.push((spec, o)),
+            Err(e) => {
+                eprintln!("live: [{}] failed: {e}", spec.name);
+                std::process::exit(1);
+            }
+        }
+    }
+    let leftover: Vec<String> = fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("fg{}x", std::process::id())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !leftover.is_empty() {
+        eprintln!("live: namespaces left behind: {leftover:?}");
+        emergency_cleanup();
+        std::process::exit(1);
+    }
+    let (text, json) = report(&results, &opts, (load_start, loadavg()), start.elapsed().as_secs_f64());
+    let line = json.to_string();
+    if let Some(path) = &opts.json
+        && let Err(e) = fs::write(path, format!("{line}\n"))
+    {
+        eprintln!("live: {}: {e}", path.display());
+        std::process::exit(1);
+    }
+    print!("{text}");
+    println!("{line}");
+}
