@@ -726,6 +726,7 @@ fn connections_open_before_the_start_are_adopted_kept_or_killed() {
     let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
     let keep = long_lived(&lab, addr("203.0.113.10:7002"));
     let kill = long_lived(&lab, addr("203.0.113.10:7003"));
+    let LongLived { client: mut in_tunnel, server: tunnel_server } = long_lived(&lab, addr("192.0.2.2:7009"));
     let LongLived { client: mut kept, server: kept_server } = keep;
     let waiting = client_end(kill.client);
     let d = Daemon::start(&lab, "adopt", "[[rule]]\nname = \"no-7003\"\nremote_ports = \"7003\"\naction = \"drop\"\n");
@@ -751,6 +752,12 @@ fn connections_open_before_the_start_are_adopted_kept_or_killed() {
     assert!(back == payload, "every byte came back unchanged");
     drop(kept);
     let _ = kept_server.join();
+    // The connection inside the tunnel was adopted too and carries on.
+    in_tunnel.write_all(b"tunnel").expect("send in tunnel");
+    let mut t = [0u8; 6];
+    in_tunnel.read_exact(&mut t).expect("echo in tunnel");
+    drop(in_tunnel);
+    let _ = tunnel_server.join();
     let ev = d.stop();
     let adopted: Vec<&Value> =
         ev.iter().filter(|e| e["event"] == "flow.verdict" && e["flow"]["existing"] == true).collect();
@@ -758,6 +765,8 @@ fn connections_open_before_the_start_are_adopted_kept_or_killed() {
         |port: &str| adopted.iter().find(|e| e["flow"]["remote"].as_str().is_some_and(|r| r.ends_with(port))).copied();
     assert_eq!(of(":7002").map(|e| e["verdict"].as_str()), Some(Some("allow")), "{adopted:#?}");
     assert_eq!(of(":7003").map(|e| (e["verdict"].as_str(), e["rule"].as_str())), Some((Some("drop"), Some("no-7003"))));
+    let tunnel = of(":7009").expect("the tunnel connection was adopted");
+    assert_eq!((tunnel["verdict"].as_str(), tunnel["flow"]["interface"].as_str()), (Some("allow"), Some("tun0")));
 }
 
 #[test]
@@ -835,4 +844,78 @@ fn block_a_forwarded_flow() {
     assert!(first_ok);
     assert_eq!(after.err(), Some(ErrorKind::ConnectionReset), "the server side is reset when it next sends");
     let _ = d.stop();
+}
+
+/// A product's flow filter: notes the flows it wants to watch, allows everything.
+struct Watcher(std::sync::Arc<std::sync::Mutex<Vec<flowgate_core::FlowId>>>);
+
+impl flowgate_core::FlowFilter for Watcher {
+    fn new_flow(&mut self, flow: &flowgate_core::Flow) -> flowgate_core::NewFlowVerdict {
+        if flow.remote.port() == 7007 {
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(flow.id);
+        }
+        flowgate_core::NewFlowVerdict::Allow
+    }
+}
+
+#[test]
+fn block_by_library_call_long_after_the_start() {
+    require_root!();
+    let lab = Lab::new("library");
+    let dir = std::env::temp_dir().join(format!("flowgate-live-library-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let text = format!(
+        "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n",
+        dir.join("run").display(),
+        dir.join("events.jsonl").display()
+    );
+    let config = flowgate::config::parse(&dir.join("embedded.toml"), &text).expect("config");
+    let watched = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let w = watched.clone();
+    // The daemon runs in this process, in the host namespace (its threads inherit it).
+    let running = lab.host.in_ns(move || {
+        let make = move |_: usize| -> Box<dyn flowgate_core::FlowFilter> { Box::new(Watcher(w.clone())) };
+        flowgate::daemon::Running::start(&config, Some(&make)).expect("start embedded daemon")
+    });
+    let conn = long_lived(&lab, addr("203.0.113.10:7007"));
+    let id = *watched.lock().expect("lock").first().expect("the filter saw the flow");
+    let handles = running.handles();
+    // The connection stays idle (handled by the kernel), then the product decides, from a
+    // thread of its own.
+    assert_torn_down(
+        conn,
+        move || {
+            std::thread::spawn(move || {
+                for h in &handles {
+                    h.update(id, flowgate_core::DataVerdict::Drop, None).expect("engine running");
+                }
+            })
+            .join()
+            .expect("product thread");
+        },
+        "block by library call",
+    );
+    lab.host.in_ns(move || running.stop()).expect("stop");
+    let log = std::fs::read_to_string(dir.join("events.jsonl")).expect("log");
+    assert!(log.lines().any(|l| l.contains("\"flow.update\"") && l.contains("\"handle\"")), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn block_inside_the_tunnel() {
+    require_root!();
+    let lab = Lab::new("tunblock");
+    let d = Daemon::start(&lab, "tunblock", "");
+    let conn = long_lived(&lab, addr("192.0.2.2:7008"));
+    let run_dir = d.run_dir();
+    assert_torn_down(
+        conn,
+        || {
+            let out = d.flowgate(&["block", "--remote", "192.0.2.2", "--port", "7008", "--run-dir", &run_dir]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        },
+        "block inside the tunnel",
+    );
+    let ev = d.stop();
+    assert_eq!(verdict_for(&ev, "192.0.2.2:7008")["flow"]["interface"], "tun0");
 }

@@ -15,7 +15,7 @@ use nix::fcntl::{Flock, FlockArg};
 pub const LOCK: &str = "flowgate.lock";
 
 /// Held for the life of the instance; dropping it releases the lock.
-pub(crate) struct InstanceLock(#[allow(dead_code)] Flock<File>);
+pub struct InstanceLock(#[allow(dead_code)] Flock<File>);
 
 pub(crate) fn acquire(run_dir: &Path) -> Result<InstanceLock, String> {
     let path = run_dir.join(LOCK);

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use flowgate_core::rules::matcher::CompiledRules;
-use flowgate_core::{Engine, EngineConfig, Event};
+use flowgate_core::{Engine, EngineConfig, Event, FlowFilter, Handle};
 use flowgate_linux::netfilter::{self, ChainSpec, Tools};
 use flowgate_linux::nfqueue::{Queue, QueueConfig};
 use nix::sys::signal::{SigSet, Signal};
@@ -39,12 +39,13 @@ use shard::Shard;
 
 pub use lock::LOCK;
 
+/// Makes one product flow filter per queue worker (argument: the worker's index), for a
+/// product that embeds the daemon (see [`Running`]).
+pub type FilterFactory = dyn Fn(usize) -> Box<dyn FlowFilter>;
+
 /// Runs the daemon until SIGINT or SIGTERM (SIGHUP reloads the rules). Errors say what failed
 /// and what was undone.
 pub fn run(config: &Config) -> Result<(), String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("flowgate run needs root (it installs netfilter rules and binds NFQUEUE queues)".into());
-    }
     // Signals are taken synchronously by the main thread; block them before any thread starts
     // so every thread inherits the mask.
     let mut signals = SigSet::empty();
@@ -52,96 +53,154 @@ pub fn run(config: &Config) -> Result<(), String> {
         signals.add(s);
     }
     signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
-
-    let live = &config.live;
-    std::fs::create_dir_all(&live.run_dir)
-        .map_err(|e| format!("{}: cannot create run_dir: {e}", live.run_dir.display()))?;
-    let _lock = lock::acquire(&live.run_dir)?;
-    let group = match &live.control_group {
-        None => None,
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)
-                .map_err(|e| format!("control_group `{name}`: cannot look it up: {e}"))?
-                .ok_or_else(|| format!("control_group `{name}`: no such group"))?
-                .gid,
-        ),
-    };
-    let fail_open = config.fail == FailMode::Open;
-    let last = live.first_queue + (live.queues - 1);
-    let mut queues = Vec::with_capacity(usize::from(live.queues));
-    for num in live.first_queue..=last {
-        let q = Queue::open(&QueueConfig { num, max_len: live.queue_max_len, fail_open, copy_range: 0xffff })
-            .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
-        queues.push(q);
-    }
-    // Per-flow counters of kernel-handled flows come from conntrack accounting.
-    let accounting_was =
-        flowgate_linux::conntrack::enable_accounting().map_err(|e| format!("enabling conntrack accounting: {e}"))?;
-    let clock = Clock::new();
-    let mut engines = engines(config, queues.len());
-    // Connections already open become flows, and are marked or torn down, before the chains
-    // exist: an allowed one never has a packet queued.
-    let adopted = adopt_existing(config, &mut engines, &clock)?;
-    let spec = ChainSpec { queues: live.first_queue..=last, fail_open, loopback: live.loopback };
-    let installed = netfilter::install(&spec, &Tools::default())
-        .map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
-
-    // From here on, whatever fails must remove the chains again.
-    let started = start(config, queues, engines, clock, group);
-    let (workers, writer, socket) = match started {
-        Ok(x) => x,
-        Err(e) => {
-            let undo =
-                installed.remove().err().map(|u| format!("; removing the rules also failed: {u}")).unwrap_or_default();
-            return Err(format!("{e}{undo}"));
-        }
-    };
-    eprintln!(
-        "flowgate: ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, control socket {}",
-        live.queues,
-        if live.queues == 1 { "" } else { "s" },
-        live.first_queue,
-        last,
-        if fail_open { "open" } else { "closed" },
-        config.rules.rules.len(),
-        if config.rules.rules.len() == 1 { "" } else { "s" },
-        config.rules.default_action.name(),
-        if adopted == 1 { "" } else { "s" },
-        socket.display(),
-    );
-
+    let running = Running::start(config, None)?;
     let signal = loop {
         match signals.wait() {
-            Ok(Signal::SIGHUP) => match reload(&config.path, &workers.handles()) {
+            Ok(Signal::SIGHUP) => match running.reload() {
                 Ok(n) => eprintln!("flowgate: SIGHUP: reloaded {}: {n} rules", config.path.display()),
                 Err(e) => eprintln!("flowgate: SIGHUP: {e}; the rules in force are unchanged"),
             },
             Ok(s) => break s,
-            Err(e) => return Err(format!("waiting for signals: {e}")),
+            Err(e) => {
+                let _ = running.stop();
+                return Err(format!("waiting for signals: {e}"));
+            }
         }
     };
     eprintln!("flowgate: {signal}: stopping");
-    let mut errors = Vec::new();
-    if let Err(e) = installed.remove() {
-        errors.push(format!("removing netfilter rules: {e}"));
+    running.stop()
+}
+
+/// A running daemon, for products that embed it: [`Running::handles`] give each queue worker's
+/// engine [`Handle`], through which a flow's verdict can be changed from any thread at any time,
+/// with the same effect as `flowgate block`/`allow` (a kernel-handled flow is torn down too).
+pub struct Running {
+    config_path: std::path::PathBuf,
+    workers: Workers,
+    writer: std::thread::JoinHandle<Result<(), String>>,
+    socket: std::path::PathBuf,
+    installed: flowgate_linux::netfilter::Installed,
+    accounting_was: bool,
+    _lock: lock::InstanceLock,
+}
+
+impl Running {
+    /// Starts filtering: see the module documentation for the order of things. `filters`, if
+    /// given, makes a product flow filter for each queue worker, judging beside the rules.
+    pub fn start(config: &Config, filters: Option<&FilterFactory>) -> Result<Running, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("flowgate run needs root (it installs netfilter rules and binds NFQUEUE queues)".into());
+        }
+        let live = &config.live;
+        std::fs::create_dir_all(&live.run_dir)
+            .map_err(|e| format!("{}: cannot create run_dir: {e}", live.run_dir.display()))?;
+        let lock = lock::acquire(&live.run_dir)?;
+        let group = match &live.control_group {
+            None => None,
+            Some(name) => Some(
+                nix::unistd::Group::from_name(name)
+                    .map_err(|e| format!("control_group `{name}`: cannot look it up: {e}"))?
+                    .ok_or_else(|| format!("control_group `{name}`: no such group"))?
+                    .gid,
+            ),
+        };
+        let fail_open = config.fail == FailMode::Open;
+        let last = live.first_queue + (live.queues - 1);
+        let mut queues = Vec::with_capacity(usize::from(live.queues));
+        for num in live.first_queue..=last {
+            let q = Queue::open(&QueueConfig { num, max_len: live.queue_max_len, fail_open, copy_range: 0xffff })
+                .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
+            queues.push(q);
+        }
+        // Per-flow counters of kernel-handled flows come from conntrack accounting.
+        let accounting_was = flowgate_linux::conntrack::enable_accounting()
+            .map_err(|e| format!("enabling conntrack accounting: {e}"))?;
+        let clock = Clock::new();
+        let mut engines = engines(config, queues.len());
+        if let Some(make) = filters {
+            for (k, e) in engines.iter_mut().enumerate() {
+                e.set_flow_filter(make(k));
+            }
+        }
+        // Connections already open become flows, and are marked or torn down, before the
+        // chains exist: an allowed one never has a packet queued.
+        let adopted = adopt_existing(config, &mut engines, &clock)?;
+        let spec = ChainSpec { queues: live.first_queue..=last, fail_open, loopback: live.loopback };
+        let installed = netfilter::install(&spec, &Tools::default())
+            .map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
+
+        // From here on, whatever fails must remove the chains again.
+        let (workers, writer, socket) = match start(config, queues, engines, clock, group) {
+            Ok(x) => x,
+            Err(e) => {
+                let undo = installed
+                    .remove()
+                    .err()
+                    .map(|u| format!("; removing the rules also failed: {u}"))
+                    .unwrap_or_default();
+                return Err(format!("{e}{undo}"));
+            }
+        };
+        eprintln!(
+            "flowgate: ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, control socket {}",
+            live.queues,
+            if live.queues == 1 { "" } else { "s" },
+            live.first_queue,
+            last,
+            if fail_open { "open" } else { "closed" },
+            config.rules.rules.len(),
+            if config.rules.rules.len() == 1 { "" } else { "s" },
+            config.rules.default_action.name(),
+            if adopted == 1 { "" } else { "s" },
+            socket.display(),
+        );
+        Ok(Running {
+            config_path: config.path.clone(),
+            workers,
+            writer,
+            socket,
+            installed,
+            accounting_was,
+            _lock: lock,
+        })
     }
-    if let Err(e) = workers.stop() {
-        errors.push(e);
+
+    /// One handle per queue worker. A flow lives in one of them; the others ignore commands
+    /// for flows they do not know, so a command can be sent to all.
+    pub fn handles(&self) -> Vec<Handle> {
+        self.workers.handles()
     }
-    match writer.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => errors.push(e),
-        Err(_) => errors.push("the event writer panicked".into()),
+
+    /// Loads the config file again and applies its rules to every live flow (like SIGHUP).
+    pub fn reload(&self) -> Result<usize, String> {
+        reload(&self.config_path, &self.workers.handles())
     }
-    let _ = std::fs::remove_file(&socket);
-    if !accounting_was {
-        let _ = flowgate_linux::conntrack::set_accounting(false);
-    }
-    if errors.is_empty() {
-        eprintln!("flowgate: stopped; rules removed");
-        Ok(())
-    } else {
-        Err(errors.join("; "))
+
+    /// Stops: the chains go first, then the workers; the log is flushed; the socket and lock
+    /// are removed.
+    pub fn stop(self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.installed.remove() {
+            errors.push(format!("removing netfilter rules: {e}"));
+        }
+        if let Err(e) = self.workers.stop() {
+            errors.push(e);
+        }
+        match self.writer.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("the event writer panicked".into()),
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        if !self.accounting_was {
+            let _ = flowgate_linux::conntrack::set_accounting(false);
+        }
+        if errors.is_empty() {
+            eprintln!("flowgate: stopped; rules removed");
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 }
 
