@@ -919,3 +919,46 @@ fn block_inside_the_tunnel() {
     let ev = d.stop();
     assert_eq!(verdict_for(&ev, "192.0.2.2:7008")["flow"]["interface"], "tun0");
 }
+
+#[test]
+fn a_forwarded_connection_open_before_the_start_is_adopted_and_killed() {
+    require_root!();
+    let lab = Lab::new("fwdadopt");
+    lab.host.run_ok(&["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+    let listener = lab.srv.in_ns(|| std::net::TcpListener::bind("203.0.113.10:7010").expect("listen"));
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let mut b = [0u8; 16];
+        let n = s.read(&mut b).unwrap_or(0);
+        let _ = s.write_all(&b[..n]);
+        // After the start the flow is dropped: the server's next send is answered with a reset.
+        let _ = s.read(&mut b);
+        let _ = s.write_all(b"late");
+        s.read(&mut b).map_err(|e| e.kind())
+    });
+    let mut c = lab.cli.in_ns(|| {
+        let mut c = TcpStream::connect_timeout(&addr("203.0.113.10:7010"), Duration::from_secs(5)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        c.write_all(b"hi").expect("send");
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b).expect("echo before the start");
+        c
+    });
+    let d =
+        Daemon::start(&lab, "fwdadopt", "[[rule]]\nname = \"no-7010\"\nremote_ports = \"7010\"\naction = \"drop\"\n");
+    let _ = c.write_all(b"more");
+    let mut b = [0u8; 4];
+    assert_eq!(c.read(&mut b).map_err(|e| e.kind()).err(), Some(ErrorKind::ConnectionReset), "the client is reset");
+    drop(c);
+    assert_eq!(server.join().expect("server").err(), Some(ErrorKind::ConnectionReset), "the server is reset");
+    let ev = d.stop();
+    let v = ev
+        .iter()
+        .find(|e| e["event"] == "flow.verdict" && e["flow"]["remote"] == "203.0.113.10:7010")
+        .expect("the forwarded connection was adopted");
+    assert_eq!(
+        (v["flow"]["existing"].as_bool(), v["flow"]["forwarded"].as_bool(), v["rule"].as_str()),
+        (Some(true), Some(true), Some("no-7010"))
+    );
+}
