@@ -5,17 +5,17 @@
 //! Without root the tests say so and pass. Where the `conntrack` tool is installed, marks are
 //! also checked through it.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flowgate_linux::conntrack::{self, Conntrack, Counter, CtError, Entry, Event, EventKind, Tuple};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sched::CloneFlags;
+
+mod common;
+use common::{Netns, root};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -24,39 +24,18 @@ const ICMPV6: u8 = 58;
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
+/// A namespace of its own (`fgct-<pid>-<n>`) with loopback up, where a rule that uses conntrack
+/// makes the kernel track its traffic, loopback included.
+fn netns() -> Netns {
+    let ns = Netns::new("fgct");
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    for tool in ["iptables", "ip6tables"] {
+        ns.exec(&[tool, "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]);
     }
-    eprintln!("conntrack_live: not root, skipping");
-    false
-}
-
-/// A network namespace that `ip netns del` removes when this is dropped, unwinding included.
-struct Netns {
-    name: String,
+    ns
 }
 
 impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("fgct-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        // A rule that uses conntrack makes the namespace track its traffic, loopback included.
-        for tool in ["iptables", "ip6tables"] {
-            ns.exec(&[tool, "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]);
-        }
-        ns
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
     /// The `conntrack` tool's listing for these arguments, or `None` when it is not installed.
     fn conntrack_cli(&self, args: &[&str]) -> Option<String> {
         if Command::new("conntrack").arg("--version").output().is_err() {
@@ -65,34 +44,9 @@ impl Netns {
         }
         let mut all = vec!["conntrack", "-L"];
         all.extend_from_slice(args);
-        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(&all).output().unwrap();
+        let out = Command::new("ip").args(["netns", "exec", self.name()]).args(&all).output().unwrap();
         Some(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-
-    /// Runs `f` on a thread that lives in the namespace: sockets it opens and the sysctls it
-    /// writes are the namespace's.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            let h = s.spawn(|| {
-                let file = File::open(format!("/run/netns/{}", self.name)).expect("open netns");
-                nix::sched::setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            });
-            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn read_acct() -> String {
@@ -219,7 +173,7 @@ fn dump_finds_a_tcp_flow_with_its_counters() {
         return;
     }
     let host_acct = read_acct();
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         assert!(!conntrack::enable_accounting().unwrap(), "a new namespace starts with accounting off");
         assert_eq!(read_acct(), "1");
@@ -252,7 +206,7 @@ fn set_mark_changes_only_the_masked_bits() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let port = ns.run(|| {
         let (_c, _s, t) = tcp_flow(LO4, 10);
         let mut ct = Conntrack::open().unwrap();
@@ -288,7 +242,7 @@ fn delete_sends_a_destroy_event_with_counters() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         conntrack::enable_accounting().unwrap();
         let mut ev = Conntrack::open_events(false, false, true).unwrap();
@@ -324,7 +278,7 @@ fn new_and_update_events_for_a_tcp_connection() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         let mut new = Conntrack::open_events(true, false, false).unwrap();
         let mut update = Conntrack::open_events(false, true, false).unwrap();
@@ -347,7 +301,7 @@ fn missing_entries_are_not_found() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         let mut ct = Conntrack::open().unwrap();
         let t = Tuple { protocol: TCP, src: LO4, dst: LO4, src_port: 1, dst_port: 2 };
@@ -367,7 +321,7 @@ fn ipv6_and_ipv4_flows_are_in_one_dump() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         conntrack::enable_accounting().unwrap();
         let (_c4, _s4, t4) = tcp_flow(LO4, 10);
@@ -402,7 +356,7 @@ fn icmp_echo_flows_are_found_marked_and_deleted() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         let mut ct = Conntrack::open().unwrap();
         for (ip, proto, id) in [(LO4, ICMP, 0x4242u16), (LO6, ICMPV6, 0x4343)] {
@@ -426,7 +380,7 @@ fn entries_in_other_zones_are_dumped_with_their_zone() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let b = ns.run(|| UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
     let port = b.port().to_string();
     for dir in ["--dport", "--sport"] {
@@ -452,7 +406,7 @@ fn overruns_are_counted_and_the_event_socket_goes_on() {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         let mut ev = Conntrack::open_events(true, false, false).unwrap();
         // Shrink the buffer the module asked for, so that a burst overruns it.

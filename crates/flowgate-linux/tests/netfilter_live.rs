@@ -4,17 +4,15 @@
 //!
 //! They need root; without it each test says so and passes without doing anything.
 
-use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flowgate_linux::marks;
 use flowgate_linux::netfilter::{self, CHAIN_FWD, CHAIN_IN, CHAIN_OUT, ChainSpec, Family, NetfilterError, Step, Tools};
-use nix::sched::{CloneFlags, setns};
+
+mod common;
+use common::{Netns, cmd, root};
 
 /// How long a datagram or an answer is waited for.
 const WAIT: Duration = Duration::from_millis(300);
@@ -25,69 +23,9 @@ const EMPTY_FILTER_TABLE: &str = "*filter\n:INPUT ACCEPT\n:FORWARD ACCEPT\n:OUTP
 
 const BUILTINS: [(&str, &str); 3] = [("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)];
 
-fn have_root(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        eprintln!("{test}: skipped, needs root (network namespaces and iptables)");
-    }
-    root
-}
-
-fn program(name: &str) -> PathBuf {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|dir| PathBuf::from(dir).join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
-/// Runs a program (in the calling thread's network namespace), asserts it succeeds, returns its
-/// stdout.
-fn cmd(name: &str, args: &[&str]) -> String {
-    let out = Command::new(program(name)).args(args).output().unwrap_or_else(|e| panic!("running {name}: {e}"));
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace of its own, deleted when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("fgnf-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        cmd("ip", &["netns", "add", &name]);
-        Self { name }
-    }
-
-    /// Runs `f` on a thread inside the namespace: whatever it spawns runs there too.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            let thread = scope.spawn(move || {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                setns(&ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("entering {path}: {e}"));
-                f()
-            });
-            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let deleted = Command::new(program("ip")).args(["netns", "del", &self.name]).status();
-        if !deleted.is_ok_and(|s| s.success()) {
-            eprintln!("could not delete network namespace {}", self.name);
-        }
-    }
+/// A namespace of its own (`fgnf-<pid>-<n>`), empty: no rules, loopback down.
+fn netns() -> Netns {
+    Netns::new("fgnf")
 }
 
 fn tool(ipv6: bool, name: &str) -> String {
@@ -174,10 +112,10 @@ fn spec(queues: std::ops::RangeInclusive<u16>, fail_open: bool, loopback: bool) 
 
 #[test]
 fn install_then_remove_in_an_empty_namespace() {
-    if !have_root("install_then_remove_in_an_empty_namespace") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         let before = saves();
         assert_eq!(before, [String::new(), String::new()], "a new namespace has no rules");
@@ -193,10 +131,10 @@ fn install_then_remove_in_an_empty_namespace() {
 
 #[test]
 fn install_then_remove_keeps_host_rules_in_place() {
-    if !have_root("install_then_remove_keeps_host_rules_in_place") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         add_host_rules();
         let before = saves();
@@ -226,10 +164,10 @@ fn install_then_remove_keeps_host_rules_in_place() {
 
 #[test]
 fn cleanup_removes_what_a_killed_instance_left() {
-    if !have_root("cleanup_removes_what_a_killed_instance_left") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         add_host_rules();
         let before = saves();
@@ -246,10 +184,10 @@ fn cleanup_removes_what_a_killed_instance_left() {
 
 #[test]
 fn install_after_a_killed_instance_replaces_its_chains() {
-    if !have_root("install_after_a_killed_instance_replaces_its_chains") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         add_host_rules();
         let before = saves();
@@ -266,10 +204,10 @@ fn install_after_a_killed_instance_replaces_its_chains() {
 
 #[test]
 fn remove_deletes_every_copy_of_the_jumps() {
-    if !have_root("remove_deletes_every_copy_of_the_jumps") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         add_host_rules();
         let before = saves();
@@ -284,10 +222,10 @@ fn remove_deletes_every_copy_of_the_jumps() {
 
 #[test]
 fn dropping_installed_removes_the_chains() {
-    if !have_root("dropping_installed_removes_the_chains") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         add_host_rules();
         let before = saves();
@@ -298,10 +236,10 @@ fn dropping_installed_removes_the_chains() {
 
 #[test]
 fn failed_ipv6_install_rolls_back_ipv4() {
-    if !have_root("failed_ipv6_install_rolls_back_ipv4") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         add_host_rules();
         let before = saves();
@@ -318,10 +256,10 @@ fn failed_ipv6_install_rolls_back_ipv4() {
 
 #[test]
 fn failed_ipv6_install_in_an_empty_namespace_leaves_no_trace() {
-    if !have_root("failed_ipv6_install_in_an_empty_namespace_leaves_no_trace") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         let before = saves();
         let tools = Tools { ip6tables_restore: "/bin/false".into(), ..Default::default() };
@@ -374,10 +312,10 @@ fn datagram_arrives(addr: &str) -> bool {
 
 #[test]
 fn fail_open_passes_packets_while_no_one_listens() {
-    if !have_root("fail_open_passes_packets_while_no_one_listens") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         lo_up();
         let installed = netfilter::install(&spec(0..=0, true, true), &Tools::default()).expect("install");
@@ -389,10 +327,10 @@ fn fail_open_passes_packets_while_no_one_listens() {
 
 #[test]
 fn fail_closed_drops_packets_while_no_one_listens() {
-    if !have_root("fail_closed_drops_packets_while_no_one_listens") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         lo_up();
         let installed = netfilter::install(&spec(0..=0, false, true), &Tools::default()).expect("install");
@@ -456,10 +394,10 @@ fn mark_port(ipv6: bool, proto: &str, port: u16, target: &str, mark: u32) {
 
 #[test]
 fn decided_marks_act_without_the_daemon() {
-    if !have_root("decided_marks_act_without_the_daemon") {
+    if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| {
         lo_up();
         // Fail closed, nothing bound to the queue: only the marks let anything through.

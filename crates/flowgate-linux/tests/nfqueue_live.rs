@@ -2,18 +2,17 @@
 //! (`fgnfq-<pid>-<n>`), installs iptables rules there, and talks to the queue from a thread that
 //! has entered it. Needs root; without it the tests say so and pass.
 
-use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flowgate_linux::marks;
 use flowgate_linux::nfqueue::{Mark, NfqError, Operation, Queue, QueueConfig, Verdict, ct_info, hook};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{setsockopt, sockopt};
+
+mod common;
+use common::{Netns, root};
 
 /// Long enough for a loaded CI machine; waits end as soon as the packet is there.
 const ARRIVAL: Duration = Duration::from_secs(5);
@@ -22,42 +21,35 @@ const QUIET: Duration = Duration::from_millis(300);
 
 macro_rules! require_root {
     () => {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: NFQUEUE live tests need root (network namespaces, iptables, CAP_NET_ADMIN)");
+        if !root() {
             return;
         }
     };
 }
 
-/// A network namespace that is deleted when dropped, also when the test panics.
-struct Netns {
-    name: String,
+/// A namespace of its own (`fgnfq-<pid>-<n>`) with loopback up.
+fn netns() -> Netns {
+    let ns = Netns::new("fgnfq");
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    ns
 }
 
 impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("fgnfq-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
     /// `iptables -w <rule>` in the namespace; `rule` is split at whitespace.
     fn iptables(&self, rule: &str) -> String {
-        self.exec("iptables", rule)
+        self.tables("iptables", rule)
     }
 
-    fn exec(&self, program: &str, args: &str) -> String {
-        let mut full = vec!["netns", "exec", &self.name, program, "-w"];
+    /// `<program> -w <args>` in the namespace; `args` is split at whitespace.
+    fn tables(&self, program: &str, args: &str) -> String {
+        let mut full = vec![program, "-w"];
         full.extend(args.split_whitespace());
-        run("ip", &full)
+        self.exec(&full)
     }
 
     /// Packet counts of the rules of `table`/`chain`, in rule order.
     fn counters(&self, program: &str, table: &str, chain: &str) -> Vec<u64> {
-        let out = self.exec(program, &format!("-t {table} -L {chain} -v -x -n --line-numbers"));
+        let out = self.tables(program, &format!("-t {table} -L {chain} -v -x -n --line-numbers"));
         out.lines()
             .filter_map(|line| {
                 let mut cols = line.split_whitespace();
@@ -66,40 +58,6 @@ impl Netns {
             })
             .collect()
     }
-
-    /// Runs `f` on a thread inside the namespace: sockets it creates live there.
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            let thread = s.spawn(|| {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
-                f()
-            });
-            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let status = Command::new("ip").args(["netns", "del", &self.name]).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("warning: could not delete network namespace {}: {status:?}", self.name);
-        }
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// An owned copy of what the queue reported.
@@ -201,11 +159,11 @@ fn queue(num: u16) -> Queue {
 #[test]
 fn accept_with_mark_sets_the_connmark() {
     require_root!();
-    let ns = Netns::new();
+    let ns = netns();
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -m connmark --mark 0x10000/0x30000 -j ACCEPT");
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
 
-    ns.enter(|| {
+    ns.run(|| {
         let mut q = queue(0);
         assert_eq!(q.num(), 0);
         if !q.has_conntrack() {
@@ -258,10 +216,10 @@ fn accept_with_mark_sets_the_connmark() {
 #[test]
 fn drop_verdict_drops_and_batches_release_many() {
     require_root!();
-    let ns = Netns::new();
+    let ns = netns();
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
 
-    ns.enter(|| {
+    ns.run(|| {
         let mut q = queue(0);
         let rx = receiver("127.0.0.1:9");
         let (tx, to) = sender("127.0.0.1:9");
@@ -310,8 +268,8 @@ fn drop_verdict_drops_and_batches_release_many() {
 #[test]
 fn a_bound_queue_cannot_be_bound_again() {
     require_root!();
-    let ns = Netns::new();
-    ns.enter(|| {
+    let ns = netns();
+    ns.run(|| {
         let first = queue(7);
         let err = Queue::open(&QueueConfig { num: 7, ..QueueConfig::default() }).expect_err("second bind");
         let msg = err.to_string();
@@ -334,7 +292,7 @@ fn a_bound_queue_cannot_be_bound_again() {
 #[test]
 fn conntrack_mark_mask_is_honoured_and_packet_mark_is_replaced() {
     require_root!();
-    let ns = Netns::new();
+    let ns = netns();
     let udp9 = "-o lo -p udp --dport 9";
     // Bits outside flowgate's mask on both marks, set before the queue sees the packet.
     ns.iptables(&format!("-t mangle -A OUTPUT {udp9} -j MARK --set-xmark 0x4/0x4"));
@@ -346,7 +304,7 @@ fn conntrack_mark_mask_is_honoured_and_packet_mark_is_replaced() {
     ns.iptables(&format!("-t mangle -A POSTROUTING {udp9} -m mark --mark 0x10000"));
     ns.iptables(&format!("-t mangle -A POSTROUTING {udp9} -m mark --mark 0x10004"));
 
-    let conntrack = ns.enter(|| {
+    let conntrack = ns.run(|| {
         let mut q = queue(0);
         let rx = receiver("127.0.0.1:9");
         let (tx, to) = sender("127.0.0.1:9");
@@ -389,9 +347,9 @@ fn conntrack_mark_mask_is_honoured_and_packet_mark_is_replaced() {
 }
 
 fn overflow_case(fail_open: bool) -> (usize, usize) {
-    let ns = Netns::new();
+    let ns = netns();
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
-    ns.enter(|| {
+    ns.run(|| {
         let mut q = Queue::open(&QueueConfig { num: 0, max_len: 1, fail_open, copy_range: 0xffff })
             .unwrap_or_else(|e| panic!("{e}"));
         let rx = receiver("127.0.0.1:9");
@@ -421,9 +379,9 @@ fn fail_open_accepts_what_a_full_queue_cannot_hold() {
 #[test]
 fn ipv6_packets_are_queued_too() {
     require_root!();
-    let ns = Netns::new();
-    ns.exec("ip6tables", "-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
-    ns.enter(|| {
+    let ns = netns();
+    ns.tables("ip6tables", "-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
+    ns.run(|| {
         let mut q = queue(0);
         let rx = receiver("[::1]:9");
         let (tx, to) = sender("[::1]:9");
@@ -443,9 +401,9 @@ fn ipv6_packets_are_queued_too() {
 /// reading. Returns (packets queued to us, datagrams delivered, overruns).
 fn socket_overflow_case(fail_open: bool) -> (usize, usize, u64) {
     const SENT: usize = 100;
-    let ns = Netns::new();
+    let ns = netns();
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
-    ns.enter(|| {
+    ns.run(|| {
         let mut q = Queue::open(&QueueConfig { num: 0, max_len: 10_000, fail_open, copy_range: 0xffff })
             .unwrap_or_else(|e| panic!("{e}"));
         setsockopt(&q, sockopt::RcvBuf, &4096).expect("shrink SO_RCVBUF");
@@ -485,11 +443,11 @@ fn socket_overruns_are_counted_not_fatal() {
 #[test]
 fn repeat_with_a_mark_runs_the_chain_again() {
     require_root!();
-    let ns = Netns::new();
+    let ns = netns();
     // The daemon's way to settle a drop: mark the packet, repeat, and let a rule act on the mark.
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -m mark --mark 0x30000/0x30000 -j DROP");
     ns.iptables("-A OUTPUT -o lo -p udp --dport 9 -j NFQUEUE --queue-num 0");
-    ns.enter(|| {
+    ns.run(|| {
         let mut q = queue(0);
         let rx = receiver("127.0.0.1:9");
         let (tx, to) = sender("127.0.0.1:9");

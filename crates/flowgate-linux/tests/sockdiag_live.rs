@@ -5,17 +5,16 @@
 //! Without root the tests say so and pass. The time from a destroy to the program's error is
 //! printed (`cargo test -- --nocapture` shows it).
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flowgate_linux::sockdiag::{DiagError, SockDiag, SocketInfo, TCP, UDP, state};
-use nix::sched::CloneFlags;
+
+mod common;
+use common::{Netns, root};
 
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
@@ -23,52 +22,11 @@ const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 /// as soon as its thread is scheduled; a second leaves room for a loaded CI machine.
 const PROMPT: Duration = Duration::from_secs(1);
 
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("sockdiag_live: not root, skipping");
-    false
-}
-
-/// A network namespace that `ip netns del` removes when this is dropped, unwinding included.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("fgsd-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        run("ip", &["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread that lives in the namespace: the sockets it opens, the sock_diag one
-    /// included, are the namespace's.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            let h = s.spawn(|| {
-                let file = File::open(format!("/run/netns/{}", self.name)).expect("open netns");
-                nix::sched::setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            });
-            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+/// A namespace of its own (`fgsd-<pid>-<n>`) with loopback up.
+fn netns() -> Netns {
+    let ns = Netns::new("fgsd");
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    ns
 }
 
 /// A connected TCP pair to a listener on `listen`, connecting to `connect_ip`: (client, server).
@@ -129,7 +87,7 @@ fn in_namespace(f: impl FnOnce(&mut SockDiag) + Send) {
     if !root() {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     ns.run(|| f(&mut SockDiag::open().expect("open")));
 }
 
