@@ -20,7 +20,7 @@ use flowgate_linux::marks;
 use flowgate_linux::sockdiag::SockDiag;
 
 /// The conntrack tuple of a flow (conntrack finds an entry by either direction's tuple).
-pub(crate) fn tuple(protocol: Protocol, from: SocketAddr, to: SocketAddr) -> Option<Tuple> {
+pub(crate) fn tuple(protocol: Protocol, from: SocketAddr, to: SocketAddr) -> Tuple {
     let protocol = match protocol {
         Protocol::Tcp => 6,
         Protocol::Udp => 17,
@@ -28,7 +28,7 @@ pub(crate) fn tuple(protocol: Protocol, from: SocketAddr, to: SocketAddr) -> Opt
         Protocol::Icmp => 58,
         Protocol::Other(n) => n,
     };
-    Some(Tuple { protocol, src: from.ip(), dst: to.ip(), src_port: from.port(), dst_port: to.port() })
+    Tuple { protocol, src: from.ip(), dst: to.ip(), src_port: from.port(), dst_port: to.port() }
 }
 
 /// Carries out one verdict. Errors are returned for the log; a flow that vanished meanwhile is
@@ -40,11 +40,9 @@ pub(crate) fn enforce(ct: &mut Conntrack, diag: Option<&mut SockDiag>, e: &Enfor
         (FlowVerdict::Drop, true) => marks::DROP,
         _ => marks::ALLOW,
     };
-    if let Some(t) = tuple(f.protocol, f.local, f.remote) {
-        match ct.set_mark(&t, bits, marks::MASK) {
-            Ok(()) | Err(CtError::NotFound) => {}
-            Err(err) => return Err(format!("flow {}: setting its conntrack mark: {err}", f.id)),
-        }
+    match ct.set_mark(&tuple(f.protocol, f.local, f.remote), bits, marks::MASK) {
+        Ok(()) | Err(CtError::NotFound) => {}
+        Err(err) => return Err(format!("flow {}: setting its conntrack mark: {err}", f.id)),
     }
     if e.verdict == FlowVerdict::Drop && !f.forwarded && matches!(f.protocol, Protocol::Tcp | Protocol::Udp) {
         let proto = if f.protocol == Protocol::Tcp { 6 } else { 17 };
