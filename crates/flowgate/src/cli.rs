@@ -2,8 +2,9 @@
 //!
 //! `main → run → ExitCode`. Arguments are parsed and the config validated before anything else
 //! happens; every failure prints one message naming what was wrong and where, and exits
-//! non-zero. Subcommands: `run` (the daemon), `flows` and `cleanup` (talk to or clean up after a
-//! daemon), `rules check`, `replay`.
+//! non-zero. Subcommands: `run` (the daemon); `flows`, `block`, `allow`, `reload` (talk to a
+//! running daemon over its control socket); `cleanup` (after a killed daemon); `rules check`;
+//! `replay`.
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};

@@ -3,8 +3,11 @@
 //!
 //! Start: the config is already validated; then root is checked, the instance lock in `run_dir`
 //! is taken (a second instance stops here), the queues are bound (a live instance holding them
-//! stops us here too), and only then are a dead instance's leftovers removed and flowgate's
-//! chains installed (all or nothing). Workers, the event writer and the control socket start;
+//! stops us here too), the connections already open are adopted (`adopt`: marked or torn down
+//! by `enforce` before any chain exists), and only then are a dead instance's leftovers removed
+//! and flowgate's chains installed (all or nothing). Workers, the enforcer (verdict changes on
+//! kernel-handled flows), the conntrack watcher, the event writer and the control socket start;
+//! SIGHUP or `flowgate reload` re-judges every live flow with the config file's new rules;
 //! "ready" is printed on stderr. Stop (SIGINT, SIGTERM): the chains go first, so no packet is
 //! queued to a worker that is leaving; then workers answer what they hold and exit, flows close,
 //! the log is flushed, the socket and lock are removed. SIGKILL leaves the chains in place: with
