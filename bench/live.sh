@@ -4,12 +4,14 @@
 # and the benchmark, then runs it; extra arguments go to the benchmark, e.g.
 #   bench/live.sh --json /tmp/live.json     # also write the JSON result to a file
 #   bench/live.sh --connects 1000           # fewer connections (default 3000)
-# The last line of stdout is the result as one JSON object.
+# The last line of stdout is the result as one JSON object. BENCH_BIN=verdicts runs the verdict
+# and adoption benchmark instead (that is what bench/verdicts.sh does).
 set -euo pipefail
+bin=${BENCH_BIN:-live}
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "bench/live.sh: must run as root (it creates network namespaces and runs flowgate, which" >&2
-    echo "installs iptables rules and binds NFQUEUE queues); try: sudo bench/live.sh" >&2
+    echo "bench/$bin.sh: must run as root (it creates network namespaces and runs flowgate, which" >&2
+    echo "installs iptables rules and binds NFQUEUE queues); try: sudo bench/$bin.sh" >&2
     exit 1
 fi
 
@@ -18,22 +20,23 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v iptables-restore >/dev/null 2>&1 || missing+=(iptables)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 if ((${#missing[@]})); then
-    echo "bench/live.sh: installing ${missing[*]}" >&2
+    echo "bench/$bin.sh: installing ${missing[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
 fi
 
-# The daemon: the ordinary release build.
+# The daemon (and the CLI the verdict benchmark runs): the ordinary release build.
 cargo build --release -p flowgate
 
 # The benchmark: release optimisations, but with unwinding panics (the workspace's release
 # profile aborts on panic), so that a failure unwinds through the lab's Drop guards. A profile of
 # its own keeps target/release untouched.
-cargo build -p flowgate-bench --bin live --profile live-bench \
+cargo build -p flowgate-bench --bin "$bin" --profile live-bench \
     --config 'profile.live-bench.inherits="release"' \
     --config 'profile.live-bench.panic="unwind"'
 
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 
-exec "$target_dir/live-bench/live" --flowgate "$target_dir/release/flowgate" "$@"
+exec "$target_dir/live-bench/$bin" --flowgate "$target_dir/release/flowgate" "$@"

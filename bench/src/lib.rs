@@ -4,6 +4,8 @@
 //! Everything here is deterministic (a fixed-seed xorshift), so two runs measure the same rules
 //! and the same packets. Setup errors are returned, never panicked on; the benches decide.
 
+pub mod guard;
+
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -38,14 +38,15 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use flowgate_bench::guard::{TempDir, emergency_cleanup, install};
 use lab::{Lab, Netns, SRV_SERVICE_V4};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt, socket, sockopt,
 };
@@ -157,107 +158,16 @@ fn number(s: &str, name: &str, lo: f64, hi: f64) -> Result<f64> {
 // Cleanup outside the guards (signals, and panics when panics abort)
 // ---------------------------------------------------------------------------------------------
 
-/// Prefix of the temp directories of this process.
-fn temp_prefix() -> String {
-    format!("flowgate-live-bench-{}-", std::process::id())
-}
-
-/// Kills everything inside this process's lab namespaces (the daemon included), deletes them,
-/// and removes this process's temp files. For paths where the Drop guards cannot run.
-fn emergency_cleanup() {
-    let me = std::process::id();
-    let prefix = format!("fg{me}x");
-    if let Ok(dir) = fs::read_dir("/run/netns") {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(&prefix) {
-                continue;
-            }
-            let pids = Command::new("ip").args(["netns", "pids", &name]).stderr(Stdio::null()).output();
-            if let Ok(o) = pids {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                    if pid != me as i32 {
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-            eprintln!("live: removed namespace {name}");
-        }
-    }
-    // Ours, and the log files of the lab's process guards (`flowgate-lab-<pid>-...`).
-    let lab_logs = format!("flowgate-lab-{me}-");
-    if let Ok(dir) = fs::read_dir(std::env::temp_dir()) {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&temp_prefix()) {
-                let _ = fs::remove_dir_all(entry.path());
-            } else if name.starts_with(&lab_logs) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-    }
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in every thread (call before any thread starts) and takes
-/// them on a thread of their own, which cleans up and exits. Children get a clean signal mask
-/// from `std::process::Command`.
-fn install_signal_handling() -> Result<()> {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
-    std::thread::Builder::new()
-        .name("live-signals".into())
-        .spawn(move || {
-            if let Ok(sig) = set.wait() {
-                eprintln!("live: {sig}: removing the labs and the daemon, then exiting");
-                emergency_cleanup();
-                std::process::exit(128 + sig as i32);
-            }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-    if cfg!(panic = "abort") {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default(info);
-            eprintln!("live: panic with panic = \"abort\": removing the labs and the daemon");
-            emergency_cleanup();
-        }));
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // The daemon
 // ---------------------------------------------------------------------------------------------
-
-/// A temp directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir> {
-        let p = std::env::temp_dir().join(format!("{}{tag}", temp_prefix()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Writes the daemon's config: run_dir, log, 2 queues, and `rules` drop rules on distinct /32s
 /// in 198.18.1.0 .. 198.19.135.159 (inside 198.18.0.0/15; 198.18.0.0/24 is left out because the
 /// lab's `cli` namespace uses it).
 ///
-/// The rules are one array of inline tables on a single line: `flowgate run` computes the line
-/// of every rule by scanning the file from its start, which with one `[[rule]]` table per rule
-/// (3 lines each) takes about 3 minutes at 100,000 rules; on one line, about 30 s.
+/// The rules are one array of inline tables on a single line (one `[[rule]]` table per rule
+/// loads as fast since the loader binary-searches line starts; this layout is just shorter).
 fn write_config(dir: &Path, rules: usize) -> Result<PathBuf> {
     let mut text = format!(
         "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n",
@@ -947,7 +857,7 @@ fn main() {
         eprintln!("live: needs root (network namespaces, iptables, NFQUEUE); run bench/live.sh as root");
         std::process::exit(2);
     }
-    if let Err(e) = install_signal_handling() {
+    if let Err(e) = install("live") {
         eprintln!("live: {e}");
         std::process::exit(1);
     }

@@ -48,10 +48,11 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use flowgate_bench::guard::{TempDir, emergency_cleanup, install};
 use lab::{Lab, Netns, SRV_SERVICE_V4};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket, sockopt,
 };
@@ -181,78 +182,6 @@ fn count(s: &str, name: &str, lo: usize, hi: usize) -> Result<usize> {
 // Cleanup outside the guards (signals, and panics when panics abort)
 // ---------------------------------------------------------------------------------------------
 
-/// Prefix of the temp directories of this process.
-fn temp_prefix() -> String {
-    format!("flowgate-verdicts-bench-{}-", std::process::id())
-}
-
-/// Kills everything inside this process's lab namespaces (the daemon included), deletes them,
-/// and removes this process's temp files. For paths where the Drop guards cannot run.
-fn emergency_cleanup() {
-    let me = std::process::id();
-    let prefix = format!("fg{me}x");
-    if let Ok(dir) = fs::read_dir("/run/netns") {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(&prefix) {
-                continue;
-            }
-            let pids = Command::new("ip").args(["netns", "pids", &name]).stderr(Stdio::null()).output();
-            if let Ok(o) = pids {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                    if pid != me as i32 {
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-            eprintln!("verdicts: removed namespace {name}");
-        }
-    }
-    // Ours, and the log files of the lab's process guards (`flowgate-lab-<pid>-...`).
-    let lab_logs = format!("flowgate-lab-{me}-");
-    if let Ok(dir) = fs::read_dir(std::env::temp_dir()) {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&temp_prefix()) {
-                let _ = fs::remove_dir_all(entry.path());
-            } else if name.starts_with(&lab_logs) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-    }
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in every thread (call before any thread starts) and takes
-/// them on a thread of their own, which cleans up and exits. Children get a clean signal mask
-/// from `std::process::Command`.
-fn install_signal_handling() -> Result<()> {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
-    std::thread::Builder::new()
-        .name("verdicts-signals".into())
-        .spawn(move || {
-            if let Ok(sig) = set.wait() {
-                eprintln!("verdicts: {sig}: removing the labs and the daemon, then exiting");
-                emergency_cleanup();
-                std::process::exit(128 + sig as i32);
-            }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-    if cfg!(panic = "abort") {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default(info);
-            eprintln!("verdicts: panic with panic = \"abort\": removing the labs and the daemon");
-            emergency_cleanup();
-        }));
-    }
-    Ok(())
-}
-
 /// Raises this process's RLIMIT_NOFILE soft limit to `want`, and the hard limit too where
 /// allowed (that needs CAP_SYS_RESOURCE); children inherit it. Returns the soft limit in force.
 /// (`nix::sys::resource` needs nix's `resource` feature, which the workspace does not enable.)
@@ -280,32 +209,6 @@ fn raise_nofile(want: u64) -> Result<u64> {
 // ---------------------------------------------------------------------------------------------
 // The daemon
 // ---------------------------------------------------------------------------------------------
-
-/// A temp directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir> {
-        let p = std::env::temp_dir().join(format!("{}{tag}", temp_prefix()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        Ok(TempDir(p))
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.0.join("run")
-    }
-
-    fn log(&self) -> PathBuf {
-        self.0.join("events.jsonl")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Writes the daemon's config in `dir`: run_dir and log in `dir`, 2 queues, no rules.
 fn write_config(dir: &TempDir) -> Result<PathBuf> {
@@ -1548,7 +1451,7 @@ fn main() {
         eprintln!("verdicts: needs root (network namespaces, iptables, NFQUEUE); run bench/verdicts.sh as root");
         std::process::exit(2);
     }
-    if let Err(e) = install_signal_handling() {
+    if let Err(e) = install("verdicts") {
         eprintln!("verdicts: {e}");
         std::process::exit(1);
     }
