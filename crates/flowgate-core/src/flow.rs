@@ -1,19 +1,16 @@
-//! Flows: their identity, what providers are told about them, and the table that holds them.
+//! Flows: their identity and what providers are told about them.
 //!
 //! A flow is one conversation between two endpoints (TCP connection, UDP socket pair, ICMP echo
 //! exchange), seen from the host's point of view: it has a local and a remote end and a
-//! direction (who opened it). The table keeps live flows in a slab addressed by slot, indexed by
-//! a direction-free [`FlowKey`] through std's `HashMap`, whose SipHash with random keys keeps a
-//! remote peer from choosing 5-tuples that collide. The table enforces a cap on live flows.
-//! This module knows nothing about rules or verdict policy; the engine owns those.
+//! direction (who opened it). [`FlowKey`] is a flow's direction-free identity, by which the
+//! engine's table finds it. This module knows nothing about rules or verdict policy; the engine
+//! owns those.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use serde::Serialize;
-use slab::Slab;
 
 use crate::time::Instant;
 
@@ -143,73 +140,6 @@ impl FlowKey {
     }
 }
 
-/// Slot of a flow in the table; valid until that flow is removed.
-pub(crate) type Slot = usize;
-
-/// Live flows: a slab of entries of type `E` plus the key and id indexes.
-#[derive(Debug)]
-pub(crate) struct FlowTable<E> {
-    entries: Slab<(FlowKey, FlowId, E)>,
-    by_key: HashMap<FlowKey, Slot>,
-    by_id: HashMap<FlowId, Slot>,
-    cap: usize,
-}
-
-/// The table is at its cap; the flow was not added.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct TableFull;
-
-impl<E> FlowTable<E> {
-    pub(crate) fn new(cap: usize) -> Self {
-        FlowTable { entries: Slab::new(), by_key: HashMap::new(), by_id: HashMap::new(), cap }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub(crate) fn lookup(&self, key: &FlowKey) -> Option<Slot> {
-        self.by_key.get(key).copied()
-    }
-
-    pub(crate) fn slot_of(&self, id: FlowId) -> Option<Slot> {
-        self.by_id.get(&id).copied()
-    }
-
-    pub(crate) fn insert(&mut self, key: FlowKey, id: FlowId, entry: E) -> Result<Slot, TableFull> {
-        if self.entries.len() >= self.cap {
-            return Err(TableFull);
-        }
-        let slot = self.entries.insert((key, id, entry));
-        self.by_key.insert(key, slot);
-        self.by_id.insert(id, slot);
-        Ok(slot)
-    }
-
-    pub(crate) fn get(&self, slot: Slot) -> Option<&E> {
-        self.entries.get(slot).map(|(_, _, e)| e)
-    }
-
-    pub(crate) fn get_mut(&mut self, slot: Slot) -> Option<&mut E> {
-        self.entries.get_mut(slot).map(|(_, _, e)| e)
-    }
-
-    pub(crate) fn remove(&mut self, slot: Slot) -> Option<E> {
-        let (key, id, e) = self.entries.try_remove(slot)?;
-        self.by_key.remove(&key);
-        self.by_id.remove(&id);
-        Some(e)
-    }
-
-    pub(crate) fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
-        self.entries.iter().map(|(slot, _)| slot)
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &E> + '_ {
-        self.entries.iter().map(|(_, (_, _, e))| e)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,24 +155,6 @@ mod tests {
         let b = ep("203.0.113.7:443");
         assert_eq!(FlowKey::new(Protocol::Tcp, a, b), FlowKey::new(Protocol::Tcp, b, a));
         assert_ne!(FlowKey::new(Protocol::Tcp, a, b), FlowKey::new(Protocol::Udp, a, b));
-    }
-
-    #[test]
-    fn table_indexes_by_key_and_id_and_enforces_cap() {
-        let mut t: FlowTable<&str> = FlowTable::new(2);
-        let k1 = FlowKey::new(Protocol::Udp, ep("192.0.2.1:1"), ep("192.0.2.2:2"));
-        let k2 = FlowKey::new(Protocol::Udp, ep("192.0.2.1:1"), ep("192.0.2.2:3"));
-        let k3 = FlowKey::new(Protocol::Udp, ep("192.0.2.1:1"), ep("192.0.2.2:4"));
-        let s1 = t.insert(k1, FlowId(1), "one").expect("room");
-        t.insert(k2, FlowId(2), "two").expect("room");
-        assert_eq!(t.insert(k3, FlowId(3), "three"), Err(TableFull));
-        assert_eq!(t.lookup(&k1), Some(s1));
-        assert_eq!(t.slot_of(FlowId(1)), Some(s1));
-        assert_eq!(t.remove(s1), Some("one"));
-        assert_eq!(t.lookup(&k1), None);
-        assert_eq!(t.slot_of(FlowId(1)), None);
-        assert!(t.insert(k3, FlowId(3), "three").is_ok());
-        assert_eq!(t.len(), 2);
     }
 
     #[test]

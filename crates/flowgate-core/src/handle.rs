@@ -1,21 +1,38 @@
-//! The handle: how other threads change verdicts and look at flows while the engine runs.
+//! The handle: how other threads change verdicts, feed kernel reports and list flows while the
+//! engine runs.
 //!
-//! A [`Handle`] is cheap to clone and `Send + Sync`. Commands go over a channel and take effect
-//! the next time the engine is driven (`handle_packet`, `handle_timeout` or `handle_commands`);
-//! a driver that sleeps between packets registers a waker with [`crate::Engine::set_waker`] so a
-//! command wakes it. `flows()` reads the snapshot the engine last published, never the live
-//! table, so it can be called from anywhere, even from inside a provider callback.
+//! A [`Handle`] is cheap to clone and `Send + Sync`. Commands go over one bounded channel per
+//! engine ([`COMMAND_CAPACITY`]) and take effect the next time the engine is driven
+//! (`handle_packet`, `handle_timeout` or `handle_commands`); a driver that sleeps between packets
+//! registers a waker with [`crate::Engine::set_waker`] so a command wakes it. Sending never
+//! blocks: when the channel is full the call returns [`HandleError::Busy`] (and the refusal is
+//! counted, see [`Handle::refused`]), so neither the caller nor the engine's thread can be stalled
+//! by the other. Callers that must not lose a command retry.
+//!
+//! Listing is a command too: [`Handle::list`] returns a [`Listing`] that yields the engine's live
+//! flows in chunks, which the engine produces a slice at a time between packets, so listing a
+//! million flows never stalls the packet path. [`Handle::apply`] changes the verdict of every
+//! flow a [`Selector`] matches the same way. Both must not be waited on from the engine's own
+//! thread (a provider callback): the engine would wait for itself.
 
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant as StdInstant};
 
+use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::event::RuleName;
-use crate::flow::{Counters, Direction, Flow, FlowId};
+use crate::event::{CloseReason, RuleName};
+use crate::flow::{Counters, Direction, Flow, FlowId, Protocol};
 use crate::time::Instant;
 use crate::verdict::{DataVerdict, FlowVerdict, PacketId};
+
+/// Commands an engine's channel holds before senders are told [`HandleError::Busy`].
+pub const COMMAND_CAPACITY: usize = 4096;
+/// Chunks of a listing in flight between the engine and the reader.
+const LISTING_DEPTH: usize = 4;
 
 /// A live flow as listings show it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -29,43 +46,99 @@ pub struct FlowStatus {
     pub last_seen: Instant,
 }
 
-/// The latest published list of live flows and when it was taken.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub taken: Instant,
-    pub flows: Arc<[FlowStatus]>,
-    /// Counts publications, so a reader can wait for a newer one.
-    pub generation: u64,
+/// Which flows a listing or a verdict change is about. Every field that is set must match; an
+/// empty selector matches every flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    /// These flows (empty: any).
+    pub ids: Vec<FlowId>,
+    /// Remote address in this network.
+    pub remote: Option<IpNet>,
+    /// This remote port.
+    pub remote_port: Option<u16>,
+    pub protocol: Option<Protocol>,
 }
 
-/// Where the engine publishes snapshots: a slot and a condition variable to wait on it.
-#[derive(Debug, Default)]
-pub(crate) struct SnapshotSlot {
-    pub(crate) snapshot: Mutex<Snapshot>,
-    pub(crate) published: Condvar,
+impl Selector {
+    /// Every flow.
+    pub fn all() -> Selector {
+        Selector::default()
+    }
+
+    /// Whether only ids are given (the engine then looks them up instead of scanning).
+    pub(crate) fn ids_only(&self) -> bool {
+        !self.ids.is_empty() && self.remote.is_none() && self.remote_port.is_none() && self.protocol.is_none()
+    }
+
+    pub(crate) fn matches(&self, id: FlowId, protocol: Protocol, remote: SocketAddr) -> bool {
+        (self.ids.is_empty() || self.ids.contains(&id))
+            && self.remote.is_none_or(|n| n.contains(&remote.ip()))
+            && self.remote_port.is_none_or(|p| p == remote.port())
+            && self.protocol.is_none_or(|p| p == protocol)
+    }
+}
+
+pub(crate) enum Chunk {
+    Flows(Vec<FlowStatus>),
+    Done,
 }
 
 pub(crate) enum Command {
-    Update { flow: FlowId, verdict: DataVerdict, direction: Option<Direction> },
-    Resume { flow: FlowId, verdict: DataVerdict },
-    Release { packet: PacketId, accept: bool },
-    Publish,
-    Kernel(KernelReport),
+    Update {
+        flow: FlowId,
+        verdict: DataVerdict,
+        direction: Option<Direction>,
+    },
+    Release {
+        packet: PacketId,
+        accept: bool,
+    },
+    Kernel(Vec<KernelReport>),
+    Sync(KernelSync),
     Reload(Arc<crate::rules::matcher::CompiledRules>),
+    /// List (`verdict: None`) or change the verdict of the selected flows, streaming their
+    /// statuses (after the change) to `sink`.
+    Select {
+        selector: Selector,
+        verdict: Option<DataVerdict>,
+        sink: SyncSender<Chunk>,
+    },
 }
 
-/// What the kernel's connection tracking says about a flow it handles without user space.
+/// What the kernel's connection tracking says about a flow (see [`crate::Engine::handle_kernel_report`]).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct KernelReport {
-    pub protocol: crate::flow::Protocol,
+    pub protocol: Protocol,
     /// The end that opened the flow (conntrack's original direction source).
-    pub opener: std::net::SocketAddr,
-    pub responder: std::net::SocketAddr,
+    pub opener: SocketAddr,
+    pub responder: SocketAddr,
     /// (packets, bytes) sent by the opener and by the responder, where accounting is on.
     pub from_opener: Option<(u64, u64)>,
     pub from_responder: Option<(u64, u64)>,
-    /// The kernel forgot the flow: it is over.
-    pub ended: bool,
+    /// The conntrack entry's id, which tells an entry from a later one on the same 5-tuple.
+    pub id: Option<u32>,
+    pub state: KernelState,
+}
+
+/// Where a kernel-tracked flow stands.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum KernelState {
+    /// The entry exists (a dump listed it, or it was just created).
+    Alive,
+    /// The connection is ending: both sides sent FIN ([`CloseReason::Fin`]) or one sent RST
+    /// ([`CloseReason::Rst`]); conntrack keeps the entry a while longer.
+    Closing(CloseReason),
+    /// The kernel forgot the entry: the flow is over.
+    Ended,
+}
+
+/// A pass over the kernel's whole connection table (see [`crate::Engine::handle_kernel_sync`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum KernelSync {
+    /// A dump begins at `at`; its reports follow.
+    Start { generation: u16, at: Instant },
+    /// Every report of that dump has been sent.
+    Done { generation: u16 },
 }
 
 pub(crate) type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -73,9 +146,9 @@ pub(crate) type Waker = Arc<dyn Fn() + Send + Sync>;
 /// A remote control for one engine, usable from any thread at any time.
 #[derive(Clone)]
 pub struct Handle {
-    pub(crate) tx: Sender<Command>,
+    pub(crate) tx: SyncSender<Command>,
     pub(crate) waker: Arc<Mutex<Option<Waker>>>,
-    pub(crate) snapshot: Arc<SnapshotSlot>,
+    pub(crate) refused: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -84,14 +157,24 @@ impl std::fmt::Debug for Handle {
     }
 }
 
-/// The engine behind a handle is gone; the command had no effect.
+/// Why a command had no effect.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the flowgate engine has stopped")]
-pub struct EngineGone;
+pub enum HandleError {
+    #[error("the flowgate engine has stopped")]
+    Gone,
+    #[error("the flowgate engine's command queue is full ({COMMAND_CAPACITY} commands); try again")]
+    Busy,
+    #[error("the flowgate engine did not answer in time")]
+    Timeout,
+}
 
 impl Handle {
-    fn send(&self, c: Command) -> Result<(), EngineGone> {
-        self.tx.send(c).map_err(|_| EngineGone)?;
+    fn try_send(&self, c: Command) -> Result<(), (HandleError, Command)> {
+        match self.tx.try_send(c) {
+            Ok(()) => {}
+            Err(TrySendError::Full(c)) => return Err((HandleError::Busy, c)),
+            Err(TrySendError::Disconnected(c)) => return Err((HandleError::Gone, c)),
+        }
         let waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner).clone();
         if let Some(w) = waker {
             w();
@@ -99,56 +182,158 @@ impl Handle {
         Ok(())
     }
 
+    /// Sends `c`, retrying while the channel is full for up to `wait`.
+    fn send(&self, mut c: Command, wait: Duration) -> Result<(), HandleError> {
+        let deadline = StdInstant::now() + wait;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            match self.try_send(c) {
+                Ok(()) => return Ok(()),
+                Err((HandleError::Busy, back)) if StdInstant::now() < deadline => {
+                    c = back;
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(5));
+                }
+                Err((e, _)) => {
+                    if e == HandleError::Busy {
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     /// Changes the verdict of a live flow, in one direction or (`None`) both, at any time, also
     /// long after its first verdict. Updating a flow that has closed does nothing.
-    pub fn update(&self, flow: FlowId, verdict: DataVerdict, direction: Option<Direction>) -> Result<(), EngineGone> {
-        self.send(Command::Update { flow, verdict, direction })
+    pub fn update(&self, flow: FlowId, verdict: DataVerdict, direction: Option<Direction>) -> Result<(), HandleError> {
+        self.send(Command::Update { flow, verdict, direction }, Duration::ZERO)
     }
 
     /// Gives the verdict a paused flow was waiting for, in both directions; held packets are
     /// released (or dropped) accordingly.
-    pub fn resume(&self, flow: FlowId, verdict: DataVerdict) -> Result<(), EngineGone> {
-        self.send(Command::Resume { flow, verdict })
+    pub fn resume(&self, flow: FlowId, verdict: DataVerdict) -> Result<(), HandleError> {
+        self.update(flow, verdict, None)
     }
 
     /// Releases (`accept`) or drops a packet a packet filter delayed.
-    pub fn release(&self, packet: PacketId, accept: bool) -> Result<(), EngineGone> {
-        self.send(Command::Release { packet, accept })
+    pub fn release(&self, packet: PacketId, accept: bool) -> Result<(), HandleError> {
+        self.send(Command::Release { packet, accept }, Duration::ZERO)
     }
 
-    /// Passes on what conntrack reports about a flow (counters; its end). Flows this engine
-    /// does not know are ignored, so a report can be sent to every engine of a daemon.
-    pub fn kernel_report(&self, report: KernelReport) -> Result<(), EngineGone> {
-        self.send(Command::Kernel(report))
+    /// Passes on what conntrack reports about flows; flows this engine does not know are
+    /// ignored. Waits up to `wait` while the channel is full.
+    pub fn kernel_reports(&self, reports: Vec<KernelReport>, wait: Duration) -> Result<(), HandleError> {
+        self.send(Command::Kernel(reports), wait)
+    }
+
+    /// Marks the start or the end of a pass over the kernel's table. Waits up to `wait` while the
+    /// channel is full.
+    pub fn kernel_sync(&self, sync: KernelSync, wait: Duration) -> Result<(), HandleError> {
+        self.send(Command::Sync(sync), wait)
     }
 
     /// Replaces the engine's rules and judges every live flow again ([`crate::Engine::reload`]).
-    pub fn reload(&self, rules: Arc<crate::rules::matcher::CompiledRules>) -> Result<(), EngineGone> {
-        self.send(Command::Reload(rules))
+    pub fn reload(&self, rules: Arc<crate::rules::matcher::CompiledRules>) -> Result<(), HandleError> {
+        self.send(Command::Reload(rules), Duration::ZERO)
     }
 
-    /// Asks the engine to publish a fresh snapshot the next time it is driven.
-    pub fn refresh(&self) -> Result<(), EngineGone> {
-        self.send(Command::Publish)
+    /// The live flows `selector` matches, in chunks, as the engine gets to them. A flow that lives
+    /// through the whole listing is listed exactly once; one that starts or ends meanwhile may be
+    /// listed or not.
+    pub fn list(&self, selector: Selector) -> Result<Listing, HandleError> {
+        self.select(selector, None)
     }
 
-    /// The live flows as of the engine's last published snapshot.
-    pub fn flows(&self) -> Snapshot {
-        self.snapshot.snapshot.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    /// Gives every flow `selector` matches the verdict `verdict` (like [`Handle::update`] on
+    /// each), and lists them as they are afterwards.
+    pub fn apply(&self, selector: Selector, verdict: DataVerdict) -> Result<Listing, HandleError> {
+        self.select(selector, Some(verdict))
     }
 
-    /// Asks for a fresh snapshot and waits up to `timeout` for the engine to publish it; on
-    /// timeout (an engine that is not being driven) returns the last one. Never call this from
+    fn select(&self, selector: Selector, verdict: Option<DataVerdict>) -> Result<Listing, HandleError> {
+        let (sink, rx) = std::sync::mpsc::sync_channel(LISTING_DEPTH);
+        self.send(Command::Select { selector, verdict, sink }, Duration::ZERO)?;
+        Ok(Listing { rx, done: false })
+    }
+
+    /// Every live flow, waiting up to `timeout` for the engine to list them. Never call this from
     /// the engine's own thread (a provider callback): it would wait for itself.
-    pub fn flows_fresh(&self, timeout: Duration) -> Result<Snapshot, EngineGone> {
-        let slot = &self.snapshot;
-        let before = slot.snapshot.lock().unwrap_or_else(PoisonError::into_inner).generation;
-        self.refresh()?;
-        let guard = slot.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        let (guard, _) = slot
-            .published
-            .wait_timeout_while(guard, timeout, |s| s.generation == before)
-            .unwrap_or_else(PoisonError::into_inner);
-        Ok(guard.clone())
+    pub fn flows(&self, timeout: Duration) -> Result<Vec<FlowStatus>, HandleError> {
+        let mut listing = self.list(Selector::all())?;
+        let deadline = StdInstant::now() + timeout;
+        let mut out = Vec::new();
+        while let Some(chunk) = listing.next_before(deadline) {
+            out.extend(chunk?);
+        }
+        Ok(out)
+    }
+
+    /// Commands refused so far because the channel was full.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// Flows streamed from an engine (see [`Handle::list`]). Iterating blocks until the engine sends
+/// the next chunk; `Err(Gone)` means the engine stopped before it finished.
+#[derive(Debug)]
+pub struct Listing {
+    rx: Receiver<Chunk>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Chunk::Flows(v) => write!(f, "Flows({})", v.len()),
+            Chunk::Done => f.write_str("Done"),
+        }
+    }
+}
+
+impl Listing {
+    /// The next chunk, waiting no later than `deadline`; `Some(Err(Timeout))` if it passed.
+    pub fn next_before(&mut self, deadline: StdInstant) -> Option<Result<Vec<FlowStatus>, HandleError>> {
+        if self.done {
+            return None;
+        }
+        let wait = deadline.saturating_duration_since(StdInstant::now());
+        match self.rx.recv_timeout(wait) {
+            Ok(Chunk::Flows(v)) => Some(Ok(v)),
+            Ok(Chunk::Done) => {
+                self.done = true;
+                None
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                self.done = true;
+                Some(Err(HandleError::Timeout))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.done = true;
+                Some(Err(HandleError::Gone))
+            }
+        }
+    }
+}
+
+impl Iterator for Listing {
+    type Item = Result<Vec<FlowStatus>, HandleError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv() {
+            Ok(Chunk::Flows(v)) => Some(Ok(v)),
+            Ok(Chunk::Done) => {
+                self.done = true;
+                None
+            }
+            Err(_) => {
+                self.done = true;
+                Some(Err(HandleError::Gone))
+            }
+        }
     }
 }

@@ -8,10 +8,12 @@
 //! ## Rooms
 //!
 //! - [`packet`]: IP packet → 5-tuple, TCP flags, payload (via `etherparse`).
-//! - [`flow`]: flow identity, what providers see of a flow, the flow table.
+//! - [`flow`]: flow identity and what providers see of a flow.
 //! - [`rules`]: rules and their text forms, the compiled matcher, lints.
 //! - [`verdict`], [`provider`]: the content-filter model a product implements.
-//! - [`engine`]: the state machine that ties them together; [`handle`]: its remote control.
+//! - [`engine`]: the state machine that ties them together (flow table, timers, kernel-handled
+//!   flows, sweeps); [`handle`]: its remote control from other threads (verdicts, kernel
+//!   reports, streamed listings).
 //! - [`event`]: the JSON-lines event format; [`time`]: the core's clock type.
 //!
 //! ## Driving the engine
@@ -46,10 +48,12 @@ pub mod rules;
 pub mod time;
 pub mod verdict;
 
-pub use engine::{Enforce, Engine, EngineConfig, Existing, Origin, PacketMeta, Release, Stats, Timeouts};
+pub use engine::{
+    Enforce, Engine, EngineConfig, Existing, Footprint, KernelAction, Origin, PacketMeta, Release, Stats, Timeouts,
+};
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};
-pub use handle::{EngineGone, FlowStatus, Handle, KernelReport, Snapshot};
+pub use handle::{FlowStatus, Handle, HandleError, KernelReport, KernelState, KernelSync, Listing, Selector};
 pub use provider::{FlowFilter, PacketContext, PacketFilter};
 pub use time::Instant;
 pub use verdict::{DataVerdict, Decision, FlowVerdict, NewFlowVerdict, PacketAction, PacketId, PacketVerdict};

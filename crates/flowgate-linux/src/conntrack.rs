@@ -296,6 +296,20 @@ impl Conntrack {
         self.transact("set mark", &req, seq, |_| {})
     }
 
+    /// Creates an entry for a TCP or UDP connection conntrack does not track (one that was open
+    /// before anything on this host used conntrack): `original` and its reverse as the reply
+    /// tuple, `mark`, `timeout` seconds, seen both ways and assured, and for TCP the ESTABLISHED
+    /// state (window tracking picks the connection up at its next packet). An entry that exists
+    /// already is left as it is (`Ok`).
+    pub fn create(&mut self, original: &Tuple, mark: u32, timeout: u32) -> Result<(), CtError> {
+        let seq = self.sock.next_seq();
+        let req = create_request(seq, original, mark, timeout)?;
+        match self.transact("create", &req, seq, |_| {}) {
+            Err(CtError::Netlink { errno: libc::EEXIST, .. }) => Ok(()),
+            other => other,
+        }
+    }
+
     /// Deletes the entry with this original tuple: [`CtError::NotFound`] if there is none. As
     /// with [`Conntrack::set_mark`], the reply tuple names the entry too.
     pub fn delete(&mut self, original: &Tuple) -> Result<(), CtError> {
@@ -431,6 +445,35 @@ fn set_mark_request(seq: u32, t: &Tuple, value: u32, mask: u32) -> Result<Vec<u8
     // that (old & !mask) | value, whatever bits the value has outside the mask.
     b.attr(CTA_MARK, &value.to_be_bytes());
     b.attr(CTA_MARK_MASK, &(mask | value).to_be_bytes());
+    Ok(b.finish())
+}
+
+/// `IPS_SEEN_REPLY | IPS_ASSURED` of `nf_conntrack_common.h`.
+const STATUS_SEEN_ASSURED: u32 = (1 << 1) | (1 << 2);
+/// `TCP_CONNTRACK_ESTABLISHED` of `nf_conntrack_tcp.h`.
+const TCP_ESTABLISHED: u8 = 3;
+
+fn create_request(seq: u32, t: &Tuple, mark: u32, timeout: u32) -> Result<Vec<u8>, CtError> {
+    const OP: &str = "create";
+    let family = family_of(t, OP)?;
+    if !matches!(t.protocol, 6 | 17) {
+        return Err(CtError::Netlink { op: OP, errno: libc::EOPNOTSUPP });
+    }
+    let reply = Tuple { protocol: t.protocol, src: t.dst, dst: t.src, src_port: t.dst_port, dst_port: t.src_port };
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | netlink::NLM_F_EXCL;
+    let mut b = Builder::new(IPCTNL_MSG_CT_NEW, flags, seq, family);
+    b.tuple(CTA_TUPLE_ORIG, t);
+    b.tuple(CTA_TUPLE_REPLY, &reply);
+    b.attr(CTA_TIMEOUT, &timeout.to_be_bytes());
+    b.attr(CTA_MARK, &mark.to_be_bytes());
+    b.attr(CTA_STATUS, &STATUS_SEEN_ASSURED.to_be_bytes());
+    if t.protocol == 6 {
+        let info = b.nest_start(CTA_PROTOINFO);
+        let tcp = b.nest_start(CTA_PROTOINFO_TCP);
+        b.attr(CTA_PROTOINFO_TCP_STATE, &[TCP_ESTABLISHED]);
+        b.nest_end(tcp);
+        b.nest_end(info);
+    }
     Ok(b.finish())
 }
 

@@ -21,17 +21,54 @@ mod netlink;
 pub mod nfqueue;
 pub mod sockdiag;
 
-/// The mark bits flowgate owns, on packets and on conntrack entries. A decided flow carries one
-/// of these in its conntrack mark, and the installed chains act on it without asking user space;
+/// The mark bits flowgate owns, on packets and on conntrack entries. A decided flow carries its
+/// verdict in its conntrack mark, and the installed chains act on it without asking user space;
 /// a packet that gets a drop verdict also carries it in its packet mark, so the chains can reject
-/// it even when it has no conntrack entry. Other bits of both marks are left alone.
+/// it even when it has no conntrack entry. Beside the verdict, the mark names the queue worker
+/// that owns the flow: the chains queue an owned flow's packets to its owner, and conntrack's
+/// reports on it go to that worker alone. Other bits of both marks are left alone.
 pub mod marks {
-    /// All of flowgate's bits.
-    pub const MASK: u32 = 0x0003_0000;
+    /// The verdict bits.
+    pub const VERDICT: u32 = 0x0003_0000;
     /// Decided: allowed. The chains let the flow through to the host's own rules.
     pub const ALLOW: u32 = 0x0001_0000;
     /// Decided: dropped, and the sender is told (TCP reset, ICMP unreachable).
     pub const REJECT: u32 = 0x0002_0000;
     /// Decided: dropped silently.
     pub const DROP: u32 = 0x0003_0000;
+    /// The owning worker's index plus one (0: no owner).
+    pub const OWNER: u32 = 0x007c_0000;
+    const OWNER_SHIFT: u32 = 18;
+    /// Most workers the owner bits can name.
+    pub const MAX_OWNERS: usize = 31;
+    /// All of flowgate's bits.
+    pub const MASK: u32 = VERDICT | OWNER;
+
+    /// The owner bits of worker `index` (below [`MAX_OWNERS`]).
+    pub const fn owner(index: usize) -> u32 {
+        ((index as u32 + 1) << OWNER_SHIFT) & OWNER
+    }
+
+    /// The worker a mark names as owner.
+    pub const fn owner_of(mark: u32) -> Option<usize> {
+        match (mark & OWNER) >> OWNER_SHIFT {
+            0 => None,
+            n => Some(n as usize - 1),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn owners_round_trip_and_stay_in_their_bits() {
+            assert_eq!(owner_of(0), None);
+            assert_eq!(owner_of(ALLOW), None);
+            for i in 0..MAX_OWNERS {
+                assert_eq!(owner(i) & !OWNER, 0);
+                assert_eq!(owner_of(owner(i) | REJECT | 0xff), Some(i));
+            }
+        }
+    }
 }

@@ -20,11 +20,14 @@
 //!    drops the packet also when it sends no answer (to ICMP errors, non-first fragments,
 //!    broadcasts); a catch-all `DROP` follows it as a safety net;
 //! 5. a flow or packet decided [`DROP`](crate::marks::DROP) is dropped silently;
-//! 6. everything else goes to NFQUEUE, balanced over [`ChainSpec::queues`], with
+//! 6. a flow whose conntrack mark names an owner ([`marks::OWNER`](crate::marks::OWNER): adopted
+//!    at start, or recalled from the kernel to be judged again) goes to its owner's queue;
+//! 7. everything else goes to NFQUEUE, balanced over [`ChainSpec::queues`], with
 //!    `--queue-bypass` when failing open.
 //!
 //! The daemon gives its verdicts with `NF_REPEAT` after setting the marks, so a packet runs
-//! through the chain again and one of steps 2 to 5 acts on it.
+//! through the chain again and one of steps 2 to 5 acts on it. The same mark names the worker that
+//! judged the flow (its owner), so the conntrack entry says which worker to tell about it.
 //!
 //! ## Balancing and failing open
 //!
@@ -328,7 +331,7 @@ const ND_TYPES: [u8; 6] = [133, 134, 135, 136, 137, 143];
 pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
     let (icmp, unreachable) =
         if ipv6 { ("ipv6-icmp", "icmp6-port-unreachable") } else { ("icmp", "icmp-port-unreachable") };
-    let mark = |value: u32| format!("{value:#x}/{:#x}", marks::MASK);
+    let mark = |value: u32| format!("{value:#x}/{:#x}", marks::VERDICT);
     let (allow, reject, drop) = (mark(marks::ALLOW), mark(marks::REJECT), mark(marks::DROP));
     let (first, last) = (*spec.queues.start(), *spec.queues.end());
     let mut queue = if first == last {
@@ -377,6 +380,18 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
         }
         for matcher in ["connmark", "mark"] {
             rules.push(format!("-m {matcher} --mark {drop} -j DROP"));
+        }
+        // A flow with an owner (adopted at start, or recalled from the kernel) goes to its
+        // owner's queue, whatever the balancing hash says.
+        if first != last {
+            for (k, num) in (first..=last).enumerate() {
+                let bypass = if spec.fail_open { " --queue-bypass" } else { "" };
+                rules.push(format!(
+                    "-m connmark --mark {:#x}/{:#x} -j NFQUEUE --queue-num {num}{bypass}",
+                    marks::owner(k),
+                    marks::OWNER
+                ));
+            }
         }
         rules.push(queue.clone());
         for rule in rules {
@@ -604,7 +619,7 @@ mod tests {
 :FLOWGATE-IN - [0:0]
 :FLOWGATE-FWD - [0:0]
 -A FLOWGATE-OUT -o lo -j RETURN
--A FLOWGATE-OUT -m mark ! --mark 0x0/0x30000 -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000
+-A FLOWGATE-OUT -m mark ! --mark 0x0/0x7f0000 -j CONNMARK --save-mark --nfmask 0x7f0000 --ctmask 0x7f0000
 -A FLOWGATE-OUT -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-OUT -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-OUT -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -616,9 +631,11 @@ mod tests {
 -A FLOWGATE-OUT -m mark --mark 0x20000/0x30000 -j DROP
 -A FLOWGATE-OUT -m connmark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-OUT -m mark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-OUT -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
+-A FLOWGATE-OUT -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
 -A FLOWGATE-OUT -j NFQUEUE --queue-balance 0:1 --queue-bypass
 -A FLOWGATE-IN -i lo -j RETURN
--A FLOWGATE-IN -m mark ! --mark 0x0/0x30000 -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000
+-A FLOWGATE-IN -m mark ! --mark 0x0/0x7f0000 -j CONNMARK --save-mark --nfmask 0x7f0000 --ctmask 0x7f0000
 -A FLOWGATE-IN -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-IN -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-IN -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -630,8 +647,10 @@ mod tests {
 -A FLOWGATE-IN -m mark --mark 0x20000/0x30000 -j DROP
 -A FLOWGATE-IN -m connmark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-IN -m mark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-IN -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
+-A FLOWGATE-IN -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
 -A FLOWGATE-IN -j NFQUEUE --queue-balance 0:1 --queue-bypass
--A FLOWGATE-FWD -m mark ! --mark 0x0/0x30000 -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000
+-A FLOWGATE-FWD -m mark ! --mark 0x0/0x7f0000 -j CONNMARK --save-mark --nfmask 0x7f0000 --ctmask 0x7f0000
 -A FLOWGATE-FWD -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-FWD -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-FWD -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -643,6 +662,8 @@ mod tests {
 -A FLOWGATE-FWD -m mark --mark 0x20000/0x30000 -j DROP
 -A FLOWGATE-FWD -m connmark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-FWD -m mark --mark 0x30000/0x30000 -j DROP
+-A FLOWGATE-FWD -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
+-A FLOWGATE-FWD -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
 -A FLOWGATE-FWD -j NFQUEUE --queue-balance 0:1 --queue-bypass
 -I OUTPUT 1 -j FLOWGATE-OUT
 -I INPUT 1 -j FLOWGATE-IN
@@ -662,7 +683,7 @@ COMMIT
                 .map(|t| format!("-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN\n"))
                 .collect::<String>()
         };
-        let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0x30000");
+        let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0x7f0000");
         let mut expected =
             v4.replace("-p icmp ", "-p ipv6-icmp ").replace("icmp-port-unreachable", "icmp6-port-unreachable");
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
@@ -696,9 +717,21 @@ COMMIT
     fn several_queues_use_queue_balance() {
         let text = ruleset_text(&spec(2..=5, false, false), false);
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
-            assert_eq!(chain_rules(&text, chain).last(), Some(&"-j NFQUEUE --queue-balance 2:5"));
+            let rules = chain_rules(&text, chain);
+            assert_eq!(rules.last(), Some(&"-j NFQUEUE --queue-balance 2:5"));
+            // Owned flows go to their owner's queue, ahead of the balancing.
+            let owned: Vec<&str> = rules.iter().copied().filter(|r| r.contains("--queue-num")).collect();
+            assert_eq!(
+                owned,
+                [
+                    "-m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 2",
+                    "-m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 3",
+                    "-m connmark --mark 0xc0000/0x7c0000 -j NFQUEUE --queue-num 4",
+                    "-m connmark --mark 0x100000/0x7c0000 -j NFQUEUE --queue-num 5",
+                ]
+            );
+            assert_eq!(marks::owner_of(0x100000), Some(3));
         }
-        assert!(!text.contains("queue-num"));
     }
 
     #[test]
@@ -706,7 +739,7 @@ COMMIT
         for ipv6 in [false, true] {
             let open = ruleset_text(&spec(0..=1, true, false), ipv6);
             let closed = ruleset_text(&spec(0..=1, false, false), ipv6);
-            assert_eq!(open.matches("--queue-bypass").count(), 3);
+            assert_eq!(open.matches("--queue-bypass").count(), 3 * 3, "balance and two owner rules, three chains");
             assert_eq!(closed.matches("--queue-bypass").count(), 0);
             assert_eq!(open.replace(" --queue-bypass", ""), closed);
         }
@@ -760,7 +793,9 @@ COMMIT
             position("-m mark --mark 0x20000/0x30000 -j DROP"),
             position("-m connmark --mark 0x30000/0x30000 -j DROP"),
             position("-m mark --mark 0x30000/0x30000 -j DROP"),
-            position("-j NFQUEUE"),
+            position("-j NFQUEUE --queue-num 0"),
+            position("-j NFQUEUE --queue-num 1"),
+            position("-j NFQUEUE --queue-balance"),
         ];
         assert_eq!(order.to_vec(), (0..rules.len()).collect::<Vec<_>>());
         // TCP resets are only ever sent for TCP.
@@ -770,9 +805,9 @@ COMMIT
     #[test]
     fn marks_come_from_the_contract() {
         let text = ruleset_text(&spec(0..=0, true, false), false);
-        assert!(text.contains(&format!("{:#x}/{:#x} -j RETURN", marks::ALLOW, marks::MASK)));
-        assert!(text.contains(&format!("{:#x}/{:#x} -j REJECT", marks::REJECT, marks::MASK)));
-        assert!(text.contains(&format!("{:#x}/{:#x} -j DROP", marks::DROP, marks::MASK)));
+        assert!(text.contains(&format!("{:#x}/{:#x} -j RETURN", marks::ALLOW, marks::VERDICT)));
+        assert!(text.contains(&format!("{:#x}/{:#x} -j REJECT", marks::REJECT, marks::VERDICT)));
+        assert!(text.contains(&format!("{:#x}/{:#x} -j DROP", marks::DROP, marks::VERDICT)));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub(crate) const NLM_F_REQUEST: u16 = 0x01;
 pub(crate) const NLM_F_ACK: u16 = 0x04;
 pub(crate) const NLM_F_DUMP: u16 = 0x300; // NLM_F_ROOT | NLM_F_MATCH
 pub(crate) const NLM_F_CREATE: u16 = 0x400;
+pub(crate) const NLM_F_EXCL: u16 = 0x200;
 pub(crate) const NLA_F_NESTED: u16 = 0x8000;
 // Strips NLA_F_NESTED and NLA_F_NET_BYTEORDER, which say how to read an attribute, not which.
 pub(crate) const NLA_TYPE_MASK: u16 = 0x3fff;

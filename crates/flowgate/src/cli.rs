@@ -10,7 +10,6 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use flowgate_core::rules::matcher::CompiledRules;
@@ -37,11 +36,23 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// List the live flows of the running daemon.
+    /// List the live flows of the running daemon, whatever their age, with current counters
+    /// (also for flows the kernel handles). Filters are applied by the daemon; the list streams.
     Flows {
+        #[command(flatten)]
+        filter: FlowFilterArgs,
         #[command(flatten)]
         target: DaemonTarget,
         /// One JSON object per flow, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The running daemon's counters: per queue worker and in total (packets, flows, what was
+    /// dropped or deferred and why), conntrack reports and syncs, events written.
+    Stats {
+        #[command(flatten)]
+        target: DaemonTarget,
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -92,17 +103,33 @@ pub enum Command {
     },
 }
 
-/// Which live flows a command is about.
-#[derive(clap::Args, Debug)]
-pub struct FlowSelect {
-    /// Flow ids (from `flowgate flows` or the event log).
-    pub ids: Vec<u64>,
+/// Which live flows a command is about, besides ids.
+#[derive(clap::Args, Debug, Default)]
+pub struct FlowFilterArgs {
     /// Flows whose remote address is in this network (CIDR; a bare address is one host).
     #[arg(long)]
     pub remote: Option<String>,
     /// Flows with this remote port.
     #[arg(long)]
     pub port: Option<u16>,
+    /// Flows of this protocol (tcp, udp, icmp, any).
+    #[arg(long)]
+    pub protocol: Option<String>,
+}
+
+impl FlowFilterArgs {
+    fn is_empty(&self) -> bool {
+        self.remote.is_none() && self.port.is_none() && self.protocol.is_none()
+    }
+}
+
+/// Which live flows a command is about.
+#[derive(clap::Args, Debug)]
+pub struct FlowSelect {
+    /// Flow ids (from `flowgate flows` or the event log).
+    pub ids: Vec<u64>,
+    #[command(flatten)]
+    pub filter: FlowFilterArgs,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -154,7 +181,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rules { command: RulesCommand::Check { file, json, strict } } => rules_check(&file, json, strict),
         Command::Replay { capture, config, json } => replay_cmd(&capture, config.as_deref(), json),
         Command::Run { config } => run_cmd(config.as_deref()),
-        Command::Flows { target, json } => flows_cmd(&target, json),
+        Command::Flows { filter, target, json } => flows_cmd(&filter, &target, json),
+        Command::Stats { target, json } => stats_cmd(&target, json),
         Command::Cleanup { target } => cleanup_cmd(&target),
         Command::Block { select, target } => verdict_cmd("block", &select, &target),
         Command::Allow { select, target } => verdict_cmd("allow", &select, &target),
@@ -187,71 +215,105 @@ fn run_cmd(path: Option<&Path>) -> ExitCode {
     }
 }
 
-fn flows_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
+fn flows_cmd(filter: &FlowFilterArgs, target: &DaemonTarget, json: bool) -> ExitCode {
     let run_dir = match target.run_dir() {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let reply = match crate::daemon::control::request(&run_dir, &json!({"cmd": "flows"})) {
-        Ok(r) => r,
-        Err(e) => return fail(e),
-    };
-    let empty = Vec::new();
-    let flows = reply.get("flows").and_then(serde_json::Value::as_array).unwrap_or(&empty);
+    let req = json!({"cmd": "flows", "remote": filter.remote, "port": filter.port, "protocol": filter.protocol});
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let written =
-        if json { flows.iter().try_for_each(|f| writeln!(out, "{f}")) } else { print_flow_table(&mut out, flows) };
-    match written.and_then(|()| out.flush()) {
+    if !json && let Err(e) = print_flow_header(&mut out) {
+        return fail(e);
+    }
+    // Lines are printed as they arrive: a million flows never sit in memory here.
+    let streamed = crate::daemon::control::request_stream(&run_dir, &req, |f| {
+        let written = if json { writeln!(out, "{f}") } else { print_flow_row(&mut out, &f) };
+        written.map_err(|e| e.to_string())
+    });
+    match streamed.map(drop).and_then(|()| out.flush().map_err(|e| e.to_string())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) if e.contains("Broken pipe") => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
 
-fn print_flow_table(out: &mut dyn Write, flows: &[serde_json::Value]) -> io::Result<()> {
-    let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
-    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
+    let run_dir = match target.run_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let reply = match crate::daemon::control::request(&run_dir, &json!({"cmd": "stats"})) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let stats = &reply["stats"];
+    if json {
+        println!("{stats}");
+        return ExitCode::SUCCESS;
+    }
+    let mut out = String::new();
+    let mut section = |title: &str, v: &serde_json::Value| {
+        out.push_str(title);
+        out.push('\n');
+        for (k, x) in v.as_object().into_iter().flatten() {
+            out.push_str(&format!("  {k:<22} {x}\n"));
+        }
+    };
+    section("total:", &stats["total"]);
+    for w in stats["workers"].as_array().into_iter().flatten() {
+        section(&format!("queue {}:", w["queue"]), w);
+    }
+    section("conntrack:", &stats["conntrack"]);
+    section("events:", &stats["events"]);
+    print!("{out}");
+    ExitCode::SUCCESS
+}
+
+fn print_flow_header(out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "{:>6} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>8}",
+        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>8}",
         "ID", "PROTO", "DIR", "LOCAL", "REMOTE", "IFACE", "VERDICT", "RULE", "PKTS OUT/IN", "BYTES OUT/IN", "AGE"
-    )?;
-    for f in flows {
-        let flow = f.get("flow").cloned().unwrap_or_default();
-        let dir = if flow.get("forwarded") == Some(&serde_json::Value::Bool(true)) {
-            "forward".to_string()
-        } else {
-            s(&flow, "direction")
-        };
-        writeln!(
-            out,
-            "{:>6} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s",
-            n(&flow, "id"),
-            s(&flow, "protocol"),
-            dir,
-            s(&flow, "local"),
-            s(&flow, "remote"),
-            s(&flow, "interface"),
-            s(f, "verdict"),
-            s(f, "rule"),
-            format!("{}/{}", n(f, "packets_out"), n(f, "packets_in")),
-            format!("{}/{}", n(f, "bytes_out"), n(f, "bytes_in")),
-            n(f, "age_ms") / 1000,
-        )?;
-    }
-    Ok(())
+    )
+}
+
+fn print_flow_row(out: &mut dyn Write, f: &serde_json::Value) -> io::Result<()> {
+    let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let flow = f.get("flow").cloned().unwrap_or_default();
+    let dir = if flow.get("forwarded") == Some(&serde_json::Value::Bool(true)) {
+        "forward".to_string()
+    } else {
+        s(&flow, "direction")
+    };
+    writeln!(
+        out,
+        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s",
+        n(&flow, "id"),
+        s(&flow, "protocol"),
+        dir,
+        s(&flow, "local"),
+        s(&flow, "remote"),
+        s(&flow, "interface"),
+        s(f, "verdict"),
+        s(f, "rule"),
+        format!("{}/{}", n(f, "packets_out"), n(f, "packets_in")),
+        format!("{}/{}", n(f, "bytes_out"), n(f, "bytes_in")),
+        n(f, "age_ms") / 1000,
+    )
 }
 
 fn verdict_cmd(cmd: &str, select: &FlowSelect, target: &DaemonTarget) -> ExitCode {
-    if select.ids.is_empty() && select.remote.is_none() && select.port.is_none() {
-        return fail(format!("flowgate {cmd}: name flows by id, or by --remote and/or --port"));
+    if select.ids.is_empty() && select.filter.is_empty() {
+        return fail(format!("flowgate {cmd}: name flows by id, or by --remote, --port and/or --protocol"));
     }
     let run_dir = match target.run_dir() {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let req = json!({"cmd": cmd, "ids": select.ids, "remote": select.remote, "port": select.port});
+    let f = &select.filter;
+    let req = json!({"cmd": cmd, "ids": select.ids, "remote": f.remote, "port": f.port, "protocol": f.protocol});
     match crate::daemon::control::request(&run_dir, &req) {
         Ok(reply) => {
             if select.json {
@@ -349,12 +411,10 @@ fn rules_check(file: &Path, json: bool, strict: bool) -> ExitCode {
 
 /// Builds an engine for replaying with a loaded config (or the built-in allow-all default).
 pub fn replay_engine(config: Option<&Config>) -> Engine {
-    let (mut engine_config, rules) = match config {
+    let (engine_config, rules) = match config {
         Some(c) => (c.engine.clone(), c.rules.clone()),
         None => (EngineConfig::default(), Default::default()),
     };
-    // Snapshots feed live listings (`flowgate flows`); a replay has no one to read them.
-    engine_config.snapshot_interval = Duration::from_secs(u64::from(u32::MAX));
     Engine::new(engine_config, Arc::new(CompiledRules::compile(rules)))
 }
 

@@ -234,6 +234,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Validates config text; `path` is only used in messages.
+/// Most flows one engine can track (its timers pack a slot in 24 bits).
+pub const MAX_FLOWS: usize = (1 << 24) - 1;
+
+/// How often the live daemon syncs with conntrack: a third of the shortest idle timeout (so a
+/// kernel-handled flow is found idle soon after its timeout), between 0.5 s and 30 s.
+pub fn sync_interval(t: &flowgate_core::Timeouts) -> std::time::Duration {
+    let shortest = [t.tcp, t.udp, t.icmp, t.other].into_iter().min().unwrap_or_default();
+    (shortest / 3).clamp(std::time::Duration::from_millis(500), std::time::Duration::from_secs(30))
+}
+
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let src = Source::new(path, text);
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -274,12 +284,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if let Some(m) = &raw.max_flows {
         engine.max_flows = usize::try_from(*m.get_ref())
             .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| src.at(m, "max_flows", "must be a positive number of flows"))?;
+            .filter(|&n| (1..=MAX_FLOWS).contains(&n))
+            .ok_or_else(|| src.at(m, "max_flows", format!("must be a number of flows from 1 to {MAX_FLOWS}")))?;
     }
     if let Some(t) = &raw.timeouts {
         engine.timeouts = timeouts(&src, t)?;
     }
+    engine.kernel_sync_interval = sync_interval(&engine.timeouts);
     let live = live(&src, &raw)?;
 
     let mut warnings = Vec::new();

@@ -12,7 +12,12 @@ use std::time::Duration;
 use etherparse::PacketBuilder;
 
 use super::*;
+use crate::event::{FlowReport, Peek, UpdateSource};
+use crate::flow::{Counters, Flow};
+use crate::handle::{HandleError, KernelReport, KernelState, KernelSync, Selector};
+use crate::rules::Action;
 use crate::rules::{Rule, RuleSet, parse_interface, parse_network, parse_ports};
+use crate::verdict::{DataVerdict, NewFlowVerdict};
 
 // ---------------------------------------------------------------------------------------------
 // Packet builders
@@ -1311,35 +1316,39 @@ fn updating_an_unknown_or_closed_flow_is_harmless() {
 // 17. Snapshot and waker
 // ---------------------------------------------------------------------------------------------
 
+/// Drives `e` (handle_timeout from `now` on, a millisecond later each time) until `reader` has
+/// finished, as a daemon's worker would.
+fn drive_until<T>(e: &mut Engine, mut now: Instant, reader: std::thread::JoinHandle<T>) -> T {
+    while !reader.is_finished() {
+        e.handle_timeout(now);
+        now = now + Duration::from_millis(1);
+        std::thread::yield_now();
+    }
+    reader.join().expect("reader thread")
+}
+
 #[test]
-fn handle_flows_reads_the_snapshot_published_by_timeout_or_refresh() {
+fn handle_flows_lists_the_live_table_when_the_engine_is_driven() {
     let mut e = engine();
     let h = e.handle();
-    assert!(h.flows().flows.is_empty());
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
-    assert!(h.flows().flows.is_empty(), "not published yet");
-
-    e.handle_timeout(ms(10));
-    let snap = h.flows();
-    assert_eq!(snap.taken, ms(10));
-    assert_eq!(snap.flows.len(), 1);
-    let s = &snap.flows[0];
+    let _ = e.handle_packet(ms(20), IN, &c.reply(b"data"));
+    let reader = std::thread::spawn(move || h.flows(Duration::from_secs(10)));
+    let flows = drive_until(&mut e, ms(30), reader).expect("listed");
+    assert_eq!(flows.len(), 1);
+    let s = &flows[0];
     assert_eq!(s.flow.id, id);
     assert_eq!(s.verdict, FlowVerdict::Allow);
     assert_eq!(s.rule.as_deref(), Some("default"));
-    assert_eq!((s.counters.packets_out, s.counters.packets_in), (2, 1));
-
-    let _ = e.handle_packet(ms(20), IN, &c.reply(b"data"));
-    assert_eq!(h.flows().flows[0].counters.packets_in, 1, "snapshot is not the live table");
-    h.refresh().expect("engine alive");
-    assert_eq!(h.flows().taken, ms(10));
-    e.handle_commands(ms(30));
-    let snap = h.flows();
-    assert_eq!(snap.taken, ms(30));
-    assert_eq!(snap.flows[0].counters.packets_in, 2);
-    assert_eq!(snap.flows[0].counters.payload_in, 4);
-    assert_eq!(snap.flows[0].last_seen, ms(20));
+    assert_eq!((s.counters.packets_out, s.counters.packets_in), (2, 2));
+    assert_eq!(s.counters.payload_in, 4);
+    assert_eq!(s.last_seen, ms(20));
+    // An engine nobody drives does not answer; one that is gone says so.
+    let h = e.handle();
+    assert_eq!(h.flows(Duration::from_millis(20)), Err(HandleError::Timeout));
+    drop(e);
+    assert_eq!(h.flows(Duration::from_millis(20)), Err(HandleError::Gone));
 }
 
 #[test]
@@ -1352,7 +1361,7 @@ fn waker_is_called_for_each_handle_command() {
     });
     let h = e.handle();
     assert_eq!(woken.load(Ordering::SeqCst), 0);
-    h.refresh().expect("engine alive");
+    h.update(FlowId(99), DataVerdict::Allow, None).expect("engine alive");
     assert_eq!(woken.load(Ordering::SeqCst), 1);
     let h2 = h.clone();
     std::thread::spawn(move || h2.update(FlowId(1), DataVerdict::Allow, None)).join().expect("thread").expect("alive");
@@ -1426,7 +1435,6 @@ fn close_all_closes_every_flow_with_reason_end() {
     assert!(ev.iter().all(|x| x.time == secs(1)));
     assert!(e.flows().is_empty());
     assert_eq!(e.stats().flows_closed, 3);
-    assert!(e.handle().flows().flows.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1576,6 +1584,7 @@ fn existing<'a>(local: &str, remote: &str, kept: Option<FlowVerdict>) -> Existin
         forwarded: false,
         interface: Some("tun0"),
         kept,
+        conntrack_id: None,
     }
 }
 
@@ -1603,8 +1612,8 @@ fn adopted_flows_are_existing_judged_and_enforced() {
     assert_eq!(verdict_of(&ev[3]).2, Some("bad"));
     let en = enforced(&mut e);
     assert_eq!(
-        en.iter().map(|x| (x.flow.id, x.verdict)).collect::<Vec<_>>(),
-        [(ok, FlowVerdict::Allow), (bad, FlowVerdict::Drop)]
+        en.iter().map(|x| (x.flow.id, x.action)).collect::<Vec<_>>(),
+        [(ok, KernelAction::Allow), (bad, KernelAction::Drop { silent: false })]
     );
     // Its packets then belong to the adopted flow: no second flow.new.
     let c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
@@ -1623,7 +1632,7 @@ fn a_kept_verdict_survives_rules_that_would_say_otherwise() {
         e.adopt(ms(1), &existing("198.51.100.1:40001", "203.0.113.66:443", Some(FlowVerdict::Allow))).expect("adopted");
     let ev = events(&mut e);
     assert_eq!((verdict_of(&ev[1]).1, verdict_of(&ev[1]).2), (FlowVerdict::Allow, Some("kept")));
-    assert_eq!(enforced(&mut e)[0].verdict, FlowVerdict::Allow);
+    assert_eq!(enforced(&mut e)[0].action, KernelAction::Allow);
     assert_eq!(e.flows().iter().find(|f| f.flow.id == id).map(|f| f.verdict), Some(FlowVerdict::Allow));
 }
 
@@ -1636,6 +1645,9 @@ fn reload_drops_live_flows_the_new_rules_drop_and_leaves_the_rest() {
     let db = e.handle_packet(ms(1), OUT, &b.syn());
     let _ = events(&mut e);
     e.reload(secs(60), compiled(vec![drop_host("now-bad", "203.0.113.7")], Action::Allow));
+    assert!(events(&mut e).is_empty(), "live flows are judged again a slice at a time");
+    assert_eq!(e.poll_timeout(), Some(Instant::ZERO), "... as soon as the driver calls");
+    e.handle_timeout(secs(60));
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
     let (id, verdict, dir, source) = update_of(&ev[0]);
@@ -1645,7 +1657,7 @@ fn reload_drops_live_flows_the_new_rules_drop_and_leaves_the_rest() {
     }
     let en = enforced(&mut e);
     assert_eq!(en.len(), 1);
-    assert_eq!((en[0].flow.id, en[0].verdict), (da.flow.expect("a"), FlowVerdict::Drop));
+    assert_eq!((en[0].flow.id, en[0].action), (da.flow.expect("a"), KernelAction::Drop { silent: false }));
     // The dropped flow's next packet is dropped; the other flow is untouched.
     assert_eq!(e.handle_packet(secs(61), IN, &a.syn_ack()).action, PacketAction::Drop);
     let next_b = e.handle_packet(secs(61), IN, &b.syn_ack());
@@ -1668,11 +1680,11 @@ fn handle_verdicts_on_decided_flows_are_enforced_but_packet_verdicts_are_not() {
     e.handle_commands(secs(3600));
     let en = enforced(&mut e);
     assert_eq!(en.len(), 1, "a flow the kernel handles alone must be torn down by the data plane");
-    assert_eq!((en[0].flow.id, en[0].verdict), (id, FlowVerdict::Drop));
+    assert_eq!((en[0].flow.id, en[0].action), (id, KernelAction::Drop { silent: false }));
     // Allowing it again is enforced too; the same verdict twice is not.
     e.update(secs(3601), id, DataVerdict::Allow, None);
     e.update(secs(3602), id, DataVerdict::Allow, None);
-    assert_eq!(enforced(&mut e).iter().map(|x| x.verdict).collect::<Vec<_>>(), [FlowVerdict::Allow]);
+    assert_eq!(enforced(&mut e).iter().map(|x| x.action).collect::<Vec<_>>(), [KernelAction::Allow]);
 }
 
 #[test]
@@ -1696,4 +1708,354 @@ fn a_new_connection_on_a_reused_tuple_is_judged_even_if_the_old_end_was_unseen()
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.closed", "flow.new", "flow.verdict"]);
     assert_eq!(closed_of(&ev[0]).1.reason, CloseReason::Reused);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel-handled flows: liveness from kernel reports and syncs, conntrack ids
+// ---------------------------------------------------------------------------------------------
+
+/// An engine whose settled flows the kernel handles (as in the live daemon), UDP idle after 30 s,
+/// synced every 5 s.
+fn offload_engine() -> Engine {
+    engine_with_config(EngineConfig {
+        kernel_offload: true,
+        kernel_sync_interval: Duration::from_secs(5),
+        timeouts: Timeouts { udp: Duration::from_secs(30), ..Timeouts::default() },
+        ..EngineConfig::default()
+    })
+}
+
+/// A report from the kernel on the outbound flow `local` → `remote`.
+fn report(proto: Protocol, local: &str, remote: &str, id: u32, out: u64, inn: u64, state: KernelState) -> KernelReport {
+    KernelReport {
+        protocol: proto,
+        opener: sa(local),
+        responder: sa(remote),
+        from_opener: Some((out, out * 100)),
+        from_responder: Some((inn, inn * 100)),
+        id: Some(id),
+        state,
+    }
+}
+
+/// One kernel sync at `t`: start, the reports, done.
+fn sync(e: &mut Engine, t: Instant, generation: u16, reports: &[KernelReport]) {
+    e.handle_kernel_sync(t, KernelSync::Start { generation, at: t });
+    for r in reports {
+        e.handle_kernel_report(t, r);
+    }
+    e.handle_kernel_sync(t, KernelSync::Done { generation });
+    e.handle_timeout(t);
+}
+
+const L: &str = "198.51.100.1:5000";
+const R: &str = "203.0.113.9:53";
+
+#[test]
+fn a_kernel_handled_udp_flow_lives_as_long_as_the_kernel_sees_it_busy() {
+    let mut e = offload_engine();
+    let d = e.handle_packet(secs(0), OUT, &udp(sa(L), sa(R), b"q"));
+    assert!(d.settled);
+    let id = d.flow.expect("tracked");
+    let _ = events(&mut e);
+    e.handle_kernel_report(secs(0), &report(Protocol::Udp, L, R, 77, 1, 0, KernelState::Alive));
+    // Ten minutes of traffic the engine never sees, only the kernel's counters grow.
+    for (n, t) in (5..600).step_by(5).enumerate() {
+        let n = n as u64 + 2;
+        sync(&mut e, secs(t), t as u16, &[report(Protocol::Udp, L, R, 77, n, n, KernelState::Alive)]);
+        assert!(events(&mut e).is_empty(), "closed at {t} s although busy");
+    }
+    let live = e.flows();
+    assert_eq!(live.len(), 1);
+    assert_eq!((live[0].flow.id, live[0].counters.packets_out), (id, 120));
+    assert_eq!(live[0].counters.bytes_in, 12_000, "the kernel's counters");
+    // Still blockable at ten minutes: the verdict goes to the data plane.
+    e.update(secs(600), id, DataVerdict::Drop, None);
+    assert_eq!(
+        enforced(&mut e).iter().map(|x| (x.flow.id, x.action)).collect::<Vec<_>>(),
+        [(id, KernelAction::Drop { silent: false })]
+    );
+}
+
+#[test]
+fn a_kernel_handled_flow_is_idle_only_when_a_later_sync_saw_no_growth() {
+    let mut e = offload_engine();
+    let id = e.handle_packet(secs(0), OUT, &udp(sa(L), sa(R), b"q")).flow.expect("tracked");
+    let _ = events(&mut e);
+    sync(&mut e, secs(1), 1, &[report(Protocol::Udp, L, R, 77, 5, 5, KernelState::Alive)]);
+    // The idle deadline (last growth at 1 s + 30 s) passes with no sync since: not closed yet.
+    e.handle_timeout(secs(40));
+    assert!(events(&mut e).is_empty(), "no sync began after the deadline");
+    // A sync that began after the deadline and saw the same counters: idle.
+    sync(&mut e, secs(42), 2, &[report(Protocol::Udp, L, R, 77, 5, 5, KernelState::Alive)]);
+    e.handle_timeout(secs(45));
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    assert_eq!(closed.len(), 1);
+    assert_eq!((closed[0].0, closed[0].1.reason), (id, CloseReason::Idle));
+    assert_eq!(closed[0].1.counters.packets_out, 5);
+    // The kernel must forget the verdict so the flow comes back if it wakes up.
+    assert_eq!(
+        enforced(&mut e).iter().map(|x| (x.flow.id, x.action)).collect::<Vec<_>>(),
+        [(id, KernelAction::Forget)]
+    );
+}
+
+#[test]
+fn a_flow_whose_packets_reach_the_engine_still_idles_by_its_packets() {
+    // Without kernel offload (replay), or before a flow is settled, packets are the witness.
+    let mut e = engine_with_config(short_timeouts());
+    let id = e.handle_packet(secs(0), OUT, &udp(sa(L), sa(R), b"q")).flow.expect("tracked");
+    let _ = events(&mut e);
+    e.handle_timeout(secs(31));
+    assert_eq!(closed_events(&events(&mut e)).first().map(|c| (c.0, c.1.reason)), Some((id, CloseReason::Idle)));
+    assert!(enforced(&mut e).is_empty());
+}
+
+#[test]
+fn the_kernels_fin_closes_a_kernel_handled_connection_after_the_linger() {
+    let mut e = offload_engine();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, secs(0));
+    let (l, r) = ("198.51.100.1:40000", "203.0.113.7:443");
+    e.handle_kernel_report(secs(1), &report(Protocol::Tcp, l, r, 5, 10, 12, KernelState::Alive));
+    e.handle_kernel_report(secs(100), &report(Protocol::Tcp, l, r, 5, 40, 50, KernelState::Closing(CloseReason::Fin)));
+    e.handle_timeout(secs(105));
+    assert!(events(&mut e).is_empty(), "lingers for tcp_closing");
+    e.handle_timeout(secs(110));
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    assert_eq!((closed[0].0, closed[0].1.reason, closed[0].1.counters.packets_in), (id, CloseReason::Fin, 50));
+    // conntrack's end of the entry, later, finds nothing to close.
+    assert!(!e.handle_kernel_report(secs(220), &report(Protocol::Tcp, l, r, 5, 41, 50, KernelState::Ended)));
+    assert!(enforced(&mut e).is_empty(), "a connection that ended needs nothing from the kernel");
+}
+
+#[test]
+fn the_late_end_of_an_old_entry_never_closes_a_new_connection_on_the_same_tuple() {
+    let mut e = offload_engine();
+    let (l, r) = ("198.51.100.1:40000", "203.0.113.7:443");
+    let mut old = Conn::new(l, r);
+    let first = handshake(&mut e, &mut old, secs(0));
+    e.handle_kernel_report(secs(0), &report(Protocol::Tcp, l, r, 111, 3, 1, KernelState::Alive));
+    // A new connection on the same 4-tuple (new sequence numbers) while entry 111 is dying.
+    let mut syn = Conn::new(l, r).syn();
+    syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    let second = e.handle_packet(secs(10), OUT, &syn).flow.expect("tracked");
+    assert_ne!(second, first);
+    let _ = events(&mut e);
+    // The old entry's end arrives after the new connection started: it must not close it.
+    assert!(e.handle_kernel_report(secs(11), &report(Protocol::Tcp, l, r, 111, 9, 9, KernelState::Ended)));
+    assert!(events(&mut e).is_empty(), "the new connection keeps its own record");
+    // The new entry's creation, then its own end, close it.
+    e.handle_kernel_report(secs(11), &report(Protocol::Tcp, l, r, 222, 1, 0, KernelState::Alive));
+    e.handle_kernel_report(secs(20), &report(Protocol::Tcp, l, r, 222, 7, 6, KernelState::Ended));
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    assert_eq!(closed.len(), 1);
+    assert_eq!(
+        (closed[0].0, closed[0].1.reason, closed[0].1.counters.packets_out),
+        (second, CloseReason::Conntrack, 7)
+    );
+}
+
+#[test]
+fn a_kernel_handled_flow_two_syncs_miss_has_ended_unreported() {
+    let mut e = offload_engine();
+    let gone = e.handle_packet(secs(0), OUT, &udp(sa(L), sa(R), b"q")).flow.expect("tracked");
+    let other = "198.51.100.1:5001";
+    let stays = e.handle_packet(secs(0), OUT, &udp(sa(other), sa(R), b"q")).flow.expect("tracked");
+    let _ = events(&mut e);
+    let present = |n| report(Protocol::Udp, other, R, 8, n, n, KernelState::Alive);
+    sync(&mut e, secs(5), 1, &[report(Protocol::Udp, L, R, 7, 1, 1, KernelState::Alive), present(1)]);
+    sync(&mut e, secs(10), 2, &[present(2)]);
+    assert!(events(&mut e).is_empty(), "one miss may be a race with the dump");
+    sync(&mut e, secs(15), 3, &[present(3)]);
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    assert_eq!(closed.iter().map(|c| (c.0, c.1.reason)).collect::<Vec<_>>(), [(gone, CloseReason::Conntrack)]);
+    assert_eq!(e.stats().kernel_lost, 1);
+    assert_eq!(e.flows().iter().map(|f| f.flow.id).collect::<Vec<_>>(), [stays]);
+}
+
+#[test]
+fn a_flow_dropped_at_its_first_packet_is_not_left_to_the_kernel() {
+    // Its packets never pass, so the kernel keeps no entry for it: its retries keep coming here
+    // and it must not be reconciled away.
+    let mut e = offload_engine();
+    e.set_rules(compiled(vec![drop_host("bad", "203.0.113.9")], Action::Allow));
+    let id = e.handle_packet(secs(0), OUT, &udp(sa(L), sa(R), b"q")).flow.expect("tracked");
+    for (g, t) in [(1, 5), (2, 10), (3, 15)] {
+        sync(&mut e, secs(t), g, &[]);
+        let d = e.handle_packet(secs(t), OUT, &udp(sa(L), sa(R), b"again"));
+        assert_eq!((d.flow, d.action), (Some(id), PacketAction::Drop));
+    }
+    assert_eq!(e.stats().kernel_lost, 0);
+}
+
+#[test]
+fn pausing_a_kernel_handled_flow_recalls_its_packets_and_allowing_it_hands_it_back() {
+    let mut e = offload_engine();
+    let id = e.handle_packet(secs(0), OUT, &udp(sa(L), sa(R), b"q")).flow.expect("tracked");
+    e.update(secs(1), id, DataVerdict::Pause, None);
+    e.update(secs(1), id, DataVerdict::Pass { pass: 10, peek: 10 }, None);
+    assert_eq!(enforced(&mut e).iter().map(|x| x.action).collect::<Vec<_>>(), [KernelAction::Recall], "one per flow");
+    // Its packets are here again.
+    let d = e.handle_packet(secs(2), OUT, &udp(sa(L), sa(R), b"data"));
+    assert!(!d.settled);
+    e.update(secs(3), id, DataVerdict::Allow, None);
+    assert_eq!(enforced(&mut e).iter().map(|x| x.action).collect::<Vec<_>>(), [KernelAction::Allow]);
+}
+
+#[test]
+fn reload_judges_old_kernel_handled_flows_again() {
+    let mut e = offload_engine();
+    let id = e.handle_packet(secs(0), OUT, &udp(sa(L), sa(R), b"q")).flow.expect("tracked");
+    for (g, t) in (1..50u16).map(|g| (g, u64::from(g) * 5)) {
+        sync(&mut e, secs(t), g, &[report(Protocol::Udp, L, R, 7, u64::from(g), 1, KernelState::Alive)]);
+    }
+    let _ = events(&mut e);
+    e.reload(secs(250), compiled(vec![drop_host("now-bad", "203.0.113.9")], Action::Allow));
+    e.handle_timeout(secs(250));
+    let ev = events(&mut e);
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Drop, None, UpdateSource::Rules));
+    assert_eq!(enforced(&mut e)[0].action, KernelAction::Drop { silent: false });
+}
+
+#[test]
+fn adopted_connections_learn_their_conntrack_entry_and_are_enforced() {
+    let mut e = offload_engine();
+    let mut x = existing("198.51.100.1:40000", "203.0.113.7:443", None);
+    x.conntrack_id = Some(42);
+    let id = e.adopt(secs(0), &x).expect("adopted");
+    assert_eq!(enforced(&mut e)[0].action, KernelAction::Allow);
+    // An end for another entry on the same tuple is not this flow's.
+    assert!(e.handle_kernel_report(
+        secs(1),
+        &report(Protocol::Tcp, "198.51.100.1:40000", "203.0.113.7:443", 41, 1, 1, KernelState::Ended)
+    ));
+    assert_eq!(e.flows().len(), 1);
+    e.handle_kernel_report(
+        secs(2),
+        &report(Protocol::Tcp, "198.51.100.1:40000", "203.0.113.7:443", 42, 1, 1, KernelState::Ended),
+    );
+    assert_eq!(closed_events(&events(&mut e)).iter().map(|c| c.0).collect::<Vec<_>>(), [id]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listings and verdicts by selector, a slice at a time
+// ---------------------------------------------------------------------------------------------
+
+/// `n` UDP flows from 198.51.100.1, to 203.0.113.1..4 on ports 1000.. .
+fn many_flows(e: &mut Engine, n: u16) -> Vec<FlowId> {
+    (0..n)
+        .map(|i| {
+            let remote = SocketAddr::new(ip(&format!("203.0.113.{}", 1 + i % 4)), 1000 + i);
+            e.handle_packet(secs(0), OUT, &udp(sa("198.51.100.1:9999"), remote, b"x")).flow.expect("tracked")
+        })
+        .collect()
+}
+
+#[test]
+fn a_listing_of_many_flows_comes_in_slices_and_lists_each_once() {
+    let mut e = engine();
+    let ids = many_flows(&mut e, 10_000);
+    let _ = events(&mut e);
+    let h = e.handle();
+    let reader = std::thread::spawn(move || {
+        let mut chunks = 0;
+        let mut seen = Vec::new();
+        for chunk in h.list(Selector::all()).expect("sent") {
+            chunks += 1;
+            seen.extend(chunk.expect("engine alive").into_iter().map(|f| f.flow.id));
+        }
+        (chunks, seen)
+    });
+    let mut calls = 0;
+    while !reader.is_finished() {
+        e.handle_timeout(secs(1) + Duration::from_millis(calls));
+        calls += 1;
+        std::thread::yield_now();
+    }
+    let (chunks, mut seen) = reader.join().expect("reader");
+    assert!(calls >= (10_000 / sweep::BUDGET) as u64, "{calls} calls: the walk is spread over several");
+    assert!(chunks >= 10, "{chunks} chunks");
+    seen.sort();
+    assert_eq!(seen, ids, "every flow exactly once");
+}
+
+#[test]
+fn a_selector_lists_and_blocks_on_the_engines_side() {
+    let mut e = offload_engine();
+    let _ = many_flows(&mut e, 400);
+    let _ = events(&mut e);
+    let h = e.handle();
+    let sel = Selector { remote: Some(parse_network("203.0.113.2").expect("net")), ..Selector::all() };
+    let reader = std::thread::spawn(move || {
+        let listed: Vec<FlowStatus> = h.list(sel.clone()).expect("sent").flat_map(|c| c.expect("alive")).collect();
+        let by_port = Selector { remote_port: Some(1005), ..sel.clone() };
+        let blocked: Vec<FlowStatus> =
+            h.apply(by_port, DataVerdict::Drop).expect("sent").flat_map(|c| c.expect("alive")).collect();
+        (listed, blocked)
+    });
+    let (listed, blocked) = drive_until(&mut e, secs(1), reader);
+    assert_eq!(listed.len(), 100);
+    assert!(listed.iter().all(|f| f.flow.remote.ip() == ip("203.0.113.2")));
+    assert_eq!(blocked.len(), 1);
+    assert_eq!((blocked[0].flow.remote, blocked[0].verdict), (sa("203.0.113.2:1005"), FlowVerdict::Drop));
+    assert_eq!(enforced(&mut e).iter().map(|x| x.flow.id).collect::<Vec<_>>(), [blocked[0].flow.id]);
+}
+
+#[test]
+fn a_listing_whose_reader_stalls_or_leaves_holds_nothing_up() {
+    let mut e = engine();
+    let _ = many_flows(&mut e, 5_000);
+    let listing = e.handle().list(Selector::all()).expect("sent");
+    for _ in 0..20 {
+        e.handle_timeout(secs(1));
+    }
+    assert_eq!(e.footprint().sweeps, 1, "the listing waits for its reader");
+    assert!(e.poll_timeout().is_some_and(|t| t > secs(1)), "... without spinning");
+    // Packets are judged meanwhile.
+    assert!(e.handle_packet(secs(1), OUT, &udp(sa("198.51.100.1:1"), sa(R), b"x")).flow.is_some());
+    drop(listing);
+    e.handle_timeout(secs(2));
+    assert_eq!(e.footprint().sweeps, 0, "a listing nobody reads is dropped");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded memory
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn timers_and_interface_names_stay_bounded_by_the_live_flows() {
+    let mut e = engine();
+    let names: Vec<String> = (0..500).map(|i| format!("tun{i}")).collect();
+    for round in 0..20u64 {
+        for (i, name) in names.iter().enumerate() {
+            let meta = PacketMeta { interface: Some(name), origin: Origin::Output };
+            let mut c = Conn::new(&format!("198.51.100.1:{}", 1000 + i), "203.0.113.7:443");
+            let t = secs(round * 100);
+            let _ = e.handle_packet(t, meta, &c.syn());
+            let _ = e.handle_packet(t, IN, &c.syn_ack());
+            let _ = e.handle_packet(t, meta, &c.rst());
+        }
+        e.handle_timeout(secs(round * 100 + 50));
+        let _ = events(&mut e);
+        let f = e.footprint();
+        assert_eq!((f.flows, f.timers, f.interfaces), (0, 0, 0), "round {round}: {f:?}");
+    }
+    assert_eq!(e.stats().flows_closed, 10_000);
+}
+
+#[test]
+fn a_full_command_queue_refuses_and_counts_instead_of_blocking() {
+    let e = engine();
+    let h = e.handle();
+    for i in 0..crate::handle::COMMAND_CAPACITY {
+        h.update(FlowId(i as u64), DataVerdict::Allow, None).expect("room");
+    }
+    assert_eq!(h.update(FlowId(0), DataVerdict::Allow, None), Err(HandleError::Busy));
+    assert_eq!(h.kernel_reports(Vec::new(), Duration::from_millis(5)), Err(HandleError::Busy));
+    assert_eq!(h.refused(), 2);
 }

@@ -26,6 +26,8 @@ pub(crate) struct Found {
     pub(crate) forwarded: bool,
     pub(crate) interface: Option<String>,
     pub(crate) kept: Option<FlowVerdict>,
+    /// Its conntrack entry's id, where conntrack tracks it.
+    pub(crate) conntrack_id: Option<u32>,
 }
 
 const TCP: u8 = 6;
@@ -52,7 +54,7 @@ fn local_addresses() -> Result<HashMap<IpAddr, String>, String> {
 }
 
 fn verdict_of_mark(mark: u32) -> Option<FlowVerdict> {
-    match mark & marks::MASK {
+    match mark & marks::VERDICT {
         marks::ALLOW => Some(FlowVerdict::Allow),
         marks::REJECT | marks::DROP => Some(FlowVerdict::Drop),
         _ => None,
@@ -63,14 +65,14 @@ fn verdict_of_mark(mark: u32) -> Option<FlowVerdict> {
 pub(crate) fn find(loopback: bool) -> Result<Vec<Found>, String> {
     let locals = local_addresses()?;
     let is_local = |ip: &IpAddr| locals.contains_key(ip) || ip.is_loopback();
-    // Marks a previous instance left, by unordered endpoint pair.
-    let mut marks_by_pair: HashMap<(u8, SocketAddr, SocketAddr), u32> = HashMap::new();
+    // Marks a previous instance left, and entry ids, by unordered endpoint pair.
+    let mut by_pair: HashMap<(u8, SocketAddr, SocketAddr), (u32, Option<u32>)> = HashMap::new();
     let mut forwarded = Vec::new();
     let mut ct = Conntrack::open().map_err(|e| format!("conntrack: {e}"))?;
     ct.dump(|e| {
         let o = &e.original;
         let (a, b) = (SocketAddr::new(o.src, o.src_port), SocketAddr::new(o.dst, o.dst_port));
-        marks_by_pair.insert((o.protocol, a.min(b), a.max(b)), e.mark);
+        by_pair.insert((o.protocol, a.min(b), a.max(b)), (e.mark, e.id));
         let protocol = match o.protocol {
             TCP => Protocol::Tcp,
             UDP => Protocol::Udp,
@@ -87,13 +89,12 @@ pub(crate) fn find(loopback: bool) -> Result<Vec<Found>, String> {
                 forwarded: true,
                 interface: None,
                 kept: verdict_of_mark(e.mark),
+                conntrack_id: e.id,
             });
         }
     })
     .map_err(|e| format!("conntrack dump: {e}"))?;
-    let kept = |p: u8, a: SocketAddr, b: SocketAddr| {
-        marks_by_pair.get(&(p, a.min(b), a.max(b))).copied().and_then(verdict_of_mark)
-    };
+    let entry = |p: u8, a: SocketAddr, b: SocketAddr| by_pair.get(&(p, a.min(b), a.max(b))).copied();
 
     let mut diag = SockDiag::open().map_err(|e| format!("sock_diag: {e}"))?;
     let mut listening: HashSet<(IpAddr, u16)> = HashSet::new();
@@ -134,7 +135,8 @@ pub(crate) fn find(loopback: bool) -> Result<Vec<Found>, String> {
             direction: if proto == TCP && accepted { Direction::Inbound } else { Direction::Outbound },
             forwarded: false,
             interface: locals.get(&s.local.ip()).cloned(),
-            kept: kept(proto, s.local, s.remote),
+            kept: entry(proto, s.local, s.remote).and_then(|(mark, _)| verdict_of_mark(mark)),
+            conntrack_id: entry(proto, s.local, s.remote).and_then(|(_, id)| id),
         });
     }
     out.extend(forwarded);

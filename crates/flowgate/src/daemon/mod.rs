@@ -20,27 +20,36 @@ pub mod control;
 mod enforce;
 mod kernel;
 mod lock;
+mod registry;
 mod shard;
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant as StdInstant};
 
 use flowgate_core::rules::matcher::CompiledRules;
-use flowgate_core::{Engine, EngineConfig, Event, FlowFilter, Handle};
+use flowgate_core::{
+    DataVerdict, Direction, Engine, EngineConfig, Event, FlowFilter, FlowId, FlowStatus, Handle, Selector,
+};
 use flowgate_linux::netfilter::{self, ChainSpec, Tools};
 use flowgate_linux::nfqueue::{Queue, QueueConfig};
 use nix::sys::signal::{SigSet, Signal};
+use serde_json::{Value, json};
 
 use crate::config::{Config, FailMode};
 use crate::replay::write_event;
 use clock::Clock;
-use shard::Shard;
+use registry::Registry;
+use shard::{Links, Shard};
 
 pub use lock::LOCK;
+
+/// Events in flight between the workers and the writer; past it, events are dropped and counted
+/// (`events_dropped` in `flowgate stats`) rather than stall the packet path.
+pub const EVENT_CAPACITY: usize = 65_536;
 
 /// Makes one product flow filter per queue worker (argument: the worker's index), for a
 /// product that embeds the daemon (see [`Running`]).
@@ -74,13 +83,14 @@ pub fn run(config: &Config) -> Result<(), String> {
     running.stop()
 }
 
-/// A running daemon, for products that embed it: [`Running::handles`] give each queue worker's
-/// engine [`Handle`], through which a flow's verdict can be changed from any thread at any time,
-/// with the same effect as `flowgate block`/`allow` (a kernel-handled flow is torn down too).
+/// A running daemon, for products that embed it. Every live flow belongs to one queue worker's
+/// engine; [`Running::update`] and [`Running::list`] find it there, with the same effect as
+/// `flowgate block`/`allow`/`flows` (a kernel-handled flow is torn down too).
 pub struct Running {
     config_path: std::path::PathBuf,
+    registry: Registry,
     workers: Workers,
-    writer: std::thread::JoinHandle<Result<(), String>>,
+    writer: std::thread::JoinHandle<()>,
     socket: std::path::PathBuf,
     installed: flowgate_linux::netfilter::Installed,
     accounting_was: bool,
@@ -133,7 +143,7 @@ impl Running {
             .map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
 
         // From here on, whatever fails must remove the chains again.
-        let (workers, writer, socket) = match start(config, queues, engines, clock, group) {
+        let (workers, writer, socket, registry) = match start(config, queues, engines, clock, group) {
             Ok(x) => x,
             Err(e) => {
                 let undo = installed
@@ -159,6 +169,7 @@ impl Running {
         );
         Ok(Running {
             config_path: config.path.clone(),
+            registry,
             workers,
             writer,
             socket,
@@ -168,15 +179,30 @@ impl Running {
         })
     }
 
-    /// One handle per queue worker. A flow lives in one of them; the others ignore commands
-    /// for flows they do not know, so a command can be sent to all.
+    /// One handle per queue worker, in queue order. A flow lives in exactly one of them (the
+    /// others ignore commands for it); [`Running::update`] finds the right one.
     pub fn handles(&self) -> Vec<Handle> {
-        self.workers.handles()
+        self.registry.handles().to_vec()
+    }
+
+    /// Changes a live flow's verdict, from any thread, at any time (see [`Handle::update`]).
+    pub fn update(&self, flow: FlowId, verdict: DataVerdict, direction: Option<Direction>) -> Result<(), String> {
+        self.registry.owner(flow).update(flow, verdict, direction).map_err(|e| e.to_string())
+    }
+
+    /// The live flows `selector` matches, from every worker, with current kernel counters.
+    pub fn list(&self, selector: &Selector) -> Result<Vec<FlowStatus>, String> {
+        let mut out = Vec::new();
+        self.registry.list(selector, true, |c| {
+            out.extend_from_slice(c);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Loads the config file again and applies its rules to every live flow (like SIGHUP).
     pub fn reload(&self) -> Result<usize, String> {
-        reload(&self.config_path, &self.workers.handles())
+        reload(&self.config_path, &self.registry)
     }
 
     /// Stops: the chains go first, then the workers; the log is flushed; the socket and lock
@@ -189,10 +215,8 @@ impl Running {
         if let Err(e) = self.workers.stop() {
             errors.push(e);
         }
-        match self.writer.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => errors.push(e),
-            Err(_) => errors.push("the event writer panicked".into()),
+        if self.writer.join().is_err() {
+            errors.push("the event writer panicked".into());
         }
         let _ = std::fs::remove_file(&self.socket);
         if !self.accounting_was {
@@ -207,28 +231,20 @@ impl Running {
     }
 }
 
-/// The queue workers, the conntrack watcher, and their common stop flag.
+/// The queue workers, the conntrack watcher, the enforcer, and their common stop flag.
 struct Workers {
     shards: Vec<Shard>,
-    conntrack: Option<std::thread::JoinHandle<Result<(), String>>>,
+    watcher: Option<kernel::Watcher>,
     enforcer: Option<enforce::Enforcer>,
     stop: Arc<AtomicBool>,
 }
 
 impl Workers {
-    fn handles(&self) -> Vec<flowgate_core::Handle> {
-        self.shards.iter().map(|s| s.handle.clone()).collect()
-    }
-
     fn stop(self) -> Result<(), String> {
         self.stop.store(true, Ordering::Release);
         let mut errors: Vec<String> = Vec::new();
-        if let Some(t) = self.conntrack {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => errors.push(e),
-                Err(_) => errors.push("the conntrack watcher panicked".into()),
-            }
+        if let Some(w) = self.watcher {
+            errors.extend(w.join());
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
         // The workers are gone: what they queued for the enforcer is carried out, then it ends.
@@ -239,22 +255,29 @@ impl Workers {
     }
 }
 
-type Started = (Workers, std::thread::JoinHandle<Result<(), String>>, std::path::PathBuf);
+type Started = (Workers, std::thread::JoinHandle<()>, std::path::PathBuf, Registry);
 
 /// One engine per queue. Ids never collide across them: engine k hands out k+1, k+1+n, ...
+/// The kernel handles settled flows, so their liveness comes from conntrack.
 fn engines(config: &Config, n: usize) -> Vec<Engine> {
     let rules = Arc::new(CompiledRules::compile(config.rules.clone()));
     (0..n)
         .map(|k| {
-            let c = EngineConfig { first_flow_id: k as u64 + 1, flow_id_step: n as u64, ..config.engine.clone() };
+            let c = EngineConfig {
+                first_flow_id: k as u64 + 1,
+                flow_id_step: n as u64,
+                kernel_offload: true,
+                ..config.engine.clone()
+            };
             Engine::new(c, rules.clone())
         })
         .collect()
 }
 
 /// Adopts the connections open now into the engines (spread by a hash of their endpoints) and
-/// carries out their verdicts. Returns how many were adopted. A host whose socket tables cannot
-/// be read still starts: its connections are then judged at their next packet.
+/// carries out their verdicts, creating conntrack entries where conntrack had none. Returns how
+/// many were adopted. A host whose socket tables cannot be read still starts: its connections
+/// are then judged at their next packet.
 fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Result<usize, String> {
     let found = match adopt::find(config.live.loopback) {
         Ok(f) => f,
@@ -277,6 +300,7 @@ fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Res
             forwarded: f.forwarded,
             interface: f.interface.as_deref(),
             kept: f.kept,
+            conntrack_id: f.conntrack_id,
         };
         if engines[k].adopt(now, &x).is_some() {
             adopted += 1;
@@ -284,9 +308,10 @@ fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Res
     }
     let mut ct = flowgate_linux::conntrack::Conntrack::open().map_err(|e| format!("conntrack: {e}"))?;
     let mut diag = flowgate_linux::sockdiag::SockDiag::open().ok();
+    let n = engines.len();
     for engine in engines.iter_mut() {
         while let Some(x) = engine.poll_enforce() {
-            if let Err(e) = enforce::enforce(&mut ct, diag.as_mut(), &x) {
+            if let Err(e) = enforce::enforce(&mut ct, diag.as_mut(), &x, n, true) {
                 eprintln!("flowgate: {e}");
             }
         }
@@ -296,14 +321,19 @@ fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Res
 
 /// Loads the config at `path` again and gives its rules to every engine, which judge their live
 /// flows again. A config that does not load changes nothing.
-fn reload(path: &Path, handles: &[flowgate_core::Handle]) -> Result<usize, String> {
+fn reload(path: &Path, registry: &Registry) -> Result<usize, String> {
     let c = crate::config::load(path).map_err(|e| e.to_string())?;
     let rules = Arc::new(CompiledRules::compile(c.rules));
     let n = rules.rules().len();
-    for h in handles {
-        h.reload(rules.clone()).map_err(|e| e.to_string())?;
-    }
+    registry.reload(&rules)?;
     Ok(n)
+}
+
+/// What the event writer counted.
+#[derive(Debug, Default)]
+struct WriterStats {
+    written: AtomicU64,
+    failed: AtomicU64,
 }
 
 fn start(
@@ -324,51 +354,116 @@ fn start(
                 .map_err(|e| format!("{}: cannot open log: {e}", p.display()))?,
         ),
     };
-    let (tx, rx) = mpsc::channel::<Event>();
-    let writer = std::thread::Builder::new()
-        .name("flowgate-log".into())
-        .spawn(move || write_events(rx, out))
-        .map_err(|e| format!("cannot start the event writer: {e}"))?;
-    let enforcer = enforce::Enforcer::start()?;
+    let (tx, rx) = mpsc::sync_channel::<Event>(EVENT_CAPACITY);
+    let writer_stats = Arc::new(WriterStats::default());
+    let writer = {
+        let stats = writer_stats.clone();
+        std::thread::Builder::new()
+            .name("flowgate-log".into())
+            .spawn(move || write_events(rx, out, &stats))
+            .map_err(|e| format!("cannot start the event writer: {e}"))?
+    };
+    let enforcer = enforce::Enforcer::start(queues.len())?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut shards = Vec::with_capacity(queues.len());
-    for (queue, engine) in queues.into_iter().zip(engines) {
-        let shard = Shard::start(queue, engine, clock, tx.clone(), enforcer.tx.clone(), stop.clone())
-            .map_err(|e| format!("cannot start a queue worker: {e}"))?;
+    for (index, (queue, engine)) in queues.into_iter().zip(engines).enumerate() {
+        let links = Links { index, clock, events: tx.clone(), enforce: enforcer.tx.clone(), stop: stop.clone() };
+        let shard = Shard::start(queue, engine, links).map_err(|e| format!("cannot start a queue worker: {e}"))?;
         shards.push(shard);
     }
     drop(tx);
     let handles: Vec<_> = shards.iter().map(|s| s.handle.clone()).collect();
-    let mut workers = Workers { shards, conntrack: None, enforcer: Some(enforcer), stop: stop.clone() };
-    match kernel::watch_ends(handles.clone(), stop) {
-        Ok(t) => workers.conntrack = Some(t),
+    let mut workers = Workers { shards, watcher: None, enforcer: Some(enforcer), stop: stop.clone() };
+    let watcher = match kernel::Watcher::start(handles.clone(), clock, config.engine.kernel_sync_interval, stop) {
+        Ok(w) => w,
         Err(e) => {
             let _ = workers.stop();
             return Err(e);
         }
-    }
-    let socket = match control::serve(&live.run_dir, group, handles, clock, config.path.clone()) {
+    };
+    let registry = Registry::new(handles, Some(watcher.syncer()));
+    let worker_stats: Vec<_> = workers.shards.iter().map(|s| s.stats.clone()).collect();
+    let kernel_stats = watcher.stats.clone();
+    workers.watcher = Some(watcher);
+    let stats = move || {
+        let per_worker: Vec<shard::WorkerStats> =
+            worker_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
+        stats_json(&per_worker, &kernel_stats, &writer_stats)
+    };
+    let ctx =
+        control::Context { registry: registry.clone(), clock, config: config.path.clone(), stats: Box::new(stats) };
+    let socket = match control::serve(&live.run_dir, group, ctx) {
         Ok(p) => p,
         Err(e) => {
             let _ = workers.stop();
             return Err(e);
         }
     };
-    Ok((workers, writer, socket))
+    Ok((workers, writer, socket, registry))
+}
+
+/// The daemon's counters: per worker, their total, the kernel watcher's and the writer's.
+fn stats_json(workers: &[shard::WorkerStats], k: &kernel::KernelStats, w: &WriterStats) -> Value {
+    let per: Vec<Value> = workers.iter().map(|s| serde_json::to_value(s).unwrap_or(Value::Null)).collect();
+    // Every counter of the workers, summed (the queue number is not a counter).
+    let mut total = serde_json::Map::new();
+    for v in &per {
+        for (key, val) in v.as_object().into_iter().flatten() {
+            if let (Some(n), true) = (val.as_u64(), key != "queue") {
+                let sum = total.get(key).and_then(Value::as_u64).unwrap_or(0) + n;
+                total.insert(key.clone(), json!(sum));
+            }
+        }
+    }
+    let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "workers": per,
+        "total": total,
+        "conntrack": {
+            "reports": r(&k.reports),
+            "reports_dropped": r(&k.reports_dropped),
+            "event_overruns": r(&k.event_overruns),
+            "syncs": r(&k.syncs),
+            "last_sync_ms": r(&k.last_sync_us) as f64 / 1000.0,
+            "last_sync_entries": r(&k.last_sync_entries),
+        },
+        "events": {"written": r(&w.written), "write_failures": r(&w.failed)},
+    })
 }
 
 /// Writes events as JSON lines, flushing whenever the channel runs dry so a reader sees each
-/// event promptly. Ends when every worker has dropped its sender.
-fn write_events(rx: mpsc::Receiver<Event>, out: Box<dyn Write + Send>) -> Result<(), String> {
+/// event promptly. A write that fails loses that event (counted, and said at most every ten
+/// seconds) and writing goes on: the log must never stop the filter. Ends when every worker has
+/// dropped its sender.
+fn write_events(rx: mpsc::Receiver<Event>, out: Box<dyn Write + Send>, stats: &WriterStats) {
     let mut out = BufWriter::new(out);
-    while let Ok(e) = rx.recv() {
-        write_event(&mut out, &e).map_err(|e| format!("writing events: {e}"))?;
-        while let Ok(e) = rx.try_recv() {
-            write_event(&mut out, &e).map_err(|e| format!("writing events: {e}"))?;
+    let mut said: Option<StdInstant> = None;
+    let mut failed = |e: std::io::Error, stats: &WriterStats| {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            eprintln!(
+                "flowgate: writing events failed ({e}); {} events lost so far, filtering goes on",
+                stats.failed.load(Ordering::Relaxed)
+            );
+            said = Some(StdInstant::now());
         }
-        out.flush().map_err(|e| format!("writing events: {e}"))?;
+    };
+    while let Ok(e) = rx.recv() {
+        for e in std::iter::once(e).chain(rx.try_iter()) {
+            match write_event(&mut out, &e) {
+                Ok(()) => {
+                    stats.written.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) => failed(err, stats),
+            }
+        }
+        if let Err(err) = out.flush() {
+            failed(err, stats);
+        }
     }
-    out.flush().map_err(|e| format!("writing events: {e}"))
+    if let Err(err) = out.flush() {
+        failed(err, stats);
+    }
 }
 
 /// `flowgate cleanup`: removes a dead instance's chains and socket. Refuses while an instance

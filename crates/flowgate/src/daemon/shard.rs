@@ -1,27 +1,36 @@
 //! One queue's worker: a thread that owns one NFQUEUE queue and one engine.
 //!
-//! The kernel balances flows over queues by a hash of their addresses, so both directions of a
-//! flow reach the same worker and no flow state is shared between workers: nothing on the
-//! per-packet path takes a lock that another queue could hold. A worker waits in `poll(2)` on
-//! its queue's socket and an eventfd (rung by [`flowgate_core::Handle`] commands and by
-//! shutdown), drains the socket, answers every packet in one batched send, fires the engine's
-//! timers and forwards events to the writer. This room touches its queue, its eventfd and the
-//! events channel; nothing else.
+//! The kernel balances new flows over queues by a hash of their addresses, so both directions of
+//! a flow reach the same worker, and a flow whose conntrack mark names an owner goes to that
+//! owner's queue: no flow state is shared between workers, and nothing on the per-packet path
+//! takes a lock another queue could hold. A worker waits in `poll(2)` on its queue's socket and
+//! an eventfd (rung by [`flowgate_core::Handle`] commands and by shutdown), drains the socket,
+//! answers every packet in one batched send, runs the engine's timers and sweeps, and hands
+//! events to the writer and verdicts to the enforcer.
+//!
+//! Both hand-offs are bounded and never block the packet path: an event the writer's full
+//! channel cannot take is dropped and counted (`events_dropped`); a verdict the enforcer's full
+//! channel cannot take waits in the engine (one per flow) and is offered again a millisecond
+//! later. Every quarter second the worker publishes its counters for `flowgate stats`. This room
+//! touches its queue, its eventfd, and the channels it was given.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
-use flowgate_core::{Decision, Enforce, Engine, Event, Handle, Origin, PacketAction, PacketId, PacketMeta};
+use flowgate_core::{
+    Decision, Enforce, Engine, Event, Footprint, Handle, Origin, PacketAction, PacketId, PacketMeta, Stats,
+};
 use flowgate_linux::ifname::IfNames;
 use flowgate_linux::marks;
 use flowgate_linux::nfqueue::{Mark, Queue, Verdict};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use serde::Serialize;
 
 use super::clock::Clock;
 
@@ -32,6 +41,8 @@ const HOOK_LOCAL_OUT: u8 = 3;
 
 /// Most datagrams read per wake-up before timers and commands get a turn.
 const RECV_ROUNDS: usize = 64;
+/// How often a worker publishes its counters.
+const PUBLISH: Duration = Duration::from_millis(250);
 
 /// What a worker tells the kernel for one decision; `None` while the packet is held.
 ///
@@ -40,9 +51,10 @@ const RECV_ROUNDS: usize = 64;
 /// of the flow is handled there. Repeating (not accepting) matters twice over: kernels without
 /// `CONFIG_NETFILTER_NETLINK_GLUE_CT` (like this project's CI) cannot set the conntrack mark from
 /// a verdict, and an `NF_ACCEPT` would skip the host's own filter rules after flowgate's chain.
-/// The packet's other mark bits (`current_mark`; VPN clients route by them) are kept.
-pub(crate) fn verdict_for(d: &Decision, current_mark: u32) -> Option<(Verdict, Option<Mark>)> {
-    let mark = |bits| Some(Mark::keeping(current_mark, bits, marks::MASK));
+/// The mark also names this worker as the flow's `owner`. The packet's other mark bits
+/// (`current_mark`; VPN clients route by them) are kept.
+pub(crate) fn verdict_for(d: &Decision, current_mark: u32, owner: u32) -> Option<(Verdict, Option<Mark>)> {
+    let mark = |bits| Some(Mark::keeping(current_mark, bits | owner, marks::MASK));
     match d.action {
         PacketAction::Accept if d.settled => Some((Verdict::Repeat, mark(marks::ALLOW))),
         PacketAction::Accept => Some((Verdict::Accept, None)),
@@ -56,23 +68,44 @@ pub(crate) fn verdict_for(d: &Decision, current_mark: u32) -> Option<(Verdict, O
     }
 }
 
+/// A worker's counters, as `flowgate stats` shows them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct WorkerStats {
+    pub(crate) queue: u16,
+    #[serde(flatten)]
+    pub(crate) engine: Stats,
+    #[serde(flatten)]
+    pub(crate) footprint: Footprint,
+    /// Events the writer's full channel could not take.
+    pub(crate) events_dropped: u64,
+    /// Times the enforcer's channel was full and a verdict had to wait.
+    pub(crate) enforce_deferred: u64,
+    /// Handle commands refused because the engine's channel was full.
+    pub(crate) commands_refused: u64,
+    /// NFQUEUE: messages the kernel could not deliver (socket overruns).
+    pub(crate) queue_overruns: u64,
+}
+
 /// A running worker.
 pub(crate) struct Shard {
     pub(crate) handle: Handle,
+    pub(crate) stats: Arc<Mutex<WorkerStats>>,
     wake: Arc<EventFd>,
     thread: Option<JoinHandle<Result<(), String>>>,
 }
 
+/// What a worker is given besides its queue and engine.
+pub(crate) struct Links {
+    pub(crate) index: usize,
+    pub(crate) clock: Clock,
+    pub(crate) events: SyncSender<Event>,
+    pub(crate) enforce: SyncSender<Enforce>,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
 impl Shard {
     /// Starts a worker for `queue`, driving `engine`.
-    pub(crate) fn start(
-        queue: Queue,
-        mut engine: Engine,
-        clock: Clock,
-        events: Sender<Event>,
-        enforce: Sender<Enforce>,
-        stop: Arc<AtomicBool>,
-    ) -> std::io::Result<Shard> {
+    pub(crate) fn start(queue: Queue, mut engine: Engine, links: Links) -> std::io::Result<Shard> {
         let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
         let waker = wake.clone();
         engine.set_waker(move || {
@@ -80,10 +113,21 @@ impl Shard {
             let _ = waker.write(1);
         });
         let handle = engine.handle();
-        let w = wake.clone();
         let num = queue.num();
+        let stats = Arc::new(Mutex::new(WorkerStats { queue: num, ..WorkerStats::default() }));
+        let worker = Worker {
+            queue,
+            engine,
+            owner: marks::owner(links.index),
+            links,
+            wake: wake.clone(),
+            stats: stats.clone(),
+            events_dropped: 0,
+            enforce_deferred: 0,
+            pending: None,
+        };
         let thread = std::thread::Builder::new().name(format!("flowgate-q{num}")).spawn(move || {
-            let result = Worker { queue, engine, clock, events, enforce, stop, wake: w }.run();
+            let result = worker.run();
             // Say so at once: until shutdown nobody else would notice that this queue's flows
             // now go unjudged (fail-open) or stall (fail-closed).
             if let Err(e) = &result {
@@ -91,7 +135,7 @@ impl Shard {
             }
             result
         })?;
-        Ok(Shard { handle, wake, thread: Some(thread) })
+        Ok(Shard { handle, stats, wake, thread: Some(thread) })
     }
 
     /// Wakes the worker (after the stop flag was set) and waits for it to finish.
@@ -108,11 +152,14 @@ impl Shard {
 struct Worker {
     queue: Queue,
     engine: Engine,
-    clock: Clock,
-    events: Sender<Event>,
-    enforce: Sender<Enforce>,
-    stop: Arc<AtomicBool>,
+    owner: u32,
+    links: Links,
     wake: Arc<EventFd>,
+    stats: Arc<Mutex<WorkerStats>>,
+    events_dropped: u64,
+    enforce_deferred: u64,
+    /// A verdict the enforcer's channel had no room for.
+    pending: Option<Enforce>,
 }
 
 impl Worker {
@@ -122,18 +169,24 @@ impl Worker {
         // Engine packet ids of held packets → their NFQUEUE ids.
         let mut held: HashMap<PacketId, u32> = HashMap::new();
         let mut answers: Vec<(u32, Verdict, Option<Mark>)> = Vec::with_capacity(256);
-        while !self.stop.load(Ordering::Acquire) {
-            let now = self.clock.now();
-            let wait = self
+        let mut published = StdInstant::now();
+        while !self.links.stop.load(Ordering::Acquire) {
+            let now = self.links.clock.now();
+            let mut wait = self
                 .engine
                 .poll_timeout()
                 .map_or(Duration::from_secs(1), |t| t.saturating_since(now).min(Duration::from_secs(1)));
+            if self.pending.is_some() {
+                wait = wait.min(Duration::from_millis(1));
+            }
             let ready = {
                 let mut fds = [
                     PollFd::new(self.queue.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
                 ];
-                let timeout = PollTimeout::try_from(wait.as_millis().max(1)).unwrap_or(PollTimeout::MAX);
+                // Round up: a timer due in 0.4 ms must not become a busy loop of zero waits.
+                let ms = if wait.is_zero() { 0 } else { wait.as_micros().div_ceil(1000) };
+                let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
                 match poll(&mut fds, timeout) {
                     Ok(_) => fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)),
                     Err(nix::errno::Errno::EINTR) => false,
@@ -143,10 +196,11 @@ impl Worker {
             if ready {
                 let _ = self.wake.read();
             }
-            let now = self.clock.now();
+            let now = self.links.clock.now();
             self.engine.handle_commands(now);
             for _ in 0..RECV_ROUNDS {
                 let engine = &mut self.engine;
+                let owner = self.owner;
                 let n = self
                     .queue
                     .recv(|p| {
@@ -158,7 +212,7 @@ impl Worker {
                         };
                         let interface = ifindex.and_then(|i| names.name(i)).map(|n| &**n);
                         let d = engine.handle_packet(now, PacketMeta { interface, origin }, p.payload);
-                        match verdict_for(&d, p.mark.unwrap_or(0)) {
+                        match verdict_for(&d, p.mark.unwrap_or(0), owner) {
                             Some((v, m)) => answers.push((p.id, v, m)),
                             None => {
                                 if let PacketAction::Hold(id) = d.action {
@@ -184,29 +238,59 @@ impl Worker {
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 self.engine.handle_timeout(now);
             }
-            self.forward_events()?;
+            self.hand_off(false);
+            if published.elapsed() >= PUBLISH {
+                self.publish();
+                published = StdInstant::now();
+            }
         }
         // Held packets must not stall the kernel queue past our exit.
         for (_, id) in held.drain() {
             self.queue.verdict(id, Verdict::Accept, None);
         }
         self.queue.flush().map_err(|e| e.to_string())?;
-        self.engine.close_all(self.clock.now());
-        self.forward_events()
+        self.engine.close_all(self.links.clock.now());
+        self.hand_off(true);
+        self.publish();
+        Ok(())
     }
 
-    fn forward_events(&mut self) -> Result<(), String> {
+    /// Gives events to the writer and verdicts to the enforcer. `last`: the worker is stopping,
+    /// so waiting for room is fine and nothing may stay behind.
+    fn hand_off(&mut self, last: bool) {
         while let Some(e) = self.engine.poll_event() {
-            if self.events.send(e).is_err() {
-                return Err("the event writer stopped".into());
+            let sent = if last { self.links.events.send(e).is_ok() } else { self.links.events.try_send(e).is_ok() };
+            if !sent {
+                self.events_dropped += 1;
             }
         }
-        while let Some(x) = self.engine.poll_enforce() {
-            if self.enforce.send(x).is_err() {
-                return Err("the enforcer stopped".into());
+        while let Some(x) = self.pending.take().or_else(|| self.engine.poll_enforce()) {
+            let result = if last {
+                self.links.enforce.send(x).map_err(|e| TrySendError::Disconnected(e.0))
+            } else {
+                self.links.enforce.try_send(x)
+            };
+            match result {
+                Ok(()) => {}
+                Err(TrySendError::Full(x)) => {
+                    self.enforce_deferred += 1;
+                    self.pending = Some(x);
+                    break;
+                }
+                // The enforcer is gone only at shutdown, after the workers.
+                Err(TrySendError::Disconnected(_)) => break,
             }
         }
-        Ok(())
+    }
+
+    fn publish(&self) {
+        let mut s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        s.engine = self.engine.stats();
+        s.footprint = self.engine.footprint();
+        s.events_dropped = self.events_dropped;
+        s.enforce_deferred = self.enforce_deferred;
+        s.commands_refused = self.engine.handle().refused();
+        s.queue_overruns = self.queue.overruns();
     }
 }
 
@@ -220,23 +304,25 @@ mod tests {
     }
 
     #[test]
-    fn settled_verdicts_carry_the_mark_and_keep_other_bits() {
+    fn settled_verdicts_carry_the_mark_and_the_owner_and_keep_other_bits() {
         let other = 0x0000_00ff;
-        let allow = verdict_for(&decision(PacketAction::Accept, true, false), other);
-        assert_eq!(allow, Some((Verdict::Repeat, Some(Mark { value: other | marks::ALLOW, mask: marks::MASK }))));
-        let reject = verdict_for(&decision(PacketAction::Drop, true, false), 0);
-        assert_eq!(reject, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT, mask: marks::MASK }))));
-        let silent = verdict_for(&decision(PacketAction::Drop, true, true), 0);
-        assert_eq!(silent, Some((Verdict::Repeat, Some(Mark { value: marks::DROP, mask: marks::MASK }))));
+        let me = marks::owner(1);
+        let allow = verdict_for(&decision(PacketAction::Accept, true, false), other, me);
+        assert_eq!(allow, Some((Verdict::Repeat, Some(Mark { value: other | marks::ALLOW | me, mask: marks::MASK }))));
+        let reject = verdict_for(&decision(PacketAction::Drop, true, false), 0, me);
+        assert_eq!(reject, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT | me, mask: marks::MASK }))));
+        let silent = verdict_for(&decision(PacketAction::Drop, true, true), 0, me);
+        assert_eq!(silent, Some((Verdict::Repeat, Some(Mark { value: marks::DROP | me, mask: marks::MASK }))));
         // Our bits already set on the packet are replaced, not or-ed.
-        let flip = verdict_for(&decision(PacketAction::Drop, true, false), marks::ALLOW | 0x1);
-        assert_eq!(flip, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT | 0x1, mask: marks::MASK }))));
+        let flip = verdict_for(&decision(PacketAction::Drop, true, false), marks::ALLOW | marks::owner(5) | 0x1, me);
+        assert_eq!(flip, Some((Verdict::Repeat, Some(Mark { value: marks::REJECT | me | 0x1, mask: marks::MASK }))));
     }
 
     #[test]
     fn undecided_packets_pass_or_drop_without_a_mark_and_held_ones_wait() {
-        assert_eq!(verdict_for(&decision(PacketAction::Accept, false, false), 7), Some((Verdict::Accept, None)));
-        assert_eq!(verdict_for(&decision(PacketAction::Drop, false, false), 7), Some((Verdict::Drop, None)));
-        assert_eq!(verdict_for(&decision(PacketAction::Hold(PacketId(3)), false, false), 7), None);
+        let me = marks::owner(0);
+        assert_eq!(verdict_for(&decision(PacketAction::Accept, false, false), 7, me), Some((Verdict::Accept, None)));
+        assert_eq!(verdict_for(&decision(PacketAction::Drop, false, false), 7, me), Some((Verdict::Drop, None)));
+        assert_eq!(verdict_for(&decision(PacketAction::Hold(PacketId(3)), false, false), 7, me), None);
     }
 }

@@ -1,0 +1,211 @@
+//! Judging a new flow: which end is local, who opened it, and its first verdict from the rules
+//! and the product's filter (or the verdict a previous instance left on it); and judging live
+//! flows again when the rules change.
+//!
+//! This room creates entries and arms their first timer; it emits `flow.new` and `flow.verdict`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::entry::{Entry, Mode, bits};
+use super::table::Slot;
+use super::{Engine, Origin, PacketMeta};
+use crate::event::{Event, EventKind, Peek, UpdateSource};
+use crate::flow::{Direction, Flow, FlowId, Protocol};
+use crate::packet::ParsedPacket;
+use crate::rules::Action;
+use crate::time::Instant;
+use crate::verdict::{DataVerdict, FlowVerdict, NewFlowVerdict, PacketAction};
+
+/// A flow about to be judged: everything but its id.
+pub(super) struct NewFlow<'a> {
+    pub(super) protocol: Protocol,
+    pub(super) local: SocketAddr,
+    pub(super) remote: SocketAddr,
+    pub(super) direction: Direction,
+    pub(super) interface: Option<&'a str>,
+    pub(super) existing: bool,
+    pub(super) forwarded: bool,
+}
+
+pub(super) fn severity(v: NewFlowVerdict) -> u8 {
+    match v {
+        NewFlowVerdict::Allow => 0,
+        NewFlowVerdict::Inspect { .. } => 1,
+        NewFlowVerdict::Pause => 2,
+        NewFlowVerdict::Drop => 3,
+    }
+}
+
+/// The most restrictive of two verdicts.
+fn combine(a: NewFlowVerdict, b: NewFlowVerdict) -> NewFlowVerdict {
+    if severity(a) >= severity(b) { a } else { b }
+}
+
+impl Engine {
+    /// Which end is local and who opened the flow, from the hook, the config and the packet.
+    fn orient(&self, meta: PacketMeta<'_>, p: &ParsedPacket<'_>) -> (bool, Direction) {
+        let src_opened = match p.tcp {
+            Some(f) if f.syn => !f.ack,
+            // Picked up mid-stream: the side on the lower port is taken as the server.
+            Some(_) => p.src_port >= p.dst_port,
+            None => !(p.protocol == Protocol::Icmp && p.icmp_echo_reply),
+        };
+        let is_local = |a: &IpAddr| self.config.local_networks.iter().any(|n| n.contains(a));
+        let src_local = match meta.origin {
+            Origin::Output => true,
+            Origin::Input => false,
+            Origin::Forward => src_opened,
+            Origin::Unknown => match (is_local(&p.src), is_local(&p.dst)) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => src_opened,
+            },
+        };
+        let dir = if src_local == src_opened { Direction::Outbound } else { Direction::Inbound };
+        (src_local, dir)
+    }
+
+    /// Opens a flow for a packet no flow claims.
+    pub(super) fn open(
+        &mut self,
+        now: Instant,
+        meta: PacketMeta<'_>,
+        p: &ParsedPacket<'_>,
+    ) -> Result<Slot, PacketAction> {
+        let (src_local, direction) = self.orient(meta, p);
+        let (src, dst) = (SocketAddr::new(p.src, p.src_port), SocketAddr::new(p.dst, p.dst_port));
+        let (local, remote) = if src_local { (src, dst) } else { (dst, src) };
+        let new = NewFlow {
+            protocol: p.protocol,
+            local,
+            remote,
+            direction,
+            interface: meta.interface,
+            existing: false,
+            forwarded: meta.origin == Origin::Forward,
+        };
+        self.start_flow(now, &new, None)
+    }
+
+    /// Judges a new flow (rules and the product filter, or a verdict kept from before) and puts
+    /// it in the table, emitting its `flow.new` and `flow.verdict` events. `Err` carries the
+    /// rules' verdict for a flow the full table could not take.
+    pub(super) fn start_flow(
+        &mut self,
+        now: Instant,
+        new: &NewFlow<'_>,
+        kept: Option<FlowVerdict>,
+    ) -> Result<Slot, PacketAction> {
+        let mut flow = Flow {
+            id: FlowId(0),
+            protocol: new.protocol,
+            direction: new.direction,
+            local: new.local,
+            remote: new.remote,
+            interface: new.interface.map(Into::into),
+            existing: new.existing,
+            forwarded: new.forwarded,
+            started: now,
+        };
+        let class = self.rules.classify(&flow);
+        if self.table.is_full() {
+            self.stats.untracked += 1;
+            return Err(match class.action {
+                Action::Drop => PacketAction::Drop,
+                _ => PacketAction::Accept,
+            });
+        }
+        flow.id = FlowId(self.next_flow_id);
+        self.next_flow_id += self.config.flow_id_step.max(1);
+        self.stats.flows_opened += 1;
+
+        let rule_verdict = match class.action {
+            Action::Allow => NewFlowVerdict::Allow,
+            Action::Drop => NewFlowVerdict::Drop,
+            Action::Inspect { peek_outbound, peek_inbound } => NewFlowVerdict::Inspect { peek_outbound, peek_inbound },
+        };
+        let mut rule = class.rule.and_then(|i| self.rules.name(i)).unwrap_or(&self.names.default).clone();
+        let silent = class.rule.is_some_and(|i| self.rules.rules()[i].silent);
+        let (rule_verdict, filter_verdict) = match kept {
+            // A previous instance decided this flow for good: keep its word, ask no one.
+            Some(v) => {
+                rule = self.names.kept.clone();
+                let v = if v == FlowVerdict::Drop { NewFlowVerdict::Drop } else { NewFlowVerdict::Allow };
+                (v, None)
+            }
+            None => (rule_verdict, self.filter.as_mut().map(|f| f.new_flow(&flow))),
+        };
+        let (verdict, filter_inspects) = match filter_verdict {
+            None => (rule_verdict, false),
+            Some(fv) => {
+                if severity(fv) > severity(rule_verdict) && !matches!(fv, NewFlowVerdict::Inspect { .. }) {
+                    rule = self.names.provider.clone();
+                }
+                // A filter that inspects is shown exactly the window it asked for; a rule's own
+                // inspect window has no one to show its bytes to (yet) and adds nothing.
+                match (rule_verdict, fv) {
+                    (NewFlowVerdict::Allow | NewFlowVerdict::Inspect { .. }, NewFlowVerdict::Inspect { .. }) => {
+                        (fv, true)
+                    }
+                    _ => (combine(rule_verdict, fv), false),
+                }
+            }
+        };
+        let (out, inn, peek) = match verdict {
+            NewFlowVerdict::Allow => (Mode::Allow, Mode::Allow, None),
+            NewFlowVerdict::Drop => (Mode::Drop, Mode::Drop, None),
+            NewFlowVerdict::Pause => (Mode::Pause, Mode::Pause, None),
+            NewFlowVerdict::Inspect { peek_outbound, peek_inbound } => {
+                let m = |n: u32| {
+                    if n == 0 { Mode::Allow } else { Mode::Inspect { pass_end: 0, peek_end: u64::from(n) } }
+                };
+                (m(peek_outbound), m(peek_inbound), Some(Peek { outbound: peek_outbound, inbound: peek_inbound }))
+            }
+        };
+        let interface = self.interfaces.acquire(new.interface);
+        let mut entry = Entry::new(&flow, interface, now);
+        entry.set_mode(Direction::Outbound, out);
+        entry.set_mode(Direction::Inbound, inn);
+        entry.set(bits::FILTER_INSPECTS, filter_inspects);
+        entry.set(bits::SILENT, silent);
+        entry.rule = Some(rule.clone());
+        entry.timer_at = now + self.config.timeouts.idle(flow.protocol);
+        let verdict = entry.verdict();
+        let timer_at = entry.timer_at;
+        let slot = match self.table.insert(entry) {
+            Ok(s) => s,
+            Err(_) => {
+                self.interfaces.release(interface);
+                return Err(PacketAction::Accept);
+            }
+        };
+        self.timers.set(slot, timer_at);
+        self.events.push_back(Event { time: now, kind: EventKind::FlowNew { flow: flow.clone() } });
+        self.events
+            .push_back(Event { time: now, kind: EventKind::FlowVerdict { flow, verdict, rule: Some(rule), peek } });
+        Ok(slot)
+    }
+
+    /// Judges a live flow again with the current rules: a flow they drop is dropped now; one
+    /// they still allow, or one already dropped, is left alone.
+    pub(super) fn rejudge(&mut self, slot: Slot, now: Instant) {
+        let Some(e) = self.table.get(slot) else { return };
+        if e.verdict() == FlowVerdict::Drop {
+            return;
+        }
+        let flow = e.flow(&self.interfaces);
+        let class = self.rules.classify(&flow);
+        if class.action != Action::Drop {
+            return;
+        }
+        let (rule, silent) = match class.rule {
+            Some(i) => (self.rules.name(i).cloned(), self.rules.rules()[i].silent),
+            None => (Some(self.names.default.clone()), false),
+        };
+        if let Some(e) = self.table.get_mut(slot) {
+            e.rule = rule;
+            e.set(bits::SILENT, silent);
+        }
+        self.apply(slot, now, DataVerdict::Drop, None, UpdateSource::Rules);
+    }
+}

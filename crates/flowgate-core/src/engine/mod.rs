@@ -1,0 +1,600 @@
+//! The engine: a state machine fed with packets, kernel reports and time that returns verdicts
+//! and events.
+//!
+//! It never reads a clock, a socket or a file. A driver (the replay loop, the NFQUEUE daemon,
+//! a test) drives it like this:
+//!
+//! 1. for each packet: `handle_packet(now, meta, bytes)` → a [`Decision`] to carry out at once;
+//! 2. when [`Engine::poll_timeout`] says so: `handle_timeout(now)` (timers fire, and slices of
+//!    long jobs run: listings, re-judging after a reload, reconciling with the kernel);
+//! 3. after either: drain [`Engine::poll_event`] (events to log), [`Engine::poll_release`] (held
+//!    packets to accept or drop now) and [`Engine::poll_enforce`] (verdicts the data plane must
+//!    carry out in the kernel).
+//!
+//! A driver that lets the kernel handle settled flows ([`EngineConfig::kernel_offload`]) also
+//! feeds what the kernel's connection tracking says ([`Engine::handle_kernel_report`],
+//! [`Engine::handle_kernel_sync`], or the same through a [`Handle`]): such flows' packets no
+//! longer reach the engine, so their counters, their end and their idleness come from there.
+//!
+//! Methods come in these kinds: getters (`stats`, `flows`, `rules`, `footprint`), `handle_*`
+//! (input), commands (`set_rules`, `update`, `adopt`, `reload`, `close_all`), and `poll_*`
+//! (output). The built-in rule set and a product's [`FlowFilter`] judge side by side and the most
+//! restrictive verdict wins (drop, then pause, then inspect, then allow).
+//!
+//! ## Rooms
+//!
+//! - `entry`: one flow's compact state; `table`: the slab and its indexes, interface names;
+//!   `timers`: one timer per flow.
+//! - `judge`: a new flow's first verdict (rules and the product filter), and re-judging on reload.
+//! - `stream`: stream positions and what inspection shows a filter.
+//! - `verdicts`: changing a flow's verdict, holding and releasing packets.
+//! - `kernel`: flows the kernel handles alone: kernel reports, syncs, adoption, and the verdicts
+//!   the data plane must enforce.
+//! - `sweep`: work over every flow, done a slice at a time (listings, re-judging, reconciling).
+
+mod entry;
+mod judge;
+mod kernel;
+mod stream;
+mod sweep;
+mod table;
+mod timers;
+mod verdicts;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::event::{CloseReason, Event, EventKind, FlowReport, RuleName};
+use crate::flow::{Direction, FlowId, FlowKey, Protocol};
+use crate::handle::{COMMAND_CAPACITY, Command, FlowStatus, Handle, Waker};
+use crate::packet::{self, ParseError, ParsedPacket};
+use crate::provider::{FlowFilter, PacketContext, PacketFilter};
+use crate::rules::matcher::CompiledRules;
+use crate::time::Instant;
+use crate::verdict::{Decision, FlowVerdict, PacketAction, PacketId, PacketVerdict};
+
+use entry::{Mode, bits};
+use table::{FlowTable, Interfaces, Slot};
+use timers::Timers;
+
+pub use kernel::{Enforce, KernelAction};
+
+/// Idle timeouts per protocol, and how long a TCP flow lingers after FIN/RST so that its last
+/// ACKs and retransmissions are counted to it instead of opening a new flow.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: Duration,
+    pub tcp_closing: Duration,
+    pub udp: Duration,
+    pub icmp: Duration,
+    pub other: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp: Duration::from_secs(7200),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
+            icmp: Duration::from_secs(30),
+            other: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Timeouts {
+    pub(crate) fn idle(&self, p: Protocol) -> Duration {
+        match p {
+            Protocol::Tcp => self.tcp,
+            Protocol::Udp => self.udp,
+            Protocol::Icmp => self.icmp,
+            Protocol::Other(_) => self.other,
+        }
+    }
+}
+
+/// How the engine is set up; fixed for its life (rules can change, see [`Engine::set_rules`]).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Addresses of this host. A flow's end inside these is its local end. When empty (or for
+    /// packets touching none of them) the side that opened the flow counts as local.
+    pub local_networks: Vec<IpNet>,
+    pub timeouts: Timeouts,
+    /// Most live flows (at most 16,777,215); past it new flows are judged by the rules alone,
+    /// untracked, and counted.
+    pub max_flows: usize,
+    /// Most packets held at once (paused flows, delayed packets); past it they are dropped.
+    pub max_held_packets: usize,
+    /// First flow id and the step between ids, so several engines (one per queue) can hand out
+    /// ids that never collide: engine `k` of `n` uses first `k + 1`, step `n`.
+    pub first_flow_id: u64,
+    pub flow_id_step: u64,
+    /// The driver lets the kernel handle settled flows (their packets stop reaching the engine)
+    /// and feeds kernel reports and syncs: such flows then live as long as the kernel says, not
+    /// as long as the engine sees packets. Off for replay.
+    pub kernel_offload: bool,
+    /// How often the driver syncs with the kernel's table; a kernel-handled flow is found idle
+    /// only by a sync that began after its idle deadline.
+    pub kernel_sync_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            local_networks: Vec::new(),
+            timeouts: Timeouts::default(),
+            max_flows: 262_144,
+            max_held_packets: 4096,
+            first_flow_id: 1,
+            flow_id_step: 1,
+            kernel_offload: false,
+            kernel_sync_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the driver saw a packet. Live drivers know it from the netfilter hook; captures do not.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Sent by this host (OUTPUT): the source is local.
+    Output,
+    /// Addressed to this host (INPUT): the destination is local.
+    Input,
+    /// Routed through this host (FORWARD): neither end is local; the opener is taken as the
+    /// local end and the flow is marked `forwarded`.
+    Forward,
+    /// Seen in a capture: decided from `local_networks` and from who opened the flow.
+    Unknown,
+}
+
+/// Facts about a packet that are not in its bytes.
+#[derive(Copy, Clone, Debug)]
+pub struct PacketMeta<'a> {
+    pub interface: Option<&'a str>,
+    pub origin: Origin,
+}
+
+/// Counters of everything the engine has seen.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub packets: u64,
+    pub truncated: u64,
+    pub malformed: u64,
+    pub fragments: u64,
+    pub not_ip: u64,
+    pub flows_opened: u64,
+    pub flows_closed: u64,
+    /// Packets judged by the rules alone, untracked, because the flow table was full (every
+    /// packet of such a flow counts: each one is judged afresh).
+    pub untracked: u64,
+    /// Packets dropped because too many were held.
+    pub held_overflow: u64,
+    /// Kernel-handled flows closed because two syncs in a row did not find their conntrack
+    /// entry (its end was never reported: a lost event).
+    pub kernel_lost: u64,
+}
+
+/// How much the engine holds now; every figure is bounded by the live flows.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Footprint {
+    pub flows: usize,
+    pub timers: usize,
+    pub interfaces: usize,
+    pub held_packets: usize,
+    pub pending_enforce: usize,
+    pub pending_events: usize,
+    pub sweeps: usize,
+}
+
+/// A connection that was open before the engine started, as the data plane found it (socket
+/// tables, conntrack). See [`Engine::adopt`].
+#[derive(Copy, Clone, Debug)]
+pub struct Existing<'a> {
+    pub protocol: Protocol,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub direction: Direction,
+    pub forwarded: bool,
+    pub interface: Option<&'a str>,
+    /// The verdict a previous instance left on the flow (its conntrack mark): kept as it is.
+    pub kept: Option<FlowVerdict>,
+    /// The id of its conntrack entry, where one exists.
+    pub conntrack_id: Option<u32>,
+}
+
+/// A held packet's fate, decided later.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub packet: PacketId,
+    pub accept: bool,
+}
+
+/// Rule names the engine gives for verdicts no rule gave.
+struct Names {
+    default: RuleName,
+    provider: RuleName,
+    kept: RuleName,
+}
+
+/// The flow filter engine. See the module documentation for how to drive it.
+pub struct Engine {
+    config: EngineConfig,
+    rules: Arc<CompiledRules>,
+    filter: Option<Box<dyn FlowFilter>>,
+    packet_filter: Option<Box<dyn PacketFilter>>,
+    table: FlowTable,
+    interfaces: Interfaces,
+    timers: Timers,
+    events: VecDeque<Event>,
+    releases: VecDeque<Release>,
+    /// Held packet → its flow (None for packets delayed by the packet filter).
+    held: HashMap<PacketId, Option<FlowId>>,
+    next_flow_id: u64,
+    next_packet_id: u64,
+    stats: Stats,
+    commands: Receiver<Command>,
+    handle: Handle,
+    names: Names,
+    kernel: kernel::Kernel,
+    sweeps: sweep::Sweeps,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("flows", &self.table.len()).field("stats", &self.stats).finish()
+    }
+}
+
+fn ignored() -> Decision {
+    Decision { action: PacketAction::Accept, flow: None, settled: false, silent: false }
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, rules: Arc<CompiledRules>) -> Self {
+        let (tx, rx) = mpsc::sync_channel(COMMAND_CAPACITY);
+        let handle = Handle { tx, waker: Arc::new(Mutex::new(None)), refused: Arc::new(AtomicU64::new(0)) };
+        Engine {
+            table: FlowTable::new(config.max_flows),
+            next_flow_id: config.first_flow_id,
+            config,
+            rules,
+            filter: None,
+            packet_filter: None,
+            interfaces: Interfaces::default(),
+            timers: Timers::default(),
+            events: VecDeque::new(),
+            releases: VecDeque::new(),
+            held: HashMap::new(),
+            next_packet_id: 1,
+            stats: Stats::default(),
+            commands: rx,
+            handle,
+            names: Names { default: "default".into(), provider: "provider".into(), kept: "kept".into() },
+            kernel: kernel::Kernel::default(),
+            sweeps: sweep::Sweeps::default(),
+        }
+    }
+
+    /// Installs a product's flow filter beside the rules.
+    pub fn set_flow_filter(&mut self, filter: Box<dyn FlowFilter>) {
+        self.filter = Some(filter);
+    }
+
+    /// Installs a packet filter: from now on it sees every packet.
+    pub fn set_packet_filter(&mut self, filter: Box<dyn PacketFilter>) {
+        self.packet_filter = Some(filter);
+    }
+
+    /// A handle for other threads. All handles of an engine share one channel.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Called after each command sent through a handle, so a sleeping driver wakes up and
+    /// calls [`Engine::handle_commands`].
+    pub fn set_waker(&mut self, waker: impl Fn() + Send + Sync + 'static) {
+        let w: Waker = Arc::new(waker);
+        *self.handle.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(w);
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// What the engine holds now.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            flows: self.table.len(),
+            timers: self.timers.len(),
+            interfaces: self.interfaces.len(),
+            held_packets: self.held.len(),
+            pending_enforce: self.kernel.pending(),
+            pending_events: self.events.len(),
+            sweeps: self.sweeps.len(),
+        }
+    }
+
+    pub fn rules(&self) -> &Arc<CompiledRules> {
+        &self.rules
+    }
+
+    /// Live flows, now. (From another thread, use [`Handle::list`].)
+    pub fn flows(&self) -> Vec<FlowStatus> {
+        self.table.iter().map(|(_, e)| e.status(&self.interfaces)).collect()
+    }
+
+    /// Replaces the rule set. Flows that start from now on are judged by the new rules.
+    pub fn set_rules(&mut self, rules: Arc<CompiledRules>) {
+        self.rules = rules;
+    }
+
+    /// Judges one IP packet (starting at its IP header) seen at `now`.
+    pub fn handle_packet(&mut self, now: Instant, meta: PacketMeta<'_>, bytes: &[u8]) -> Decision {
+        self.handle_commands(now);
+        self.stats.packets += 1;
+        let p = match packet::parse(bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                match e {
+                    ParseError::Truncated => self.stats.truncated += 1,
+                    ParseError::Malformed => self.stats.malformed += 1,
+                    ParseError::Fragment => self.stats.fragments += 1,
+                    ParseError::NotIp => self.stats.not_ip += 1,
+                }
+                // Nothing to judge it by; the kernel has its own checks for broken packets.
+                return ignored();
+            }
+        };
+        let key = FlowKey::new(p.protocol, (p.src, p.src_port), (p.dst, p.dst_port));
+        let mut slot = self.table.lookup(&key);
+        if let Some(s) = slot {
+            // A connection never sends a pure SYN once open, so one that is not a retransmission
+            // of this flow's own opening SYN is a new connection on a reused 4-tuple. The old one
+            // may have ended unseen (a kernel-handled flow's FIN or RST never reaches us): the new
+            // one must be judged, not inherit the old verdict.
+            let reopen = p.tcp.is_some_and(|f| f.syn && !f.ack)
+                && self
+                    .table
+                    .get(s)
+                    .is_some_and(|e| e.closing.is_some() || !e.has(bits::SYN_SEQ) || e.syn_seq != p.seq);
+            if reopen {
+                self.close(s, now, CloseReason::Reused);
+                slot = None;
+            }
+        }
+        let slot = match slot {
+            Some(s) => s,
+            None => match self.open(now, meta, &p) {
+                Ok(s) => s,
+                Err(action) => return Decision { action, flow: None, settled: false, silent: false },
+            },
+        };
+        self.on_packet(slot, now, meta, &p, bytes)
+    }
+
+    /// Fires due timers (idle flows close) and runs a slice of pending sweeps. Call when
+    /// [`Engine::poll_timeout`] is reached (calling earlier or more often is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.handle_commands(now);
+        while let Some(slot) = self.timers.pop_due(now) {
+            self.on_timer(slot, now);
+        }
+        self.run_sweeps(now);
+    }
+
+    /// The next time `handle_timeout` has work to do (in the past when a sweep can go on now).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.timers.next(), self.sweeps.due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next held packet whose fate is now known.
+    pub fn poll_release(&mut self) -> Option<Release> {
+        self.releases.pop_front()
+    }
+
+    /// Applies commands sent through handles.
+    pub fn handle_commands(&mut self, now: Instant) {
+        while let Ok(c) = self.commands.try_recv() {
+            match c {
+                Command::Update { flow, verdict, direction } => self.update(now, flow, verdict, direction),
+                Command::Release { packet, accept } => {
+                    if self.held.remove(&packet).is_some() {
+                        self.releases.push_back(Release { packet, accept });
+                    }
+                }
+                Command::Reload(rules) => self.reload(now, rules),
+                Command::Kernel(reports) => {
+                    for r in &reports {
+                        self.handle_kernel_report(now, r);
+                    }
+                }
+                Command::Sync(s) => self.handle_kernel_sync(now, s),
+                Command::Select { selector, verdict, sink } => self.sweeps.select(selector, verdict, sink),
+            }
+        }
+    }
+
+    /// Closes every flow (end of a capture, shutdown), emitting their close events. Flows that
+    /// were lingering after FIN or RST close with that reason, the others with `end`.
+    pub fn close_all(&mut self, now: Instant) {
+        let slots: Vec<Slot> = self.table.iter().map(|(s, _)| s).collect();
+        for s in slots {
+            // A flow already closing (FIN both ways, RST) ended for that reason, not this one.
+            let reason = self.table.get(s).and_then(|e| e.closing).unwrap_or(CloseReason::End);
+            self.close(s, now, reason);
+        }
+    }
+
+    fn on_packet(
+        &mut self,
+        slot: Slot,
+        now: Instant,
+        meta: PacketMeta<'_>,
+        p: &ParsedPacket<'_>,
+        bytes: &[u8],
+    ) -> Decision {
+        let closing_linger = self.config.timeouts.tcp_closing;
+        let Some(e) = self.table.get_mut(slot) else { return ignored() };
+        let id = e.id;
+        let local = e.local();
+        let dir = if p.src == local.ip() && (p.src_port == local.port() || p.protocol == Protocol::Icmp) {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
+        e.counters.add(dir == Direction::Outbound, p.ip_len, p.payload.len());
+        e.last_seen = now;
+        if e.has(bits::KERNEL) {
+            // A packet of a flow the kernel was handling reached us: its conntrack entry no
+            // longer carries our verdict (a new entry for the same flow, or a recall). Which
+            // entry that is will be learnt from the kernel again.
+            e.set(bits::KERNEL, false);
+            e.set_ct_id(None);
+        }
+        let mut fin_now = false;
+        if let Some(f) = p.tcp {
+            if f.rst {
+                e.closing = Some(CloseReason::Rst);
+            } else if f.fin && !e.fin(dir) {
+                e.set_fin(dir);
+                fin_now = true;
+                if e.fin(Direction::Outbound) && e.fin(Direction::Inbound) {
+                    e.closing = Some(CloseReason::Fin);
+                }
+            }
+            if f.syn {
+                e.set_next_seq(dir, p.seq);
+                if !f.ack && !e.has(bits::SYN_SEQ) {
+                    e.set(bits::SYN_SEQ, true);
+                    e.syn_seq = p.seq;
+                }
+            }
+        }
+        if e.closing.is_some() {
+            let at = now + closing_linger;
+            if at < e.timer_at {
+                self.timers.reset(slot, e.timer_at, at);
+                e.timer_at = at;
+            }
+        }
+
+        if !p.payload.is_empty() {
+            // Track the stream position always: a window opened later (an update with `Pass`)
+            // must be placed at the right offset.
+            if let Some((start, new_bytes)) = stream::advance(e, dir, p)
+                && matches!(e.mode(dir), Mode::Inspect { .. })
+            {
+                self.inspect(slot, now, dir, start, new_bytes);
+            }
+        }
+        if fin_now {
+            self.complete(slot, now, dir);
+        }
+
+        let mut action = match self.table.get(slot).map(|e| e.mode(dir)) {
+            Some(Mode::Drop) => PacketAction::Drop,
+            Some(Mode::Pause) => self.hold(Some(slot)),
+            _ => PacketAction::Accept,
+        };
+        if let (Some(pf), PacketAction::Accept) = (self.packet_filter.as_mut(), action) {
+            let ctx = PacketContext { interface: meta.interface, direction: dir, flow: id, bytes };
+            action = match pf.packet(&ctx) {
+                PacketVerdict::Allow => PacketAction::Accept,
+                PacketVerdict::Drop => PacketAction::Drop,
+                PacketVerdict::Delay => self.hold(None),
+            };
+        }
+        let offload = self.config.kernel_offload && self.packet_filter.is_none();
+        let generation = self.kernel.generation();
+        let Some(e) = self.table.get_mut(slot) else { return ignored() };
+        if action == PacketAction::Accept {
+            e.set(bits::ACCEPTED, true);
+        }
+        let settled = self.packet_filter.is_none() && e.settled();
+        // A settled flow whose packets have passed has a conntrack entry that now carries its
+        // verdict: the kernel handles the rest of it, and reports on it instead of its packets.
+        // (A flow dropped at its first packet never gets an entry: its retries keep coming here.)
+        if offload && settled && e.has(bits::ACCEPTED) {
+            e.set(bits::KERNEL, true);
+            e.seen_gen = generation;
+        }
+        Decision { action, flow: Some(id), settled, silent: e.has(bits::SILENT) }
+    }
+
+    fn on_timer(&mut self, slot: Slot, now: Instant) {
+        let t = self.config.timeouts;
+        let (synced_at, interval) = (self.kernel.synced_at(), self.config.kernel_sync_interval);
+        let Some(e) = self.table.get_mut(slot) else { return };
+        let deadline = match e.closing {
+            Some(_) => e.last_seen + t.tcp_closing,
+            None => e.last_seen + t.idle(e.protocol),
+        };
+        let next = if deadline > now {
+            Some(deadline)
+        } else if e.has(bits::KERNEL) && e.closing.is_none() && synced_at.is_none_or(|s| s < deadline) {
+            // The kernel passes this flow's packets without us: it is idle only if a pass over
+            // the kernel's table that began after the deadline saw its counters unchanged.
+            Some(now + interval)
+        } else {
+            None
+        };
+        match next {
+            Some(at) => {
+                e.timer_at = at;
+                self.timers.set(slot, at);
+            }
+            None => {
+                let reason = e.closing.unwrap_or(CloseReason::Idle);
+                self.close(slot, now, reason);
+            }
+        }
+    }
+
+    /// Removes a flow, releases what it held and emits its close event.
+    fn close(&mut self, slot: Slot, now: Instant, reason: CloseReason) {
+        let Some(e) = self.table.remove(slot) else { return };
+        self.timers.cancel(slot, e.timer_at);
+        self.stats.flows_closed += 1;
+        for packet in e.held() {
+            if self.held.remove(packet).is_some() {
+                self.releases.push_back(Release { packet: *packet, accept: false });
+            }
+        }
+        let flow = e.flow(&self.interfaces);
+        self.interfaces.release(e.interface);
+        let report = FlowReport {
+            reason,
+            verdict: e.verdict(),
+            rule: e.rule.clone(),
+            counters: e.counters,
+            duration_ms: u64::try_from(e.last_seen.saturating_since(e.started).as_millis()).unwrap_or(u64::MAX),
+        };
+        // An allowed flow the kernel still passes must come back to us if it wakes up again,
+        // or it would run on unlisted: its conntrack entry forgets our verdict.
+        if reason == CloseReason::Idle && e.has(bits::KERNEL) && report.verdict == FlowVerdict::Allow {
+            self.kernel.push_closed(Enforce { flow: flow.clone(), action: KernelAction::Forget });
+        }
+        if let Some(f) = self.filter.as_mut() {
+            f.closed(&flow, &report);
+        }
+        self.events.push_back(Event { time: now, kind: EventKind::FlowClosed { flow, report } });
+    }
+}
+
+#[cfg(test)]
+mod tests;
