@@ -123,7 +123,9 @@ pub struct KernelReport {
 /// Where a kernel-tracked flow stands.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum KernelState {
-    /// The entry exists (a dump listed it, or it was just created).
+    /// The entry was just created (conntrack's event): it is the flow's entry from now on.
+    Created,
+    /// The entry exists (a dump listed it).
     Alive,
     /// The connection is ending: both sides sent FIN ([`CloseReason::Fin`]) or one sent RST
     /// ([`CloseReason::Rst`]); conntrack keeps the entry a while longer.

@@ -448,8 +448,9 @@ fn set_mark_request(seq: u32, t: &Tuple, value: u32, mask: u32) -> Result<Vec<u8
     Ok(b.finish())
 }
 
-/// `IPS_SEEN_REPLY | IPS_ASSURED` of `nf_conntrack_common.h`.
-const STATUS_SEEN_ASSURED: u32 = (1 << 1) | (1 << 2);
+/// `IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED` of `nf_conntrack_common.h` (a created entry
+/// is confirmed at once, and the kernel refuses a status that says otherwise).
+const STATUS_CREATED: u32 = (1 << 1) | (1 << 2) | (1 << 3);
 /// `TCP_CONNTRACK_ESTABLISHED` of `nf_conntrack_tcp.h`.
 const TCP_ESTABLISHED: u8 = 3;
 
@@ -466,7 +467,7 @@ fn create_request(seq: u32, t: &Tuple, mark: u32, timeout: u32) -> Result<Vec<u8
     b.tuple(CTA_TUPLE_REPLY, &reply);
     b.attr(CTA_TIMEOUT, &timeout.to_be_bytes());
     b.attr(CTA_MARK, &mark.to_be_bytes());
-    b.attr(CTA_STATUS, &STATUS_SEEN_ASSURED.to_be_bytes());
+    b.attr(CTA_STATUS, &STATUS_CREATED.to_be_bytes());
     if t.protocol == 6 {
         let info = b.nest_start(CTA_PROTOINFO);
         let tcp = b.nest_start(CTA_PROTOINFO_TCP);

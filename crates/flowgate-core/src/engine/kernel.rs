@@ -6,13 +6,17 @@
 //! packets. From then on the kernel is the witness of its life:
 //!
 //! - **reports** ([`Engine::handle_kernel_report`]): an entry's creation (its id), its counters
-//!   from a dump, TCP's FIN or RST as conntrack saw them, and its end. An end closes the flow only
-//!   if it names the flow's own entry (by conntrack id), so the late end of an old entry never
-//!   closes a new connection that reuses its 5-tuple.
+//!   from a dump, TCP's FIN or RST as conntrack saw them, and its end. Only reports on the flow's
+//!   own entry (by conntrack id) count, so the late FIN, RST or end of an old entry never touches
+//!   a new connection that reuses its 5-tuple.
 //! - **syncs** ([`Engine::handle_kernel_sync`]): a numbered pass over the kernel's whole table.
 //!   A kernel-handled flow is idle only when a sync that began after its idle deadline found its
 //!   counters unchanged; one that two syncs in a row did not find has ended unreported (a lost
 //!   event) and is closed (counted as `kernel_lost`).
+//!
+//! A kernel-handled flow whose 5-tuple a new connection takes over (a pure SYN) has ended
+//! unseen; it leaves the table but waits a sync interval for its entry's end, so that it closes
+//! with the kernel's final counts, and the reports on the old entry never reach the new flow.
 //!
 //! The verdicts to enforce come out of [`Engine::poll_enforce`]: a change given through a handle
 //! or a reload, an adopted connection, an idle flow the kernel must forget. At most one is queued
@@ -64,7 +68,18 @@ enum Pending {
     Closed(Enforce),
 }
 
-/// Sync state and the enforce queue.
+/// Most retired flows waiting for the kernel's last word; past it the oldest closes at once.
+const MAX_RETIRED: usize = 1024;
+
+/// A kernel-handled flow whose 5-tuple a new connection took over: it waits, out of the table,
+/// for its entry's end and final counts (see [`Engine::reopen`]).
+struct Retired {
+    key: FlowKey,
+    entry: Entry,
+    deadline: Instant,
+}
+
+/// Sync state, the enforce queue and the retired flows.
 #[derive(Default)]
 pub(super) struct Kernel {
     generation: u16,
@@ -72,6 +87,7 @@ pub(super) struct Kernel {
     /// When the last completed sync began.
     synced_at: Option<Instant>,
     queue: VecDeque<Pending>,
+    retired: Vec<Retired>,
 }
 
 impl Kernel {
@@ -98,6 +114,36 @@ impl Kernel {
     pub(super) fn push_closed(&mut self, x: Enforce) {
         self.queue.push_back(Pending::Closed(x));
     }
+
+    pub(super) fn retired(&self) -> usize {
+        self.retired.len()
+    }
+
+    pub(super) fn next_retired(&self) -> Option<Instant> {
+        self.retired.iter().map(|r| r.deadline).min()
+    }
+}
+
+/// Takes the kernel's counters where larger (the kernel saw the packets we let it handle
+/// alone); growth counts as activity at `now`.
+fn take_counts(e: &mut Entry, r: &KernelReport, now: Instant) {
+    let local = e.local();
+    let opener_is_local = local == r.opener || (e.protocol == Protocol::Icmp && local.ip() == r.opener.ip());
+    let (out, inn) =
+        if opener_is_local { (r.from_opener, r.from_responder) } else { (r.from_responder, r.from_opener) };
+    let c = &mut e.counters;
+    let before = (c.packets_out, c.packets_in);
+    if let Some((p, b)) = out {
+        c.packets_out = c.packets_out.max(p);
+        c.bytes_out = c.bytes_out.max(b);
+    }
+    if let Some((p, b)) = inn {
+        c.packets_in = c.packets_in.max(p);
+        c.bytes_in = c.bytes_in.max(b);
+    }
+    if (c.packets_out, c.packets_in) != before {
+        e.last_seen = now;
+    }
 }
 
 /// Whether a report speaks of the flow's own conntrack entry.
@@ -112,45 +158,102 @@ fn same_entry(e: &Entry, id: Option<u32>) -> bool {
 }
 
 impl Engine {
+    /// A new connection (a pure SYN) takes over the 5-tuple of the flow in `slot`. A flow the
+    /// kernel handles has ended unseen, and its final counts are still to come from the kernel
+    /// (its entry's end usually arrives just after the new SYN): it leaves the table and waits for
+    /// them a little while (a sync interval), claiming the reports on its own entry. Others close
+    /// at once.
+    pub(super) fn reopen(&mut self, slot: Slot, now: Instant) {
+        let kernel = self.table.get(slot).is_some_and(|e| e.has(bits::KERNEL));
+        if !kernel {
+            self.close(slot, now, CloseReason::Reused);
+            return;
+        }
+        let Some(entry) = self.remove(slot) else { return };
+        if self.kernel.retired.len() >= MAX_RETIRED {
+            let oldest = self.kernel.retired.remove(0);
+            let reason = oldest.entry.closing.unwrap_or(CloseReason::Reused);
+            self.finish(oldest.entry, now, reason);
+        }
+        let deadline = now + self.config.kernel_sync_interval;
+        self.kernel.retired.push(Retired { key: entry.key(), entry, deadline });
+    }
+
+    /// Closes retired flows whose wait is over.
+    pub(super) fn end_retired(&mut self, now: Instant) {
+        while let Some(i) = self.kernel.retired.iter().position(|r| r.deadline <= now) {
+            let r = self.kernel.retired.swap_remove(i);
+            let reason = r.entry.closing.unwrap_or(CloseReason::Reused);
+            self.finish(r.entry, now, reason);
+        }
+    }
+
+    /// A report on a retired flow's entry: the first entry created for the 5-tuple after the
+    /// flow was retired without knowing its entry is its own (conntrack reports in order, and
+    /// the old entry was created before the new one).
+    fn retired_report(&mut self, now: Instant, key: &FlowKey, r: &KernelReport) -> bool {
+        let Some(i) = self.kernel.retired.iter().position(|x| {
+            x.key == *key
+                && match (x.entry.ct_id(), r.id) {
+                    (Some(a), Some(b)) => a == b,
+                    (None, _) => matches!(r.state, KernelState::Created) || r.id.is_none(),
+                    (Some(_), None) => false,
+                }
+        }) else {
+            return false;
+        };
+        let x = &mut self.kernel.retired[i];
+        if x.entry.ct_id().is_none() {
+            x.entry.set_ct_id(r.id);
+        }
+        take_counts(&mut x.entry, r, now);
+        match r.state {
+            KernelState::Ended => {
+                let x = self.kernel.retired.swap_remove(i);
+                let reason = x.entry.closing.unwrap_or(CloseReason::Reused);
+                self.finish(x.entry, now, reason);
+            }
+            KernelState::Closing(reason) => {
+                x.entry.closing.get_or_insert(reason);
+            }
+            KernelState::Created | KernelState::Alive => {}
+        }
+        true
+    }
+
     /// Takes conntrack's word on a flow. Counters replace ours where larger (the kernel saw the
     /// packets we let it handle alone), and growth counts as activity; FIN or RST starts the
     /// flow's linger; an end closes it with the kernel's counts. Returns whether the flow was
     /// known here.
     pub fn handle_kernel_report(&mut self, now: Instant, r: &KernelReport) -> bool {
         let key = FlowKey::new(r.protocol, (r.opener.ip(), r.opener.port()), (r.responder.ip(), r.responder.port()));
+        if !self.kernel.retired.is_empty() && self.retired_report(now, &key, r) {
+            return true;
+        }
         let Some(slot) = self.table.lookup(&key) else { return false };
         let linger = self.config.timeouts.tcp_closing;
         let generation = self.kernel.generation;
+        // While an older flow on this 5-tuple waits for its end, a dump may still show its entry.
+        let ambiguous = self.kernel.retired.iter().any(|x| x.key == key);
         let Some(e) = self.table.get_mut(slot) else { return false };
-        if r.state == KernelState::Ended && !same_entry(e, r.id) {
+        // Which entry speaks: a new entry is the flow's from now on; a dump may name the flow's
+        // entry for the first time; anything else must be about the entry the flow knows, or it
+        // is about an older connection on the same 5-tuple.
+        match r.state {
+            KernelState::Created => e.set_ct_id(r.id),
+            KernelState::Alive if e.ct_id().is_none() && !ambiguous => e.set_ct_id(r.id),
+            _ => {}
+        }
+        if !same_entry(e, r.id) {
             return true;
         }
-        let local = e.local();
-        let opener_is_local = local == r.opener || (e.protocol == Protocol::Icmp && local.ip() == r.opener.ip());
-        let (out, inn) =
-            if opener_is_local { (r.from_opener, r.from_responder) } else { (r.from_responder, r.from_opener) };
-        let c = &mut e.counters;
-        let before = (c.packets_out, c.packets_in);
-        if let Some((p, b)) = out {
-            c.packets_out = c.packets_out.max(p);
-            c.bytes_out = c.bytes_out.max(b);
-        }
-        if let Some((p, b)) = inn {
-            c.packets_in = c.packets_in.max(p);
-            c.bytes_in = c.bytes_in.max(b);
-        }
-        if (c.packets_out, c.packets_in) != before {
-            e.last_seen = now;
-        }
+        take_counts(e, r, now);
         match r.state {
             KernelState::Ended => {
                 let reason = e.closing.unwrap_or(CloseReason::Conntrack);
                 self.close(slot, now, reason);
             }
-            KernelState::Alive | KernelState::Closing(_) => {
-                if r.id.is_some() {
-                    e.set_ct_id(r.id);
-                }
+            KernelState::Created | KernelState::Alive | KernelState::Closing(_) => {
                 e.seen_gen = generation;
                 if let KernelState::Closing(reason) = r.state
                     && e.closing.is_none()

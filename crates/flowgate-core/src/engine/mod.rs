@@ -60,7 +60,7 @@ use crate::rules::matcher::CompiledRules;
 use crate::time::Instant;
 use crate::verdict::{Decision, FlowVerdict, PacketAction, PacketId, PacketVerdict};
 
-use entry::{Mode, bits};
+use entry::{Entry, Mode, bits};
 use table::{FlowTable, Interfaces, Slot};
 use timers::Timers;
 
@@ -191,6 +191,9 @@ pub struct Footprint {
     pub pending_enforce: usize,
     pub pending_events: usize,
     pub sweeps: usize,
+    /// Kernel-handled flows that ended (a new connection reused their 5-tuple) and wait for
+    /// the kernel's last counts.
+    pub retired: usize,
 }
 
 /// A connection that was open before the engine started, as the data plane found it (socket
@@ -316,6 +319,7 @@ impl Engine {
             interfaces: self.interfaces.len(),
             held_packets: self.held.len(),
             pending_enforce: self.kernel.pending(),
+            retired: self.kernel.retired(),
             pending_events: self.events.len(),
             sweeps: self.sweeps.len(),
         }
@@ -365,7 +369,7 @@ impl Engine {
                     .get(s)
                     .is_some_and(|e| e.closing.is_some() || !e.has(bits::SYN_SEQ) || e.syn_seq != p.seq);
             if reopen {
-                self.close(s, now, CloseReason::Reused);
+                self.reopen(s, now);
                 slot = None;
             }
         }
@@ -386,15 +390,13 @@ impl Engine {
         while let Some(slot) = self.timers.pop_due(now) {
             self.on_timer(slot, now);
         }
+        self.end_retired(now);
         self.run_sweeps(now);
     }
 
     /// The next time `handle_timeout` has work to do (in the past when a sweep can go on now).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.timers.next(), self.sweeps.due()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.timers.next(), self.sweeps.due(), self.kernel.next_retired()].into_iter().flatten().min()
     }
 
     /// The next event, oldest first.
@@ -567,8 +569,20 @@ impl Engine {
 
     /// Removes a flow, releases what it held and emits its close event.
     fn close(&mut self, slot: Slot, now: Instant, reason: CloseReason) {
-        let Some(e) = self.table.remove(slot) else { return };
+        if let Some(e) = self.remove(slot) {
+            self.finish(e, now, reason);
+        }
+    }
+
+    /// Takes a flow out of the table and its timer out of the timers.
+    fn remove(&mut self, slot: Slot) -> Option<Entry> {
+        let e = self.table.remove(slot)?;
         self.timers.cancel(slot, e.timer_at);
+        Some(e)
+    }
+
+    /// A flow is over: releases what it held and emits its close event.
+    fn finish(&mut self, e: Entry, now: Instant, reason: CloseReason) {
         self.stats.flows_closed += 1;
         for packet in e.held() {
             if self.held.remove(packet).is_some() {

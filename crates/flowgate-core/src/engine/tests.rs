@@ -1837,18 +1837,27 @@ fn the_late_end_of_an_old_entry_never_closes_a_new_connection_on_the_same_tuple(
     let (l, r) = ("198.51.100.1:40000", "203.0.113.7:443");
     let mut old = Conn::new(l, r);
     let first = handshake(&mut e, &mut old, secs(0));
-    e.handle_kernel_report(secs(0), &report(Protocol::Tcp, l, r, 111, 3, 1, KernelState::Alive));
+    e.handle_kernel_report(secs(0), &report(Protocol::Tcp, l, r, 111, 3, 1, KernelState::Created));
     // A new connection on the same 4-tuple (new sequence numbers) while entry 111 is dying.
     let mut syn = Conn::new(l, r).syn();
     syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
     let second = e.handle_packet(secs(10), OUT, &syn).flow.expect("tracked");
     assert_ne!(second, first);
     let _ = events(&mut e);
-    // The old entry's end arrives after the new connection started: it must not close it.
+    // The old entry's RST and end arrive after the new connection started, also a dump that
+    // read the old entry just before it went: none of them touches the new connection.
+    let rst = KernelState::Closing(CloseReason::Rst);
+    assert!(e.handle_kernel_report(secs(11), &report(Protocol::Tcp, l, r, 111, 9, 9, rst)));
     assert!(e.handle_kernel_report(secs(11), &report(Protocol::Tcp, l, r, 111, 9, 9, KernelState::Ended)));
-    assert!(events(&mut e).is_empty(), "the new connection keeps its own record");
-    // The new entry's creation, then its own end, close it.
-    e.handle_kernel_report(secs(11), &report(Protocol::Tcp, l, r, 222, 1, 0, KernelState::Alive));
+    e.handle_timeout(secs(30));
+    let ev = events(&mut e);
+    let closed: Vec<(FlowId, CloseReason)> = closed_events(&ev).into_iter().map(|(id, r)| (id, r.reason)).collect();
+    assert_eq!(closed, [(first, CloseReason::Rst)], "only the old connection ends, with its own RST");
+    assert_eq!(e.flows().iter().map(|f| f.flow.id).collect::<Vec<_>>(), [second], "the new one keeps its record");
+    // The new entry's creation, then its own end, close it; a late dump of the old entry
+    // changes nothing.
+    e.handle_kernel_report(secs(11), &report(Protocol::Tcp, l, r, 222, 1, 0, KernelState::Created));
+    e.handle_kernel_report(secs(12), &report(Protocol::Tcp, l, r, 111, 50, 50, KernelState::Alive));
     e.handle_kernel_report(secs(20), &report(Protocol::Tcp, l, r, 222, 7, 6, KernelState::Ended));
     let ev = events(&mut e);
     let closed = closed_events(&ev);
@@ -2058,4 +2067,41 @@ fn a_full_command_queue_refuses_and_counts_instead_of_blocking() {
     assert_eq!(h.update(FlowId(0), DataVerdict::Allow, None), Err(HandleError::Busy));
     assert_eq!(h.kernel_reports(Vec::new(), Duration::from_millis(5)), Err(HandleError::Busy));
     assert_eq!(h.refused(), 2);
+}
+
+#[test]
+fn a_flow_a_new_connection_displaces_waits_for_the_kernels_last_counts_and_never_takes_the_new_ones_reports() {
+    // The old connection lived a few milliseconds entirely in the kernel: none of its reports
+    // reached the engine before the new SYN on its 4-tuple.
+    let mut e = offload_engine();
+    let (l, r) = ("198.51.100.1:40000", "203.0.113.7:443");
+    let first = e.handle_packet(secs(0), OUT, &Conn::new(l, r).syn()).flow.expect("tracked");
+    let mut syn = Conn::new(l, r).syn();
+    syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    let second = e.handle_packet(ms(5), OUT, &syn).flow.expect("tracked");
+    let _ = events(&mut e);
+    assert_eq!(e.footprint().retired, 1);
+    // Now the kernel's reports arrive, in the kernel's order: the old entry's creation, RST and
+    // end, then the new entry's creation.
+    let rst = KernelState::Closing(CloseReason::Rst);
+    for (id, n, state) in [(111, 1, KernelState::Created), (111, 60, rst), (111, 60, KernelState::Ended)] {
+        assert!(e.handle_kernel_report(ms(6), &report(Protocol::Tcp, l, r, id, n, n, state)));
+    }
+    e.handle_kernel_report(ms(6), &report(Protocol::Tcp, l, r, 222, 1, 0, KernelState::Created));
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    assert_eq!(closed.len(), 1);
+    assert_eq!((closed[0].0, closed[0].1.reason, closed[0].1.counters.packets_out), (first, CloseReason::Rst, 60));
+    assert_eq!(e.footprint().retired, 0);
+    e.handle_timeout(secs(20));
+    assert_eq!(e.flows().iter().map(|f| f.flow.id).collect::<Vec<_>>(), [second], "the new one lives on");
+    // A displaced flow the kernel never reports on again closes after a sync interval.
+    let mut syn = Conn::new(l, r).syn();
+    syn[24..28].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
+    e.handle_kernel_report(secs(20), &report(Protocol::Tcp, l, r, 222, 9, 9, KernelState::Alive));
+    let _ = e.handle_packet(secs(21), OUT, &syn);
+    let _ = events(&mut e);
+    e.handle_timeout(secs(26));
+    let closed = closed_events(&events(&mut e));
+    assert_eq!((closed[0].0, closed[0].1.reason, closed[0].1.counters.packets_out), (second, CloseReason::Reused, 9));
 }

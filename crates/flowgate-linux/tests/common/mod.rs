@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::sched::{CloneFlags, setns};
 
-/// Whether the tests run as root. If not, says that the calling test is skipped.
+/// Whether the tests run as root. If not, says that the calling test is skipped; under CI (`CI`
+/// set) a test that cannot run fails instead, since skipped is not passed.
 pub fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
@@ -24,6 +25,7 @@ pub fn root() -> bool {
     // The test harness names each test's thread after the test.
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("test");
+    assert!(std::env::var_os("CI").is_none(), "{test}: needs root (network namespaces), and CI is set");
     eprintln!("{}: {test}: skipped, needs root (network namespaces)", env!("CARGO_CRATE_NAME"));
     false
 }

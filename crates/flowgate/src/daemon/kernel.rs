@@ -193,7 +193,10 @@ fn watch_events(
                     let Some(k) = owner(&ev.entry, handles.len()) else { return };
                     let state = match ev.kind {
                         EventKind::Destroy => KernelState::Ended,
-                        EventKind::New => live_state(&ev.entry),
+                        EventKind::New => match live_state(&ev.entry) {
+                            KernelState::Alive => KernelState::Created,
+                            s => s,
+                        },
                         // Updates matter only when TCP starts closing.
                         EventKind::Update => match live_state(&ev.entry) {
                             KernelState::Alive => return,
