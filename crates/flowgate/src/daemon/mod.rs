@@ -231,10 +231,12 @@ impl Running {
     }
 }
 
-/// The queue workers, the conntrack watcher, the enforcer, and their common stop flag.
+/// The queue workers, the conntrack watcher, the link watcher, the enforcer, and their common
+/// stop flag.
 struct Workers {
     shards: Vec<Shard>,
     watcher: Option<kernel::Watcher>,
+    links: Option<flowgate_linux::ifname::LinkWatch>,
     enforcer: Option<enforce::Enforcer>,
     stop: Arc<AtomicBool>,
 }
@@ -247,6 +249,9 @@ impl Workers {
             errors.extend(w.join());
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
+        if let Some(l) = self.links {
+            l.join();
+        }
         // The workers are gone: what they queued for the enforcer is carried out, then it ends.
         if let Some(e) = self.enforcer {
             e.finish();
@@ -365,15 +370,26 @@ fn start(
     };
     let enforcer = enforce::Enforcer::start(queues.len())?;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut shards = Vec::with_capacity(queues.len());
+    let link_watch = flowgate_linux::ifname::LinkWatch::start(stop.clone())
+        .map_err(|e| format!("cannot watch link changes (rtnetlink): {e}"))?;
+    let mut workers =
+        Workers { shards: Vec::new(), watcher: None, links: None, enforcer: Some(enforcer), stop: stop.clone() };
+    let changes = link_watch.changes();
+    workers.links = Some(link_watch);
     for (index, (queue, engine)) in queues.into_iter().zip(engines).enumerate() {
-        let links = Links { index, clock, events: tx.clone(), enforce: enforcer.tx.clone(), stop: stop.clone() };
-        let shard = Shard::start(queue, engine, links).map_err(|e| format!("cannot start a queue worker: {e}"))?;
-        shards.push(shard);
+        let Some(enforce) = workers.enforcer.as_ref().map(|e| e.tx.clone()) else { break };
+        let links =
+            Links { index, clock, events: tx.clone(), enforce, stop: stop.clone(), link_changes: changes.clone() };
+        match Shard::start(queue, engine, links) {
+            Ok(shard) => workers.shards.push(shard),
+            Err(e) => {
+                let _ = workers.stop();
+                return Err(format!("cannot start a queue worker: {e}"));
+            }
+        }
     }
     drop(tx);
-    let handles: Vec<_> = shards.iter().map(|s| s.handle.clone()).collect();
-    let mut workers = Workers { shards, watcher: None, enforcer: Some(enforcer), stop: stop.clone() };
+    let handles: Vec<_> = workers.shards.iter().map(|s| s.handle.clone()).collect();
     let watcher = match kernel::Watcher::start(handles.clone(), clock, config.engine.kernel_sync_interval, stop) {
         Ok(w) => w,
         Err(e) => {

@@ -101,6 +101,8 @@ pub(crate) struct Links {
     pub(crate) events: SyncSender<Event>,
     pub(crate) enforce: SyncSender<Enforce>,
     pub(crate) stop: Arc<AtomicBool>,
+    /// Link changes (see [`flowgate_linux::ifname::LinkWatch`]): the name cache follows them.
+    pub(crate) link_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shard {
@@ -165,7 +167,7 @@ struct Worker {
 impl Worker {
     fn run(mut self) -> Result<(), String> {
         let num = self.queue.num();
-        let mut names = IfNames::new();
+        let mut names = IfNames::following(self.links.link_changes.clone());
         // Engine packet ids of held packets → their NFQUEUE ids.
         let mut held: HashMap<PacketId, u32> = HashMap::new();
         let mut answers: Vec<(u32, Verdict, Option<Mark>)> = Vec::with_capacity(256);
