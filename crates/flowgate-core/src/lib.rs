@@ -49,7 +49,7 @@ pub mod time;
 pub mod verdict;
 
 pub use engine::{
-    Enforce, Engine, EngineConfig, Existing, Footprint, KernelAction, Origin, PacketMeta, Release, Stats, Timeouts,
+    COMMAND_BUDGET, Enforce, KERNEL_BATCH, Engine, EngineConfig, Existing, Footprint, KernelAction, Origin, PacketMeta, Release, Stats, Timeouts,
 };
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};

@@ -66,6 +66,13 @@ use timers::Timers;
 
 pub use kernel::{Enforce, KernelAction};
 
+/// Handle commands applied per [`Engine::handle_commands`] call. A command is small (a verdict,
+/// a listing request, or a batch of at most [`KERNEL_BATCH`] kernel reports), so a call stays
+/// short and packets do not wait behind a burst of commands.
+pub const COMMAND_BUDGET: usize = 64;
+/// Kernel reports a driver should put in one command.
+pub const KERNEL_BATCH: usize = 128;
+
 /// Idle timeouts per protocol, and how long a TCP flow lingers after FIN/RST so that its last
 /// ACKs and retransmissions are counted to it instead of opening a new flow.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -243,6 +250,8 @@ pub struct Engine {
     next_packet_id: u64,
     stats: Stats,
     commands: Receiver<Command>,
+    /// A command taken from the channel but not applied yet (the budget ran out).
+    next_command: Option<Command>,
     handle: Handle,
     names: Names,
     kernel: kernel::Kernel,
@@ -278,6 +287,7 @@ impl Engine {
             next_packet_id: 1,
             stats: Stats::default(),
             commands: rx,
+            next_command: None,
             handle,
             names: Names { default: "default".into(), provider: "provider".into(), kept: "kept".into() },
             kernel: kernel::Kernel::default(),
@@ -339,9 +349,10 @@ impl Engine {
         self.rules = rules;
     }
 
-    /// Judges one IP packet (starting at its IP header) seen at `now`.
+    /// Judges one IP packet (starting at its IP header) seen at `now`. A waiting handle command
+    /// is applied first (one, so a packet never waits behind many).
     pub fn handle_packet(&mut self, now: Instant, meta: PacketMeta<'_>, bytes: &[u8]) -> Decision {
-        self.handle_commands(now);
+        self.apply_commands(now, 1);
         self.stats.packets += 1;
         let p = match packet::parse(bytes) {
             Ok(p) => p,
@@ -396,7 +407,8 @@ impl Engine {
 
     /// The next time `handle_timeout` has work to do (in the past when a sweep can go on now).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.timers.next(), self.sweeps.due(), self.kernel.next_retired()].into_iter().flatten().min()
+        let commands = self.next_command.as_ref().map(|_| Instant::ZERO);
+        [self.timers.next(), self.sweeps.due(), self.kernel.next_retired(), commands].into_iter().flatten().min()
     }
 
     /// The next event, oldest first.
@@ -409,9 +421,15 @@ impl Engine {
         self.releases.pop_front()
     }
 
-    /// Applies commands sent through handles.
+    /// Applies commands sent through handles, at most [`COMMAND_BUDGET`] per call; if more wait,
+    /// [`Engine::poll_timeout`] says so (due at once).
     pub fn handle_commands(&mut self, now: Instant) {
-        while let Ok(c) = self.commands.try_recv() {
+        self.apply_commands(now, COMMAND_BUDGET);
+    }
+
+    fn apply_commands(&mut self, now: Instant, budget: usize) {
+        for _ in 0..budget {
+            let Some(c) = self.next_command.take().or_else(|| self.commands.try_recv().ok()) else { return };
             match c {
                 Command::Update { flow, verdict, direction } => self.update(now, flow, verdict, direction),
                 Command::Release { packet, accept } => {
@@ -429,6 +447,8 @@ impl Engine {
                 Command::Select { selector, verdict, sink } => self.sweeps.select(selector, verdict, sink),
             }
         }
+        // Out of budget: keep the next one, if any, and be called again at once.
+        self.next_command = self.commands.try_recv().ok();
     }
 
     /// Closes every flow (end of a capture, shutdown), emitting their close events. Flows that

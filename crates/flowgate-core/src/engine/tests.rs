@@ -2105,3 +2105,25 @@ fn a_flow_a_new_connection_displaces_waits_for_the_kernels_last_counts_and_never
     let closed = closed_events(&events(&mut e));
     assert_eq!((closed[0].0, closed[0].1.reason, closed[0].1.counters.packets_out), (second, CloseReason::Reused, 9));
 }
+
+#[test]
+fn a_burst_of_commands_is_applied_a_budget_at_a_time() {
+    let mut e = engine();
+    let ids = many_flows(&mut e, 200);
+    let _ = events(&mut e);
+    let h = e.handle();
+    for id in &ids {
+        h.update(*id, DataVerdict::Drop, None).expect("room");
+    }
+    // A packet waits behind one command at most.
+    let _ = e.handle_packet(secs(1), OUT, &udp(sa("198.51.100.1:1"), sa(R), b"x"));
+    assert_eq!(events(&mut e).iter().filter(|x| x.kind.name() == "flow.update").count(), 1);
+    e.handle_commands(secs(1));
+    assert_eq!(events(&mut e).len(), crate::engine::COMMAND_BUDGET);
+    assert_eq!(e.poll_timeout(), Some(Instant::ZERO), "more are waiting: call again at once");
+    while e.poll_timeout() == Some(Instant::ZERO) {
+        e.handle_timeout(secs(1));
+    }
+    let dropped = e.flows().iter().filter(|f| f.verdict == FlowVerdict::Drop).count();
+    assert_eq!(dropped, 200);
+}

@@ -33,8 +33,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::clock::Clock;
 
-/// Reports per command sent to an engine during a sync.
-const BATCH: usize = 512;
+/// Reports per command sent to an engine.
+const BATCH: usize = flowgate_core::KERNEL_BATCH;
 /// How long the sync thread waits for room in an engine's command channel before giving up on
 /// a batch (an engine that busy is stuck; the next sync tries again).
 const SYNC_WAIT: Duration = Duration::from_secs(10);
@@ -211,17 +211,16 @@ fn watch_events(
             }
         }
         for (h, batch) in handles.iter().zip(batches.iter_mut()) {
-            if batch.is_empty() {
-                continue;
-            }
-            let n = batch.len() as u64;
-            match h.kernel_reports(std::mem::take(batch), Duration::ZERO) {
-                Ok(()) => {
-                    stats.reports.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    stats.reports_dropped.fetch_add(n, Ordering::Relaxed);
-                    urgent.store(true, Ordering::Release);
+            for part in std::mem::take(batch).chunks(BATCH) {
+                let n = part.len() as u64;
+                match h.kernel_reports(part.to_vec(), Duration::ZERO) {
+                    Ok(()) => {
+                        stats.reports.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        stats.reports_dropped.fetch_add(n, Ordering::Relaxed);
+                        urgent.store(true, Ordering::Release);
+                    }
                 }
             }
         }

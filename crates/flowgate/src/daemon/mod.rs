@@ -263,7 +263,8 @@ impl Workers {
 type Started = (Workers, std::thread::JoinHandle<()>, std::path::PathBuf, Registry);
 
 /// One engine per queue. Ids never collide across them: engine k hands out k+1, k+1+n, ...
-/// The kernel handles settled flows, so their liveness comes from conntrack.
+/// `max_flows` is shared out evenly. The kernel handles settled flows, so their liveness comes
+/// from conntrack.
 fn engines(config: &Config, n: usize) -> Vec<Engine> {
     let rules = Arc::new(CompiledRules::compile(config.rules.clone()));
     (0..n)
@@ -272,6 +273,7 @@ fn engines(config: &Config, n: usize) -> Vec<Engine> {
                 first_flow_id: k as u64 + 1,
                 flow_id_step: n as u64,
                 kernel_offload: true,
+                max_flows: config.engine.max_flows.div_ceil(n),
                 ..config.engine.clone()
             };
             Engine::new(c, rules.clone())
