@@ -97,11 +97,12 @@ pub(crate) enum Command {
     Sync(KernelSync),
     Reload(Arc<crate::rules::matcher::CompiledRules>),
     /// List (`verdict: None`) or change the verdict of the selected flows, streaming their
-    /// statuses (after the change) to `sink`.
+    /// statuses (after the change) to `sink`; emptied chunks come back through `recycle`.
     Select {
         selector: Selector,
         verdict: Option<DataVerdict>,
         sink: SyncSender<Chunk>,
+        recycle: Receiver<Vec<FlowStatus>>,
     },
 }
 
@@ -255,8 +256,9 @@ impl Handle {
 
     fn select(&self, selector: Selector, verdict: Option<DataVerdict>) -> Result<Listing, HandleError> {
         let (sink, rx) = std::sync::mpsc::sync_channel(LISTING_DEPTH);
-        self.send(Command::Select { selector, verdict, sink }, Duration::ZERO)?;
-        Ok(Listing { rx, done: false })
+        let (give_back, recycle) = std::sync::mpsc::sync_channel(LISTING_DEPTH);
+        self.send(Command::Select { selector, verdict, sink, recycle }, Duration::ZERO)?;
+        Ok(Listing { rx, give_back, done: false })
     }
 
     /// Every live flow, waiting up to `timeout` for the engine to list them. Never call this from
@@ -278,10 +280,13 @@ impl Handle {
 }
 
 /// Flows streamed from an engine (see [`Handle::list`]). Iterating blocks until the engine sends
-/// the next chunk; `Err(Gone)` means the engine stopped before it finished.
+/// the next chunk; `Err(Gone)` means the engine stopped before it finished. A reader that hands
+/// each chunk back when done with it ([`Listing::give_back`]) lets the engine fill it again, so a
+/// long listing allocates nothing on the engine's thread after its first few chunks.
 #[derive(Debug)]
 pub struct Listing {
     rx: Receiver<Chunk>,
+    give_back: SyncSender<Vec<FlowStatus>>,
     done: bool,
 }
 
@@ -295,6 +300,12 @@ impl std::fmt::Debug for Chunk {
 }
 
 impl Listing {
+    /// Returns a chunk, emptied, for the engine to reuse.
+    pub fn give_back(&self, mut chunk: Vec<FlowStatus>) {
+        chunk.clear();
+        let _ = self.give_back.try_send(chunk);
+    }
+
     /// The next chunk, waiting no later than `deadline`; `Some(Err(Timeout))` if it passed.
     pub fn next_before(&mut self, deadline: StdInstant) -> Option<Result<Vec<FlowStatus>, HandleError>> {
         if self.done {

@@ -66,10 +66,11 @@ use timers::Timers;
 
 pub use kernel::{Enforce, KernelAction};
 
-/// Handle commands applied per [`Engine::handle_commands`] call. A command is small (a verdict,
-/// a listing request, or a batch of at most [`KERNEL_BATCH`] kernel reports), so a call stays
-/// short and packets do not wait behind a burst of commands.
-pub const COMMAND_BUDGET: usize = 64;
+/// Work done per [`Engine::handle_commands`] call, in commands, a batch of kernel reports
+/// counting one per report: a call stays short and packets do not wait behind a burst.
+pub const COMMAND_BUDGET: usize = 512;
+/// Timers fired per [`Engine::handle_timeout`] call.
+pub const TIMER_BUDGET: usize = 1024;
 /// Kernel reports a driver should put in one command.
 pub const KERNEL_BATCH: usize = 128;
 
@@ -394,11 +395,15 @@ impl Engine {
         self.on_packet(slot, now, meta, &p, bytes)
     }
 
-    /// Fires due timers (idle flows close) and runs a slice of pending sweeps. Call when
-    /// [`Engine::poll_timeout`] is reached (calling earlier or more often is harmless).
+    /// Fires due timers (idle flows close), at most [`TIMER_BUDGET`] of them, and runs a slice of
+    /// pending sweeps. Call when [`Engine::poll_timeout`] is reached (calling earlier or more
+    /// often is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.handle_commands(now);
-        while let Some(slot) = self.timers.pop_due(now) {
+        // Many flows can fall due together (after an outage, say): a call takes a slice of them,
+        // and `poll_timeout` says the rest are due at once.
+        for _ in 0..TIMER_BUDGET {
+            let Some(slot) = self.timers.pop_due(now) else { break };
             self.on_timer(slot, now);
         }
         self.end_retired(now);
@@ -428,8 +433,13 @@ impl Engine {
     }
 
     fn apply_commands(&mut self, now: Instant, budget: usize) {
-        for _ in 0..budget {
+        let mut spent = 0;
+        while spent < budget {
             let Some(c) = self.next_command.take().or_else(|| self.commands.try_recv().ok()) else { return };
+            spent += match &c {
+                Command::Kernel(reports) => reports.len().max(1),
+                _ => 1,
+            };
             match c {
                 Command::Update { flow, verdict, direction } => self.update(now, flow, verdict, direction),
                 Command::Release { packet, accept } => {
@@ -444,7 +454,9 @@ impl Engine {
                     }
                 }
                 Command::Sync(s) => self.handle_kernel_sync(now, s),
-                Command::Select { selector, verdict, sink } => self.sweeps.select(selector, verdict, sink),
+                Command::Select { selector, verdict, sink, recycle } => {
+                    self.sweeps.select(selector, verdict, sink, recycle)
+                }
             }
         }
         // Out of budget: keep the next one, if any, and be called again at once.

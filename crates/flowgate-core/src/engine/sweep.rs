@@ -13,7 +13,7 @@
 //! This room owns the pending sweeps and their cursors.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::Duration;
 
 use super::Engine;
@@ -24,14 +24,21 @@ use crate::time::Instant;
 use crate::verdict::DataVerdict;
 
 /// Slots visited per `handle_timeout` call, over all sweeps.
-pub(super) const BUDGET: usize = 2048;
+pub(super) const BUDGET: usize = 1024;
 /// Flows per listing chunk.
 const CHUNK: usize = 512;
 /// How long a listing waits for a slow reader before trying again.
 const RETRY: Duration = Duration::from_millis(1);
 
+/// A listing's way out: chunks go to `sink`, emptied ones come back through `recycle`.
+struct Out {
+    sink: SyncSender<Chunk>,
+    recycle: Receiver<Vec<FlowStatus>>,
+    batch: Vec<FlowStatus>,
+}
+
 enum Job {
-    Select { selector: Selector, verdict: Option<DataVerdict>, sink: SyncSender<Chunk>, batch: Vec<FlowStatus> },
+    Select { selector: Selector, verdict: Option<DataVerdict>, out: Out },
     Rejudge,
     Reconcile { generation: u16 },
 }
@@ -57,8 +64,14 @@ impl Sweeps {
         self.pending.push_back(Sweep { job, cursor: 0, blocked_until: None });
     }
 
-    pub(super) fn select(&mut self, selector: Selector, verdict: Option<DataVerdict>, sink: SyncSender<Chunk>) {
-        self.push(Job::Select { selector, verdict, sink, batch: Vec::new() });
+    pub(super) fn select(
+        &mut self,
+        selector: Selector,
+        verdict: Option<DataVerdict>,
+        sink: SyncSender<Chunk>,
+        recycle: Receiver<Vec<FlowStatus>>,
+    ) {
+        self.push(Job::Select { selector, verdict, out: Out { sink, recycle, batch: Vec::new() } });
     }
 
     pub(super) fn rejudge(&mut self) {
@@ -85,19 +98,42 @@ impl Sweeps {
     }
 }
 
-/// Sends what a listing has gathered; false if the reader is slow (try later).
-fn flush(sink: &SyncSender<Chunk>, batch: &mut Vec<FlowStatus>) -> Result<bool, ()> {
-    if batch.is_empty() {
-        return Ok(true);
-    }
-    match sink.try_send(Chunk::Flows(std::mem::take(batch))) {
-        Ok(()) => Ok(true),
-        Err(TrySendError::Full(Chunk::Flows(back))) => {
-            *batch = back;
-            Ok(false)
+impl Out {
+    fn push(&mut self, f: FlowStatus) {
+        if self.batch.capacity() == 0 {
+            self.batch = self.recycle.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
         }
-        Err(TrySendError::Full(Chunk::Done)) => Ok(false),
-        Err(TrySendError::Disconnected(_)) => Err(()),
+        self.batch.push(f);
+    }
+
+    /// Sends what the listing has gathered; false if the reader is slow (try later).
+    fn flush(&mut self) -> Result<bool, ()> {
+        if self.batch.is_empty() {
+            return Ok(true);
+        }
+        match self.sink.try_send(Chunk::Flows(std::mem::take(&mut self.batch))) {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(Chunk::Flows(back))) => {
+                self.batch = back;
+                Ok(false)
+            }
+            Err(TrySendError::Full(Chunk::Done)) => Ok(false),
+            Err(TrySendError::Disconnected(_)) => Err(()),
+        }
+    }
+
+    /// Sends the last chunk and the end of the listing.
+    fn finish(&mut self) -> Step {
+        match self.flush() {
+            Ok(true) => {}
+            Ok(false) => return Step::Blocked,
+            Err(()) => return Step::Abandoned,
+        }
+        match self.sink.try_send(Chunk::Done) {
+            Ok(()) => Step::Finished,
+            Err(TrySendError::Full(_)) => Step::Blocked,
+            Err(TrySendError::Disconnected(_)) => Step::Abandoned,
+        }
     }
 }
 
@@ -131,7 +167,7 @@ impl Engine {
 
     fn step(&mut self, s: &mut Sweep, now: Instant, budget: &mut usize) -> Step {
         // A listing by ids needs no walk: look them up.
-        if let Job::Select { selector, verdict, sink, batch } = &mut s.job
+        if let Job::Select { selector, verdict, out } = &mut s.job
             && selector.ids_only()
         {
             if s.cursor == 0 {
@@ -141,13 +177,13 @@ impl Engine {
                         self.apply(slot, now, v, None, UpdateSource::Handle);
                     }
                     if let Some(e) = self.table.get(slot) {
-                        batch.push(e.status(&self.interfaces));
+                        out.push(e.status(&self.interfaces));
                     }
                 }
                 s.cursor = usize::MAX;
                 *budget = budget.saturating_sub(selector.ids.len().max(1));
             }
-            return finish(sink, batch);
+            return out.finish();
         }
         let high = self.table.high();
         while s.cursor < high && *budget > 0 {
@@ -160,7 +196,7 @@ impl Engine {
                     let g = *generation;
                     self.reconcile(slot, now, g);
                 }
-                Job::Select { selector, verdict, sink, batch } => {
+                Job::Select { selector, verdict, out } => {
                     let Some(e) = self.table.get(slot) else { continue };
                     if !selector.matches(e.id, e.protocol, e.remote()) {
                         continue;
@@ -169,10 +205,10 @@ impl Engine {
                         self.apply(slot, now, v, None, UpdateSource::Handle);
                     }
                     if let Some(e) = self.table.get(slot) {
-                        batch.push(e.status(&self.interfaces));
+                        out.push(e.status(&self.interfaces));
                     }
-                    if batch.len() >= CHUNK {
-                        match flush(sink, batch) {
+                    if out.batch.len() >= CHUNK {
+                        match out.flush() {
                             Ok(true) => {}
                             Ok(false) => return Step::Blocked,
                             Err(()) => return Step::Abandoned,
@@ -185,7 +221,7 @@ impl Engine {
             return Step::More;
         }
         match &mut s.job {
-            Job::Select { sink, batch, .. } => finish(sink, batch),
+            Job::Select { out, .. } => out.finish(),
             _ => Step::Finished,
         }
     }
@@ -196,18 +232,4 @@ enum Step {
     Blocked,
     Finished,
     Abandoned,
-}
-
-/// Sends the last chunk and the end of a listing.
-fn finish(sink: &SyncSender<Chunk>, batch: &mut Vec<FlowStatus>) -> Step {
-    match flush(sink, batch) {
-        Ok(true) => {}
-        Ok(false) => return Step::Blocked,
-        Err(()) => return Step::Abandoned,
-    }
-    match sink.try_send(Chunk::Done) {
-        Ok(()) => Step::Finished,
-        Err(TrySendError::Full(_)) => Step::Blocked,
-        Err(TrySendError::Disconnected(_)) => Step::Abandoned,
-    }
 }

@@ -6,7 +6,8 @@
 //! peer cannot choose 5-tuples that collide) and by [`FlowId`]. The tables hold no keys of their
 //! own: equality is checked against the entry in the slab, which keeps the index at a few bytes
 //! per flow. `high` remembers one past the highest slot ever used, so sweeps can walk the slots
-//! in order across several calls; a slot keeps its flow for the flow's whole life.
+//! in order across several calls; a slot keeps its flow for the flow's whole life. Everything is
+//! sized for the cap at creation, so no insert ever stops to grow the table.
 //!
 //! [`Interfaces`] interns interface names with a count of the flows that use each one: a name no
 //! live flow uses any more is forgotten at once, so tunnel and container interfaces that come
@@ -54,13 +55,18 @@ fn id_hash(id: FlowId) -> u64 {
 }
 
 impl FlowTable {
+    /// A table for at most `cap` flows, allocated for all of them at once: growing a table of a
+    /// million flows would copy and rehash it all inside one packet's judgement. The slab's
+    /// untouched pages cost address space, not memory; the indexes' control bytes (about one byte
+    /// per flow) are written at once.
     pub(crate) fn new(cap: usize) -> Self {
+        let cap = cap.min(MAX_SLOTS);
         FlowTable {
-            entries: Slab::new(),
-            by_key: HashTable::new(),
-            by_id: HashTable::new(),
+            entries: Slab::with_capacity(cap),
+            by_key: HashTable::with_capacity(cap),
+            by_id: HashTable::with_capacity(cap),
             hasher: RandomState::new(),
-            cap: cap.min(MAX_SLOTS),
+            cap,
             high: 0,
         }
     }

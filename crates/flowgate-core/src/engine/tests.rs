@@ -2109,7 +2109,7 @@ fn a_flow_a_new_connection_displaces_waits_for_the_kernels_last_counts_and_never
 #[test]
 fn a_burst_of_commands_is_applied_a_budget_at_a_time() {
     let mut e = engine();
-    let ids = many_flows(&mut e, 200);
+    let ids = many_flows(&mut e, 2000);
     let _ = events(&mut e);
     let h = e.handle();
     for id in &ids {
@@ -2125,5 +2125,5 @@ fn a_burst_of_commands_is_applied_a_budget_at_a_time() {
         e.handle_timeout(secs(1));
     }
     let dropped = e.flows().iter().filter(|f| f.verdict == FlowVerdict::Drop).count();
-    assert_eq!(dropped, 200);
+    assert_eq!(dropped, 2000);
 }

@@ -65,6 +65,13 @@ pub fn run(config: &Config) -> Result<(), String> {
         signals.add(s);
     }
     signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    // No transparent huge pages: a queue worker that first touches a fresh 2 MiB page waits for
+    // the kernel to clear it, milliseconds on the packet path (bench/src/bin/registry.rs
+    // measured 2-6 ms). Small pages spread that cost out.
+    // SAFETY: this prctl only sets a flag of this process; it takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        eprintln!("flowgate: cannot turn transparent huge pages off: {}", std::io::Error::last_os_error());
+    }
     let running = Running::start(config, None)?;
     let signal = loop {
         match signals.wait() {

@@ -116,7 +116,10 @@ fn drain(mut listing: Listing, each: &mut impl FnMut(&[FlowStatus]) -> Result<()
     loop {
         match listing.next_before(Instant::now() + CHUNK_WAIT) {
             None => return Ok(()),
-            Some(Ok(chunk)) => each(&chunk)?,
+            Some(Ok(chunk)) => {
+                each(&chunk)?;
+                listing.give_back(chunk);
+            }
             Some(Err(e)) => return Err(e.to_string()),
         }
     }
