@@ -188,6 +188,14 @@ impl Engine {
         }
     }
 
+    /// Closes every retired flow now (shutdown).
+    pub(super) fn end_all_retired(&mut self, now: Instant) {
+        for r in std::mem::take(&mut self.kernel.retired) {
+            let reason = r.entry.closing.unwrap_or(CloseReason::Reused);
+            self.finish(r.entry, now, reason);
+        }
+    }
+
     /// A report on a retired flow's entry: the first entry created for the 5-tuple after the
     /// flow was retired without knowing its entry is its own (conntrack reports in order, and
     /// the old entry was created before the new one).

@@ -472,6 +472,8 @@ impl Engine {
             let reason = self.table.get(s).and_then(|e| e.closing).unwrap_or(CloseReason::End);
             self.close(s, now, reason);
         }
+        // Flows waiting for the kernel's last counts end now with what they have.
+        self.end_all_retired(now);
     }
 
     fn on_packet(

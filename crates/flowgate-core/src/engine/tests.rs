@@ -2127,3 +2127,19 @@ fn a_burst_of_commands_is_applied_a_budget_at_a_time() {
     let dropped = e.flows().iter().filter(|f| f.verdict == FlowVerdict::Drop).count();
     assert_eq!(dropped, 2000);
 }
+
+#[test]
+fn shutdown_closes_flows_still_waiting_for_the_kernels_last_counts() {
+    let mut e = offload_engine();
+    let (l, r) = ("198.51.100.1:40000", "203.0.113.7:443");
+    let first = e.handle_packet(secs(0), OUT, &Conn::new(l, r).syn()).flow.expect("tracked");
+    let mut syn = Conn::new(l, r).syn();
+    syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    let second = e.handle_packet(ms(5), OUT, &syn).flow.expect("tracked");
+    let _ = events(&mut e);
+    e.close_all(ms(10));
+    let mut closed: Vec<FlowId> = closed_events(&events(&mut e)).into_iter().map(|(id, _)| id).collect();
+    closed.sort();
+    assert_eq!(closed, [first, second], "every flow closes exactly once");
+    assert_eq!(e.footprint().retired, 0);
+}
