@@ -46,6 +46,11 @@ pub enum Command {
         /// One JSON object per flow, one per line.
         #[arg(long)]
         json: bool,
+        /// Sync with conntrack first, so the counters of flows the kernel handles are current
+        /// (otherwise they are as of the daemon's last periodic sync; at a million flows a sync
+        /// takes a few seconds).
+        #[arg(long)]
+        fresh: bool,
     },
     /// The running daemon's counters: per queue worker and in total (packets, flows, what was
     /// dropped or deferred and why), conntrack reports and syncs, events written.
@@ -181,7 +186,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rules { command: RulesCommand::Check { file, json, strict } } => rules_check(&file, json, strict),
         Command::Replay { capture, config, json } => replay_cmd(&capture, config.as_deref(), json),
         Command::Run { config } => run_cmd(config.as_deref()),
-        Command::Flows { filter, target, json } => flows_cmd(&filter, &target, json),
+        Command::Flows { filter, target, json, fresh } => flows_cmd(&filter, &target, json, fresh),
         Command::Stats { target, json } => stats_cmd(&target, json),
         Command::Cleanup { target } => cleanup_cmd(&target),
         Command::Block { select, target } => verdict_cmd("block", &select, &target),
@@ -215,20 +220,28 @@ fn run_cmd(path: Option<&Path>) -> ExitCode {
     }
 }
 
-fn flows_cmd(filter: &FlowFilterArgs, target: &DaemonTarget, json: bool) -> ExitCode {
+fn flows_cmd(filter: &FlowFilterArgs, target: &DaemonTarget, json: bool, fresh: bool) -> ExitCode {
     let run_dir = match target.run_dir() {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let req = json!({"cmd": "flows", "remote": filter.remote, "port": filter.port, "protocol": filter.protocol});
+    let req = json!({
+        "cmd": "flows", "remote": filter.remote, "port": filter.port, "protocol": filter.protocol, "fresh": fresh,
+    });
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     if !json && let Err(e) = print_flow_header(&mut out) {
         return fail(e);
     }
     // Lines are printed as they arrive: a million flows never sit in memory here.
-    let streamed = crate::daemon::control::request_stream(&run_dir, &req, |f| {
-        let written = if json { writeln!(out, "{f}") } else { print_flow_row(&mut out, &f) };
+    let streamed = crate::daemon::control::request_stream(&run_dir, &req, |line| {
+        let written = if json {
+            // As the daemon wrote it: no need to parse what is only passed on.
+            writeln!(out, "{line}")
+        } else {
+            let f: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("bad flow line: {e}"))?;
+            print_flow_row(&mut out, &f)
+        };
         written.map_err(|e| e.to_string())
     });
     match streamed.map(drop).and_then(|()| out.flush().map_err(|e| e.to_string())) {

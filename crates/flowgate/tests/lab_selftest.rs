@@ -258,6 +258,13 @@ fn cleanup_after_drop() {
     let leaked_pid = leaked.pid();
     let leaked_log = leaked.log_path.clone();
     std::mem::forget(leaked);
+    // Its exit is awaited through a pidfd (readable once it has exited): the kill that deleting
+    // the namespace sends takes effect asynchronously.
+    // SAFETY: plain syscall; the pid is our unreaped child, so it cannot be reused.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, leaked_pid, 0) };
+    assert!(raw >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: a new fd returned by pidfd_open, owned by nobody else.
+    let leaked_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
 
     drop(child);
     assert!(process_gone_or_zombie(guarded), "guarded child {guarded} still running");
@@ -276,6 +283,8 @@ fn cleanup_after_drop() {
     let socats: Vec<String> =
         processes_mentioning("socat").into_iter().filter(|p| names.iter().any(|n| p.contains(n))).collect();
     assert!(socats.is_empty(), "{socats:?}");
+    let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&leaked_fd), nix::poll::PollFlags::POLLIN)];
+    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16));
     assert!(process_gone_or_zombie(leaked_pid), "leaked child {leaked_pid} survived its namespace");
     // Reap the leaked child ourselves (its guard was forgotten).
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(leaked_pid), None);

@@ -967,11 +967,11 @@ fn a_forwarded_connection_open_before_the_start_is_adopted_and_killed() {
 
 // ---- every live flow stays known, listable and blockable for as long as it lives
 
-/// The daemon's live flows that `filter` (CLI arguments such as `--port 7100`) selects, as the
-/// JSON objects `flowgate flows --json` prints.
+/// The daemon's live flows that `filter` (CLI arguments such as `--port 7100`) selects, with
+/// current counters, as the JSON objects `flowgate flows --json --fresh` prints.
 fn listed(d: &Daemon, filter: &[&str]) -> Vec<Value> {
     let run_dir = d.run_dir();
-    let mut args = vec!["flows", "--json", "--run-dir", &run_dir];
+    let mut args = vec!["flows", "--json", "--fresh", "--run-dir", &run_dir];
     args.extend_from_slice(filter);
     let out = d.flowgate(&args);
     assert!(out.status.success(), "flowgate flows: {}", String::from_utf8_lossy(&out.stderr));

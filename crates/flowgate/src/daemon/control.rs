@@ -48,6 +48,10 @@ struct Select {
     remote: Option<String>,
     port: Option<u16>,
     protocol: Option<String>,
+    /// `flows` only: sync with conntrack first, so kernel-handled flows' counters are current
+    /// (otherwise they are as of the last periodic sync).
+    #[serde(default)]
+    fresh: bool,
 }
 
 impl Select {
@@ -129,6 +133,7 @@ pub(crate) fn serve(run_dir: &Path, group: Option<nix::unistd::Gid>, ctx: Contex
                 }
                 let (ctx, clients) = (ctx.clone(), clients.clone());
                 let spawned = std::thread::Builder::new().name("flowgate-client".into()).spawn(move || {
+                    super::background();
                     answer(conn, &ctx);
                     clients.fetch_sub(1, Ordering::AcqRel);
                 });
@@ -165,13 +170,12 @@ fn answer(conn: UnixStream, ctx: &Context) {
     let _ = out.flush();
 }
 
-/// One listing line: the flow's status and its age.
-fn flow_line(f: &FlowStatus, ctx: &Context) -> Value {
-    let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
-    if let Some(o) = v.as_object_mut() {
-        o.insert("age_ms".into(), json!(ctx.clock.now().saturating_since(f.flow.started).as_millis() as u64));
-    }
-    v
+/// One listing line: the flow's status and its age, written straight to the client.
+#[derive(serde::Serialize)]
+struct FlowLine<'a> {
+    #[serde(flatten)]
+    status: &'a FlowStatus,
+    age_ms: u64,
 }
 
 fn stream_flows(out: &mut impl Write, sel: &Select, ctx: &Context) -> std::io::Result<()> {
@@ -180,11 +184,17 @@ fn stream_flows(out: &mut impl Write, sel: &Select, ctx: &Context) -> std::io::R
         Err(e) => return writeln!(out, "{}", json!({"ok": false, "error": e})),
     };
     writeln!(out, "{}", json!({"ok": true}))?;
+    // The client learns at once that the listing is coming.
+    out.flush()?;
     let mut count = 0u64;
-    // Kernel-handled flows' counters live in conntrack; a sync brings them in first.
-    let listed = ctx.registry.list(&selector, true, |chunk| {
-        for f in chunk {
-            writeln!(out, "{}", flow_line(f, ctx)).map_err(|e| format!("writing to the client: {e}"))?;
+    // Kernel-handled flows' counters come from conntrack's syncs; `fresh` waits for a new one.
+    let listed = ctx.registry.list(&selector, sel.fresh, |chunk| {
+        let now = ctx.clock.now();
+        for status in chunk {
+            let age_ms = u64::try_from(now.saturating_since(status.flow.started).as_millis()).unwrap_or(u64::MAX);
+            serde_json::to_writer(&mut *out, &FlowLine { status, age_ms })
+                .map_err(|e| format!("writing to the client: {e}"))?;
+            out.write_all(b"\n").map_err(|e| format!("writing to the client: {e}"))?;
         }
         count += chunk.len() as u64;
         Ok(())
@@ -279,12 +289,12 @@ pub fn request(run_dir: &Path, req: &Value) -> Result<Value, String> {
     parse_reply(&line, &path)
 }
 
-/// Sends a streaming request (`flows`): calls `each` with every line after the first, until the
-/// end line, and returns the end line.
+/// Sends a streaming request (`flows`): calls `each` with every flow line after the first (as
+/// the daemon wrote it: one JSON object), until the end line, and returns the end line.
 pub fn request_stream(
     run_dir: &Path,
     req: &Value,
-    mut each: impl FnMut(Value) -> Result<(), String>,
+    mut each: impl FnMut(&str) -> Result<(), String>,
 ) -> Result<Value, String> {
     let (conn, path) = connect(run_dir)?;
     let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
@@ -295,14 +305,19 @@ pub fn request_stream(
     parse_reply(&first.map_err(|e| format!("{}: no reply: {e}", path.display()))?, &path)?;
     for line in lines {
         let line = line.map_err(|e| format!("{}: reply cut short: {e}", path.display()))?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| format!("{}: bad reply line: {e}", path.display()))?;
-        if v.get("end") == Some(&Value::Bool(true)) {
-            return match v.get("error").and_then(Value::as_str) {
-                Some(e) => Err(format!("the listing stopped after {} flows: {e}", v["count"])),
-                None => Ok(v),
-            };
+        // Flow lines start with their flow object; anything else is the end line.
+        if line.starts_with("{\"flow\":") {
+            each(&line)?;
+            continue;
         }
-        each(v)?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("{}: bad reply line: {e}", path.display()))?;
+        if v.get("end") != Some(&Value::Bool(true)) {
+            return Err(format!("{}: unexpected reply line: {line}", path.display()));
+        }
+        return match v.get("error").and_then(Value::as_str) {
+            Some(e) => Err(format!("the listing stopped after {} flows: {e}", v["count"])),
+            None => Ok(v),
+        };
     }
     Err(format!("{}: the reply ended without its last line", path.display()))
 }

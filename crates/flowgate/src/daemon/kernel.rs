@@ -9,8 +9,9 @@
 //!   FIN or RST; a destroy is its end. Only entries whose mark names an owner (see
 //!   [`flowgate_linux::marks`]) are passed on, to that owner alone. A full command channel or a
 //!   socket overrun (ENOBUFS) loses reports: both are counted and make the next sync come at once.
-//! - **sync** (`flowgate-ct-sync`): every `interval`, and whenever [`Syncer::sync`] asks, a dump of
-//!   the whole table, framed by [`KernelSync`] start and done, with every owned entry's counters
+//! - **sync** (`flowgate-ct-sync`, at a lower priority than the queue workers): every `interval`
+//!   (or ten times as long as the last sync took, if that is longer: at a million entries a sync
+//!   takes a couple of seconds), and whenever [`Syncer::sync`] asks, a dump of the whole table, framed by [`KernelSync`] start and done, with every owned entry's counters
 //!   sent to its owner. Syncs refresh counters (a kernel-handled flow's activity), catch ends that
 //!   were never reported (two syncs that miss a flow close it) and tell idle flows from busy ones.
 //!
@@ -142,6 +143,7 @@ impl Watcher {
             std::thread::Builder::new()
                 .name("flowgate-ct-sync".into())
                 .spawn(move || {
+                    super::background();
                     let mut s = Sync { ct: dumper, handles, clock, stats, generation: 0 };
                     s.run(&incoming, interval, &stop, &urgent)
                 })
@@ -265,6 +267,7 @@ impl Sync {
             if waiting.is_empty() && !due {
                 continue;
             }
+            let began = StdInstant::now();
             if let Err(e) = self.sync_once() {
                 // A failed dump is retried at the next interval; the engines keep their flows.
                 eprintln!("flowgate: conntrack sync: {e}");
@@ -272,7 +275,8 @@ impl Sync {
             for w in waiting {
                 let _ = w.try_send(());
             }
-            next = StdInstant::now() + interval;
+            // A huge table makes a sync long: never spend more than a tenth of the time on it.
+            next = StdInstant::now() + interval.max(began.elapsed() * 10);
         }
         Ok(())
     }

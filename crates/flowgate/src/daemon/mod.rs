@@ -47,6 +47,17 @@ use shard::{Links, Shard};
 
 pub use lock::LOCK;
 
+/// Lowers the calling thread's scheduling priority (nice 10): bulk work (listings, syncs) then
+/// waits while a queue worker needs a CPU, instead of taking turns with it. Best effort.
+pub(crate) fn background() {
+    // SAFETY: gettid and setpriority take no pointers; PRIO_PROCESS with a thread id sets that
+    // thread's nice value on Linux.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
 /// Events in flight between the workers and the writer; past it, events are dropped and counted
 /// (`events_dropped` in `flowgate stats`) rather than stall the packet path.
 pub const EVENT_CAPACITY: usize = 65_536;
@@ -197,10 +208,12 @@ impl Running {
         self.registry.owner(flow).update(flow, verdict, direction).map_err(|e| e.to_string())
     }
 
-    /// The live flows `selector` matches, from every worker, with current kernel counters.
-    pub fn list(&self, selector: &Selector) -> Result<Vec<FlowStatus>, String> {
+    /// The live flows `selector` matches, from every worker. `fresh`: sync with conntrack
+    /// first, so kernel-handled flows' counters are current (otherwise they are as of the last
+    /// periodic sync).
+    pub fn list(&self, selector: &Selector, fresh: bool) -> Result<Vec<FlowStatus>, String> {
         let mut out = Vec::new();
-        self.registry.list(selector, true, |c| {
+        self.registry.list(selector, fresh, |c| {
             out.extend_from_slice(c);
             Ok(())
         })?;
