@@ -47,15 +47,28 @@ use shard::{Links, Shard};
 
 pub use lock::LOCK;
 
-/// Lowers the calling thread's scheduling priority (nice 10): bulk work (listings, syncs) then
-/// waits while a queue worker needs a CPU, instead of taking turns with it. Best effort.
-pub(crate) fn background() {
+/// Sets the calling thread's nice value. Best effort: a thread that keeps its priority still
+/// works.
+fn nice(value: i32) {
     // SAFETY: gettid and setpriority take no pointers; PRIO_PROCESS with a thread id sets that
     // thread's nice value on Linux.
     unsafe {
         let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, value);
     }
+}
+
+/// Bulk work (listings, syncs) runs at nice 10: it waits while a queue worker needs a CPU,
+/// instead of taking turns with it.
+pub(crate) fn background() {
+    nice(10);
+}
+
+/// Queue workers run at nice -10: a packet that wakes one gets a CPU ahead of the host's
+/// ordinary work and of the daemon's own bulk work (a worker sleeps whenever it has nothing to
+/// judge, so this takes nothing from anyone while traffic is quiet).
+pub(crate) fn foreground() {
+    nice(-10);
 }
 
 /// Events in flight between the workers and the writer; past it, events are dropped and counted

@@ -129,6 +129,7 @@ impl Shard {
             pending: None,
         };
         let thread = std::thread::Builder::new().name(format!("flowgate-q{num}")).spawn(move || {
+            super::foreground();
             let result = worker.run();
             // Say so at once: until shutdown nobody else would notice that this queue's flows
             // now go unjudged (fail-open) or stall (fail-closed).
