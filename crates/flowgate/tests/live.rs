@@ -695,17 +695,10 @@ fn block_a_udp_stream_mid_stream() {
     let lab = Lab::new("udpblock");
     let _echo = udp_echo(&lab.srv, addr("203.0.113.10:5353"));
     let d = Daemon::start(&lab, "udpblock", "");
-    let sock = lab.host.in_ns(|| {
-        let s = UdpSocket::bind("198.51.100.1:0").expect("bind");
-        s.connect("203.0.113.10:5353").expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-        for _ in 0..3 {
-            s.send(b"tick").expect("send");
-            let mut b = [0u8; 8];
-            s.recv(&mut b).expect("echo");
-        }
-        s
-    });
+    let sock = udp_client(&lab, "203.0.113.10:5353");
+    for _ in 0..3 {
+        exchange_udp(&sock);
+    }
     let run_dir = d.run_dir();
     let out = d.flowgate(&["block", "--remote", "203.0.113.10", "--port", "5353", "--run-dir", &run_dir]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -992,6 +985,16 @@ fn exchange_tcp(c: &mut TcpStream) {
     c.read_exact(&mut b).expect("echo");
 }
 
+/// A UDP socket in the host, from 198.51.100.1, connected to `to`, reads time out after 3 s.
+fn udp_client(lab: &Lab, to: &'static str) -> UdpSocket {
+    lab.host.in_ns(move || {
+        let s = UdpSocket::bind("198.51.100.1:0").expect("bind");
+        s.connect(to).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        s
+    })
+}
+
 fn exchange_udp(s: &UdpSocket) {
     s.send(b"tick").expect("send");
     let mut b = [0u8; 8];
@@ -1005,12 +1008,7 @@ fn busy_flows_stay_listed_past_their_idle_timeouts_and_can_then_be_blocked() {
     let _udp = udp_echo(&lab.srv, addr("203.0.113.10:5400"));
     let d = Daemon::start(&lab, "longlive", "[timeouts]\ntcp = \"2s\"\nudp = \"2s\"\n");
     let LongLived { mut client, server } = long_lived(&lab, addr("203.0.113.10:7100"));
-    let udp = lab.host.in_ns(|| {
-        let s = UdpSocket::bind("198.51.100.1:0").expect("bind");
-        s.connect("203.0.113.10:5400").expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-        s
-    });
+    let udp = udp_client(&lab, "203.0.113.10:5400");
     exchange_udp(&udp);
     // Four times the idle timeouts, traffic every 250 ms that only the kernel sees.
     let start = Instant::now();
@@ -1063,12 +1061,7 @@ fn a_truly_idle_flow_closes_idle_with_the_kernels_counts_and_comes_back_as_a_new
     let lab = Lab::new("idle");
     let _udp = udp_echo(&lab.srv, addr("203.0.113.10:5401"));
     let d = Daemon::start(&lab, "idle", "[timeouts]\nudp = \"1s\"\n");
-    let s = lab.host.in_ns(|| {
-        let s = UdpSocket::bind("198.51.100.1:0").expect("bind");
-        s.connect("203.0.113.10:5401").expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-        s
-    });
+    let s = udp_client(&lab, "203.0.113.10:5401");
     for _ in 0..5 {
         exchange_udp(&s);
     }

@@ -1714,6 +1714,21 @@ fn a_new_connection_on_a_reused_tuple_is_judged_even_if_the_old_end_was_unseen()
 // Kernel-handled flows: liveness from kernel reports and syncs, conntrack ids
 // ---------------------------------------------------------------------------------------------
 
+/// The opening SYN of a new connection from `local` to `remote` with initial sequence number
+/// `isn` (IPv4, no options: the sequence field is at bytes 24..28).
+fn syn_with_isn(local: &str, remote: &str, isn: u32) -> Vec<u8> {
+    let mut syn = Conn::new(local, remote).syn();
+    syn[24..28].copy_from_slice(&isn.to_be_bytes());
+    syn
+}
+
+/// A connection's SYN, then a new connection's SYN on the same 4-tuple 5 ms later; their flows.
+fn reused_tuple(e: &mut Engine, l: &str, r: &str) -> (FlowId, FlowId) {
+    let first = e.handle_packet(secs(0), OUT, &Conn::new(l, r).syn()).flow.expect("tracked");
+    let second = e.handle_packet(ms(5), OUT, &syn_with_isn(l, r, 0x1234_5678)).flow.expect("tracked");
+    (first, second)
+}
+
 /// An engine whose settled flows the kernel handles (as in the live daemon), UDP idle after 30 s,
 /// synced every 5 s.
 fn offload_engine() -> Engine {
@@ -1839,9 +1854,7 @@ fn the_late_end_of_an_old_entry_never_closes_a_new_connection_on_the_same_tuple(
     let first = handshake(&mut e, &mut old, secs(0));
     e.handle_kernel_report(secs(0), &report(Protocol::Tcp, l, r, 111, 3, 1, KernelState::Created));
     // A new connection on the same 4-tuple (new sequence numbers) while entry 111 is dying.
-    let mut syn = Conn::new(l, r).syn();
-    syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    let second = e.handle_packet(secs(10), OUT, &syn).flow.expect("tracked");
+    let second = e.handle_packet(secs(10), OUT, &syn_with_isn(l, r, 0x1234_5678)).flow.expect("tracked");
     assert_ne!(second, first);
     let _ = events(&mut e);
     // The old entry's RST and end arrive after the new connection started, also a dump that
@@ -2075,10 +2088,7 @@ fn a_flow_a_new_connection_displaces_waits_for_the_kernels_last_counts_and_never
     // reached the engine before the new SYN on its 4-tuple.
     let mut e = offload_engine();
     let (l, r) = ("198.51.100.1:40000", "203.0.113.7:443");
-    let first = e.handle_packet(secs(0), OUT, &Conn::new(l, r).syn()).flow.expect("tracked");
-    let mut syn = Conn::new(l, r).syn();
-    syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    let second = e.handle_packet(ms(5), OUT, &syn).flow.expect("tracked");
+    let (first, second) = reused_tuple(&mut e, l, r);
     let _ = events(&mut e);
     assert_eq!(e.footprint().retired, 1);
     // Now the kernel's reports arrive, in the kernel's order: the old entry's creation, RST and
@@ -2096,10 +2106,8 @@ fn a_flow_a_new_connection_displaces_waits_for_the_kernels_last_counts_and_never
     e.handle_timeout(secs(20));
     assert_eq!(e.flows().iter().map(|f| f.flow.id).collect::<Vec<_>>(), [second], "the new one lives on");
     // A displaced flow the kernel never reports on again closes after a sync interval.
-    let mut syn = Conn::new(l, r).syn();
-    syn[24..28].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
     e.handle_kernel_report(secs(20), &report(Protocol::Tcp, l, r, 222, 9, 9, KernelState::Alive));
-    let _ = e.handle_packet(secs(21), OUT, &syn);
+    let _ = e.handle_packet(secs(21), OUT, &syn_with_isn(l, r, 0x0bad_cafe));
     let _ = events(&mut e);
     e.handle_timeout(secs(26));
     let closed = closed_events(&events(&mut e));
@@ -2131,11 +2139,7 @@ fn a_burst_of_commands_is_applied_a_budget_at_a_time() {
 #[test]
 fn shutdown_closes_flows_still_waiting_for_the_kernels_last_counts() {
     let mut e = offload_engine();
-    let (l, r) = ("198.51.100.1:40000", "203.0.113.7:443");
-    let first = e.handle_packet(secs(0), OUT, &Conn::new(l, r).syn()).flow.expect("tracked");
-    let mut syn = Conn::new(l, r).syn();
-    syn[24..28].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    let second = e.handle_packet(ms(5), OUT, &syn).flow.expect("tracked");
+    let (first, second) = reused_tuple(&mut e, "198.51.100.1:40000", "203.0.113.7:443");
     let _ = events(&mut e);
     e.close_all(ms(10));
     let mut closed: Vec<FlowId> = closed_events(&events(&mut e)).into_iter().map(|(id, _)| id).collect();
