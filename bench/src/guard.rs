@@ -1,5 +1,6 @@
-//! Cleanup for the live benchmarks (`src/bin/live.rs`, `src/bin/verdicts.rs`), for the paths
-//! where their Drop guards cannot run: a signal, or a panic in a build that aborts on panic.
+//! Cleanup for the live benchmarks (`src/bin/live.rs`, `src/bin/verdicts.rs`,
+//! `src/bin/flows.rs`), for the paths where their Drop guards cannot run: a signal, or a panic in
+//! a build that aborts on panic.
 //!
 //! Each binary calls [`install`] with its name first thing; [`TempDir`] names its directories
 //! after that name and this process, and [`emergency_cleanup`] removes them along with this
@@ -15,7 +16,8 @@ use nix::unistd::Pid;
 
 static TOOL: OnceLock<&'static str> = OnceLock::new();
 
-fn tool() -> &'static str {
+/// The binary's name given to [`install`] (`bench` before), which its messages start with.
+pub fn tool() -> &'static str {
     TOOL.get().copied().unwrap_or("bench")
 }
 
@@ -24,28 +26,34 @@ fn temp_prefix() -> String {
     format!("flowgate-{}-bench-{}-", tool(), std::process::id())
 }
 
+/// This process's lab namespaces (`fg<pid>x...`) that exist now.
+pub fn namespaces_left() -> Vec<String> {
+    let prefix = format!("fg{}x", std::process::id());
+    fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Kills everything inside this process's lab namespaces (the daemon included), deletes them,
 /// and removes this process's temp files.
 pub fn emergency_cleanup() {
     let me = std::process::id();
-    let prefix = format!("fg{me}x");
-    if let Ok(dir) = fs::read_dir("/run/netns") {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(&prefix) {
-                continue;
-            }
-            let pids = Command::new("ip").args(["netns", "pids", &name]).stderr(Stdio::null()).output();
-            if let Ok(o) = pids {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                    if pid != me as i32 {
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
+    for name in namespaces_left() {
+        let pids = Command::new("ip").args(["netns", "pids", &name]).stderr(Stdio::null()).output();
+        if let Ok(o) = pids {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                if pid != me as i32 {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
-            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-            eprintln!("{}: removed namespace {name}", tool());
         }
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        eprintln!("{}: removed namespace {name}", tool());
     }
     // Ours, and the log files of the lab's process guards (`flowgate-lab-<pid>-...`).
     let lab_logs = format!("flowgate-lab-{me}-");
@@ -59,6 +67,26 @@ pub fn emergency_cleanup() {
             }
         }
     }
+}
+
+/// The start of a live benchmark's `main`: its options from `parse_opts` (else the error and
+/// exit 2), root (else exit 2: the benchmark needs it for `needs`), then [`install`] (else exit
+/// 1). Messages start with `tool`, the binary's name, which is also its script's:
+/// `bench/<tool>.sh`.
+pub fn begin<T>(tool: &'static str, needs: &str, parse_opts: impl FnOnce() -> Result<T, String>) -> T {
+    let opts = parse_opts().unwrap_or_else(|e| {
+        eprintln!("{tool}: {e}");
+        std::process::exit(2);
+    });
+    if !crate::lab::is_root() {
+        eprintln!("{tool}: needs root ({needs}); run bench/{tool}.sh as root");
+        std::process::exit(2);
+    }
+    if let Err(e) = install(tool) {
+        eprintln!("{tool}: {e}");
+        std::process::exit(1);
+    }
+    opts
 }
 
 /// Names this binary (`tool`), blocks SIGINT, SIGTERM and SIGHUP in every thread (call before

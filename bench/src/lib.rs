@@ -3,8 +3,21 @@
 //!
 //! Everything here is deterministic (a fixed-seed xorshift), so two runs measure the same rules
 //! and the same packets. Setup errors are returned, never panicked on; the benches decide.
+//!
+//! The modules are what the live benchmarks (`src/bin/live.rs`, `verdicts.rs`, `flows.rs`)
+//! share: [`args`], [`guard`], [`daemon`], [`connect`], [`counters`] and [`report`], and the
+//! integration tests' namespace [`lab`].
 
+pub mod args;
+pub mod connect;
+pub mod counters;
+pub mod daemon;
 pub mod guard;
+// The integration tests' namespace lab, included here once so that the live benchmarks and the
+// modules above share one copy of it (its types, its namespace counter).
+#[path = "../../crates/flowgate/tests/lab/mod.rs"]
+pub mod lab;
+pub mod report;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

@@ -50,29 +50,24 @@
 //! (and the exit restores `nf_conntrack_max`). `bench/flows.sh` builds this binary with
 //! unwinding panics, so a failure unwinds through the guards.
 
-#[path = "../../../crates/flowgate/tests/lab/mod.rs"]
-mod lab;
-
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child as ProcChild, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flowgate_bench::guard::{TempDir, emergency_cleanup, install};
-use lab::{CLI_V4, Lab, Netns, SRV_SERVICE_V4};
-use nix::sys::signal::{Signal, kill};
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt, socket, sockopt,
-};
-use nix::sys::time::{TimeVal, TimeValLike};
-use nix::unistd::Pid;
+use flowgate_bench::args::{Args, whole_number};
+use flowgate_bench::connect::{AcceptServer, FIRST_CLIENT_PORT, Latencies, client_ports, connect_once};
+use flowgate_bench::counters::tcp_ext;
+use flowgate_bench::daemon::{self, Daemon, check_nothing_left, check_stopped_alone, child_setup, describe_exit};
+use flowgate_bench::guard::{TempDir, begin};
+use flowgate_bench::lab::{CLI_V4, Lab, Netns, SRV_SERVICE_V4};
+use flowgate_bench::report::{loadavg, print_result, round};
+use nix::sys::socket::SockaddrIn;
 use serde_json::{Value, json};
 
 type Result<T> = std::result::Result<T, String>;
@@ -97,23 +92,22 @@ const QUEUE_POLL: Duration = Duration::from_micros(200);
 /// Servers of the connect loop on 203.0.113.10 (5002 first; more ports give more distinct
 /// 4-tuples to a loop that runs as long as a listing of a million flows).
 const ACCEPT_PORTS: [u16; 8] = [5002, 5003, 5004, 5005, 5006, 5007, 5008, 5009];
-const ACCEPT_BACKLOG: i32 = 4096;
-/// Source ports of the connect loop: below the ephemeral range, where nothing else binds.
-const FIRST_CLIENT_PORT: u16 = 10_000;
-const LAST_CLIENT_PORT: u16 = 32_767;
 /// conntrack's limit during the run: the largest N plus this.
 const CT_HEADROOM: u64 = 200_000;
 const CT_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 /// Per-namespace conntrack timeouts set in `host` (seconds).
 const UDP_CT_TIMEOUT: &str = "3600";
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the daemon may take to exit after SIGTERM: it closes (and logs) every flow first.
-const STOP_TIMEOUT: Duration = Duration::from_secs(180);
+/// The daemon may take 60 s to print its ready line and 180 s to exit after SIGTERM (it closes,
+/// and logs, every flow first); its first 20 stderr lines are echoed to this process's stderr,
+/// all are kept for the report.
+const DAEMON: daemon::Options = daemon::Options {
+    ready_timeout: Duration::from_secs(60),
+    stop_timeout: Duration::from_secs(180),
+    echo_lines: 20,
+    echo_more: "... (further lines are kept for the report, not shown)",
+};
 /// How long one listing may take.
 const LISTING_TIMEOUT: Duration = Duration::from_secs(300);
-const READY_LINE: &str = "flowgate: ready";
-/// Daemon stderr lines echoed to this process's stderr (all are kept for the report).
-const ECHO_LINES: usize = 20;
 
 struct Opts {
     flowgate: PathBuf,
@@ -163,34 +157,24 @@ fn parse_opts() -> Result<Opts> {
         listing_nice: None,
         max_flows: 4_000_000,
     };
-    let mut flowgate = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value\n\n{USAGE}"));
+    let mut args = Args::new(USAGE);
+    while let Some(a) = args.next_option()? {
+        let mut count = |name: &str, lo: usize, hi: usize| whole_number(&args.value(name)?, name, lo, hi);
         match a.as_str() {
-            "--flowgate" => flowgate = Some(PathBuf::from(value("--flowgate")?)),
-            "--json" => opts.json = Some(PathBuf::from(value("--json")?)),
             "--flows" => {
-                let list = value("--flows")?;
-                opts.flows = list.split(',').map(|s| count(s.trim(), "--flows", 1000, MAX_N)).collect::<Result<_>>()?;
+                let list = args.value("--flows")?;
+                opts.flows =
+                    list.split(',').map(|s| whole_number(s.trim(), "--flows", 1000, MAX_N)).collect::<Result<_>>()?;
             }
             "--quick" => opts.flows = vec![20_000],
-            "--budget" => opts.budget = count(&value("--budget")?, "--budget", 2 * FILL_STEP, 60_000)?,
-            "--connects" => opts.connects = count(&value("--connects")?, "--connects", 10, 180_000)?,
-            "--warmup" => opts.warmup = count(&value("--warmup")?, "--warmup", 0, 5000)?,
-            "--during-min" => opts.during_min = count(&value("--during-min")?, "--during-min", 1, 20_000)?,
-            "--max-flows" => opts.max_flows = count(&value("--max-flows")?, "--max-flows", 2000, 16_000_000)?,
-            "--listing-nice" => {
-                opts.listing_nice = Some(count(&value("--listing-nice")?, "--listing-nice", 0, 19)? as i32);
-            }
-            "--gap-us" => {
-                opts.gap = Duration::from_micros(count(&value("--gap-us")?, "--gap-us", 0, 100_000)? as u64);
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument `{other}`\n\n{USAGE}")),
+            "--budget" => opts.budget = count("--budget", 2 * FILL_STEP, 60_000)?,
+            "--connects" => opts.connects = count("--connects", 10, 180_000)?,
+            "--warmup" => opts.warmup = count("--warmup", 0, 5000)?,
+            "--during-min" => opts.during_min = count("--during-min", 1, 20_000)?,
+            "--max-flows" => opts.max_flows = count("--max-flows", 2000, 16_000_000)?,
+            "--listing-nice" => opts.listing_nice = Some(count("--listing-nice", 0, 19)? as i32),
+            "--gap-us" => opts.gap = Duration::from_micros(count("--gap-us", 0, 100_000)? as u64),
+            other => return Err(args.unknown(other)),
         }
     }
     // Each of the two engines gets half of max_flows; the fill's flows split about 47/53 between
@@ -202,30 +186,8 @@ fn parse_opts() -> Result<Opts> {
     if opts.warmup + opts.connects + opts.during_min > client_slots() {
         return Err(format!("--warmup + --connects + --during-min must not exceed {}", client_slots()));
     }
-    opts.flowgate = match flowgate {
-        Some(p) => p,
-        None => {
-            let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("flowgate")));
-            match sibling {
-                Some(p) if p.is_file() => p,
-                _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/flowgate"),
-            }
-        }
-    };
-    opts.flowgate = fs::canonicalize(&opts.flowgate).map_err(|e| {
-        format!(
-            "flowgate binary {}: {e} (build it with `cargo build --release -p flowgate`, or pass --flowgate)",
-            opts.flowgate.display()
-        )
-    })?;
+    (opts.flowgate, opts.json) = args.finish()?;
     Ok(opts)
-}
-
-fn count(s: &str, name: &str, lo: usize, hi: usize) -> Result<usize> {
-    match s.replace('_', "").parse::<usize>() {
-        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
-        _ => Err(format!("{name}: `{s}` is not a whole number from {lo} to {hi}")),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -262,10 +224,10 @@ extern "C" fn restore_ct_max_at_exit() {
     }
 }
 
-/// Registers the restore for the paths where no Drop runs. Call after [`install`] and before
-/// raising the limit. The guard's signal thread ends with `std::process::exit`, which runs
-/// `atexit` hooks; with `panic = "abort"` a panic hook restores it (the guard's own hook, set
-/// before, cleans up the labs).
+/// Registers the restore for the paths where no Drop runs. Call after [`begin`] (which installs
+/// the guard) and before raising the limit. The guard's signal thread ends with
+/// `std::process::exit`, which runs `atexit` hooks; with `panic = "abort"` a panic hook restores
+/// it (the guard's own hook, set before, cleans up the labs).
 fn install_ct_max_restore() -> Result<()> {
     // SAFETY: registers a plain function with no arguments; it may run on any thread at exit.
     if unsafe { libc::atexit(restore_ct_max_at_exit) } != 0 {
@@ -317,142 +279,13 @@ impl Drop for CtMax {
 /// Writes the daemon's config: run_dir and log in the temp dir, 2 queues of 65,536 packets,
 /// room for `max_flows` flows (4,000,000 unless asked), 30-minute idle timeouts, no rules.
 fn write_config(dir: &TempDir, max_flows: usize) -> Result<PathBuf> {
-    let text = format!(
-        "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\nqueue_max_len = 65536\nmax_flows = {max_flows}\n\n\
-         [timeouts]\nudp = \"30m\"\ntcp = \"30m\"\nicmp = \"30m\"\nother = \"30m\"\n",
-        dir.run_dir().display(),
-        dir.log().display()
-    );
-    let path = dir.0.join("flowgate.toml");
-    fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
-}
-
-/// For the children (the daemon, the CLI), in the child before exec: an empty signal mask (this
-/// process blocks SIGINT, SIGTERM and SIGHUP for the guard's signal thread, and children
-/// inherit that mask) and `deathsig` when the spawning thread dies (PR_SET_PDEATHSIG: only the
-/// main thread spawns them, and it lives until the end).
-fn child_setup(cmd: &mut Command, deathsig: libc::c_int) {
-    // SAFETY: sigemptyset, pthread_sigmask and prctl are async-signal-safe and only touch the
-    // child's own stack.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            if rc != 0 {
-                return Err(std::io::Error::from_raw_os_error(rc));
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, deathsig as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Pids of every daemon this process started, checked at the end.
-static SPAWNED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
-
-/// `flowgate run` inside a namespace. The lab's [`lab::Child`] guard SIGTERMs (then SIGKILLs)
-/// and reaps it on drop; it also gets SIGTERM if this process dies ([`child_setup`]).
-struct Daemon {
-    child: lab::Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    /// Spawns the daemon and waits for its ready line; returns it and how long that took.
-    fn start(ns: &Netns, flowgate: &Path, config: &Path) -> Result<(Daemon, Duration)> {
-        let flowgate = flowgate.to_string_lossy();
-        let config = config.to_string_lossy();
-        let t0 = Instant::now();
-        let mut child = ns.spawn_with(&[&flowgate, "run", "--config", &config], |cmd| {
-            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-            child_setup(cmd, libc::SIGTERM);
-        });
-        SPAWNED.lock().unwrap_or_else(|p| p.into_inner()).push(child.pid());
-        child.set_term_timeout(STOP_TIMEOUT);
-        let pipe = child.child.stderr.take().ok_or("no stderr pipe")?;
-        let (tx, rx) = mpsc::channel();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let kept = stderr.clone();
-        std::thread::Builder::new()
-            .name("flowgate-stderr".into())
-            .spawn(move || {
-                for (i, line) in BufReader::new(pipe).lines().map_while(std::result::Result::ok).enumerate() {
-                    if i < ECHO_LINES {
-                        eprintln!("  [flowgate] {line}");
-                    } else if i == ECHO_LINES {
-                        eprintln!("  [flowgate] ... (further lines are kept for the report, not shown)");
-                    }
-                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(line.clone());
-                    let _ = tx.send(line);
-                }
-            })
-            .map_err(|e| format!("cannot start the stderr reader: {e}"))?;
-        let mut d = Daemon { child, lines: rx, stderr };
-        let deadline = t0 + READY_TIMEOUT;
-        loop {
-            match d.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) if line.contains(READY_LINE) => return Ok((d, t0.elapsed())),
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let st = d.child.wait_timeout(Duration::from_secs(5));
-                    return Err(format!("flowgate exited before it was ready ({}):\n{}", status(st), d.stderr_text()));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("flowgate did not print `{READY_LINE}` within {READY_TIMEOUT:?}"));
-                }
-            }
-        }
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
-    }
-
-    /// The pid of the flowgate process itself. `ip netns exec` execs the command in place, so
-    /// it is the child's pid; checked through `/proc/PID/exe`, with its children as fallback.
-    fn flowgate_pid(&self, flowgate: &Path) -> Result<i32> {
-        let pid = self.child.pid();
-        let is_flowgate = |p: i32| fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == flowgate);
-        if is_flowgate(pid) {
-            return Ok(pid);
-        }
-        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        children
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
-            .find(|&c| is_flowgate(c))
-            .ok_or_else(|| format!("neither pid {pid} nor a child of it runs {}", flowgate.display()))
-    }
-
-    /// SIGTERM, waits for the exit; returns how long it took and the stderr lines other than the
-    /// ready and stop lines, or an error unless it exited 0.
-    fn stop(mut self) -> Result<(Duration, Vec<String>)> {
-        let t0 = Instant::now();
-        kill(Pid::from_raw(self.child.pid()), Signal::SIGTERM).map_err(|e| format!("kill flowgate: {e}"))?;
-        match self.child.wait_timeout(STOP_TIMEOUT) {
-            Some(st) if st.success() => {
-                let took = t0.elapsed();
-                let lines = self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let other = lines
-                    .into_iter()
-                    .filter(|l| {
-                        !l.contains(READY_LINE) && !l.contains("flowgate: SIGTERM: stopping") && !l.contains("stopped;")
-                    })
-                    .collect();
-                Ok((took, other))
-            }
-            st => Err(format!("flowgate did not exit 0 after SIGTERM ({}):\n{}", status(st), self.stderr_text())),
-        }
-    }
-}
-
-fn status(st: Option<ExitStatus>) -> String {
-    st.map_or_else(|| "still running or status unknown".into(), |s| s.to_string())
+    daemon::write_config(
+        dir,
+        &format!(
+            "queue_max_len = 65536\nmax_flows = {max_flows}\n\n\
+             [timeouts]\nudp = \"30m\"\ntcp = \"30m\"\nicmp = \"30m\"\nother = \"30m\"\n"
+        ),
+    )
 }
 
 /// The daemon's counters (`{"workers": [...], "total": {...}, "conntrack": {...}, "events":
@@ -498,19 +331,6 @@ fn ns_sysctl(ns: &Netns, path: &str) -> Result<u64> {
     let o = ns.run(&["cat", &format!("/proc/sys/{path}")]);
     let s = String::from_utf8_lossy(&o.stdout);
     s.trim().parse().map_err(|_| format!("{path} in {}: {s:?} {}", ns.name, String::from_utf8_lossy(&o.stderr)))
-}
-
-/// A `TcpExt` counter of `/proc/net/netstat` in `ns` (e.g. `TCPSynRetrans`).
-fn tcp_ext(ns: &Netns, name: &str) -> Result<u64> {
-    let o = ns.run(&["cat", "/proc/net/netstat"]);
-    let text = String::from_utf8_lossy(&o.stdout);
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    if let (Some(names), Some(values)) = (lines.next(), lines.next())
-        && let Some((_, v)) = names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == name)
-    {
-        return v.parse().map_err(|e| format!("/proc/net/netstat TcpExt {name} = {v:?}: {e}"));
-    }
-    Err(format!("no TcpExt {name} in /proc/net/netstat of {}", ns.name))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -852,7 +672,7 @@ fn read_listing(mut child: ProcChild, t0: Instant, classify: bool) -> Result<Lis
     l.stderr = stderr.join().unwrap_or_default().trim().to_string();
     match st {
         Some(s) if s.success() => Ok(l),
-        s => Err(format!("flowgate flows: {} after {} lines: {}", status(s), l.lines, l.stderr)),
+        s => Err(format!("flowgate flows: {} after {} lines: {}", describe_exit(s), l.lines, l.stderr)),
     }
 }
 
@@ -877,89 +697,16 @@ fn wait_child(child: &mut ProcChild, timeout: Duration) -> Option<ExitStatus> {
 // Connections
 // ---------------------------------------------------------------------------------------------
 
-/// A TCP server that accepts connections and closes them at once, on one thread. Stopped and
-/// joined on drop. (live.rs's, with a listen backlog of [`ACCEPT_BACKLOG`].)
-struct AcceptServer {
-    listener: Arc<TcpListener>,
-    accepted: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl AcceptServer {
-    fn start(ns: &Netns, addr: SocketAddrV4) -> Result<AcceptServer> {
-        let listener = ns.in_ns(move || -> nix::Result<TcpListener> {
-            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-            bind(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
-            listen(&fd, Backlog::new(ACCEPT_BACKLOG)?)?;
-            Ok(TcpListener::from(fd))
-        });
-        let listener = Arc::new(listener.map_err(|e| format!("listen on {addr}: {e}"))?);
-        let accepted = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, n, s) = (listener.clone(), accepted.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("accept-{}", addr.port()))
-            .spawn(move || {
-                loop {
-                    match l.accept() {
-                        Ok((conn, _)) => {
-                            n.fetch_add(1, Ordering::Relaxed);
-                            drop(conn);
-                        }
-                        Err(_) if s.load(Ordering::Acquire) => return,
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            eprintln!("flows: accept server on {addr}: {e}");
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the accept server: {e}"))?;
-        Ok(AcceptServer { listener, accepted, stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for AcceptServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // shutdown() on a listening socket wakes a blocked accept() with EINVAL.
-        let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Connection slots: source port × server port, every one a 4-tuple of its own.
 fn client_slots() -> usize {
-    (usize::from(LAST_CLIENT_PORT - FIRST_CLIENT_PORT) + 1) * ACCEPT_PORTS.len()
+    client_ports() * ACCEPT_PORTS.len()
 }
 
 /// Slot `k`: (source port, server address). Source ports first, then the next server port.
 fn slot(k: usize) -> (u16, SockaddrIn) {
-    let ports = usize::from(LAST_CLIENT_PORT - FIRST_CLIENT_PORT) + 1;
+    let ports = client_ports();
     let src = FIRST_CLIENT_PORT + (k % ports) as u16;
     (src, SockaddrIn::from(SocketAddrV4::new(SRV_SERVICE_V4, ACCEPT_PORTS[k / ports])))
-}
-
-/// One connection: a fresh socket bound to `port`, a blocking connect() (timed; SO_SNDTIMEO
-/// bounds it to 5 s), then SO_LINGER 0 and close, which sends a RST.
-fn connect_once(to: &SockaddrIn, port: u16) -> Result<Duration> {
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| format!("socket: {e}"))?;
-    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::seconds(5)).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
-    let local = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-    bind(fd.as_raw_fd(), &local).map_err(|e| format!("bind {local}: {e}"))?;
-    let t0 = Instant::now();
-    connect(fd.as_raw_fd(), to).map_err(|e| format!("connect {to}: {e}"))?;
-    let dt = t0.elapsed();
-    setsockopt(&fd, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })
-        .map_err(|e| format!("SO_LINGER: {e}"))?;
-    drop(fd);
-    Ok(dt)
 }
 
 /// connect() times of one batch.
@@ -968,7 +715,7 @@ struct Connects {
     /// in µs, in order.
     samples: Vec<(f64, f64)>,
     /// connect() times in µs, sorted.
-    sorted: Vec<f64>,
+    sorted: Latencies,
     seconds: f64,
     /// The loop stopped because the connection slots ran out (not because it was done).
     exhausted: bool,
@@ -983,21 +730,20 @@ struct Connects {
 
 impl Connects {
     fn new(samples: Vec<(f64, f64)>, seconds: f64, exhausted: bool) -> Connects {
-        let mut sorted: Vec<f64> = samples.iter().map(|s| s.1).collect();
-        sorted.sort_by(f64::total_cmp);
+        let sorted = Latencies::new(samples.iter().map(|s| s.1).collect());
         Connects { samples, sorted, seconds, exhausted, syn_retrans: 0, listen_overflows: 0, syncs: 0, thread: None }
     }
 
     fn p(&self, q: f64) -> f64 {
-        percentile(&self.sorted, q)
+        self.sorted.p(q)
     }
 
     fn max(&self) -> f64 {
-        self.sorted.last().copied().unwrap_or(f64::NAN)
+        self.sorted.max()
     }
 
     fn over(&self, us: f64) -> usize {
-        self.sorted.len() - self.sorted.partition_point(|&x| x <= us)
+        self.sorted.over(us)
     }
 
     /// The connections that started in `[from, to)` seconds (after the reference time), as a
@@ -1027,7 +773,7 @@ impl Connects {
     }
 
     fn json(&self) -> Value {
-        let mean = self.sorted.iter().sum::<f64>() / self.sorted.len().max(1) as f64;
+        let mean = self.sorted.mean();
         json!({
             "count": self.sorted.len(),
             "seconds": round(self.seconds, 3),
@@ -1171,7 +917,7 @@ fn run_size(n: usize, opts: &Opts) -> Result<SizeReport> {
     let tmp = TempDir::new(&format!("n{n}"))?;
     let config = write_config(&tmp, opts.max_flows)?;
     let run_dir = tmp.run_dir();
-    let (daemon, ready) = Daemon::start(&lab.host, &opts.flowgate, &config)?;
+    let daemon::Ready { daemon, took: ready, .. } = Daemon::start(&lab.host, &opts.flowgate, &config, &DAEMON)?;
     let pid = daemon.flowgate_pid(&opts.flowgate)?;
     eprintln!("flows: [{n}] flowgate ready after {:.2} s (pid {pid})", ready.as_secs_f64());
 
@@ -1260,15 +1006,12 @@ fn run_size(n: usize, opts: &Opts) -> Result<SizeReport> {
     );
     let hwm = vm_bytes(pid, "VmHWM")?;
     let stats_end = stats(&run_dir)?;
-    let accepted = servers.iter().map(|s| s.accepted.load(Ordering::Relaxed)).sum();
+    let accepted = servers.iter().map(AcceptServer::accepted).sum();
 
     let (stopped, daemon_messages) = daemon.stop()?;
     eprintln!("flows: [{n}] flowgate stopped (exit 0) after {:.2} s", stopped.as_secs_f64());
     let log_bytes = fs::metadata(tmp.log()).map(|m| m.len()).unwrap_or(0);
-    let left = lab.host.pids();
-    if !left.is_empty() {
-        return Err(format!("processes left in {} after flowgate stopped: {left:?}", lab.host.name));
-    }
+    check_stopped_alone(&lab.host)?;
     drop(servers);
     Ok(SizeReport {
         n,
@@ -1302,26 +1045,6 @@ fn run_size(n: usize, opts: &Opts) -> Result<SizeReport> {
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0 * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let m = 10f64.powi(digits);
-    (x * m).round() / m
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
 
 fn machine() -> Value {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
@@ -1568,18 +1291,8 @@ fn main() {
 }
 
 fn real_main() -> i32 {
-    let opts = match parse_opts() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("flows: {e}");
-            return 2;
-        }
-    };
-    if !lab::is_root() {
-        eprintln!("flows: needs root (network namespaces, iptables, NFQUEUE, sysctls); run bench/flows.sh as root");
-        return 2;
-    }
-    if let Err(e) = install("flows").and_then(|()| install_ct_max_restore()) {
+    let opts = begin("flows", "network namespaces, iptables, NFQUEUE, sysctls", parse_opts);
+    if let Err(e) = install_ct_max_restore() {
         eprintln!("flows: {e}");
         return 1;
     }
@@ -1618,25 +1331,7 @@ fn real_main() -> i32 {
     let (ct_original, ct_set) = (ct.original, ct.set);
     drop(ct);
     let ct_now = read_u64(CT_MAX);
-    let me = std::process::id();
-    let leftover: Vec<String> = fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&format!("fg{me}x")))
-                .collect()
-        })
-        .unwrap_or_default();
-    let alive: Vec<i32> = SPAWNED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .copied()
-        .filter(|&p| kill(Pid::from_raw(p), None).is_ok())
-        .collect();
-    if !leftover.is_empty() || !alive.is_empty() {
-        eprintln!("flows: left behind: namespaces {leftover:?}, flowgate processes {alive:?}");
-        emergency_cleanup();
+    if !check_nothing_left() {
         return 1;
     }
     match &ct_now {
@@ -1697,14 +1392,9 @@ fn real_main() -> i32 {
         "sizes": sizes,
         "memory_marginal": marginal,
     });
-    let line = json.to_string();
-    if let Some(path) = &opts.json
-        && let Err(e) = fs::write(path, format!("{line}\n"))
-    {
-        eprintln!("flows: {}: {e}", path.display());
+    if let Err(e) = print_result(&text, &json, opts.json.as_deref()) {
+        eprintln!("flows: {e}");
         return 1;
     }
-    print!("{text}");
-    println!("{line}");
     0
 }

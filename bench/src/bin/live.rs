@@ -28,30 +28,23 @@
 //! guard runs on a panic, a panic hook does the same. `bench/live.sh` builds this binary with
 //! unwinding panics, so a failure unwinds through the guards.
 
-#[path = "../../../crates/flowgate/tests/lab/mod.rs"]
-mod lab;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flowgate_bench::guard::{TempDir, emergency_cleanup, install};
-use lab::{Lab, Netns, SRV_SERVICE_V4};
-use nix::sys::signal::{Signal, kill};
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt, socket, sockopt,
+use flowgate_bench::args::{Args, number};
+use flowgate_bench::connect::{
+    AcceptServer, FIRST_CLIENT_PORT, LAST_CLIENT_PORT, Latencies, client_ports, connect_once,
 };
-use nix::sys::time::{TimeVal, TimeValLike};
-use nix::unistd::Pid;
+use flowgate_bench::counters::tcp_ext;
+use flowgate_bench::daemon::{self, Daemon, check_stopped_alone, read_events};
+use flowgate_bench::guard::{TempDir, begin, emergency_cleanup, namespaces_left};
+use flowgate_bench::lab::{self, Lab, Netns, SRV_SERVICE_V4};
+use flowgate_bench::report::{loadavg, print_result, round};
+use nix::sys::socket::SockaddrIn;
 use serde_json::{Value, json};
 
 type Result<T> = std::result::Result<T, String>;
@@ -65,12 +58,14 @@ const WRITE_SIZE: usize = 128 << 10;
 const BULK_MAX_BYTES: u64 = 2 << 30;
 /// Rules of the large configuration.
 const BIG_RULES: usize = 100_000;
-/// How long the daemon may take to print its ready line (the config loader is slow on huge rule
-/// files; see bench/README.md).
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the daemon may take to exit after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-const READY_LINE: &str = "flowgate: ready";
+/// The daemon may take 120 s to print its ready line (the config loader was slow on huge rule
+/// files; see bench/README.md) and 60 s to exit after SIGTERM; all its stderr lines are echoed.
+const DAEMON: daemon::Options = daemon::Options {
+    ready_timeout: Duration::from_secs(120),
+    stop_timeout: Duration::from_secs(60),
+    echo_lines: usize::MAX,
+    echo_more: "",
+};
 
 struct Opts {
     flowgate: PathBuf,
@@ -100,80 +95,44 @@ fn parse_opts() -> Result<Opts> {
         bulk_seconds: 3.0,
         configs: SPECS.iter().map(|s| s.name.to_string()).collect(),
     };
-    let mut flowgate = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value\n\n{USAGE}"));
+    let mut args = Args::new(USAGE);
+    while let Some(a) = args.next_option()? {
         match a.as_str() {
-            "--flowgate" => flowgate = Some(PathBuf::from(value("--flowgate")?)),
-            "--json" => opts.json = Some(PathBuf::from(value("--json")?)),
-            "--connects" => opts.connects = number(&value("--connects")?, "--connects", 1.0, 1e6)? as usize,
-            "--warmup" => opts.warmup = number(&value("--warmup")?, "--warmup", 0.0, 1e6)? as usize,
-            "--bulk-seconds" => opts.bulk_seconds = number(&value("--bulk-seconds")?, "--bulk-seconds", 0.1, 60.0)?,
+            "--connects" => opts.connects = number(&args.value("--connects")?, "--connects", 1.0, 1e6)? as usize,
+            "--warmup" => opts.warmup = number(&args.value("--warmup")?, "--warmup", 0.0, 1e6)? as usize,
+            "--bulk-seconds" => {
+                opts.bulk_seconds = number(&args.value("--bulk-seconds")?, "--bulk-seconds", 0.1, 60.0)?;
+            }
             "--configs" => {
-                let list = value("--configs")?;
+                let list = args.value("--configs")?;
                 opts.configs = list.split(',').map(str::to_string).collect();
                 if let Some(bad) = opts.configs.iter().find(|c| !SPECS.iter().any(|s| s.name == c.as_str())) {
                     return Err(format!("--configs: unknown configuration `{bad}`\n\n{USAGE}"));
                 }
             }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument `{other}`\n\n{USAGE}")),
+            other => return Err(args.unknown(other)),
         }
     }
-    let ports = usize::from(LAST_CLIENT_PORT - FIRST_CLIENT_PORT) + 1;
+    let ports = client_ports();
     if opts.warmup + opts.connects > ports {
         return Err(format!("--warmup + --connects must not exceed {ports} (one client port per connection)"));
     }
-    opts.flowgate = match flowgate {
-        Some(p) => p,
-        None => {
-            let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("flowgate")));
-            match sibling {
-                Some(p) if p.is_file() => p,
-                _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/flowgate"),
-            }
-        }
-    };
-    opts.flowgate = fs::canonicalize(&opts.flowgate).map_err(|e| {
-        format!(
-            "flowgate binary {}: {e} (build it with `cargo build --release -p flowgate`, or pass --flowgate)",
-            opts.flowgate.display()
-        )
-    })?;
+    (opts.flowgate, opts.json) = args.finish()?;
     Ok(opts)
 }
-
-fn number(s: &str, name: &str, lo: f64, hi: f64) -> Result<f64> {
-    match s.parse::<f64>() {
-        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
-        _ => Err(format!("{name}: `{s}` is not a number from {lo} to {hi}")),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Cleanup outside the guards (signals, and panics when panics abort)
-// ---------------------------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------------------------
 // The daemon
 // ---------------------------------------------------------------------------------------------
 
-/// Writes the daemon's config: run_dir, log, 2 queues, and `rules` drop rules on distinct /32s
-/// in 198.18.1.0 .. 198.19.135.159 (inside 198.18.0.0/15; 198.18.0.0/24 is left out because the
+/// The config lines after run_dir, log and 2 queues: `rules` drop rules on distinct /32s in
+/// 198.18.1.0 .. 198.19.135.159 (inside 198.18.0.0/15; 198.18.0.0/24 is left out because the
 /// lab's `cli` namespace uses it).
 ///
 /// The rules are one array of inline tables on a single line (one `[[rule]]` table per rule
 /// loads as fast since the loader binary-searches line starts; this layout is just shorter).
-fn write_config(dir: &Path, rules: usize) -> Result<PathBuf> {
-    let mut text = format!(
-        "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n",
-        dir.join("run").display(),
-        dir.join("events.jsonl").display()
-    );
+fn rules_config(rules: usize) -> String {
+    let mut text = String::new();
     if rules > 0 {
         assert!(rules <= (1 << 17) - 256, "{rules} distinct /32s do not fit in 198.18.1.0 .. 198.19.255.255");
         text.reserve(rules * 48);
@@ -188,87 +147,7 @@ fn write_config(dir: &Path, rules: usize) -> Result<PathBuf> {
         }
         text.push_str("]\n");
     }
-    let path = dir.join("flowgate.toml");
-    fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
-}
-
-/// `flowgate run` inside a namespace. The lab's [`lab::Child`] guard SIGTERMs (then SIGKILLs)
-/// and reaps it on drop; the process also gets SIGTERM if this process dies
-/// (PR_SET_PDEATHSIG: the main thread spawns it and lives until the end).
-struct Daemon {
-    child: lab::Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    /// Spawns the daemon and waits for its ready line; returns it and how long that took.
-    fn start(ns: &Netns, flowgate: &Path, config: &Path) -> Result<(Daemon, Duration)> {
-        let t0 = Instant::now();
-        let flowgate = flowgate.to_string_lossy();
-        let config = config.to_string_lossy();
-        let mut child = ns.spawn_with(&[&flowgate, "run", "--config", &config], |cmd| {
-            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(cmd, || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        });
-        child.set_term_timeout(STOP_TIMEOUT);
-        let pipe = child.child.stderr.take().ok_or("no stderr pipe")?;
-        let (tx, rx) = mpsc::channel();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let kept = stderr.clone();
-        std::thread::Builder::new()
-            .name("flowgate-stderr".into())
-            .spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(std::result::Result::ok) {
-                    eprintln!("  [flowgate] {line}");
-                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(line.clone());
-                    let _ = tx.send(line);
-                }
-            })
-            .map_err(|e| format!("cannot start the stderr reader: {e}"))?;
-        let mut d = Daemon { child, lines: rx, stderr };
-        let deadline = t0 + READY_TIMEOUT;
-        loop {
-            match d.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) if line.contains(READY_LINE) => return Ok((d, t0.elapsed())),
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let st = d.child.wait_timeout(Duration::from_secs(5));
-                    return Err(format!("flowgate exited before it was ready ({}):\n{}", status(st), d.stderr_text()));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("flowgate did not print `{READY_LINE}` within {READY_TIMEOUT:?}"));
-                }
-            }
-        }
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
-    }
-
-    /// SIGTERM, waits for the exit; returns how long it took, or an error unless it exited 0.
-    fn stop(mut self) -> Result<Duration> {
-        let t0 = Instant::now();
-        kill(Pid::from_raw(self.child.pid()), Signal::SIGTERM).map_err(|e| format!("kill flowgate: {e}"))?;
-        match self.child.wait_timeout(STOP_TIMEOUT) {
-            Some(st) if st.success() => Ok(t0.elapsed()),
-            st => Err(format!("flowgate did not exit 0 after SIGTERM ({}):\n{}", status(st), self.stderr_text())),
-        }
-    }
-}
-
-fn status(st: Option<ExitStatus>) -> String {
-    st.map_or_else(|| "still running or status unknown".into(), |s| s.to_string())
+    text
 }
 
 /// What the event log holds.
@@ -282,15 +161,12 @@ struct EventCounts {
 
 /// Counts the events of an event log by type, and the `flow.new` of TCP flows to `to`.
 fn count_events(path: &Path, to: std::net::Ipv4Addr) -> Result<EventCounts> {
-    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut c = EventCounts { by_type: BTreeMap::new(), tcp_new: 0, other_new: Vec::new() };
-    let prefix = format!("{to}:");
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line).map_err(|e| format!("bad event line ({e}): {line}"))?;
+    for v in read_events(path)? {
         let kind = v["event"].as_str().unwrap_or("?").to_string();
         if kind == "flow.new" {
             let f = &v["flow"];
-            if f["protocol"] == "tcp" && f["remote"].as_str().is_some_and(|r| r.starts_with(&prefix)) {
+            if daemon::is_tcp_to(f, to) {
                 c.tcp_new += 1;
             } else if c.other_new.len() < 10 {
                 let s = |k: &str| f[k].as_str().unwrap_or("?").to_string();
@@ -365,7 +241,8 @@ fn chain_counters(ns: &Netns, chain: &str) -> Result<ChainCounters> {
         };
         let n = Count { pkts, bytes };
         if *target == "NFQUEUE" {
-            c.nfqueue = n;
+            // The owner rules and the balancing rule, added up.
+            c.nfqueue = Count { pkts: c.nfqueue.pkts + n.pkts, bytes: c.nfqueue.bytes + n.bytes };
             queue = true;
         } else if *target == "RETURN"
             && line.contains("connmark match")
@@ -387,86 +264,9 @@ fn all_chain_counters(ns: &Netns) -> Result<Vec<ChainCounters>> {
     CHAINS.iter().map(|c| chain_counters(ns, c)).collect()
 }
 
-/// A `TcpExt` counter of `/proc/net/netstat` in `ns` (e.g. `TCPSynRetrans`).
-fn tcp_ext(ns: &Netns, name: &str) -> Result<u64> {
-    let o = ns.run(&["cat", "/proc/net/netstat"]);
-    let text = String::from_utf8_lossy(&o.stdout);
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    if let (Some(names), Some(values)) = (lines.next(), lines.next())
-        && let Some((_, v)) = names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == name)
-    {
-        return v.parse().map_err(|e| format!("/proc/net/netstat TcpExt {name} = {v:?}: {e}"));
-    }
-    Err(format!("no TcpExt {name} in /proc/net/netstat of {}", ns.name))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Servers and clients
 // ---------------------------------------------------------------------------------------------
-
-/// Listen backlog of the accept server. std's `TcpListener::bind` uses 128: the connect loop
-/// opens 30,000 connections a second without a filter, so an accept thread that is off the CPU
-/// for 4 ms lets the queue overflow, the SYN is dropped and that connect() takes 1 s (the SYN
-/// retransmission timeout). That was seen here, several times per run; with 4096 (the default
-/// `net.core.somaxconn`) the queue holds more than a whole run.
-const ACCEPT_BACKLOG: i32 = 4096;
-
-/// A TCP server that accepts connections and closes them at once, on one thread (no thread per
-/// connection, so it costs the 2-core machine little). Stopped and joined on drop.
-struct AcceptServer {
-    listener: Arc<TcpListener>,
-    accepted: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl AcceptServer {
-    fn start(ns: &Netns, addr: SocketAddr) -> Result<AcceptServer> {
-        let SocketAddr::V4(v4) = addr else { return Err(format!("{addr}: IPv4 only")) };
-        let listener = ns.in_ns(move || -> nix::Result<TcpListener> {
-            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-            bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?;
-            listen(&fd, Backlog::new(ACCEPT_BACKLOG)?)?;
-            Ok(TcpListener::from(fd))
-        });
-        let listener = Arc::new(listener.map_err(|e| format!("listen on {addr}: {e}"))?);
-        let accepted = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, n, s) = (listener.clone(), accepted.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("live-accept".into())
-            .spawn(move || {
-                loop {
-                    match l.accept() {
-                        Ok((conn, _)) => {
-                            n.fetch_add(1, Ordering::Relaxed);
-                            drop(conn);
-                        }
-                        Err(_) if s.load(Ordering::Acquire) => return,
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            eprintln!("live: accept server on {addr}: {e}");
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the accept server: {e}"))?;
-        Ok(AcceptServer { listener, accepted, stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for AcceptServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // shutdown() on a listening socket wakes a blocked accept() with EINVAL.
-        let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Bulk {
@@ -505,57 +305,18 @@ fn bulk(to: SocketAddr, seconds: f64) -> Result<Bulk> {
     }
 }
 
+/// One connect loop: the timed connections' connect() times and how long the loop took.
 #[derive(Debug)]
 struct Connects {
-    /// connect() times, sorted.
-    latencies: Vec<Duration>,
+    latencies: Latencies,
     seconds: f64,
 }
 
 impl Connects {
+    /// Timed connections per second of the whole loop.
     fn rate(&self) -> f64 {
         self.latencies.len() as f64 / self.seconds
     }
-
-    /// Nearest-rank percentile, in microseconds.
-    fn percentile_us(&self, p: f64) -> f64 {
-        let n = self.latencies.len();
-        let rank = ((p / 100.0 * n as f64).ceil() as usize).clamp(1, n);
-        self.latencies[rank - 1].as_secs_f64() * 1e6
-    }
-
-    fn mean_us(&self) -> f64 {
-        self.latencies.iter().map(Duration::as_secs_f64).sum::<f64>() / self.latencies.len() as f64 * 1e6
-    }
-}
-
-/// First client port of the connect loop; connection `i` uses `FIRST_CLIENT_PORT + i`.
-///
-/// Every connection gets a source port of its own, so each one is a new 4-tuple. With ports
-/// picked by the kernel, a run of 3,100 connections wraps around the ephemeral range (the
-/// kernel advances its per-destination offset by 2 to 16 per connect) and reuses 4-tuples of
-/// connections reset a fraction of a second earlier, whose conntrack entries (10 s in CLOSE)
-/// and flowgate flows (`tcp_closing`, 10 s) still exist: those are not the plain new flows this
-/// benchmark measures (and flowgate did not always log them as new flows; see bench/README.md).
-/// The ports stay below the ephemeral range (32768), where nothing else binds.
-const FIRST_CLIENT_PORT: u16 = 10_000;
-const LAST_CLIENT_PORT: u16 = 32_767;
-
-/// One connection: a fresh socket bound to `port`, a blocking connect() (timed; SO_SNDTIMEO
-/// bounds it to 5 s), then SO_LINGER 0 and close, which sends a RST.
-fn connect_once(to: &SockaddrIn, port: u16) -> Result<Duration> {
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| format!("socket: {e}"))?;
-    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::seconds(5)).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
-    let local = SockaddrIn::from(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port));
-    bind(fd.as_raw_fd(), &local).map_err(|e| format!("bind {local}: {e}"))?;
-    let t0 = Instant::now();
-    connect(fd.as_raw_fd(), to).map_err(|e| format!("connect {to}: {e}"))?;
-    let dt = t0.elapsed();
-    setsockopt(&fd, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })
-        .map_err(|e| format!("SO_LINGER: {e}"))?;
-    drop(fd);
-    Ok(dt)
 }
 
 /// `warmup` untimed connections, then `n` timed ones, one after the other.
@@ -572,8 +333,7 @@ fn connect_loop(to: SocketAddrV4, warmup: usize, n: usize) -> Result<Connects> {
         latencies.push(connect_once(&to, next_port()?).map_err(|e| format!("connection {} of {n}: {e}", i + 1))?);
     }
     let seconds = start.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    Ok(Connects { latencies, seconds })
+    Ok(Connects { latencies: Latencies::new(latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect()), seconds })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -620,20 +380,20 @@ fn run_spec(spec: &Spec, opts: &Opts) -> Result<Outcome> {
     // Drop order (reverse of declaration): daemon, temp dir, servers, lab.
     let lab = Lab::new(spec.tag);
     let sink = lab::tcp_sink(&lab.srv, lab::sa(SRV_SERVICE_V4, SINK_PORT));
-    let acceptor = AcceptServer::start(&lab.srv, lab::sa(SRV_SERVICE_V4, ACCEPT_PORT))?;
+    let acceptor = AcceptServer::start(&lab.srv, SocketAddrV4::new(SRV_SERVICE_V4, ACCEPT_PORT))?;
     let tmp = TempDir::new(spec.tag)?;
     let mut daemon = None;
     let mut ready = Duration::ZERO;
     if let Some(rules) = spec.rules {
         let t = Instant::now();
-        let config = write_config(&tmp.0, rules)?;
+        let config = daemon::write_config(&tmp, &rules_config(rules))?;
         if rules > 0 {
             eprintln!("live: [{}] wrote {rules} rules in {:.2} s", spec.name, t.elapsed().as_secs_f64());
         }
-        let (d, took) = Daemon::start(&lab.host, &opts.flowgate, &config)?;
-        daemon = Some(d);
-        ready = took;
-        eprintln!("live: [{}] flowgate ready after {:.2} s", spec.name, took.as_secs_f64());
+        let started = Daemon::start(&lab.host, &opts.flowgate, &config, &DAEMON)?;
+        daemon = Some(started.daemon);
+        ready = started.took;
+        eprintln!("live: [{}] flowgate ready after {:.2} s", spec.name, ready.as_secs_f64());
     }
 
     let counters = |d: &Option<Daemon>| d.as_ref().map(|_| all_chain_counters(&lab.host));
@@ -652,16 +412,16 @@ fn run_spec(spec: &Spec, opts: &Opts) -> Result<Outcome> {
         "live: [{}] connects: {:.0}/s, p50 {:.1} µs, p99 {:.1} µs; {syn_retrans} SYN retransmissions",
         spec.name,
         c.rate(),
-        c.percentile_us(50.0),
-        c.percentile_us(99.0)
+        c.latencies.p(50.0),
+        c.latencies.p(99.0)
     );
     let after_connects = counters(&daemon);
 
     let report = match daemon.take() {
         None => None,
         Some(d) => {
-            let stopped = d.stop()?;
-            let events = count_events(&tmp.0.join("events.jsonl"), SRV_SERVICE_V4)?;
+            let (stopped, _) = d.stop()?;
+            let events = count_events(&tmp.log(), SRV_SERVICE_V4)?;
             let delta = |a: Option<Result<Vec<ChainCounters>>>, b: Option<Result<Vec<ChainCounters>>>| match (a, b) {
                 (Some(Ok(a)), Some(Ok(b))) => {
                     Ok(a.into_iter().zip(b).map(|(after, before)| after.since(before)).collect())
@@ -681,12 +441,9 @@ fn run_spec(spec: &Spec, opts: &Opts) -> Result<Outcome> {
             })
         }
     };
-    let accepted = acceptor.accepted.load(Ordering::Relaxed);
+    let accepted = acceptor.accepted();
     if let Some(r) = &report {
-        let left = lab.host.pids();
-        if !left.is_empty() {
-            return Err(format!("processes left in {} after flowgate stopped: {left:?}", lab.host.name));
-        }
+        check_stopped_alone(&lab.host)?;
         eprintln!("live: [{}] flowgate stopped (exit 0) after {:.2} s", spec.name, r.stopped.as_secs_f64());
     }
     drop(sink);
@@ -696,17 +453,6 @@ fn run_spec(spec: &Spec, opts: &Opts) -> Result<Outcome> {
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
-
-fn round(x: f64, digits: i32) -> f64 {
-    let m = 10f64.powi(digits);
-    (x * m).round() / m
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
 
 fn report(results: &[(&Spec, Outcome)], opts: &Opts, load: (String, String), wall: f64) -> (String, Value) {
     let mut out = String::new();
@@ -724,8 +470,8 @@ fn report(results: &[(&Spec, Outcome)], opts: &Opts, load: (String, String), wal
             spec.name,
             o.bulk.gbit_s(),
             o.connects.rate(),
-            o.connects.percentile_us(50.0),
-            o.connects.percentile_us(99.0),
+            o.connects.latencies.p(50.0),
+            o.connects.latencies.p(99.0),
             o.syn_retrans
         );
     }
@@ -740,8 +486,8 @@ fn report(results: &[(&Spec, Outcome)], opts: &Opts, load: (String, String), wal
         let r = [
             ("bulk", o.bulk.gbit_s() / base.bulk.gbit_s()),
             ("connect rate", o.connects.rate() / base.connects.rate()),
-            ("connect p50", o.connects.percentile_us(50.0) / base.connects.percentile_us(50.0)),
-            ("connect p99", o.connects.percentile_us(99.0) / base.connects.percentile_us(99.0)),
+            ("connect p50", o.connects.latencies.p(50.0) / base.connects.latencies.p(50.0)),
+            ("connect p99", o.connects.latencies.p(99.0) / base.connects.latencies.p(99.0)),
         ];
         let mut m = serde_json::Map::new();
         for (what, x) in r {
@@ -766,11 +512,11 @@ fn report(results: &[(&Spec, Outcome)], opts: &Opts, load: (String, String), wal
                 "warmup": opts.warmup,
                 "seconds": round(o.connects.seconds, 4),
                 "per_second": round(o.connects.rate(), 1),
-                "p50_us": round(o.connects.percentile_us(50.0), 1),
-                "p90_us": round(o.connects.percentile_us(90.0), 1),
-                "p99_us": round(o.connects.percentile_us(99.0), 1),
-                "mean_us": round(o.connects.mean_us(), 1),
-                "max_us": round(o.connects.percentile_us(100.0), 1),
+                "p50_us": round(o.connects.latencies.p(50.0), 1),
+                "p90_us": round(o.connects.latencies.p(90.0), 1),
+                "p99_us": round(o.connects.latencies.p(99.0), 1),
+                "mean_us": round(o.connects.latencies.mean(), 1),
+                "max_us": round(o.connects.latencies.max(), 1),
                 "server_accepted": o.accepted,
                 "syn_retransmissions": o.syn_retrans,
                 "listen_overflows": o.listen_overflows,
@@ -846,21 +592,7 @@ fn report(results: &[(&Spec, Outcome)], opts: &Opts, load: (String, String), wal
 }
 
 fn main() {
-    let opts = match parse_opts() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("live: {e}");
-            std::process::exit(2);
-        }
-    };
-    if !lab::is_root() {
-        eprintln!("live: needs root (network namespaces, iptables, NFQUEUE); run bench/live.sh as root");
-        std::process::exit(2);
-    }
-    if let Err(e) = install("live") {
-        eprintln!("live: {e}");
-        std::process::exit(1);
-    }
+    let opts = begin("live", "network namespaces, iptables, NFQUEUE", parse_opts);
     let start = Instant::now();
     let load_start = loadavg();
     eprintln!("live: flowgate binary {}, load average {load_start}", opts.flowgate.display());
@@ -875,27 +607,15 @@ fn main() {
             }
         }
     }
-    let leftover: Vec<String> = fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&format!("fg{}x", std::process::id())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let leftover = namespaces_left();
     if !leftover.is_empty() {
         eprintln!("live: namespaces left behind: {leftover:?}");
         emergency_cleanup();
         std::process::exit(1);
     }
     let (text, json) = report(&results, &opts, (load_start, loadavg()), start.elapsed().as_secs_f64());
-    let line = json.to_string();
-    if let Some(path) = &opts.json
-        && let Err(e) = fs::write(path, format!("{line}\n"))
-    {
-        eprintln!("live: {}: {e}", path.display());
+    if let Err(e) = print_result(&text, &json, opts.json.as_deref()) {
+        eprintln!("live: {e}");
         std::process::exit(1);
     }
-    print!("{text}");
-    println!("{line}");
 }

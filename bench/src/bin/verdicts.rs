@@ -33,30 +33,29 @@
 //! panic hook does the same. `bench/verdicts.sh` builds this binary with unwinding panics, so a
 //! failure unwinds through the guards.
 
-#[path = "../../../crates/flowgate/tests/lab/mod.rs"]
-mod lab;
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flowgate_bench::guard::{TempDir, emergency_cleanup, install};
-use lab::{Lab, Netns, SRV_SERVICE_V4};
+use flowgate_bench::args::{Args, whole_number};
+use flowgate_bench::connect::listen;
+use flowgate_bench::counters::tcp;
+use flowgate_bench::daemon::{
+    self, Daemon, check_nothing_left, check_stopped_alone, child_setup, is_tcp_to, read_events,
+};
+use flowgate_bench::guard::{TempDir, begin};
+use flowgate_bench::lab::{self, Lab, Netns, SRV_SERVICE_V4};
+use flowgate_bench::report::{loadavg, percentile, print_result, round};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::signal::{Signal, kill};
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket, sockopt,
-};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 type Result<T> = std::result::Result<T, String>;
@@ -69,23 +68,23 @@ const ADOPT_FIRST_PORT: u16 = 7200;
 const CONNS_PER_PORT: usize = 2500;
 /// The source-port range of `host` in the adoption part (the default has 28,232 ports).
 const HOST_PORT_RANGE: &str = "15000 64999";
-/// Listen backlog of the servers (std's `TcpListener::bind` uses 128).
-const BACKLOG: i32 = 4096;
 /// File-descriptor limit this process asks for (both ends of the block part's connections, the
 /// client ends of the adoption part's), and the descriptors it needs besides the connections.
 const NOFILE: u64 = 65536;
 const FD_SLACK: usize = 512;
-/// How long the daemon may take to print its ready line, and to exit after SIGTERM.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-const READY_LINE: &str = "flowgate: ready";
+/// The daemon may take 60 s to print its ready line and 60 s to exit after SIGTERM; its first 20
+/// stderr lines are echoed to this process's stderr, the rest counted.
+const DAEMON: daemon::Options = daemon::Options {
+    ready_timeout: Duration::from_secs(60),
+    stop_timeout: Duration::from_secs(60),
+    echo_lines: 20,
+    echo_more: "... (further lines are counted, not shown)",
+};
 /// Read timeout of the block part's waiting readers: a connection the block missed shows up as
 /// an EAGAIN after this long, not as a hang.
 const BLOCK_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one pass of the adoption part's echo check may take in all.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(20);
-/// Daemon stderr lines echoed to this process's stderr (the rest are counted).
-const ECHO_LINES: usize = 20;
 
 struct Opts {
     flowgate: PathBuf,
@@ -127,59 +126,31 @@ fn parse_opts() -> Result<Opts> {
         starts: 5,
         parts: PARTS.iter().map(|s| s.to_string()).collect(),
     };
-    let mut flowgate = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value\n\n{USAGE}"));
+    let mut args = Args::new(USAGE);
+    while let Some(a) = args.next_option()? {
         match a.as_str() {
-            "--flowgate" => flowgate = Some(PathBuf::from(value("--flowgate")?)),
-            "--json" => opts.json = Some(PathBuf::from(value("--json")?)),
-            "--block" => opts.block = count(&value("--block")?, "--block", 1, 5000)?,
-            "--cli" => opts.cli = count(&value("--cli")?, "--cli", 0, 1000)?,
-            "--connections" => opts.connections = count(&value("--connections")?, "--connections", 1, 30_000)?,
-            "--starts" => opts.starts = count(&value("--starts")?, "--starts", 1, 50)?,
+            "--block" => opts.block = whole_number(&args.value("--block")?, "--block", 1, 5000)?,
+            "--cli" => opts.cli = whole_number(&args.value("--cli")?, "--cli", 0, 1000)?,
+            "--connections" => {
+                opts.connections = whole_number(&args.value("--connections")?, "--connections", 1, 30_000)?;
+            }
+            "--starts" => opts.starts = whole_number(&args.value("--starts")?, "--starts", 1, 50)?,
             "--parts" => {
-                let list = value("--parts")?;
+                let list = args.value("--parts")?;
                 opts.parts = list.split(',').map(str::to_string).collect();
                 if let Some(bad) = opts.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
                     return Err(format!("--parts: unknown part `{bad}`\n\n{USAGE}"));
                 }
             }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument `{other}`\n\n{USAGE}")),
+            other => return Err(args.unknown(other)),
         }
     }
-    opts.flowgate = match flowgate {
-        Some(p) => p,
-        None => {
-            let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("flowgate")));
-            match sibling {
-                Some(p) if p.is_file() => p,
-                _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/flowgate"),
-            }
-        }
-    };
-    opts.flowgate = fs::canonicalize(&opts.flowgate).map_err(|e| {
-        format!(
-            "flowgate binary {}: {e} (build it with `cargo build --release -p flowgate`, or pass --flowgate)",
-            opts.flowgate.display()
-        )
-    })?;
+    (opts.flowgate, opts.json) = args.finish()?;
     Ok(opts)
 }
 
-fn count(s: &str, name: &str, lo: usize, hi: usize) -> Result<usize> {
-    match s.parse::<usize>() {
-        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
-        _ => Err(format!("{name}: `{s}` is not a whole number from {lo} to {hi}")),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Cleanup outside the guards (signals, and panics when panics abort)
+// File descriptors
 // ---------------------------------------------------------------------------------------------
 
 /// Raises this process's RLIMIT_NOFILE soft limit to `want`, and the hard limit too where
@@ -210,49 +181,6 @@ fn raise_nofile(want: u64) -> Result<u64> {
 // The daemon
 // ---------------------------------------------------------------------------------------------
 
-/// Writes the daemon's config in `dir`: run_dir and log in `dir`, 2 queues, no rules.
-fn write_config(dir: &TempDir) -> Result<PathBuf> {
-    let text = format!("run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n", dir.run_dir().display(), dir.log().display());
-    let path = dir.0.join("flowgate.toml");
-    fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
-}
-
-/// For the long-lived children (the daemon, the echo server), in the child before exec: an empty
-/// signal mask (this process blocks SIGINT, SIGTERM and SIGHUP for its signal thread, and its
-/// children were seen to inherit that mask, so a child that does not manage its own signals
-/// would ignore the guards' SIGTERM), and `deathsig` when the spawning thread dies
-/// (PR_SET_PDEATHSIG: only the main thread spawns them, and it lives until the end).
-fn child_setup(cmd: &mut Command, deathsig: libc::c_int) {
-    // SAFETY: sigemptyset, pthread_sigmask and prctl are async-signal-safe and only touch the
-    // child's own stack.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            if rc != 0 {
-                return Err(std::io::Error::from_raw_os_error(rc));
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, deathsig as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Pids of every daemon this process started, checked at the end.
-static SPAWNED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
-
-/// `flowgate run` inside a namespace. The lab's [`lab::Child`] guard SIGTERMs (then SIGKILLs)
-/// and reaps it on drop; the process also gets SIGTERM if this process dies ([`child_setup`]).
-struct Daemon {
-    child: lab::Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
 /// A started daemon: how long it took to print its ready line, the line, and the number of
 /// existing connections the line says were adopted.
 struct Ready {
@@ -262,81 +190,13 @@ struct Ready {
     adopted: u64,
 }
 
-impl Daemon {
-    /// Spawns the daemon and waits for its ready line.
-    fn start(ns: &Netns, flowgate: &Path, config: &Path) -> Result<Ready> {
-        let flowgate = flowgate.to_string_lossy();
-        let config = config.to_string_lossy();
-        let t0 = Instant::now();
-        let mut child = ns.spawn_with(&[&flowgate, "run", "--config", &config], |cmd| {
-            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-            child_setup(cmd, libc::SIGTERM);
-        });
-        SPAWNED.lock().unwrap_or_else(|p| p.into_inner()).push(child.pid());
-        child.set_term_timeout(STOP_TIMEOUT);
-        let pipe = child.child.stderr.take().ok_or("no stderr pipe")?;
-        let (tx, rx) = mpsc::channel();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let kept = stderr.clone();
-        std::thread::Builder::new()
-            .name("flowgate-stderr".into())
-            .spawn(move || {
-                for (i, line) in BufReader::new(pipe).lines().map_while(std::result::Result::ok).enumerate() {
-                    if i < ECHO_LINES {
-                        eprintln!("  [flowgate] {line}");
-                    } else if i == ECHO_LINES {
-                        eprintln!("  [flowgate] ... (further lines are counted, not shown)");
-                    }
-                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(line.clone());
-                    let _ = tx.send(line);
-                }
-            })
-            .map_err(|e| format!("cannot start the stderr reader: {e}"))?;
-        let mut d = Daemon { child, lines: rx, stderr };
-        let deadline = t0 + READY_TIMEOUT;
-        loop {
-            match d.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) if line.contains(READY_LINE) => {
-                    let took = t0.elapsed();
-                    let adopted = adopted_in(&line).ok_or_else(|| format!("no adoption count in `{line}`"))?;
-                    return Ok(Ready { daemon: d, took, line, adopted });
-                }
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let st = d.child.wait_timeout(Duration::from_secs(5));
-                    return Err(format!("flowgate exited before it was ready ({}):\n{}", status(st), d.stderr_text()));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("flowgate did not print `{READY_LINE}` within {READY_TIMEOUT:?}"));
-                }
-            }
-        }
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
-    }
-
-    /// SIGTERM, waits for the exit; returns how long it took and the stderr lines other than the
-    /// ready and stop lines, or an error unless it exited 0.
-    fn stop(mut self) -> Result<(Duration, Vec<String>)> {
-        let t0 = Instant::now();
-        kill(Pid::from_raw(self.child.pid()), Signal::SIGTERM).map_err(|e| format!("kill flowgate: {e}"))?;
-        match self.child.wait_timeout(STOP_TIMEOUT) {
-            Some(st) if st.success() => {
-                let took = t0.elapsed();
-                let lines = self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let other = lines
-                    .into_iter()
-                    .filter(|l| {
-                        !l.contains(READY_LINE) && !l.contains("flowgate: SIGTERM: stopping") && !l.contains("stopped;")
-                    })
-                    .collect();
-                Ok((took, other))
-            }
-            st => Err(format!("flowgate did not exit 0 after SIGTERM ({}):\n{}", status(st), self.stderr_text())),
-        }
-    }
+/// Starts the daemon (2 queues, no rules: allow everything) in `ns` with its config in `dir`, and
+/// reads the adoption count off its ready line.
+fn start_daemon(ns: &Netns, flowgate: &Path, dir: &TempDir) -> Result<Ready> {
+    let config = daemon::write_config(dir, "")?;
+    let daemon::Ready { daemon, took, line } = Daemon::start(ns, flowgate, &config, &DAEMON)?;
+    let adopted = adopted_in(&line).ok_or_else(|| format!("no adoption count in `{line}`"))?;
+    Ok(Ready { daemon, took, line, adopted })
 }
 
 /// The count in `..., 10000 existing connections adopted, ...`.
@@ -345,18 +205,9 @@ fn adopted_in(line: &str) -> Option<u64> {
     before.rsplit(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-fn status(st: Option<ExitStatus>) -> String {
-    st.map_or_else(|| "still running or status unknown".into(), |s| s.to_string())
-}
-
-/// Reads an event log: every event, parsed.
-fn read_events(path: &Path) -> Result<Vec<Value>> {
-    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    text.lines().map(|l| serde_json::from_str(l).map_err(|e| format!("bad event line ({e}): {l}"))).collect()
-}
-
+/// Whether an event is about a TCP flow to the service address (203.0.113.10).
 fn to_service(e: &Value) -> bool {
-    e["flow"]["protocol"] == "tcp" && e["flow"]["remote"].as_str().is_some_and(|r| r.starts_with("203.0.113.10:"))
+    is_tcp_to(&e["flow"], SRV_SERVICE_V4)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,7 +215,8 @@ fn to_service(e: &Value) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// Packets of the NFQUEUE rules of flowgate's `FLOWGATE-OUT` and `FLOWGATE-IN` chains (packets
-/// sent to user space), read with `iptables -L CHAIN -v -x -n` in `ns`.
+/// sent to user space: the owner rules and the balancing rule, added up), read with
+/// `iptables -L CHAIN -v -x -n` in `ns`.
 fn nfqueue_packets(ns: &Netns) -> Result<u64> {
     let mut total = 0;
     for chain in ["FLOWGATE-OUT", "FLOWGATE-IN"] {
@@ -373,24 +225,22 @@ fn nfqueue_packets(ns: &Netns) -> Result<u64> {
             return Err(format!("iptables -L {chain}: {}", String::from_utf8_lossy(&o.stderr).trim()));
         }
         let text = String::from_utf8_lossy(&o.stdout);
-        let rule = text.lines().skip(2).find(|l| l.split_whitespace().nth(2) == Some("NFQUEUE"));
-        let pkts = rule.and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok());
-        total += pkts.ok_or_else(|| format!("iptables -L {chain}: no NFQUEUE rule:\n{text}"))?;
+        let rules: Vec<&str> =
+            text.lines().skip(2).filter(|l| l.split_whitespace().nth(2) == Some("NFQUEUE")).collect();
+        if rules.is_empty() {
+            return Err(format!("iptables -L {chain}: no NFQUEUE rule:\n{text}"));
+        }
+        for l in rules {
+            let pkts = l.split_whitespace().next().and_then(|p| p.parse::<u64>().ok());
+            total += pkts.ok_or_else(|| format!("iptables -L {chain}: bad NFQUEUE line: {l}"))?;
+        }
     }
     Ok(total)
 }
 
 /// `Tcp: RetransSegs` of `/proc/net/snmp` in `ns`: TCP segments retransmitted.
 fn retrans_segs(ns: &Netns) -> Result<u64> {
-    let o = ns.run(&["cat", "/proc/net/snmp"]);
-    let text = String::from_utf8_lossy(&o.stdout);
-    let mut lines = text.lines().filter(|l| l.starts_with("Tcp:"));
-    if let (Some(names), Some(values)) = (lines.next(), lines.next())
-        && let Some((_, v)) = names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == "RetransSegs")
-    {
-        return v.parse().map_err(|e| format!("/proc/net/snmp RetransSegs = {v:?}: {e}"));
-    }
-    Err(format!("no Tcp RetransSegs in /proc/net/snmp of {}", ns.name))
+    tcp(ns, "RetransSegs")
 }
 
 /// Conntrack entries of TCP connections to 203.0.113.10 in `ns`, and how many of them carry one
@@ -426,18 +276,6 @@ struct Conn {
     remote: SocketAddr,
 }
 
-/// A listening socket on `addr` with a backlog of [`BACKLOG`], in the calling thread's namespace.
-fn listen_here(addr: SocketAddrV4) -> Result<TcpListener> {
-    let l = || -> nix::Result<TcpListener> {
-        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        bind(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
-        listen(&fd, Backlog::new(BACKLOG)?)?;
-        Ok(TcpListener::from(fd))
-    };
-    l().map_err(|e| format!("listen on {addr}: {e}"))
-}
-
 /// Opens `n` connections from `host` to 203.0.113.10, connection `i` to `targets[i % len]`, one
 /// after another (a blocking connect each, bounded to 5 s). Returns them in order, with the time
 /// the loop took.
@@ -460,7 +298,7 @@ fn connect_all(ns: &Netns, n: usize, targets: Vec<SocketAddr>) -> Result<(Vec<Tc
 /// this process, both ends kept here, in order.
 fn open_pairs(lab: &Lab, n: usize, port: u16) -> Result<(Vec<Conn>, Duration)> {
     let addr = SocketAddrV4::new(SRV_SERVICE_V4, port);
-    let listener = Arc::new(lab.srv.in_ns(move || listen_here(addr))?);
+    let listener = Arc::new(lab.srv.in_ns(move || listen(addr))?);
     let l2 = listener.clone();
     let acceptor = std::thread::Builder::new()
         .name(format!("accept-{port}"))
@@ -538,7 +376,7 @@ fn echo_server_main(list: &str) -> ! {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
         let mut listeners = Vec::new();
         for (k, &p) in ports.iter().enumerate() {
-            let l = listen_here(SocketAddrV4::new(SRV_SERVICE_V4, p))?;
+            let l = listen(SocketAddrV4::new(SRV_SERVICE_V4, p))?;
             l.set_nonblocking(true).map_err(|e| format!("nonblocking: {e}"))?;
             epoll.add(&l, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER | k as u64)).map_err(|e| format!("{e}"))?;
             listeners.push(l);
@@ -723,23 +561,9 @@ fn errno_name(e: &std::io::Error) -> String {
 // Statistics
 // ---------------------------------------------------------------------------------------------
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0 * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let m = 10f64.powi(digits);
-    (x * m).round() / m
 }
 
 /// p50, p90, p99, min, max and mean of sorted values, rounded to `digits`.
@@ -753,12 +577,6 @@ fn dist_json(sorted: &[f64], digits: i32) -> Value {
         "max": round(percentile(sorted, 100.0), digits),
         "mean": round(mean, digits),
     })
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -913,17 +731,18 @@ fn block_one(lab: &Lab, conn: Conn, id: u64, how: Method, run_dir: &Path, flowga
     })
 }
 
-/// The daemon's flow id of each connection, from `{"cmd":"flows"}`, matched by local and remote
-/// address; every one must be allowed.
+/// The daemon's flow id of each connection, from `{"cmd":"flows"}` (one line per flow after the
+/// first answer), matched by local and remote address; every one must be allowed.
 fn flow_ids(run_dir: &Path, conns: &[Conn]) -> Result<Vec<u64>> {
-    let reply = flowgate::daemon::control::request(run_dir, &json!({"cmd": "flows"}))?;
     let mut by_pair: HashMap<(String, String), (u64, String)> = HashMap::new();
-    for f in reply["flows"].as_array().ok_or("flows: no list in the reply")? {
+    flowgate::daemon::control::request_stream(run_dir, &json!({"cmd": "flows"}), |line| {
+        let f: Value = serde_json::from_str(line).map_err(|e| format!("flows: bad flow line ({e}): {line}"))?;
         let flow = &f["flow"];
         if let (Some(l), Some(r), Some(id)) = (flow["local"].as_str(), flow["remote"].as_str(), flow["id"].as_u64()) {
             by_pair.insert((l.to_string(), r.to_string()), (id, f["verdict"].as_str().unwrap_or("?").to_string()));
         }
-    }
+        Ok(())
+    })?;
     conns
         .iter()
         .map(|c| {
@@ -953,8 +772,7 @@ fn run_block(opts: &Opts) -> Result<BlockReport> {
     // Drop order (reverse of declaration): daemon, temp dir, lab.
     let lab = Lab::new("vblock");
     let tmp = TempDir::new("block")?;
-    let config = write_config(&tmp)?;
-    let Ready { daemon, took: ready, .. } = Daemon::start(&lab.host, &opts.flowgate, &config)?;
+    let Ready { daemon, took: ready, .. } = start_daemon(&lab.host, &opts.flowgate, &tmp)?;
     eprintln!("verdicts: [block] flowgate ready after {:.3} s", ready.as_secs_f64());
     let plan: Vec<Method> = std::iter::repeat_n(Method::Socket, opts.block)
         .chain(std::iter::repeat_n(Method::Cli, opts.cli))
@@ -991,10 +809,7 @@ fn run_block(opts: &Opts) -> Result<BlockReport> {
         .iter()
         .filter(|e| e["event"] == "flow.update" && e["verdict"] == "drop" && e["source"] == "handle" && to_service(e))
         .count();
-    let left = lab.host.pids();
-    if !left.is_empty() {
-        return Err(format!("processes left in {} after flowgate stopped: {left:?}", lab.host.name));
-    }
+    check_stopped_alone(&lab.host)?;
     Ok(BlockReport { connections: samples.len(), ready, open, samples, updates, stopped, daemon_messages })
 }
 
@@ -1055,8 +870,7 @@ impl Start {
 fn start_once(lab: &Lab, opts: &Opts, kind: &'static str, conns: &[TcpStream], byte: u8) -> Result<Start> {
     let n = conns.len();
     let tmp = TempDir::new(&format!("{kind}-{n}"))?;
-    let config = write_config(&tmp)?;
-    let Ready { daemon, took: ready, line, adopted } = Daemon::start(&lab.host, &opts.flowgate, &config)?;
+    let Ready { daemon, took: ready, line, adopted } = start_daemon(&lab.host, &opts.flowgate, &tmp)?;
     let mut s = Start {
         kind,
         ready,
@@ -1172,10 +986,7 @@ fn run_adoption(opts: &Opts) -> Result<AdoptReport> {
         let conntrack_before = conntrack_entries(&lab.host)?;
         starts.push(start_once(&lab, opts, "adoption", &conns, b'a')?);
         starts.push(start_once(&lab, opts, "restart", &conns, b'b')?);
-        let left = lab.host.pids();
-        if !left.is_empty() {
-            return Err(format!("processes left in {} after flowgate stopped: {left:?}", lab.host.name));
-        }
+        check_stopped_alone(&lab.host)?;
         labs.push(AdoptLab { open, conntrack_before, echo_before });
     }
     Ok(AdoptReport { connections: n, ports: ports.len(), labs, starts })
@@ -1440,21 +1251,7 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(ECHO_SERVER_FLAG) {
         echo_server_main(args.get(2).map_or("", String::as_str));
     }
-    let opts = match parse_opts() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("verdicts: {e}");
-            std::process::exit(2);
-        }
-    };
-    if !lab::is_root() {
-        eprintln!("verdicts: needs root (network namespaces, iptables, NFQUEUE); run bench/verdicts.sh as root");
-        std::process::exit(2);
-    }
-    if let Err(e) = install("verdicts") {
-        eprintln!("verdicts: {e}");
-        std::process::exit(1);
-    }
+    let opts = begin("verdicts", "network namespaces, iptables, NFQUEUE", parse_opts);
     // The adoption part's client ends (its echo server, a child, holds the server ends) and both
     // ends of the block part's connections live in this process; children inherit the limit.
     let need = (opts.connections.max(2 * (opts.block + 2 * opts.cli)) + FD_SLACK) as u64;
@@ -1486,25 +1283,7 @@ fn main() {
     } else {
         None
     };
-    let me = std::process::id();
-    let leftover: Vec<String> = fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&format!("fg{me}x")))
-                .collect()
-        })
-        .unwrap_or_default();
-    let alive: Vec<i32> = SPAWNED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .copied()
-        .filter(|&p| kill(Pid::from_raw(p), None).is_ok())
-        .collect();
-    if !leftover.is_empty() || !alive.is_empty() {
-        eprintln!("verdicts: left behind: namespaces {leftover:?}, flowgate processes {alive:?}");
-        emergency_cleanup();
+    if !check_nothing_left() {
         std::process::exit(1);
     }
     if let Some(e) = failed {
@@ -1525,13 +1304,8 @@ fn main() {
     if let Some(a) = &adoption {
         json["adoption"] = adoption_section(a, &mut text);
     }
-    let line = json.to_string();
-    if let Some(path) = &opts.json
-        && let Err(e) = fs::write(path, format!("{line}\n"))
-    {
-        eprintln!("verdicts: {}: {e}", path.display());
+    if let Err(e) = print_result(&text, &json, opts.json.as_deref()) {
+        eprintln!("verdicts: {e}");
         std::process::exit(1);
     }
-    print!("{text}");
-    println!("{line}");
 }
