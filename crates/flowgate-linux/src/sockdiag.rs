@@ -229,12 +229,52 @@ impl SockDiag {
         })
     }
 
+    /// The socket the kernel finds for this exact local and remote end (a lookup, not a dump:
+    /// microseconds where a dump walks the whole socket table). The kernel's lookup falls back
+    /// to a listening or unconnected socket when no connected one matches, so the answer is
+    /// checked: `None` unless it has exactly these ends and a state in `states`. A socket bound
+    /// to a device (`SO_BINDTODEVICE`) is not found this way.
+    fn find_exact(
+        &mut self,
+        family: u8,
+        protocol: u8,
+        states: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<Option<SocketInfo>, DiagError> {
+        let seq = self.sock.next_seq();
+        let mut req = Vec::with_capacity(netlink::NLMSG_HDRLEN + REQ_V2_LEN);
+        // The answer is one message; the ACK after it tells that nothing more is coming.
+        let start = netlink::begin_msg(&mut req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_ACK, seq);
+        put_req_v2(&mut req, family, protocol, u32::MAX);
+        let addrs = (raw_addr(family, local.ip()), raw_addr(family, remote.ip()));
+        // INET_DIAG_NOCOOKIE: any socket with these ends.
+        put_sockid(&mut req, (local.port(), remote.port()), addrs, 0, u64::MAX);
+        netlink::end_msg(&mut req, start);
+        let mut found = None;
+        let answer = self.sock.request(&req, seq, |msg| {
+            if msg.ty == SOCK_DIAG_BY_FAMILY {
+                found = decode_socket(protocol, msg.payload);
+            }
+        });
+        match answer {
+            Ok(()) => {}
+            Err(Failure::Kernel(libc::ENOENT)) => return Ok(None),
+            Err(e) => return Err(failed(format!("look up {} socket {local} -> {remote}", protocol_name(protocol)), e)),
+        }
+        Ok(found.filter(|s| s.local == local && s.remote == remote && states & (1 << s.state) != 0))
+    }
+
     /// Destroys every socket of `protocol` with this local end (this host's) and this remote end,
     /// in the states of a live connection ([`state::TCP_CONNECTIONS`]; any UDP state), and returns
     /// how many. Addresses compare as [`SocketInfo`] gives them (IPv4-mapped as IPv4), with no
     /// wildcard: an unconnected UDP socket matches only with the unspecified remote address and
     /// port 0, and a socket bound to the unspecified address only with that as `local`. A socket
     /// that closes on its own between the listing and its destruction is not counted.
+    ///
+    /// The connection is looked up by its ends first; only if that finds nothing (a socket bound
+    /// to a device, say) are the socket tables dumped, which on a host with a large connection
+    /// table takes milliseconds.
     pub fn destroy_matching(
         &mut self,
         protocol: u8,
@@ -246,6 +286,15 @@ impl SockDiag {
         let states = if protocol == TCP { state::TCP_CONNECTIONS } else { state::UDP_ALL };
         // A true IPv6 address is never on an IPv4 socket; an IPv4 one can be on either.
         let families: &[u8] = if local.is_ipv4() { &[AF_INET, AF_INET6] } else { &[AF_INET6] };
+        for &family in families {
+            if let Some(s) = self.find_exact(family, protocol, states, local, remote)? {
+                return match self.destroy(&s) {
+                    Ok(()) => Ok(1),
+                    Err(DiagError::NotFound) => Ok(0),
+                    Err(e) => Err(e),
+                };
+            }
+        }
         let mut found = Vec::new();
         for &family in families {
             self.dump_family(family, protocol, states, local.port(), remote.port(), &mut |s: &SocketInfo| {

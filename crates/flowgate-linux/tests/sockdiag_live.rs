@@ -242,3 +242,28 @@ fn a_dual_stack_socket_shows_as_ipv4_and_can_be_destroyed() {
         assert_eq!(errno(&write), Some(libc::EPIPE), "{write:?}");
     });
 }
+
+#[test]
+fn destroy_matching_never_takes_a_listener_or_an_unconnected_socket_for_a_connection() {
+    if !root() {
+        return;
+    }
+    in_namespace(|diag| {
+        // The kernel's lookup by ends falls back to a listening TCP socket or an unconnected
+        // UDP socket on the local port when no connection matches: those must survive.
+        let listener = TcpListener::bind((LO4, 0)).unwrap();
+        let listen = listener.local_addr().unwrap();
+        let ghost = SocketAddr::new(LO4, 40_999);
+        assert_eq!(diag.destroy_matching(TCP, listen, ghost).expect("destroy_matching"), 0);
+        let (_client, _server) = (TcpStream::connect(listen).unwrap(), listener.accept().unwrap());
+
+        let server = UdpSocket::bind((LO4, 0)).unwrap();
+        let bound = server.local_addr().unwrap();
+        assert_eq!(diag.destroy_matching(UDP, bound, ghost).expect("destroy_matching"), 0);
+        let client = UdpSocket::bind((LO4, 0)).unwrap();
+        client.send_to(b"still there", bound).unwrap();
+        server.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(server.recv(&mut b).expect("the unconnected socket still receives"), 11);
+    });
+}
