@@ -16,8 +16,8 @@
 //! (`::ffff:a.b.c.d`). [`SocketInfo`] reports them as plain IPv4, so that they compare equal with
 //! the tuples of [`crate::conntrack`], and keeps the family the kernel reported in a private field:
 //! [`SockDiag::destroy`] names the socket to the kernel exactly as the kernel described it
-//! (family `AF_INET6`, mapped addresses). A `SocketInfo` therefore comes from [`SockDiag::dump`];
-//! it cannot be made up.
+//! (family `AF_INET6`, mapped addresses). A `SocketInfo` therefore comes from the kernel (a dump,
+//! or the lookup [`SockDiag::destroy_matching`] makes first); it cannot be made up.
 
 use std::fmt;
 use std::io;
