@@ -30,9 +30,9 @@ fi
 # The daemon (and the CLI the verdict benchmark runs): the ordinary release build.
 cargo build --release -p flowgate
 
-# The benchmark: release optimisations, but with unwinding panics (the workspace's release
-# profile aborts on panic), so that a failure unwinds through the lab's Drop guards. A profile of
-# its own keeps target/release untouched.
+# The benchmark: release optimisations with unwinding panics (as the workspace's release profile
+# has them too), so that a failure unwinds through the lab's Drop guards. A profile of its own
+# keeps target/release untouched.
 cargo build -p flowgate-bench --bin "$bin" --profile live-bench \
     --config 'profile.live-bench.inherits="release"' \
     --config 'profile.live-bench.panic="unwind"'

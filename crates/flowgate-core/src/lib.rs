@@ -49,8 +49,8 @@ pub mod time;
 pub mod verdict;
 
 pub use engine::{
-    COMMAND_BUDGET, Enforce, Engine, EngineConfig, Existing, Footprint, KERNEL_BATCH, KernelAction, Origin, PacketMeta,
-    Release, Stats, Timeouts,
+    COMMAND_BUDGET, Enforce, Engine, EngineConfig, Existing, FaultKind, Footprint, KERNEL_BATCH, KernelAction, Origin,
+    PacketMeta, ProviderFault, Release, Stats, TIMER_BUDGET, Timeouts,
 };
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};

@@ -5,6 +5,11 @@
 //! engine's thread, synchronously, from inside `Engine::handle_*`: they must not block. To
 //! decide later, return `Pause` (or allow and change your mind) and use a [`crate::Handle`] from
 //! any thread. The built-in rule set judges beside them; the most restrictive answer wins.
+//!
+//! A provider that panics, or takes longer than the engine's budget for one call, does not take
+//! the engine down: the flow or packet it was judging gets the fail mode's verdict, the fault is
+//! counted and reported with the provider's [`FlowFilter::name`], and other flows go on being
+//! judged by it (see `engine/providers.rs`).
 
 use crate::event::FlowReport;
 use crate::flow::{Direction, Flow, FlowId};
@@ -12,6 +17,11 @@ use crate::verdict::{DataVerdict, NewFlowVerdict, PacketVerdict};
 
 /// Judges flows. Only `new_flow` is required.
 pub trait FlowFilter: Send {
+    /// The name reports of this provider's faults give.
+    fn name(&self) -> &str {
+        "flow filter"
+    }
+
     /// A flow was seen for the first time (its full 5-tuple, interface and direction are known).
     fn new_flow(&mut self, flow: &Flow) -> NewFlowVerdict;
 
@@ -46,4 +56,9 @@ pub struct PacketContext<'a> {
 /// Judges single packets. Every packet of every flow is shown to it while it is installed.
 pub trait PacketFilter: Send {
     fn packet(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict;
+
+    /// The name reports of this provider's faults give.
+    fn name(&self) -> &str {
+        "packet filter"
+    }
 }

@@ -115,6 +115,7 @@ impl fmt::Display for ConfigError {
 struct RawConfig {
     default_action: Option<Spanned<String>>,
     fail: Option<Spanned<String>>,
+    unparsable: Option<Spanned<String>>,
     local_addresses: Option<Vec<Spanned<String>>>,
     max_flows: Option<Spanned<i64>>,
     queues: Option<Spanned<i64>>,
@@ -312,6 +313,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         rule_list.push(rule);
     }
     let set = RuleSet { rules: rule_list, default_action };
+    engine.fail_open = fail == FailMode::Open;
+    // A packet no rule can see must not slip past rules that drop: by default it is dropped as
+    // soon as anything could be.
+    engine.drop_unparsable = match &raw.unparsable {
+        None => set.default_action == Action::Drop || set.rules.iter().any(|r| r.action == Action::Drop),
+        Some(v) => match v.get_ref().as_str() {
+            "drop" => true,
+            "accept" => false,
+            other => return Err(src.at(v, "unparsable", format!("`{other}` is not drop or accept"))),
+        },
+    };
     for l in lint::lint(&set) {
         warnings.push(Warning { path: path.to_path_buf(), line: rule_lines[l.rule()], message: l.message(&set) });
     }
@@ -326,7 +338,9 @@ fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
         if (lo..=hi).contains(&n) { Ok(n) } else { Err(src.at(v, field, format!("must be between {lo} and {hi}"))) }
     };
     if let Some(v) = &raw.queues {
-        live.queues = u16::try_from(int(v, "queues", 1, 64)?).unwrap_or(1);
+        // The conntrack mark names a flow's owning queue in 5 bits.
+        let most = flowgate_linux::marks::MAX_OWNERS as i64;
+        live.queues = u16::try_from(int(v, "queues", 1, most)?).unwrap_or(1);
     }
     if let Some(v) = &raw.first_queue {
         live.first_queue = u16::try_from(int(v, "first_queue", 0, 65535)?).unwrap_or(0);

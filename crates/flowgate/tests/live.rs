@@ -874,25 +874,71 @@ fn block_by_library_call_long_after_the_start() {
     });
     let conn = long_lived(&lab, addr("203.0.113.10:7007"));
     let id = *watched.lock().expect("lock").first().expect("the filter saw the flow");
-    let handles = running.handles();
     // The connection stays idle (handled by the kernel), then the product decides, from a
-    // thread of its own.
+    // thread of its own; the daemon sends the verdict to the worker that owns the flow.
     assert_torn_down(
         conn,
-        move || {
-            std::thread::spawn(move || {
-                for h in &handles {
-                    h.update(id, flowgate_core::DataVerdict::Drop, None).expect("engine running");
-                }
-            })
-            .join()
-            .expect("product thread");
+        || {
+            std::thread::scope(|s| {
+                s.spawn(|| running.update(id, flowgate_core::DataVerdict::Drop, None).expect("engine running"));
+            });
         },
         "block by library call",
     );
     lab.host.in_ns(move || running.stop()).expect("stop");
     let log = std::fs::read_to_string(dir.join("events.jsonl")).expect("log");
     assert!(log.lines().any(|l| l.contains("\"flow.update\"") && l.contains("\"handle\"")), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A product's flow filter that gives up (panics) on the third flow it sees.
+struct GivesUp(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl flowgate_core::FlowFilter for GivesUp {
+    fn name(&self) -> &str {
+        "gives-up"
+    }
+
+    fn new_flow(&mut self, flow: &flowgate_core::Flow) -> flowgate_core::NewFlowVerdict {
+        if flow.remote.port() == 7 {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            assert!(n != 3, "the product's filter gives up on flow {}", flow.id);
+        }
+        flowgate_core::NewFlowVerdict::Allow
+    }
+}
+
+#[test]
+fn a_provider_that_panics_costs_one_flow_not_the_daemon() {
+    require_root!();
+    let lab = Lab::new("panics");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let dir = std::env::temp_dir().join(format!("flowgate-live-panics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let text = format!(
+        "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 1\nfail = \"closed\"\n",
+        dir.join("run").display(),
+        dir.join("events.jsonl").display()
+    );
+    let config = flowgate::config::parse(&dir.join("embedded.toml"), &text).expect("config");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = seen.clone();
+    let running = lab.host.in_ns(move || {
+        let make = move |_: usize| -> Box<dyn flowgate_core::FlowFilter> { Box::new(GivesUp(s.clone())) };
+        flowgate::daemon::Running::start(&config, Some(&make)).expect("start embedded daemon")
+    });
+    // Five connections in a row: the third meets the panic and gets the fail mode's verdict
+    // (closed: refused); the others, before and after, are judged and work.
+    let outcomes: Vec<bool> =
+        (0..5).map(|_| lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7")).is_ok())).collect();
+    assert_eq!(outcomes, [true, true, false, true, true]);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 5, "the provider went on judging");
+    let run_dir = dir.join("run");
+    let stats =
+        lab.host.in_ns(move || flowgate::daemon::control::request(&run_dir, &serde_json::json!({"cmd": "stats"})));
+    let stats = stats.expect("stats");
+    assert_eq!(stats["stats"]["total"]["provider_faults"], 1, "{stats}");
+    lab.host.in_ns(move || running.stop()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

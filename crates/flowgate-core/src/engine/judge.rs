@@ -109,10 +109,15 @@ impl Engine {
         };
         let class = self.rules.classify(&flow);
         if self.table.is_full() {
+            // A flood of new flows (spoofed sources, say) must not grow memory or push out the
+            // flows already judged. What can be judged without state still is (a rule that drops
+            // drops, so a flood cannot open a way past it); the rest gets the fail mode's
+            // verdict: untracked, it could neither be inspected nor changed later.
             self.stats.untracked += 1;
             return Err(match class.action {
                 Action::Drop => PacketAction::Drop,
-                _ => PacketAction::Accept,
+                _ if self.config.fail_open => PacketAction::Accept,
+                _ => PacketAction::Drop,
             });
         }
         flow.id = FlowId(self.next_flow_id);
@@ -133,7 +138,11 @@ impl Engine {
                 let v = if v == FlowVerdict::Drop { NewFlowVerdict::Drop } else { NewFlowVerdict::Allow };
                 (v, None)
             }
-            None => (rule_verdict, self.filter.as_mut().map(|f| f.new_flow(&flow))),
+            None => {
+                let fail = if self.config.fail_open { NewFlowVerdict::Allow } else { NewFlowVerdict::Drop };
+                let fv = self.call_filter("new_flow", flow.id, |f| f.new_flow(&flow)).map(|r| r.unwrap_or(fail));
+                (rule_verdict, fv)
+            }
         };
         let (verdict, filter_inspects) = match filter_verdict {
             None => (rule_verdict, false),

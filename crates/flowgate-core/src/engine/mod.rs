@@ -8,8 +8,8 @@
 //! 2. when [`Engine::poll_timeout`] says so: `handle_timeout(now)` (timers fire, and slices of
 //!    long jobs run: listings, re-judging after a reload, reconciling with the kernel);
 //! 3. after either: drain [`Engine::poll_event`] (events to log), [`Engine::poll_release`] (held
-//!    packets to accept or drop now) and [`Engine::poll_enforce`] (verdicts the data plane must
-//!    carry out in the kernel).
+//!    packets to accept or drop now), [`Engine::poll_enforce`] (verdicts the data plane must
+//!    carry out in the kernel) and [`Engine::poll_fault`] (provider faults to report).
 //!
 //! A driver that lets the kernel handle settled flows ([`EngineConfig::kernel_offload`]) also
 //! feeds what the kernel's connection tracking says ([`Engine::handle_kernel_report`],
@@ -28,6 +28,7 @@
 //! - `judge`: a new flow's first verdict (rules and the product filter), and re-judging on reload.
 //! - `stream`: stream positions and what inspection shows a filter.
 //! - `verdicts`: changing a flow's verdict, holding and releasing packets.
+//! - `providers`: calling the product's filters, their panics and overruns contained.
 //! - `kernel`: flows the kernel handles alone: kernel reports, syncs, adoption, and the verdicts
 //!   the data plane must enforce.
 //! - `sweep`: work over every flow, done a slice at a time (listings, re-judging, reconciling).
@@ -35,6 +36,7 @@
 mod entry;
 mod judge;
 mod kernel;
+mod providers;
 mod stream;
 mod sweep;
 mod table;
@@ -65,6 +67,7 @@ use table::{FlowTable, Interfaces, Slot};
 use timers::Timers;
 
 pub use kernel::{Enforce, KernelAction};
+pub use providers::{FaultKind, ProviderFault};
 
 /// Work done per [`Engine::handle_commands`] call, in commands, a batch of kernel reports
 /// counting one per report: a call stays short and packets do not wait behind a burst.
@@ -131,6 +134,15 @@ pub struct EngineConfig {
     /// How often the driver syncs with the kernel's table; a kernel-handled flow is found idle
     /// only by a sync that began after its idle deadline.
     pub kernel_sync_interval: Duration,
+    /// The fail mode, for what the engine cannot judge: a flow whose provider faulted, a new flow
+    /// past `max_flows`. Open: it passes; closed: it is dropped.
+    pub fail_open: bool,
+    /// Drop packets that cannot be parsed (truncated, malformed, IP fragments the kernel did not
+    /// reassemble), rather than let them pass unjudged.
+    pub drop_unparsable: bool,
+    /// Longest a provider call may take (timed with the driver's stopwatch, see
+    /// [`Engine::set_stopwatch`]); a slower one counts as a fault.
+    pub provider_budget: Duration,
 }
 
 impl Default for EngineConfig {
@@ -144,6 +156,9 @@ impl Default for EngineConfig {
             flow_id_step: 1,
             kernel_offload: false,
             kernel_sync_interval: Duration::from_secs(10),
+            fail_open: true,
+            drop_unparsable: false,
+            provider_budget: Duration::from_millis(100),
         }
     }
 }
@@ -179,9 +194,13 @@ pub struct Stats {
     pub not_ip: u64,
     pub flows_opened: u64,
     pub flows_closed: u64,
-    /// Packets judged by the rules alone, untracked, because the flow table was full (every
-    /// packet of such a flow counts: each one is judged afresh).
+    /// Packets of new flows refused because the flow table was full: they get the fail mode's
+    /// verdict, untracked (every packet of such a flow counts: each one is judged afresh).
     pub untracked: u64,
+    /// Packets that could not be parsed (truncated, malformed, fragments, not IP), all kinds.
+    pub unparsable: u64,
+    /// Provider calls that panicked or ran over their budget.
+    pub provider_faults: u64,
     /// Packets dropped because too many were held.
     pub held_overflow: u64,
     /// Kernel-handled flows closed because two syncs in a row did not find their conntrack
@@ -198,6 +217,7 @@ pub struct Footprint {
     pub held_packets: usize,
     pub pending_enforce: usize,
     pub pending_events: usize,
+    pub pending_faults: usize,
     pub sweeps: usize,
     /// Kernel-handled flows that ended (a new connection reused their 5-tuple) and wait for
     /// the kernel's last counts.
@@ -257,6 +277,8 @@ pub struct Engine {
     names: Names,
     kernel: kernel::Kernel,
     sweeps: sweep::Sweeps,
+    stopwatch: Option<providers::Stopwatch>,
+    faults: VecDeque<ProviderFault>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -293,6 +315,8 @@ impl Engine {
             names: Names { default: "default".into(), provider: "provider".into(), kept: "kept".into() },
             kernel: kernel::Kernel::default(),
             sweeps: sweep::Sweeps::default(),
+            stopwatch: None,
+            faults: VecDeque::new(),
         }
     }
 
@@ -332,6 +356,7 @@ impl Engine {
             pending_enforce: self.kernel.pending(),
             retired: self.kernel.retired(),
             pending_events: self.events.len(),
+            pending_faults: self.faults.len(),
             sweeps: self.sweeps.len(),
         }
     }
@@ -364,8 +389,11 @@ impl Engine {
                     ParseError::Fragment => self.stats.fragments += 1,
                     ParseError::NotIp => self.stats.not_ip += 1,
                 }
-                // Nothing to judge it by; the kernel has its own checks for broken packets.
-                return ignored();
+                self.stats.unparsable += 1;
+                // Nothing to judge it by: a packet no rule can see must not slip past the rules
+                // that drop, so it gets the configured verdict.
+                let action = if self.config.drop_unparsable { PacketAction::Drop } else { PacketAction::Accept };
+                return Decision { action, flow: None, settled: false, silent: false };
             }
         };
         let key = FlowKey::new(p.protocol, (p.src, p.src_port), (p.dst, p.dst_port));
@@ -547,12 +575,12 @@ impl Engine {
             Some(Mode::Pause) => self.hold(Some(slot)),
             _ => PacketAction::Accept,
         };
-        if let (Some(pf), PacketAction::Accept) = (self.packet_filter.as_mut(), action) {
+        if action == PacketAction::Accept {
             let ctx = PacketContext { interface: meta.interface, direction: dir, flow: id, bytes };
-            action = match pf.packet(&ctx) {
-                PacketVerdict::Allow => PacketAction::Accept,
-                PacketVerdict::Drop => PacketAction::Drop,
-                PacketVerdict::Delay => self.hold(None),
+            action = match self.call_packet_filter(&ctx) {
+                None | Some(PacketVerdict::Allow) => PacketAction::Accept,
+                Some(PacketVerdict::Drop) => PacketAction::Drop,
+                Some(PacketVerdict::Delay) => self.hold(None),
             };
         }
         let offload = self.config.kernel_offload && self.packet_filter.is_none();
@@ -637,9 +665,7 @@ impl Engine {
         if reason == CloseReason::Idle && e.has(bits::KERNEL) && report.verdict == FlowVerdict::Allow {
             self.kernel.push_closed(Enforce { flow: flow.clone(), action: KernelAction::Forget });
         }
-        if let Some(f) = self.filter.as_mut() {
-            f.closed(&flow, &report);
-        }
+        let _ = self.call_filter("closed", flow.id, |f| f.closed(&flow, &report));
         self.events.push_back(Event { time: now, kind: EventKind::FlowClosed { flow, report } });
     }
 }

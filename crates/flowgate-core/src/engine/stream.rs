@@ -61,6 +61,11 @@ pub(super) fn mode_of(v: DataVerdict, offset: u64) -> Mode {
 }
 
 impl Engine {
+    /// What a flow whose provider faulted gets: the fail mode's verdict.
+    fn fail_verdict(&self) -> DataVerdict {
+        if self.config.fail_open { DataVerdict::Allow } else { DataVerdict::Drop }
+    }
+
     /// Shows the part of new payload (starting at stream offset `start`) that lies in the
     /// direction's peek window.
     pub(super) fn inspect(&mut self, slot: Slot, now: Instant, dir: Direction, start: u64, payload: &[u8]) {
@@ -74,8 +79,9 @@ impl Engine {
             if from < to {
                 let shown = &payload[(from - start) as usize..(to - start) as usize];
                 let flow = e.flow(&self.interfaces);
-                let verdict = match self.filter.as_mut() {
-                    Some(f) => f.data(&flow, dir, from, shown),
+                let verdict = match self.call_filter("data", flow.id, |f| f.data(&flow, dir, from, shown)) {
+                    Some(Ok(v)) => v,
+                    Some(Err(())) => self.fail_verdict(),
                     None => DataVerdict::Allow,
                 };
                 self.apply_data(slot, now, dir, verdict, to);
@@ -93,8 +99,9 @@ impl Engine {
         if e.has(bits::FILTER_INSPECTS) {
             let flow = e.flow(&self.interfaces);
             let offset = e.offset(dir);
-            let verdict = match self.filter.as_mut() {
-                Some(f) => f.data_complete(&flow, dir),
+            let verdict = match self.call_filter("data_complete", flow.id, |f| f.data_complete(&flow, dir)) {
+                Some(Ok(v)) => v,
+                Some(Err(())) => self.fail_verdict(),
                 None => DataVerdict::Allow,
             };
             self.apply_data(slot, now, dir, verdict, offset);

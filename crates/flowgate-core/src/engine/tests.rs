@@ -2147,3 +2147,146 @@ fn shutdown_closes_flows_still_waiting_for_the_kernels_last_counts() {
     assert_eq!(closed, [first, second], "every flow closes exactly once");
     assert_eq!(e.footprint().retired, 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Faults: providers that panic or overrun, floods past max_flows, unparsable packets
+// ---------------------------------------------------------------------------------------------
+
+/// A flow filter that allows, panics on its `n`-th new flow, and counts its calls.
+struct Brittle {
+    n: usize,
+    seen: Arc<AtomicUsize>,
+}
+
+impl FlowFilter for Brittle {
+    fn name(&self) -> &str {
+        "brittle"
+    }
+
+    fn new_flow(&mut self, _flow: &Flow) -> NewFlowVerdict {
+        let k = self.seen.fetch_add(1, Ordering::SeqCst) + 1;
+        assert!(k != self.n, "brittle gives up on flow number {k}");
+        NewFlowVerdict::Allow
+    }
+
+    fn data(&mut self, _flow: &Flow, _d: Direction, _offset: u64, bytes: &[u8]) -> DataVerdict {
+        assert!(!bytes.starts_with(b"boom"), "brittle cannot read this");
+        DataVerdict::Allow
+    }
+}
+
+fn udp_to(port: u16) -> Vec<u8> {
+    udp(sa("198.51.100.1:5000"), SocketAddr::new(ip("203.0.113.9"), port), b"x")
+}
+
+#[test]
+fn a_provider_that_panics_gives_that_flow_the_fail_mode_verdict_and_judges_the_rest() {
+    for fail_open in [true, false] {
+        let mut e = engine_with_config(EngineConfig { fail_open, ..EngineConfig::default() });
+        let seen = Arc::new(AtomicUsize::new(0));
+        e.set_flow_filter(Box::new(Brittle { n: 3, seen: seen.clone() }));
+        let decisions: Vec<Decision> = (1..=5).map(|p| e.handle_packet(ms(p), OUT, &udp_to(p as u16))).collect();
+        let want = if fail_open { PacketAction::Accept } else { PacketAction::Drop };
+        assert_eq!(
+            decisions.iter().map(|d| d.action).collect::<Vec<_>>(),
+            [PacketAction::Accept, PacketAction::Accept, want, PacketAction::Accept, PacketAction::Accept]
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 5, "the provider goes on judging after its panic");
+        assert_eq!(e.stats().provider_faults, 1);
+        let fault = e.poll_fault().expect("reported");
+        assert_eq!((fault.provider.as_str(), fault.call, fault.flow), ("brittle", "new_flow", decisions[2].flow));
+        assert!(matches!(&fault.kind, FaultKind::Panic(m) if m.contains("flow number 3")), "{fault:?}");
+        assert_eq!(e.poll_fault(), None);
+    }
+}
+
+#[test]
+fn a_provider_that_panics_on_data_leaves_that_flow_to_the_fail_mode() {
+    let mut e = engine_with_config(EngineConfig { fail_open: false, ..EngineConfig::default() });
+    e.set_flow_filter(Box::new(Inspecting));
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:80");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let d = e.handle_packet(ms(10), OUT, &c.send(b"boom"));
+    assert_eq!((d.flow, d.action), (Some(id), PacketAction::Drop));
+    assert_eq!(e.poll_fault().map(|f| f.call), Some("data"));
+    assert_eq!(e.flows()[0].verdict, FlowVerdict::Drop);
+}
+
+/// Inspects every flow's first 100 outbound bytes; panics on data that starts with "boom".
+struct Inspecting;
+
+impl FlowFilter for Inspecting {
+    fn new_flow(&mut self, _flow: &Flow) -> NewFlowVerdict {
+        inspect(100, 0)
+    }
+
+    fn data(&mut self, _flow: &Flow, _d: Direction, _offset: u64, bytes: &[u8]) -> DataVerdict {
+        assert!(!bytes.starts_with(b"boom"), "cannot read this");
+        DataVerdict::Allow
+    }
+}
+
+#[test]
+fn a_provider_slower_than_its_budget_is_a_fault() {
+    let mut e = engine_with_config(EngineConfig {
+        fail_open: false,
+        provider_budget: Duration::from_millis(50),
+        ..EngineConfig::default()
+    });
+    // A stopwatch that moves 30 ms per reading: each call takes 30 ms, under the budget...
+    let t = Arc::new(AtomicUsize::new(0));
+    let step = Arc::new(AtomicUsize::new(30));
+    let (t2, s2) = (t.clone(), step.clone());
+    e.set_stopwatch(move || Duration::from_millis(t2.fetch_add(s2.load(Ordering::SeqCst), Ordering::SeqCst) as u64));
+    e.set_flow_filter(Box::new(Brittle { n: 0, seen: Arc::new(AtomicUsize::new(0)) }));
+    assert_eq!(e.handle_packet(ms(1), OUT, &udp_to(1)).action, PacketAction::Accept);
+    // ... and then 80 ms: over it.
+    step.store(80, Ordering::SeqCst);
+    assert_eq!(e.handle_packet(ms(2), OUT, &udp_to(2)).action, PacketAction::Drop);
+    let fault = e.poll_fault().expect("reported");
+    assert_eq!(fault.kind, FaultKind::Slow(Duration::from_millis(80)));
+}
+
+#[test]
+fn a_packet_filter_that_panics_gets_the_fail_mode_for_that_packet() {
+    struct Bad;
+    impl PacketFilter for Bad {
+        fn packet(&mut self, _ctx: &PacketContext<'_>) -> PacketVerdict {
+            panic!("bad packet filter")
+        }
+        fn name(&self) -> &str {
+            "bad"
+        }
+    }
+    let mut e = engine_with_config(EngineConfig { fail_open: false, ..EngineConfig::default() });
+    e.set_packet_filter(Box::new(Bad));
+    assert_eq!(e.handle_packet(ms(1), OUT, &udp_to(1)).action, PacketAction::Drop);
+    assert_eq!(e.poll_fault().map(|f| (f.provider, f.call)), Some(("bad".to_string(), "packet")));
+}
+
+#[test]
+fn flows_past_max_flows_get_the_fail_mode_unless_a_rule_drops_them() {
+    let rules = compiled(vec![rule_remote("block", "192.0.2.0/24", Action::Drop)], Action::Allow);
+    let config = EngineConfig { max_flows: 1, fail_open: false, ..EngineConfig::default() };
+    let mut e = Engine::new(config, rules);
+    let mut tracked = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = e.handle_packet(ms(0), OUT, &tracked.syn()).flow.expect("tracked");
+    let mut allowed = Conn::new("198.51.100.1:40001", "203.0.113.8:443");
+    assert_eq!(e.handle_packet(ms(1), OUT, &allowed.syn()), untracked(PacketAction::Drop), "fail closed");
+    let mut blocked = Conn::new("198.51.100.1:40002", "192.0.2.9:443");
+    assert_eq!(e.handle_packet(ms(2), OUT, &blocked.syn()), untracked(PacketAction::Drop));
+    assert_eq!(e.handle_packet(ms(3), IN, &tracked.syn_ack()), accepted(id, true), "the tracked flow goes on");
+}
+
+#[test]
+fn unparsable_packets_get_the_configured_verdict_and_are_counted() {
+    for drop_unparsable in [false, true] {
+        let mut e = engine_with_config(EngineConfig { drop_unparsable, ..EngineConfig::default() });
+        let mut cut = udp_to(53);
+        cut.truncate(24);
+        let d = e.handle_packet(ms(1), OUT, &cut);
+        let want = if drop_unparsable { PacketAction::Drop } else { PacketAction::Accept };
+        assert_eq!((d.action, d.flow), (want, None));
+        assert_eq!((e.stats().unparsable, e.stats().truncated), (1, 1));
+    }
+}

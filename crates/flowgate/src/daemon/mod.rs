@@ -413,8 +413,15 @@ fn start(
     workers.links = Some(link_watch);
     for (index, (queue, engine)) in queues.into_iter().zip(engines).enumerate() {
         let Some(enforce) = workers.enforcer.as_ref().map(|e| e.tx.clone()) else { break };
-        let links =
-            Links { index, clock, events: tx.clone(), enforce, stop: stop.clone(), link_changes: changes.clone() };
+        let links = Links {
+            index,
+            clock,
+            events: tx.clone(),
+            enforce,
+            stop: stop.clone(),
+            fail_open: config.fail == FailMode::Open,
+            link_changes: changes.clone(),
+        };
         match Shard::start(queue, engine, links) {
             Ok(shard) => workers.shards.push(shard),
             Err(e) => {

@@ -11,7 +11,7 @@
 //! Both hand-offs are bounded and never block the packet path: an event the writer's full
 //! channel cannot take is dropped and counted (`events_dropped`); a verdict the enforcer's full
 //! channel cannot take waits in the engine (one per flow) and is offered again a millisecond
-//! later. Every quarter second the worker publishes its counters for `flowgate stats`. This room
+//! later. After each wake-up the worker publishes its counters for `flowgate stats`. This room
 //! touches its queue, its eventfd, and the channels it was given.
 
 use std::collections::HashMap;
@@ -41,8 +41,6 @@ const HOOK_LOCAL_OUT: u8 = 3;
 
 /// Most datagrams read per wake-up before timers and commands get a turn.
 const RECV_ROUNDS: usize = 64;
-/// How often a worker publishes its counters.
-const PUBLISH: Duration = Duration::from_millis(250);
 
 /// What a worker tells the kernel for one decision; `None` while the packet is held.
 ///
@@ -101,6 +99,8 @@ pub(crate) struct Links {
     pub(crate) events: SyncSender<Event>,
     pub(crate) enforce: SyncSender<Enforce>,
     pub(crate) stop: Arc<AtomicBool>,
+    /// The fail mode: what packets still held when the worker exits get.
+    pub(crate) fail_open: bool,
     /// Link changes (see [`flowgate_linux::ifname::LinkWatch`]): the name cache follows them.
     pub(crate) link_changes: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -114,6 +114,9 @@ impl Shard {
             // A full counter still wakes the poll; nothing to do on error.
             let _ = waker.write(1);
         });
+        // Provider calls are timed against the engine's budget on the monotonic clock.
+        let started = StdInstant::now();
+        engine.set_stopwatch(move || started.elapsed());
         let handle = engine.handle();
         let num = queue.num();
         let stats = Arc::new(Mutex::new(WorkerStats { queue: num, ..WorkerStats::default() }));
@@ -127,6 +130,8 @@ impl Shard {
             events_dropped: 0,
             enforce_deferred: 0,
             pending: None,
+            faults_said: None,
+            faults_unsaid: 0,
         };
         let thread = std::thread::Builder::new().name(format!("flowgate-q{num}")).spawn(move || {
             super::foreground();
@@ -163,6 +168,9 @@ struct Worker {
     enforce_deferred: u64,
     /// A verdict the enforcer's channel had no room for.
     pending: Option<Enforce>,
+    /// When a provider fault was last reported on stderr, and how many since were not.
+    faults_said: Option<StdInstant>,
+    faults_unsaid: u64,
 }
 
 impl Worker {
@@ -172,7 +180,6 @@ impl Worker {
         // Engine packet ids of held packets → their NFQUEUE ids.
         let mut held: HashMap<PacketId, u32> = HashMap::new();
         let mut answers: Vec<(u32, Verdict, Option<Mark>)> = Vec::with_capacity(256);
-        let mut published = StdInstant::now();
         while !self.links.stop.load(Ordering::Acquire) {
             let now = self.links.clock.now();
             let mut wait = self
@@ -242,14 +249,16 @@ impl Worker {
                 self.engine.handle_timeout(now);
             }
             self.hand_off(false);
-            if published.elapsed() >= PUBLISH {
-                self.publish();
-                published = StdInstant::now();
-            }
+            self.report_faults();
+            // Once per wake-up (the lock is this worker's own, taken by `flowgate stats` now and
+            // then), so the counters are never older than the worker's last work.
+            self.publish();
         }
-        // Held packets must not stall the kernel queue past our exit.
+        // Held packets must not stall the kernel queue past our exit; they get the fail mode's
+        // verdict, as packets do while no daemon answers.
+        let last = if self.links.fail_open { Verdict::Accept } else { Verdict::Drop };
         for (_, id) in held.drain() {
-            self.queue.verdict(id, Verdict::Accept, None);
+            self.queue.verdict(id, last, None);
         }
         self.queue.flush().map_err(|e| e.to_string())?;
         self.engine.close_all(self.links.clock.now());
@@ -283,6 +292,29 @@ impl Worker {
                 // The enforcer is gone only at shutdown, after the workers.
                 Err(TrySendError::Disconnected(_)) => break,
             }
+        }
+    }
+
+    /// Says what providers did wrong, at most once a second (the rest is counted in
+    /// `provider_faults` and summed up in the next line).
+    fn report_faults(&mut self) {
+        while let Some(f) = self.engine.poll_fault() {
+            if self.faults_said.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                self.faults_unsaid += 1;
+                continue;
+            }
+            let what = match &f.kind {
+                flowgate_core::FaultKind::Panic(m) => format!("panicked ({m})"),
+                flowgate_core::FaultKind::Slow(t) => format!("took {} ms", t.as_millis()),
+            };
+            let flow = f.flow.map(|id| format!(" for flow {id}")).unwrap_or_default();
+            let mode = if self.links.fail_open { "allowed (fail open)" } else { "dropped (fail closed)" };
+            let more = match std::mem::take(&mut self.faults_unsaid) {
+                0 => String::new(),
+                n => format!("; {n} more faults since the last report"),
+            };
+            eprintln!("flowgate: provider `{}` {what} in {}{flow}: the flow is {mode}{more}", f.provider, f.call);
+            self.faults_said = Some(StdInstant::now());
         }
     }
 
