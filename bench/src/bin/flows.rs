@@ -292,8 +292,9 @@ fn write_config(dir: &TempDir, max_flows: usize) -> Result<PathBuf> {
 /// {...}}`), over the control socket: the request `flowgate stats --json` makes, without
 /// starting a process for each poll.
 fn stats(run_dir: &Path) -> Result<Value> {
-    let mut reply = flowgate::daemon::control::request(run_dir, &json!({"cmd": "stats"}))?;
-    Ok(reply["stats"].take())
+    let request = flowgate::protocol::Request::new(flowgate::protocol::Command::Stats);
+    let reply = flowgate::daemon::control::request(run_dir, &request)?;
+    Ok(reply.stats.unwrap_or_default())
 }
 
 /// The same through the CLI, as a user runs it: `ip netns exec <host> flowgate stats --json`.

@@ -33,6 +33,7 @@
 //! panic hook does the same. `bench/verdicts.sh` builds this binary with unwinding panics, so a
 //! failure unwinds through the guards.
 
+use flowgate::protocol::{Command as Ask, Request, Select};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
@@ -693,9 +694,11 @@ fn block_one(lab: &Lab, conn: Conn, id: u64, how: Method, run_dir: &Path, flowga
     let run_dir_s = run_dir.to_string_lossy();
     let t0 = Instant::now();
     let request = match how {
-        Method::Socket => {
-            flowgate::daemon::control::request(run_dir, &json!({"cmd": "block", "ids": [id]})).map(|_| ())
-        }
+        Method::Socket => flowgate::daemon::control::request(
+            run_dir,
+            &Request::new(Ask::Block(Select { ids: vec![id], ..Select::default() })),
+        )
+        .map(|_| ()),
         Method::Cli | Method::CliNetns => {
             let mut cmd = if how == Method::Cli {
                 Command::new(flowgate)
@@ -735,7 +738,7 @@ fn block_one(lab: &Lab, conn: Conn, id: u64, how: Method, run_dir: &Path, flowga
 /// first answer), matched by local and remote address; every one must be allowed.
 fn flow_ids(run_dir: &Path, conns: &[Conn]) -> Result<Vec<u64>> {
     let mut by_pair: HashMap<(String, String), (u64, String)> = HashMap::new();
-    flowgate::daemon::control::request_stream(run_dir, &json!({"cmd": "flows"}), |line| {
+    flowgate::daemon::control::request_stream(run_dir, &Request::new(Ask::Flows(Select::default())), |line| {
         let f: Value = serde_json::from_str(line).map_err(|e| format!("flows: bad flow line ({e}): {line}"))?;
         let flow = &f["flow"];
         if let (Some(l), Some(r), Some(id)) = (flow["local"].as_str(), flow["remote"].as_str(), flow["id"].as_u64()) {

@@ -17,6 +17,7 @@ use flowgate_core::{Engine, EngineConfig};
 use serde_json::json;
 
 use crate::config::{self, Config};
+use crate::protocol::{Command as Ask, Request, Select};
 use crate::replay;
 
 #[derive(Parser, Debug)]
@@ -225,9 +226,13 @@ fn flows_cmd(filter: &FlowFilterArgs, target: &DaemonTarget, json: bool, fresh: 
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let req = json!({
-        "cmd": "flows", "remote": filter.remote, "port": filter.port, "protocol": filter.protocol, "fresh": fresh,
-    });
+    let req = Request::new(Ask::Flows(Select {
+        remote: filter.remote.clone(),
+        port: filter.port,
+        protocol: filter.protocol.clone(),
+        fresh,
+        ..Select::default()
+    }));
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     if !json && let Err(e) = print_flow_header(&mut out) {
@@ -256,11 +261,11 @@ fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let reply = match crate::daemon::control::request(&run_dir, &json!({"cmd": "stats"})) {
+    let reply = match crate::daemon::control::request(&run_dir, &Request::new(Ask::Stats)) {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
-    let stats = &reply["stats"];
+    let stats = reply.stats.unwrap_or_default();
     if json {
         println!("{stats}");
         return ExitCode::SUCCESS;
@@ -326,17 +331,20 @@ fn verdict_cmd(cmd: &str, select: &FlowSelect, target: &DaemonTarget) -> ExitCod
         Err(e) => return fail(e),
     };
     let f = &select.filter;
-    let req = json!({"cmd": cmd, "ids": select.ids, "remote": f.remote, "port": f.port, "protocol": f.protocol});
+    let sel = Select {
+        ids: select.ids.clone(),
+        remote: f.remote.clone(),
+        port: f.port,
+        protocol: f.protocol.clone(),
+        ..Select::default()
+    };
+    let req = Request::new(if cmd == "block" { Ask::Block(sel) } else { Ask::Allow(sel) });
     match crate::daemon::control::request(&run_dir, &req) {
         Ok(reply) => {
             if select.json {
-                println!("{reply}");
+                println!("{}", serde_json::to_string(&reply).unwrap_or_default());
             } else {
-                let ids: Vec<String> = reply
-                    .get("flows")
-                    .and_then(serde_json::Value::as_array)
-                    .map(|a| a.iter().map(ToString::to_string).collect())
-                    .unwrap_or_default();
+                let ids: Vec<String> = reply.flows.unwrap_or_default().iter().map(ToString::to_string).collect();
                 println!("{}: {}", if cmd == "block" { "blocked" } else { "allowed" }, ids.join(" "));
             }
             ExitCode::SUCCESS
@@ -350,9 +358,9 @@ fn reload_cmd(target: &DaemonTarget) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    match crate::daemon::control::request(&run_dir, &json!({"cmd": "reload"})) {
+    match crate::daemon::control::request(&run_dir, &Request::new(Ask::Reload)) {
         Ok(reply) => {
-            println!("reloaded: {} rules", reply.get("rules").and_then(serde_json::Value::as_u64).unwrap_or(0));
+            println!("reloaded: {} rules", reply.rules.unwrap_or(0));
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),

@@ -9,4 +9,5 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod protocol;
 pub mod replay;

@@ -934,10 +934,10 @@ fn a_provider_that_panics_costs_one_flow_not_the_daemon() {
     assert_eq!(outcomes, [true, true, false, true, true]);
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 5, "the provider went on judging");
     let run_dir = dir.join("run");
-    let stats =
-        lab.host.in_ns(move || flowgate::daemon::control::request(&run_dir, &serde_json::json!({"cmd": "stats"})));
-    let stats = stats.expect("stats");
-    assert_eq!(stats["stats"]["total"]["provider_faults"], 1, "{stats}");
+    let request = flowgate::protocol::Request::new(flowgate::protocol::Command::Stats);
+    let stats = lab.host.in_ns(move || flowgate::daemon::control::request(&run_dir, &request)).expect("stats");
+    let stats = stats.stats.expect("counters");
+    assert_eq!(stats["total"]["provider_faults"], 1, "{stats}");
     lab.host.in_ns(move || running.stop()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1255,4 +1255,91 @@ fn a_connection_conntrack_did_not_track_is_adopted_once_and_handled_in_the_kerne
     let news: Vec<&Value> =
         ev.iter().filter(|e| e["event"] == "flow.new" && e["flow"]["remote"] == "203.0.113.10:7400").collect();
     assert_eq!(news.len(), 1, "{news:#?}");
+}
+
+// ---- the control socket under abuse
+
+#[test]
+fn silent_slow_and_oversized_control_clients_hold_up_no_one() {
+    require_root!();
+    use std::os::unix::net::UnixStream;
+    let lab = Lab::new("ctlabuse");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let d = Daemon::start(&lab, "ctlabuse", "");
+    lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7"))).expect("a flow to list");
+    let sock = std::path::Path::new(&d.run_dir()).join("control.sock");
+    // One that connects and says nothing; one that drips a byte every 100 ms; one that sends
+    // 2 MB without a newline.
+    let silent = UnixStream::connect(&sock).expect("connect");
+    let drip = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            let start = Instant::now();
+            for b in b"{\"cmd\":\"stats\"".iter().cycle().take(100) {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut reply = String::new();
+            let _ = BufReader::new(&s).read_line(&mut reply);
+            (start.elapsed(), reply)
+        })
+    };
+    let big = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            let _ = s.write_all(&vec![b'x'; 2 << 20]);
+            let mut reply = String::new();
+            let _ = BufReader::new(&s).read_line(&mut reply);
+            reply
+        })
+    };
+    // Meanwhile another client lists flows at once.
+    let t0 = Instant::now();
+    let flows = listed(&d, &["--port", "7"]);
+    assert_eq!(flows.len(), 1);
+    assert!(t0.elapsed() < Duration::from_secs(2), "listing took {:?}", t0.elapsed());
+    assert!(big.join().expect("big").contains("longer than"), "an oversized request is refused");
+    let (took, reply) = drip.join().expect("drip");
+    assert!(reply.contains("no whole request within"), "{reply}");
+    assert!(took < Duration::from_secs(8), "one deadline for the whole request ({took:?})");
+    drop(silent);
+    let _ = d.stop();
+}
+
+#[test]
+fn only_root_or_the_control_group_may_change_verdicts() {
+    require_root!();
+    use std::os::unix::process::CommandExt;
+    let lab = Lab::new("ctlcred");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let d = Daemon::start(&lab, "ctlcred", "");
+    let conn = lab.host.in_ns(|| TcpStream::connect(addr("203.0.113.10:7")).expect("connect"));
+    // An administrator loosened the socket's mode (and the way to it): the peer's credentials
+    // still decide who may change verdicts.
+    let run = std::path::PathBuf::from(d.run_dir());
+    for p in [run.parent().expect("dir"), run.as_path()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::set_permissions(run.join("control.sock"), std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .expect("chmod socket");
+    let as_nobody = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_flowgate")).args(args).uid(65534).gid(65534).output().expect("run as nobody")
+    };
+    let run_dir = d.run_dir();
+    let listing = as_nobody(&["flows", "--json", "--run-dir", &run_dir]);
+    assert!(listing.status.success(), "{}", String::from_utf8_lossy(&listing.stderr));
+    let block = as_nobody(&["block", "--port", "7", "--run-dir", &run_dir]);
+    assert!(!block.status.success());
+    assert!(String::from_utf8_lossy(&block.stderr).contains("permission denied"), "{block:?}");
+    let reload = as_nobody(&["reload", "--run-dir", &run_dir]);
+    assert!(String::from_utf8_lossy(&reload.stderr).contains("permission denied"), "{reload:?}");
+    // The connection was not touched; root may block it.
+    let out = d.flowgate(&["block", "--port", "7", "--run-dir", &run_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(conn);
+    let _ = d.stop();
 }

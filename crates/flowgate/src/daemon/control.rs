@@ -2,87 +2,57 @@
 //! running daemon.
 //!
 //! A Unix stream socket in the daemon's `run_dir`, mode 0600 owned by root, or 0660 with the
-//! config's `control_group`: the file's permissions are the access control. Each client gets a
-//! thread of its own (at most [`MAX_CLIENTS`] at once; more are told to come back), so a slow or
-//! silent client holds up no one else, and nothing here touches a queue worker's state: requests
-//! become commands to the engines' handles (see [`super::registry`]).
+//! config's `control_group`. The file's mode keeps others from connecting; on top of it, commands
+//! that change what passes (`block`, `allow`, `reload`) are refused unless the peer's credentials
+//! (`SO_PEERCRED`: its uid, its group and its supplementary groups) say root or the control group,
+//! so a socket whose mode was loosened, or one handed on, cannot be used to change verdicts.
 //!
-//! The protocol is one JSON object per line each way. A request names its command and, for
-//! commands about flows, a selection: `{"cmd": "flows"|"block"|"allow", "ids": [..],
-//! "remote": "CIDR", "port": N, "protocol": "tcp"}`, `{"cmd": "reload"}`, `{"cmd": "stats"}`.
-//! Every answer starts with `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. `flows`
-//! answers `{"ok": true}`, then one line per flow as the engines produce them (filtered on the
-//! daemon's side), then `{"end": true, "count": N}`: a million flows stream without the daemon
-//! or the client holding them all. `block`/`allow` answer with the flows they changed. This room
-//! owns the socket file.
+//! Each client gets a thread of its own (at most [`MAX_CLIENTS`] at once; more are told to come
+//! back), so a slow or silent client holds up no one else: its whole request must arrive within
+//! [`CLIENT_TIMEOUT`] and be at most [`MAX_REQUEST`] bytes, and each write of the answer must be
+//! taken within [`CLIENT_TIMEOUT`]. Running out of file descriptors backs off instead of spinning.
+//! Nothing here touches a queue worker's state: requests become commands to the engines' handles
+//! (see [`super::registry`]). The protocol is [`crate::protocol`]'s. This room owns the socket
+//! file.
 
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flowgate_core::{DataVerdict, FlowId, FlowStatus, Protocol, Selector};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use nix::sys::socket::{getsockopt, sockopt};
+use nix::unistd::Gid;
 
 use super::clock::Clock;
 use super::registry::Registry;
+use crate::protocol::{Command, Reply, Request, Select, VERSION};
 
 /// The socket's file name inside `run_dir`.
 pub const SOCKET: &str = "control.sock";
 /// Clients served at once.
-const MAX_CLIENTS: usize = 16;
+pub const MAX_CLIENTS: usize = 16;
 /// Longest request line.
-const MAX_REQUEST: u64 = 64 * 1024;
-/// How long a client may take to send its request, and to take each write of the answer.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client may take to send its whole request, and to take each write of the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Which flows a request is about (all fields optional; all that are given must match).
-#[derive(Debug, Default, Deserialize)]
-struct Select {
-    #[serde(default)]
-    ids: Vec<u64>,
-    remote: Option<String>,
-    port: Option<u16>,
-    protocol: Option<String>,
-    /// `flows` only: sync with conntrack first, so kernel-handled flows' counters are current
-    /// (otherwise they are as of the last periodic sync).
-    #[serde(default)]
-    fresh: bool,
-}
-
-impl Select {
-    fn selector(&self) -> Result<Selector, String> {
-        let remote = match &self.remote {
-            None => None,
-            Some(t) => Some(flowgate_core::rules::parse_network(t).map_err(|e| format!("remote: {e}"))?),
-        };
-        let protocol = match self.protocol.as_deref() {
-            None | Some("any") => None,
-            Some("tcp") => Some(Protocol::Tcp),
-            Some("udp") => Some(Protocol::Udp),
-            Some("icmp") => Some(Protocol::Icmp),
-            Some(other) => return Err(format!("protocol: `{other}` is not tcp, udp, icmp or any")),
-        };
-        Ok(Selector { ids: self.ids.iter().map(|&i| FlowId(i)).collect(), remote, remote_port: self.port, protocol })
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ids.is_empty() && self.remote.is_none() && self.port.is_none() && self.protocol.is_none()
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-enum Request {
-    Flows(Select),
-    Block(Select),
-    Allow(Select),
-    Reload,
-    Stats,
+fn selector(sel: &Select) -> Result<Selector, String> {
+    let remote = match &sel.remote {
+        None => None,
+        Some(t) => Some(flowgate_core::rules::parse_network(t).map_err(|e| format!("remote: {e}"))?),
+    };
+    let protocol = match sel.protocol.as_deref() {
+        None | Some("any") => None,
+        Some("tcp") => Some(Protocol::Tcp),
+        Some("udp") => Some(Protocol::Udp),
+        Some("icmp") => Some(Protocol::Icmp),
+        Some(other) => return Err(format!("protocol: `{other}` is not tcp, udp, icmp or any")),
+    };
+    Ok(Selector { ids: sel.ids.iter().map(|&i| FlowId(i)).collect(), remote, remote_port: sel.port, protocol })
 }
 
 /// What the control server needs of the daemon.
@@ -91,11 +61,14 @@ pub(crate) struct Context {
     pub(crate) clock: Clock,
     pub(crate) config: PathBuf,
     /// The daemon's counters as JSON.
-    pub(crate) stats: Box<dyn Fn() -> Value + Send + Sync>,
+    pub(crate) stats: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The control group, whose members may change verdicts besides root.
+    pub(crate) group: Option<Gid>,
 }
 
 /// Binds the socket and answers requests on background threads for the life of the process.
-pub(crate) fn serve(run_dir: &Path, group: Option<nix::unistd::Gid>, ctx: Context) -> Result<PathBuf, String> {
+pub(crate) fn serve(run_dir: &Path, ctx: Context) -> Result<PathBuf, String> {
+    let group = ctx.group;
     let path = run_dir.join(SOCKET);
     // We hold the instance lock: a socket file here is a dead instance's.
     let _ = std::fs::remove_file(&path);
@@ -127,8 +100,7 @@ pub(crate) fn serve(run_dir: &Path, group: Option<nix::unistd::Gid>, ctx: Contex
                 if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                     clients.fetch_sub(1, Ordering::AcqRel);
                     let mut w = &conn;
-                    let _ =
-                        writeln!(w, "{}", json!({"ok": false, "error": "too many control clients at once; try again"}));
+                    let _ = send(&mut w, &Reply::error("too many control clients at once; try again"));
                     continue;
                 }
                 let (ctx, clients) = (ctx.clone(), clients.clone());
@@ -146,27 +118,96 @@ pub(crate) fn serve(run_dir: &Path, group: Option<nix::unistd::Gid>, ctx: Contex
     Ok(path)
 }
 
-fn answer(conn: UnixStream, ctx: &Context) {
-    let mut line = String::new();
-    let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
-    let mut out = BufWriter::new(&conn);
-    let reply = match read {
-        Ok(0) => return,
-        Ok(_) if !line.ends_with('\n') => {
-            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
+/// One protocol line.
+fn send(out: &mut impl Write, r: &impl serde::Serialize) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, r).map_err(std::io::Error::other)?;
+    out.write_all(b"\n")
+}
+
+/// Reads one request line: all of it within [`CLIENT_TIMEOUT`] (one deadline, not one per read,
+/// so a client that drips bytes cannot hold its thread) and at most [`MAX_REQUEST`] bytes.
+fn read_request(conn: &UnixStream) -> Result<Option<String>, String> {
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no whole request within {} s", CLIENT_TIMEOUT.as_secs()));
         }
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Flows(sel)) => {
-                let _ = stream_flows(&mut out, &sel, ctx);
-                let _ = out.flush();
-                return;
+        conn.set_read_timeout(Some(left)).map_err(|e| format!("cannot read request: {e}"))?;
+        let n = match (&*conn).read(&mut buf) {
+            Ok(0) if line.is_empty() => return Ok(None),
+            Ok(0) => return Err("the request ended without a newline".into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(format!("no whole request within {} s", CLIENT_TIMEOUT.as_secs()));
             }
-            Ok(req) => dispatch(req, ctx),
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            Err(e) => return Err(format!("cannot read request: {e}")),
+        };
+        if let Some(end) = buf[..n].iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&buf[..end]);
+            return String::from_utf8(line).map(Some).map_err(|_| "the request is not UTF-8".into());
+        }
+        line.extend_from_slice(&buf[..n]);
+        if line.len() > MAX_REQUEST {
+            return Err(format!("request longer than {MAX_REQUEST} bytes"));
+        }
+    }
+}
+
+/// Whether the peer may change verdicts: root, or in the control group (its own group or one of
+/// its supplementary groups, read from `/proc/<pid>/status`).
+fn authorized(conn: &UnixStream, group: Option<Gid>) -> Result<(), String> {
+    let cred =
+        getsockopt(conn, sockopt::PeerCredentials).map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    if cred.uid() == 0 {
+        return Ok(());
+    }
+    if let Some(g) = group {
+        let in_group = cred.gid() == g.as_raw()
+            || std::fs::read_to_string(format!("/proc/{}/status", cred.pid())).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Groups:"))
+                    .is_some_and(|gs| gs.split_whitespace().any(|x| x.parse() == Ok(g.as_raw())))
+            });
+        if in_group {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "permission denied: only root{} may change verdicts (you are uid {})",
+        if group.is_some() { " or the control group" } else { "" },
+        cred.uid()
+    ))
+}
+
+fn answer(conn: UnixStream, ctx: &Context) {
+    let request = read_request(&conn);
+    let mut out = BufWriter::new(&conn);
+    let reply = match request {
+        Ok(None) => return,
+        Err(e) => Reply::error(e),
+        Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) if req.v != VERSION => {
+                Reply::error(format!("protocol version {} is not spoken here (this daemon speaks {VERSION})", req.v))
+            }
+            Ok(req) => match (req.command.changes_verdicts(), authorized(&conn, ctx.group)) {
+                (true, Err(e)) => Reply::error(format!("{}: {e}", req.command.name())),
+                _ => match req.command {
+                    Command::Flows(sel) => {
+                        let _ = stream_flows(&mut out, &sel, ctx);
+                        let _ = out.flush();
+                        return;
+                    }
+                    other => dispatch(other, ctx),
+                },
+            },
+            Err(e) => Reply::error(format!("bad request: {e}")),
         },
-        Err(e) => json!({"ok": false, "error": format!("cannot read request: {e}")}),
     };
-    let _ = writeln!(out, "{reply}");
+    let _ = send(&mut out, &reply);
     let _ = out.flush();
 }
 
@@ -179,11 +220,11 @@ struct FlowLine<'a> {
 }
 
 fn stream_flows(out: &mut impl Write, sel: &Select, ctx: &Context) -> std::io::Result<()> {
-    let selector = match sel.selector() {
+    let selector = match selector(sel) {
         Ok(s) => s,
-        Err(e) => return writeln!(out, "{}", json!({"ok": false, "error": e})),
+        Err(e) => return send(out, &Reply::error(e)),
     };
-    writeln!(out, "{}", json!({"ok": true}))?;
+    send(out, &Reply::ok())?;
     // The client learns at once that the listing is coming.
     out.flush()?;
     let mut count = 0u64;
@@ -199,34 +240,36 @@ fn stream_flows(out: &mut impl Write, sel: &Select, ctx: &Context) -> std::io::R
         count += chunk.len() as u64;
         Ok(())
     });
-    match listed {
-        Ok(()) => writeln!(out, "{}", json!({"end": true, "count": count})),
-        Err(e) => writeln!(out, "{}", json!({"end": true, "count": count, "error": e})),
+    let mut end = Reply { end: true, count: Some(count), ..Reply::ok() };
+    if let Err(e) = listed {
+        end.ok = false;
+        end.error = Some(e);
     }
+    send(out, &end)
 }
 
-fn dispatch(req: Request, ctx: &Context) -> Value {
-    match req {
-        Request::Block(sel) | Request::Allow(sel) if sel.is_empty() => {
-            json!({"ok": false, "error": "name flows by id, or by remote, port and/or protocol"})
+fn dispatch(command: Command, ctx: &Context) -> Reply {
+    match command {
+        Command::Block(sel) | Command::Allow(sel) if sel.is_empty() => {
+            Reply::error("name flows by id, or by remote, port and/or protocol")
         }
-        Request::Block(sel) => change(&sel, DataVerdict::Drop, ctx),
-        Request::Allow(sel) => change(&sel, DataVerdict::Allow, ctx),
-        Request::Reload => match super::reload(&ctx.config, &ctx.registry) {
-            Ok(n) => json!({"ok": true, "rules": n}),
-            Err(e) => json!({"ok": false, "error": format!("{e}; the rules in force are unchanged")}),
+        Command::Block(sel) => change(&sel, DataVerdict::Drop, ctx),
+        Command::Allow(sel) => change(&sel, DataVerdict::Allow, ctx),
+        Command::Reload => match super::reload(&ctx.config, &ctx.registry) {
+            Ok(n) => Reply { rules: Some(n), ..Reply::ok() },
+            Err(e) => Reply::error(format!("{e}; the rules in force are unchanged")),
         },
-        Request::Stats => json!({"ok": true, "stats": (ctx.stats)()}),
-        Request::Flows(_) => json!({"ok": false, "error": "internal: flows is streamed"}),
+        Command::Stats => Reply { stats: Some((ctx.stats)()), ..Reply::ok() },
+        Command::Flows(_) => Reply::error("internal: flows is streamed"),
     }
 }
 
 /// Blocks or allows the selected flows. Ids of flows that are not live are an error (nothing is
 /// changed), so a typo is not taken for success.
-fn change(sel: &Select, verdict: DataVerdict, ctx: &Context) -> Value {
-    let selector = match sel.selector() {
+fn change(sel: &Select, verdict: DataVerdict, ctx: &Context) -> Reply {
+    let selector = match selector(sel) {
         Ok(s) => s,
-        Err(e) => return json!({"ok": false, "error": e}),
+        Err(e) => return Reply::error(e),
     };
     if !sel.ids.is_empty() {
         let ids_only = Selector { ids: selector.ids.clone(), ..Selector::all() };
@@ -235,20 +278,20 @@ fn change(sel: &Select, verdict: DataVerdict, ctx: &Context) -> Value {
             live.extend(c.iter().map(|f| f.flow.id));
             Ok(())
         }) {
-            return json!({"ok": false, "error": e});
+            return Reply::error(e);
         }
         if let Some(missing) = selector.ids.iter().find(|id| !live.contains(id)) {
-            return json!({"ok": false, "error": format!("no live flow has id {missing}")});
+            return Reply::error(format!("no live flow has id {missing}"));
         }
     }
     match ctx.registry.apply(&selector, verdict) {
-        Ok(flows) if flows.is_empty() => json!({"ok": false, "error": "no live flow matches"}),
+        Ok(flows) if flows.is_empty() => Reply::error("no live flow matches"),
         Ok(flows) => {
             let mut ids: Vec<u64> = flows.iter().map(|f| f.flow.id.0).collect();
             ids.sort_unstable();
-            json!({"ok": true, "flows": ids})
+            Reply { flows: Some(ids), ..Reply::ok() }
         }
-        Err(e) => json!({"ok": false, "error": e}),
+        Err(e) => Reply::error(e),
     }
 }
 
@@ -269,21 +312,21 @@ fn connect(run_dir: &Path) -> Result<(UnixStream, PathBuf), String> {
     Ok((conn, path))
 }
 
-fn parse_reply(line: &str, path: &Path) -> Result<Value, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("{}: bad reply: {e}", path.display()))?;
-    if v.get("ok") == Some(&Value::Bool(true)) {
-        Ok(v)
-    } else {
-        Err(v.get("error").and_then(Value::as_str).unwrap_or("the daemon refused the request").to_string())
-    }
+fn parse_reply(line: &str, path: &Path) -> Result<Reply, String> {
+    let r: Reply = serde_json::from_str(line).map_err(|e| format!("{}: bad reply: {e}", path.display()))?;
+    if r.ok { Ok(r) } else { Err(r.error.unwrap_or_else(|| "the daemon refused the request".into())) }
+}
+
+fn send_request(conn: &UnixStream, path: &Path, req: &Request) -> Result<(), String> {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut w = conn;
+    send(&mut w, req).map_err(|e| format!("{}: cannot send request: {e}", path.display()))
 }
 
 /// Sends one request to the daemon whose `run_dir` is given and returns its reply.
-pub fn request(run_dir: &Path, req: &Value) -> Result<Value, String> {
+pub fn request(run_dir: &Path, req: &Request) -> Result<Reply, String> {
     let (conn, path) = connect(run_dir)?;
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
-    let mut w = &conn;
-    writeln!(w, "{req}").map_err(|e| format!("{}: cannot send request: {e}", path.display()))?;
+    send_request(&conn, &path, req)?;
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line).map_err(|e| format!("{}: no reply: {e}", path.display()))?;
     parse_reply(&line, &path)
@@ -293,13 +336,11 @@ pub fn request(run_dir: &Path, req: &Value) -> Result<Value, String> {
 /// the daemon wrote it: one JSON object), until the end line, and returns the end line.
 pub fn request_stream(
     run_dir: &Path,
-    req: &Value,
+    req: &Request,
     mut each: impl FnMut(&str) -> Result<(), String>,
-) -> Result<Value, String> {
+) -> Result<Reply, String> {
     let (conn, path) = connect(run_dir)?;
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
-    let mut w = &conn;
-    writeln!(w, "{req}").map_err(|e| format!("{}: cannot send request: {e}", path.display()))?;
+    send_request(&conn, &path, req)?;
     let mut lines = BufReader::new(&conn).lines();
     let first = lines.next().ok_or_else(|| format!("{}: no reply", path.display()))?;
     parse_reply(&first.map_err(|e| format!("{}: no reply: {e}", path.display()))?, &path)?;
@@ -310,13 +351,13 @@ pub fn request_stream(
             each(&line)?;
             continue;
         }
-        let v: Value = serde_json::from_str(&line).map_err(|e| format!("{}: bad reply line: {e}", path.display()))?;
-        if v.get("end") != Some(&Value::Bool(true)) {
+        let r: Reply = serde_json::from_str(&line).map_err(|e| format!("{}: bad reply line: {e}", path.display()))?;
+        if !r.end {
             return Err(format!("{}: unexpected reply line: {line}", path.display()));
         }
-        return match v.get("error").and_then(Value::as_str) {
-            Some(e) => Err(format!("the listing stopped after {} flows: {e}", v["count"])),
-            None => Ok(v),
+        return match r.error {
+            Some(e) => Err(format!("the listing stopped after {} flows: {e}", r.count.unwrap_or(0))),
+            None => Ok(r),
         };
     }
     Err(format!("{}: the reply ended without its last line", path.display()))

@@ -448,9 +448,14 @@ fn start(
             worker_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         stats_json(&per_worker, &kernel_stats, &writer_stats)
     };
-    let ctx =
-        control::Context { registry: registry.clone(), clock, config: config.path.clone(), stats: Box::new(stats) };
-    let socket = match control::serve(&live.run_dir, group, ctx) {
+    let ctx = control::Context {
+        registry: registry.clone(),
+        clock,
+        config: config.path.clone(),
+        stats: Box::new(stats),
+        group,
+    };
+    let socket = match control::serve(&live.run_dir, ctx) {
         Ok(p) => p,
         Err(e) => {
             let _ = workers.stop();
