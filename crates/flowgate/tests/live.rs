@@ -398,15 +398,31 @@ fn fail_open_and_fail_closed_after_sigkill() {
         let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
         let d = Daemon::start(&lab, &format!("fail{mode}"), &format!("fail = \"{mode}\"\n"));
         assert!(lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7")).is_ok()));
+        // A connection open across the crash: decided before it, it carries on in the kernel.
+        let mut kept = lab.host.in_ns(|| TcpStream::connect(addr("203.0.113.10:7")).expect("connect"));
+        kept.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        exchange_tcp(&mut kept);
         let dir = d.kill9();
         let ok = lab.host.in_ns(|| {
             // Short timeout: with fail-closed the SYN is dropped and the connect times out.
             TcpStream::connect_timeout(&addr("203.0.113.10:7"), Duration::from_millis(1500)).is_ok()
         });
         assert_eq!(ok, passes, "fail = {mode} after SIGKILL");
-        // The next start cleans up what the dead instance left, and so does `cleanup`.
+        exchange_tcp(&mut kept);
+        // The next start removes the stale rules (installing its own once), adopts the live
+        // connection with the verdict it had, and judges new flows again.
         let conf = dir.join("flowgate.toml");
         let d2 = Daemon::spawn(&lab.host.name, dir.clone(), conf);
+        for (builtin, chain) in [("OUTPUT", "FLOWGATE-OUT"), ("INPUT", "FLOWGATE-IN"), ("FORWARD", "FLOWGATE-FWD")] {
+            let rules = lab.host.run_ok(&["iptables", "-S", builtin]);
+            assert_eq!(rules.matches(&format!("-j {chain}")).count(), 1, "{rules}");
+        }
+        let adopted = listed(&d2, &["--port", "7"]);
+        assert_eq!(adopted.len(), 1, "{adopted:#?}");
+        assert_eq!((adopted[0]["flow"]["existing"].as_bool(), adopted[0]["rule"].as_str()), (Some(true), Some("kept")));
+        exchange_tcp(&mut kept);
+        assert!(lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7")).is_ok()), "new flows are judged again");
+        drop(kept);
         let _ = d2.stop();
         let leftovers = lab.host.run_ok(&["iptables-save"]);
         assert!(!leftovers.contains("FLOWGATE"), "{leftovers}");
