@@ -8,13 +8,15 @@ cd "$(dirname "$0")/.."
 
 # System packages the suite needs: iproute2 for the namespace lab, iptables for the chains the
 # daemon installs, ping for ICMP tests, python3 for the replay oracle, conntrack for the
-# conntrack cross-checks. Under CI a test that lacks one of them fails rather than skips.
+# conntrack cross-checks, python3-scapy for crafted packets. Under CI a test that lacks one of them fails rather than skips.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables-restore >/dev/null || need+=(iptables)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v python3 >/dev/null || need+=(python3)
 command -v conntrack >/dev/null || need+=(conntrack)
+# Crafted hostile packets (fragments, IPv6 extension headers, a spoofed SYN flood) in live tests.
+/usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2
