@@ -40,6 +40,9 @@ pub struct Live {
     pub control_group: Option<String>,
     /// Where flow events go: `None` = stdout, else this file (appended).
     pub log: Option<PathBuf>,
+    /// Events in flight between the queue workers and the writer; past it events are dropped
+    /// and counted rather than slow the packet path.
+    pub event_buffer: usize,
 }
 
 impl Default for Live {
@@ -53,6 +56,7 @@ impl Default for Live {
             run_dir: PathBuf::from("/run/flowgate"),
             control_group: None,
             log: None,
+            event_buffer: 65_536,
         }
     }
 }
@@ -125,6 +129,7 @@ struct RawConfig {
     run_dir: Option<Spanned<String>>,
     control_group: Option<Spanned<String>>,
     log: Option<Spanned<String>>,
+    event_buffer: Option<Spanned<i64>>,
     timeouts: Option<RawTimeouts>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
@@ -353,6 +358,9 @@ fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
         live.queue_max_len = u32::try_from(int(v, "queue_max_len", 16, 1 << 20)?).unwrap_or(4096);
     }
     live.loopback = raw.loopback.unwrap_or(false);
+    if let Some(v) = &raw.event_buffer {
+        live.event_buffer = usize::try_from(int(v, "event_buffer", 1, 1 << 24)?).unwrap_or(65_536);
+    }
     if let Some(v) = &raw.run_dir {
         if !Path::new(v.get_ref()).is_absolute() {
             return Err(src.at(v, "run_dir", "must be an absolute path"));

@@ -65,7 +65,7 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use etherparse::err::linux_sll::HeaderSliceError;
 use etherparse::{
@@ -177,6 +177,43 @@ const MAX_BLOCK: u32 = 64 << 20;
 /// The largest pcap record accepted whatever the file's snap length (libpcap's default).
 const MIN_RECORD_CAP: u32 = 256 << 10;
 
+/// The longest stretch of capture time one replay covers: 8 years. The engine keeps each flow's
+/// timer as milliseconds since an epoch it sets 2^38 ms (8.7 years) before the first deadline,
+/// in 40 bits (34.8 years): a frame more than about 26 years after the first would make it
+/// re-arm a clamped timer forever, and one more than 8.7 years before would have its flows'
+/// timers clamped. Within 8 years of each other (plus any idle timeout below 0.7 years) every
+/// timer is exact.
+const MAX_SPAN_MICROS: u64 = 8 * 31_557_600 * 1_000_000;
+
+/// The earliest and latest frame times so far.
+#[derive(Default)]
+struct Span {
+    bounds: Option<(Instant, Instant)>,
+}
+
+impl Span {
+    /// Takes `t` in, unless it would stretch the capture past [`MAX_SPAN_MICROS`].
+    fn admit(&mut self, t: Instant) -> Result<(), String> {
+        let (lo, hi) = self.bounds.map_or((t, t), |(lo, hi)| (lo.min(t), hi.max(t)));
+        if hi.as_micros() - lo.as_micros() > MAX_SPAN_MICROS {
+            let (which, other) = if t == lo { ("latest", hi) } else { ("earliest", lo) };
+            return Err(format!(
+                "its time {} is more than 8 years from the {which} frame before it ({}); a replay covers at most \
+                 8 years of capture time",
+                rfc3339(t),
+                rfc3339(other)
+            ));
+        }
+        self.bounds = Some((lo, hi));
+        Ok(())
+    }
+}
+
+/// An instant (at most [`LAST_MICROS`]) as an event prints it.
+fn rfc3339(t: Instant) -> String {
+    humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + Duration::from_micros(t.as_micros())).to_string()
+}
+
 /// The capture file, read record by record, with the offset of the next unread byte.
 struct Input<'p> {
     path: &'p Path,
@@ -239,6 +276,7 @@ fn read_pcap(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result<(
         TsResolution::NanoSecond => (1_000_000_000, 1_000),
     };
     let mut frame = 0u64;
+    let mut span = Span::default();
     loop {
         let at = input.offset;
         buf.clear();
@@ -257,8 +295,8 @@ fn read_pcap(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result<(
             return Err(input.corrupt(
                 at,
                 format!(
-                    "frame {frame} says it holds {incl_len} bytes, more than the capture's snap length ({}) allows: \
-                     its record header is corrupt",
+                    "frame {frame} says it holds {incl_len} bytes, more than any record of this capture may \
+                     ({cap}: the larger of its snap length {} and 256 KiB): its record header is corrupt",
                     header.snaplen
                 ),
             ));
@@ -288,6 +326,7 @@ fn read_pcap(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result<(
         if !supported(link) {
             return Err(input.corrupt(at, format!("frame {frame}: {}", unsupported(link))));
         }
+        span.admit(time).map_err(|e| input.corrupt(at, format!("frame {frame}: {e}")))?;
         f(Frame { time, interface: None, link, data: &raw.data })?;
     }
 }
@@ -308,6 +347,7 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
     let mut interfaces: Vec<Interface> = Vec::new();
     let mut frames = 0u64;
     let mut last_time = Instant::ZERO;
+    let mut span = Span::default();
     loop {
         let at = input.offset;
         buf.clear();
@@ -334,11 +374,11 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
             // The magic number was checked: the first block is a section header.
             (false, None) => return Err(input.corrupt(at, "the file does not start with a section header block")),
         };
-        let word = |at: usize| {
-            let w = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
+        let word = |b: &[u8], at: usize| {
+            let w = [b[at], b[at + 1], b[at + 2], b[at + 3]];
             if endianness == Endianness::Big { u32::from_be_bytes(w) } else { u32::from_le_bytes(w) }
         };
-        let (kind, len) = (word(0), word(4));
+        let (kind, len) = (word(&buf, 0), word(&buf, 4));
         let name = block_name(kind);
         let min = if shb { 28 } else { 12 };
         if len % 4 != 0 || len < min {
@@ -350,17 +390,31 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
         if len > MAX_BLOCK {
             return Err(input.corrupt(
                 at,
-                format!("{name} says it is {len} bytes long, more than the {MAX_BLOCK} a block may be: its length is corrupt"),
+                format!(
+                    "{name} says it is {len} bytes long, more than the {} MiB a block may be: its length is corrupt",
+                    MAX_BLOCK >> 20
+                ),
             ));
         }
         let rest = (len - 12) as usize;
         let got = input.read_into(&mut buf, rest)?;
         if got < rest {
-            return Err(input
-                .corrupt(at, format!("the file ends inside a {name}: it is {len} bytes long, {} are left", 12 + got)));
+            return Err(input.corrupt(
+                at,
+                format!("the file ends inside this {name}: it is {len} bytes long, {} are left", 12 + got),
+            ));
         }
         let is_frame = matches!(kind, ENHANCED_PACKET_BLOCK | SIMPLE_PACKET_BLOCK | PACKET_BLOCK);
         let what = if is_frame { format!("frame {} ({name})", frames + 1) } else { name.to_string() };
+        let trailer = word(&buf, buf.len() - 4);
+        if trailer != len {
+            return Err(input.corrupt(
+                at,
+                format!(
+                    "{what}: its length field says {len} bytes but the copy that ends it says {trailer}: one is wrong"
+                ),
+            ));
+        }
         let bad = |e: PcapError| input.corrupt(at, format!("{what}: {}", describe(&e)));
         let Some(p) = parser.as_mut() else {
             let (_, p) = PcapNgParser::new(&buf).map_err(bad)?;
@@ -422,6 +476,7 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
                 let i = iface(epb.interface_id)?;
                 check(i, epb.data.len(), epb.original_len)?;
                 let time = at_time(i, raw_units(epb.timestamp))?;
+                span.admit(time).map_err(|e| input.corrupt(at, format!("{what}: {e}")))?;
                 frames += 1;
                 last_time = time;
                 f(Frame { time, interface: i.name.as_deref(), link: i.link, data: &epb.data })?;
@@ -436,6 +491,7 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
                     Endianness::Little => pb.timestamp.rotate_left(32),
                 };
                 let time = at_time(i, raw)?;
+                span.admit(time).map_err(|e| input.corrupt(at, format!("{what}: {e}")))?;
                 frames += 1;
                 last_time = time;
                 f(Frame { time, interface: i.name.as_deref(), link: i.link, data: &pb.data })?;
@@ -450,6 +506,7 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
                 }
                 check(i, len, spb.original_len)?;
                 frames += 1;
+                span.admit(last_time).map_err(|e| input.corrupt(at, format!("{what}: {e}")))?;
                 f(Frame { time: last_time, interface: i.name.as_deref(), link: i.link, data: &spb.data[..len] })?;
             }
             _ => {}

@@ -37,6 +37,8 @@ macro_rules! require_root {
 
 /// A running `flowgate run` inside a lab's host namespace.
 struct Daemon {
+    /// The daemon's stdout, when it is kept open and never read (a stalled event reader).
+    _stdout: Option<std::process::ChildStdout>,
     child: Option<Child>,
     dir: PathBuf,
     /// Leave `dir` in place on drop (after a SIGKILL the test restarts from it).
@@ -48,28 +50,40 @@ struct Daemon {
 impl Daemon {
     /// Starts the daemon with `config` (run_dir and log are added) and waits until it is ready.
     fn start(lab: &Lab, tag: &str, config: &str) -> Daemon {
+        Self::start_logging(lab, tag, None, config)
+    }
+
+    /// Like [`Daemon::start`], with the event log at `log` (a path, or "-" for a stdout that is
+    /// kept open and never read) instead of `events.jsonl` in the test's directory.
+    fn start_logging(lab: &Lab, tag: &str, log: Option<&str>, config: &str) -> Daemon {
         let dir = std::env::temp_dir().join(format!("flowgate-live-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let conf = dir.join("flowgate.toml");
+        let default_log = dir.join("events.jsonl").display().to_string();
         let full = format!(
             "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n{config}",
             dir.join("run").display(),
-            dir.join("events.jsonl").display()
+            log.unwrap_or(&default_log)
         );
         std::fs::write(&conf, full).expect("write config");
-        Self::spawn(&lab.host.name, dir, conf)
+        Self::launch(&lab.host.name, dir, conf, log == Some("-"))
     }
 
     fn spawn(ns: &str, dir: PathBuf, conf: PathBuf) -> Daemon {
+        Self::launch(ns, dir, conf, false)
+    }
+
+    fn launch(ns: &str, dir: PathBuf, conf: PathBuf, stalled_stdout: bool) -> Daemon {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_flowgate"), "run", "--config"])
             .arg(&conf)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if stalled_stdout { Stdio::piped() } else { Stdio::null() })
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn flowgate");
+        let stdout = child.stdout.take();
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -80,7 +94,8 @@ impl Daemon {
                 }
             }
         });
-        let mut d = Daemon { child: Some(child), dir, keep_dir: false, ns: ns.to_string(), stderr: rx };
+        let mut d =
+            Daemon { _stdout: stdout, child: Some(child), dir, keep_dir: false, ns: ns.to_string(), stderr: rx };
         d.wait_for_line("flowgate: ready", Duration::from_secs(30));
         d
     }
@@ -1463,4 +1478,75 @@ print("sent")
     drop(client);
     let _ = server.join();
     let _ = d.stop();
+}
+
+// ---- the event log fails: judging goes on
+
+/// `n` TCP round trips from the host to the echo server on 203.0.113.10:7; how many worked.
+fn round_trips(lab: &Lab, n: usize) -> usize {
+    (0..n).filter(|_| lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7")).is_ok())).count()
+}
+
+fn stats_of(d: &Daemon) -> Value {
+    let out = d.flowgate(&["stats", "--json", "--run-dir", &d.run_dir()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stats json")
+}
+
+#[test]
+fn a_full_disk_for_the_log_costs_events_not_filtering() {
+    require_root!();
+    let lab = Lab::new("devfull");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let mut d = Daemon::start_logging(&lab, "devfull", Some("/dev/full"), "");
+    assert_eq!(round_trips(&lab, 20), 20, "every connection is judged and works");
+    d.wait_for_line("writing events failed", Duration::from_secs(10));
+    let stats = stats_of(&d);
+    assert!(stats["events"]["write_failures"].as_u64().is_some_and(|n| n > 0), "{stats}");
+    assert!(stats["total"]["flows_opened"].as_u64().is_some_and(|n| n >= 20), "{stats}");
+    let _ = d.stop();
+}
+
+#[test]
+fn a_stalled_event_reader_costs_events_not_filtering() {
+    require_root!();
+    let lab = Lab::new("stalled");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    // Events go to a pipe nobody reads, through a buffer of 100 events.
+    let mut d = Daemon::start_logging(&lab, "stalled", Some("-"), "event_buffer = 100\n");
+    let t0 = Instant::now();
+    assert_eq!(round_trips(&lab, 400), 400, "every connection is judged and works");
+    eprintln!("400 connections with a stalled event reader: {:?}", t0.elapsed());
+    d.wait_for_line("events dropped so far", Duration::from_secs(10));
+    let stats = stats_of(&d);
+    assert!(stats["total"]["events_dropped"].as_u64().is_some_and(|n| n > 0), "{stats}");
+    let _ = d.stop();
+}
+
+#[test]
+fn a_removed_log_directory_is_written_again_once_it_is_back() {
+    require_root!();
+    let lab = Lab::new("logdir");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let logs = std::env::temp_dir().join(format!("flowgate-live-logdir-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    let log = logs.join("events.jsonl");
+    let d = Daemon::start_logging(&lab, "logdir", Some(&log.display().to_string()), "");
+    assert_eq!(round_trips(&lab, 3), 3);
+    std::fs::remove_dir_all(&logs).expect("remove the log directory");
+    assert_eq!(round_trips(&lab, 5), 5, "judging goes on without a log");
+    std::fs::create_dir_all(&logs).expect("the directory is back");
+    // Flows made from now on reach the new file (the writer looks for it at most once a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(round_trips(&lab, 1), 1);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("\"flow.new\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no event reached the recreated log within 10 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = d.stop();
+    let _ = std::fs::remove_dir_all(&logs);
 }

@@ -71,10 +71,6 @@ pub(crate) fn foreground() {
     nice(-10);
 }
 
-/// Events in flight between the workers and the writer; past it, events are dropped and counted
-/// (`events_dropped` in `flowgate stats`) rather than stall the packet path.
-pub const EVENT_CAPACITY: usize = 65_536;
-
 /// Makes one product flow filter per queue worker (argument: the worker's index), for a
 /// product that embeds the daemon (see [`Running`]).
 pub type FilterFactory = dyn Fn(usize) -> Box<dyn FlowFilter>;
@@ -121,7 +117,7 @@ pub struct Running {
     config_path: std::path::PathBuf,
     registry: Registry,
     workers: Workers,
-    writer: std::thread::JoinHandle<()>,
+    writer: Writer,
     socket: std::path::PathBuf,
     installed: flowgate_linux::netfilter::Installed,
     accounting_was: bool,
@@ -248,8 +244,26 @@ impl Running {
         if let Err(e) = self.workers.stop() {
             errors.push(e);
         }
-        if self.writer.join().is_err() {
-            errors.push("the event writer panicked".into());
+        // A writer stuck on a reader that stopped reading must not keep the daemon from
+        // stopping: it gets a few seconds, then its last events are given up (and said so).
+        let done = self
+            .writer
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv_timeout(Duration::from_secs(5));
+        match done {
+            Ok(()) => {
+                if self.writer.thread.join().is_err() {
+                    errors.push("the event writer panicked".into());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                eprintln!(
+                    "flowgate: the event log did not take the last events within 5 s (is its reader stuck?); they are lost"
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => errors.push("the event writer panicked".into()),
         }
         let _ = std::fs::remove_file(&self.socket);
         if !self.accounting_was {
@@ -293,7 +307,14 @@ impl Workers {
     }
 }
 
-type Started = (Workers, std::thread::JoinHandle<()>, std::path::PathBuf, Registry);
+type Started = (Workers, Writer, std::path::PathBuf, Registry);
+
+/// The event writer's thread, and word that it has written everything (behind a mutex so that
+/// [`Running`] stays `Sync` for products that call it from many threads).
+struct Writer {
+    thread: std::thread::JoinHandle<()>,
+    done: std::sync::Mutex<mpsc::Receiver<()>>,
+}
 
 /// One engine per queue. Ids never collide across them: engine k hands out k+1, k+1+n, ...
 /// `max_flows` is shared out evenly. The kernel handles settled flows, so their liveness comes
@@ -384,24 +405,25 @@ fn start(
     group: Option<nix::unistd::Gid>,
 ) -> Result<Started, String> {
     let live = &config.live;
-    let out: Box<dyn Write + Send> = match &live.log {
-        None => Box::new(std::io::stdout()),
-        Some(p) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("{}: cannot open log: {e}", p.display()))?,
-        ),
+    let sink = match &live.log {
+        None => Sink::Stdout,
+        Some(p) => Sink::File(LogFile::open(p)?),
     };
-    let (tx, rx) = mpsc::sync_channel::<Event>(EVENT_CAPACITY);
+    // Events in flight between the workers and the writer; past it, events are dropped and
+    // counted (`events_dropped` in `flowgate stats`) rather than stall the packet path.
+    let (tx, rx) = mpsc::sync_channel::<Event>(live.event_buffer);
     let writer_stats = Arc::new(WriterStats::default());
     let writer = {
         let stats = writer_stats.clone();
-        std::thread::Builder::new()
+        let (done_tx, done) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
             .name("flowgate-log".into())
-            .spawn(move || write_events(rx, out, &stats))
-            .map_err(|e| format!("cannot start the event writer: {e}"))?
+            .spawn(move || {
+                write_events(rx, sink, &stats);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| format!("cannot start the event writer: {e}"))?;
+        Writer { thread, done: std::sync::Mutex::new(done) }
     };
     let enforcer = enforce::Enforcer::start(queues.len())?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -494,12 +516,63 @@ fn stats_json(workers: &[shard::WorkerStats], k: &kernel::KernelStats, w: &Write
     })
 }
 
+/// The event log file, reopened when the path no longer leads to it (deleted or moved away, or
+/// its directory removed): a removed log is created again as soon as that is possible, so
+/// writing resumes when the sink recovers.
+struct LogFile {
+    path: std::path::PathBuf,
+    file: BufWriter<std::fs::File>,
+    /// (device, inode) of the open file.
+    id: (u64, u64),
+    checked: StdInstant,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> Result<LogFile, String> {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: cannot open log: {e}", path.display()))?;
+        let m = f.metadata().map_err(|e| format!("{}: cannot stat log: {e}", path.display()))?;
+        use std::os::unix::fs::MetadataExt;
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: BufWriter::new(f),
+            id: (m.dev(), m.ino()),
+            checked: StdInstant::now(),
+        })
+    }
+
+    /// At most once a second: if the path leads elsewhere or nowhere, opens it anew.
+    fn follow_path(&mut self) -> std::io::Result<()> {
+        if self.checked.elapsed() < Duration::from_secs(1) {
+            return Ok(());
+        }
+        self.checked = StdInstant::now();
+        use std::os::unix::fs::MetadataExt;
+        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if !same {
+            let _ = self.file.flush();
+            *self = LogFile::open(&self.path).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where events go.
+enum Sink {
+    Stdout,
+    File(LogFile),
+}
+
 /// Writes events as JSON lines, flushing whenever the channel runs dry so a reader sees each
 /// event promptly. A write that fails loses that event (counted, and said at most every ten
-/// seconds) and writing goes on: the log must never stop the filter. Ends when every worker has
-/// dropped its sender.
-fn write_events(rx: mpsc::Receiver<Event>, out: Box<dyn Write + Send>, stats: &WriterStats) {
-    let mut out = BufWriter::new(out);
+/// seconds) and writing goes on: the log must never stop the filter. A log file whose path no
+/// longer leads to it is opened anew (see [`LogFile`]). Ends when every worker has dropped its
+/// sender.
+fn write_events(rx: mpsc::Receiver<Event>, mut sink: Sink, stats: &WriterStats) {
+    let mut stdout = BufWriter::new(std::io::stdout());
     let mut said: Option<StdInstant> = None;
     let mut failed = |e: std::io::Error, stats: &WriterStats| {
         stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -512,8 +585,17 @@ fn write_events(rx: mpsc::Receiver<Event>, out: Box<dyn Write + Send>, stats: &W
         }
     };
     while let Ok(e) = rx.recv() {
+        if let Sink::File(f) = &mut sink
+            && let Err(err) = f.follow_path()
+        {
+            failed(err, stats);
+        }
+        let out: &mut dyn Write = match &mut sink {
+            Sink::Stdout => &mut stdout,
+            Sink::File(f) => &mut f.file,
+        };
         for e in std::iter::once(e).chain(rx.try_iter()) {
-            match write_event(&mut out, &e) {
+            match write_event(out, &e) {
                 Ok(()) => {
                     stats.written.fetch_add(1, Ordering::Relaxed);
                 }
@@ -524,6 +606,10 @@ fn write_events(rx: mpsc::Receiver<Event>, out: Box<dyn Write + Send>, stats: &W
             failed(err, stats);
         }
     }
+    let out: &mut dyn Write = match &mut sink {
+        Sink::Stdout => &mut stdout,
+        Sink::File(f) => &mut f.file,
+    };
     if let Err(err) = out.flush() {
         failed(err, stats);
     }

@@ -34,6 +34,9 @@ use serde::Serialize;
 
 use super::clock::Clock;
 
+/// How long a stopping worker waits for the event writer to take its last events.
+const LAST_EVENTS_WAIT: Duration = Duration::from_secs(2);
+
 /// Netfilter hook numbers as NFQUEUE reports them.
 const HOOK_LOCAL_IN: u8 = 1;
 const HOOK_FORWARD: u8 = 2;
@@ -132,6 +135,7 @@ impl Shard {
             pending: None,
             faults_said: None,
             faults_unsaid: 0,
+            drops_said: None,
         };
         let thread = std::thread::Builder::new().name(format!("flowgate-q{num}")).spawn(move || {
             super::foreground();
@@ -171,6 +175,8 @@ struct Worker {
     /// When a provider fault was last reported on stderr, and how many since were not.
     faults_said: Option<StdInstant>,
     faults_unsaid: u64,
+    /// When dropped events were last reported, and the count then.
+    drops_said: Option<(StdInstant, u64)>,
 }
 
 impl Worker {
@@ -270,11 +276,33 @@ impl Worker {
     /// Gives events to the writer and verdicts to the enforcer. `last`: the worker is stopping,
     /// so waiting for room is fine and nothing may stay behind.
     fn hand_off(&mut self, last: bool) {
-        while let Some(e) = self.engine.poll_event() {
-            let sent = if last { self.links.events.send(e).is_ok() } else { self.links.events.try_send(e).is_ok() };
+        // At the end, the writer gets a little while to take what is left; a writer that is
+        // stuck (a reader that stopped reading) must not keep the daemon from stopping.
+        let deadline = StdInstant::now() + LAST_EVENTS_WAIT;
+        while let Some(mut e) = self.engine.poll_event() {
+            let sent = loop {
+                match self.links.events.try_send(e) {
+                    Ok(()) => break true,
+                    Err(TrySendError::Full(back)) if last && StdInstant::now() < deadline => {
+                        e = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => break false,
+                }
+            };
             if !sent {
                 self.events_dropped += 1;
             }
+        }
+        // Say so, at most every ten seconds: events are lost, but judging goes on.
+        let said = self.drops_said.map_or(0, |(_, n)| n);
+        if self.events_dropped > said && self.drops_said.is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(10)) {
+            eprintln!(
+                "flowgate: queue {}: {} events dropped so far: the event log cannot keep up (filtering goes on)",
+                self.queue.num(),
+                self.events_dropped
+            );
+            self.drops_said = Some((StdInstant::now(), self.events_dropped));
         }
         while let Some(x) = self.pending.take().or_else(|| self.engine.poll_enforce()) {
             let result = if last {
