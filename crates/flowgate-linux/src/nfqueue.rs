@@ -573,6 +573,41 @@ impl Queue {
     }
 }
 
+/// What the kernel counts for one queue (`/proc/net/netfilter/nfnetlink_queue` of the calling
+/// thread's namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelQueueStats {
+    pub queue: u16,
+    /// Packets waiting in the queue now.
+    pub waiting: u64,
+    /// Packets dropped because the queue was full (fail-closed; a fail-open queue lets them
+    /// pass instead, and the kernel does not count those).
+    pub dropped: u64,
+    /// Packets the kernel could not send to the program (its socket buffer was full).
+    pub user_dropped: u64,
+}
+
+/// The kernel's counters of every bound queue in this namespace.
+pub fn kernel_stats() -> io::Result<Vec<KernelQueueStats>> {
+    Ok(parse_kernel_stats(&std::fs::read_to_string("/proc/net/netfilter/nfnetlink_queue")?))
+}
+
+/// Lines of `queue_number peer_portid queue_total copy_mode copy_range queue_dropped
+/// user_dropped id_sequence 1`; lines that do not read so are skipped.
+fn parse_kernel_stats(text: &str) -> Vec<KernelQueueStats> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l.split_whitespace().map(str::parse).collect::<Result<_, _>>().ok()?;
+            Some(KernelQueueStats {
+                queue: u16::try_from(*f.first()?).ok()?,
+                waiting: *f.get(2)?,
+                dropped: *f.get(5)?,
+                user_dropped: *f.get(6)?,
+            })
+        })
+        .collect()
+}
+
 impl Drop for Queue {
     fn drop(&mut self) {
         let _ = self.flush();
@@ -755,6 +790,16 @@ fn ct_mark(nest: &[u8]) -> Option<Option<u32>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_queue_counters_are_read_from_procfs_lines() {
+        let text =
+            "    0  12345     3 2 65535     7     9 1000 1\n    1  12346     0 2 65535     0     0   20 1\nbroken\n";
+        let got = parse_kernel_stats(text);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], KernelQueueStats { queue: 0, waiting: 3, dropped: 7, user_dropped: 9 });
+        assert_eq!(got[1].queue, 1);
+    }
+
     use nix::sys::socket::{AddressFamily, MsgFlags, SockType};
 
     use super::*;

@@ -282,6 +282,9 @@ fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
     for w in stats["workers"].as_array().into_iter().flatten() {
         section(&format!("queue {}:", w["queue"]), w);
     }
+    for q in stats["kernel_queues"].as_array().into_iter().flatten() {
+        section(&format!("kernel, queue {}:", q["queue"]), q);
+    }
     section("conntrack:", &stats["conntrack"]);
     section("events:", &stats["events"]);
     print!("{out}");

@@ -63,7 +63,7 @@
 //! Raw IP (`RAW`, `IPV4`, `IPV6`) frames are the IP packet itself.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -225,11 +225,24 @@ impl Input<'_> {
     /// Appends up to `n` more bytes of the file to `buf`; fewer only at the end of the file.
     /// Memory grows with the bytes actually read, not with `n`.
     fn read_into(&mut self, buf: &mut Vec<u8>, n: usize) -> Result<usize, ReplayError> {
-        let got = (&mut self.file).take(n as u64).read_to_end(buf).map_err(|source| ReplayError::Read {
-            path: self.path.to_path_buf(),
-            offset: self.offset,
-            source,
-        })?;
+        let start = buf.len();
+        while buf.len() - start < n {
+            let available = match self.file.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    let offset = self.offset + (buf.len() - start) as u64;
+                    return Err(ReplayError::Read { path: self.path.to_path_buf(), offset, source });
+                }
+            };
+            if available.is_empty() {
+                break;
+            }
+            let take = available.len().min(n - (buf.len() - start));
+            buf.extend_from_slice(&available[..take]);
+            self.file.consume(take);
+        }
+        let got = buf.len() - start;
         self.offset += got as u64;
         Ok(got)
     }
@@ -241,7 +254,7 @@ impl Input<'_> {
 
 fn for_each_frame(path: &Path, f: impl FnMut(Frame<'_>) -> io::Result<()>) -> Result<(), ReplayError> {
     let open_err = |source| ReplayError::Open { path: path.to_path_buf(), source };
-    let mut file = BufReader::new(File::open(path).map_err(open_err)?);
+    let mut file = BufReader::with_capacity(1 << 16, File::open(path).map_err(open_err)?);
     // Peek at the magic number without consuming it; the parsers read the header themselves.
     let head = file.fill_buf().map_err(open_err)?;
     let magic = head.get(..4).map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));

@@ -465,10 +465,20 @@ fn start(
     let worker_stats: Vec<_> = workers.shards.iter().map(|s| s.stats.clone()).collect();
     let kernel_stats = watcher.stats.clone();
     workers.watcher = Some(watcher);
+    let queues = live.first_queue..=live.first_queue + (live.queues - 1);
     let stats = move || {
         let per_worker: Vec<shard::WorkerStats> =
             worker_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
-        stats_json(&per_worker, &kernel_stats, &writer_stats)
+        let mut v = stats_json(&per_worker, &kernel_stats, &writer_stats);
+        // What the kernel counts for our queues.
+        let kq: Vec<Value> = flowgate_linux::nfqueue::kernel_stats()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|q| queues.contains(&q.queue))
+            .map(|q| json!({"queue": q.queue, "waiting": q.waiting, "dropped": q.dropped, "user_dropped": q.user_dropped}))
+            .collect();
+        v["kernel_queues"] = json!(kq);
+        v
     };
     let ctx = control::Context {
         registry: registry.clone(),
