@@ -240,7 +240,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Validates config text; `path` is only used in messages.
-/// Most flows one engine can track (its timers pack a slot in 24 bits).
+/// Most flows the daemon tracks (16,777,215: a few gigabytes of tables).
 pub const MAX_FLOWS: usize = (1 << 24) - 1;
 
 /// How often the live daemon syncs with conntrack: a third of the shortest idle timeout (so a

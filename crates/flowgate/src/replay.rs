@@ -62,10 +62,11 @@
 //!
 //! Raw IP (`RAW`, `IPV4`, `IPV6`) frames are the IP packet itself.
 
+use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use etherparse::err::linux_sll::HeaderSliceError;
 use etherparse::{
@@ -177,43 +178,6 @@ const MAX_BLOCK: u32 = 64 << 20;
 /// The largest pcap record accepted whatever the file's snap length (libpcap's default).
 const MIN_RECORD_CAP: u32 = 256 << 10;
 
-/// The longest stretch of capture time one replay covers: 8 years. The engine keeps each flow's
-/// timer as milliseconds since an epoch it sets 2^38 ms (8.7 years) before the first deadline,
-/// in 40 bits (34.8 years): a frame more than about 26 years after the first would make it
-/// re-arm a clamped timer forever, and one more than 8.7 years before would have its flows'
-/// timers clamped. Within 8 years of each other (plus any idle timeout below 0.7 years) every
-/// timer is exact.
-const MAX_SPAN_MICROS: u64 = 8 * 31_557_600 * 1_000_000;
-
-/// The earliest and latest frame times so far.
-#[derive(Default)]
-struct Span {
-    bounds: Option<(Instant, Instant)>,
-}
-
-impl Span {
-    /// Takes `t` in, unless it would stretch the capture past [`MAX_SPAN_MICROS`].
-    fn admit(&mut self, t: Instant) -> Result<(), String> {
-        let (lo, hi) = self.bounds.map_or((t, t), |(lo, hi)| (lo.min(t), hi.max(t)));
-        if hi.as_micros() - lo.as_micros() > MAX_SPAN_MICROS {
-            let (which, other) = if t == lo { ("latest", hi) } else { ("earliest", lo) };
-            return Err(format!(
-                "its time {} is more than 8 years from the {which} frame before it ({}); a replay covers at most \
-                 8 years of capture time",
-                rfc3339(t),
-                rfc3339(other)
-            ));
-        }
-        self.bounds = Some((lo, hi));
-        Ok(())
-    }
-}
-
-/// An instant (at most [`LAST_MICROS`]) as an event prints it.
-fn rfc3339(t: Instant) -> String {
-    humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + Duration::from_micros(t.as_micros())).to_string()
-}
-
 /// The capture file, read record by record, with the offset of the next unread byte.
 struct Input<'p> {
     path: &'p Path,
@@ -289,7 +253,6 @@ fn read_pcap(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result<(
         TsResolution::NanoSecond => (1_000_000_000, 1_000),
     };
     let mut frame = 0u64;
-    let mut span = Span::default();
     loop {
         let at = input.offset;
         buf.clear();
@@ -339,7 +302,6 @@ fn read_pcap(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result<(
         if !supported(link) {
             return Err(input.corrupt(at, format!("frame {frame}: {}", unsupported(link))));
         }
-        span.admit(time).map_err(|e| input.corrupt(at, format!("frame {frame}: {e}")))?;
         f(Frame { time, interface: None, link, data: &raw.data })?;
     }
 }
@@ -360,7 +322,6 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
     let mut interfaces: Vec<Interface> = Vec::new();
     let mut frames = 0u64;
     let mut last_time = Instant::ZERO;
-    let mut span = Span::default();
     loop {
         let at = input.offset;
         buf.clear();
@@ -418,7 +379,7 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
             ));
         }
         let is_frame = matches!(kind, ENHANCED_PACKET_BLOCK | SIMPLE_PACKET_BLOCK | PACKET_BLOCK);
-        let what = if is_frame { format!("frame {} ({name})", frames + 1) } else { name.to_string() };
+        let what = What { name, frame: is_frame.then_some(frames + 1) };
         let trailer = word(&buf, buf.len() - 4);
         if trailer != len {
             return Err(input.corrupt(
@@ -489,7 +450,6 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
                 let i = iface(epb.interface_id)?;
                 check(i, epb.data.len(), epb.original_len)?;
                 let time = at_time(i, raw_units(epb.timestamp))?;
-                span.admit(time).map_err(|e| input.corrupt(at, format!("{what}: {e}")))?;
                 frames += 1;
                 last_time = time;
                 f(Frame { time, interface: i.name.as_deref(), link: i.link, data: &epb.data })?;
@@ -504,7 +464,6 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
                     Endianness::Little => pb.timestamp.rotate_left(32),
                 };
                 let time = at_time(i, raw)?;
-                span.admit(time).map_err(|e| input.corrupt(at, format!("{what}: {e}")))?;
                 frames += 1;
                 last_time = time;
                 f(Frame { time, interface: i.name.as_deref(), link: i.link, data: &pb.data })?;
@@ -519,10 +478,26 @@ fn read_pcapng(input: &mut Input<'_>, mut f: impl FnMut(Frame<'_>) -> io::Result
                 }
                 check(i, len, spb.original_len)?;
                 frames += 1;
-                span.admit(last_time).map_err(|e| input.corrupt(at, format!("{what}: {e}")))?;
                 f(Frame { time: last_time, interface: i.name.as_deref(), link: i.link, data: &spb.data[..len] })?;
             }
             _ => {}
+        }
+    }
+}
+
+/// A block as messages name it: "frame 7 (enhanced packet block)", or the block's name. Formatted
+/// only when something is wrong.
+#[derive(Clone, Copy)]
+struct What {
+    name: &'static str,
+    frame: Option<u64>,
+}
+
+impl fmt::Display for What {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.frame {
+            Some(n) => write!(f, "frame {n} ({})", self.name),
+            None => f.write_str(self.name),
         }
     }
 }

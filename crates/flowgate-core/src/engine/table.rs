@@ -28,7 +28,8 @@ use crate::flow::{FlowId, FlowKey};
 /// Slot of a flow in the table; valid until that flow is removed.
 pub(crate) type Slot = usize;
 
-/// The most slots a table can have: timers pack a slot into 24 bits.
+/// The most slots a table can have (indexes and timers hold slots as `u32`; the cap keeps a
+/// table a few gigabytes at most).
 pub(crate) const MAX_SLOTS: usize = (1 << 24) - 1;
 
 /// Live flows and their two indexes.
