@@ -262,7 +262,9 @@ impl SockDiag {
             Err(Failure::Kernel(libc::ENOENT)) => return Ok(None),
             Err(e) => return Err(failed(format!("look up {} socket {local} -> {remote}", protocol_name(protocol)), e)),
         }
-        Ok(found.filter(|s| s.local == local && s.remote == remote && states & (1 << s.state) != 0))
+        // A state the kernel does not have (32 or more) is in no mask.
+        let in_states = |state: u8| 1u32.checked_shl(u32::from(state)).is_some_and(|bit| states & bit != 0);
+        Ok(found.filter(|s| s.local == local && s.remote == remote && in_states(s.state)))
     }
 
     /// Destroys every socket of `protocol` with this local end (this host's) and this remote end,
