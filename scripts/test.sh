@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this and nothing else).
 # Run as root on a fresh Debian machine: installs what the suite needs, then runs format and
-# lint checks, every unit, replay and integration test, the library example, and compiles the
-# benchmarks. Exits non-zero on the first failure.
+# lint checks, every unit, replay and integration test, the library example, a smoke run of
+# every fuzz target (fuzz/run.sh --smoke), and compiles the benchmarks. Exits non-zero on the
+# first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v conntrack >/dev/null || need+=(conntrack)
 # Crafted hostile packets (fragments, IPv6 extension headers, a spoofed SYN flood) in live tests.
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
+# A C++ compiler: libfuzzer-sys builds libFuzzer for the fuzz smoke run (fuzz/README.md).
+command -v c++ >/dev/null || need+=(g++)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2
@@ -38,4 +41,6 @@ cargo test --workspace --all-targets --locked
 cargo test --workspace --doc --locked
 echo "== example: custom provider"
 cargo run --locked -q -p flowgate-core --example custom_provider >/dev/null
+echo "== fuzz smoke run: every fuzz target over its seed corpus, then a few seconds of fuzzing"
+fuzz/run.sh --smoke
 echo "== all tests passed"
