@@ -18,6 +18,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v conntrack >/dev/null || need+=(conntrack)
 # Crafted hostile packets (fragments, IPv6 extension headers, a spoofed SYN flood) in live tests.
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
+# ping: the packet stage's live test counts echoes inside the tunnel.
+command -v ping >/dev/null || need+=(iputils-ping)
 # A C++ compiler: libfuzzer-sys builds libFuzzer for the fuzz smoke run (fuzz/README.md).
 command -v c++ >/dev/null || need+=(g++)
 if ((${#need[@]})); then

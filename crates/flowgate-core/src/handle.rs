@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::event::{CloseReason, RuleName};
 use crate::flow::{Counters, Direction, Flow, FlowId, Protocol};
 use crate::time::Instant;
-use crate::verdict::{DataVerdict, FlowVerdict, PacketId};
+use crate::verdict::{DataVerdict, FlowVerdict};
 
 /// Commands an engine's channel holds before senders are told [`HandleError::Busy`].
 pub const COMMAND_CAPACITY: usize = 4096;
@@ -88,10 +88,6 @@ pub(crate) enum Command {
         flow: FlowId,
         verdict: DataVerdict,
         direction: Option<Direction>,
-    },
-    Release {
-        packet: PacketId,
-        accept: bool,
     },
     Kernel(Vec<KernelReport>),
     Sync(KernelSync),
@@ -217,11 +213,6 @@ impl Handle {
     /// released (or dropped) accordingly.
     pub fn resume(&self, flow: FlowId, verdict: DataVerdict) -> Result<(), HandleError> {
         self.update(flow, verdict, None)
-    }
-
-    /// Releases (`accept`) or drops a packet a packet filter delayed.
-    pub fn release(&self, packet: PacketId, accept: bool) -> Result<(), HandleError> {
-        self.send(Command::Release { packet, accept }, Duration::ZERO)
     }
 
     /// Passes on what conntrack reports about flows; flows this engine does not know are

@@ -14,6 +14,8 @@
 //! - [`engine`]: the state machine that ties them together (flow table, timers, kernel-handled
 //!   flows, sweeps); [`handle`]: its remote control from other threads (verdicts, kernel
 //!   reports, streamed listings).
+//! - [`packet_stage`]: every packet of chosen interfaces before any flow state: stateless packet
+//!   rules and a product's [`PacketFilter`], delayed packets, per-interface counters.
 //! - [`event`]: the JSON-lines event format; [`time`]: the core's clock type.
 //!
 //! ## Driving the engine
@@ -35,14 +37,15 @@
 //! ```
 //!
 //! A product adds its own judgement with [`Engine::set_flow_filter`] (a [`FlowFilter`]) and
-//! [`Engine::set_packet_filter`] (a [`PacketFilter`]), and changes verdicts later, from any
-//! thread, through a [`Handle`].
+//! [`PacketStage::set_filter`] (a [`PacketFilter`]), and changes verdicts later, from any
+//! thread, through a [`Handle`] or a [`PacketHandle`].
 
 pub mod engine;
 pub mod event;
 pub mod flow;
 pub mod handle;
 pub mod packet;
+pub mod packet_stage;
 pub mod provider;
 pub mod rules;
 pub mod time;
@@ -55,6 +58,7 @@ pub use engine::{
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};
 pub use handle::{FlowStatus, Handle, HandleError, KernelReport, KernelState, KernelSync, Listing, Selector};
+pub use packet_stage::{PacketDirection, PacketHandle, PacketStage, PacketStageConfig};
 pub use provider::{FlowFilter, PacketContext, PacketFilter};
 pub use time::Instant;
 pub use verdict::{DataVerdict, Decision, FlowVerdict, NewFlowVerdict, PacketAction, PacketId, PacketVerdict};

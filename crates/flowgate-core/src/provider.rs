@@ -1,10 +1,12 @@
 //! The provider traits: how a product plugs its own judgement into the engine.
 //!
 //! A [`FlowFilter`] judges flows (at their start, on their first bytes, when a direction ends)
-//! and hears when they close; a [`PacketFilter`] judges single packets. Both are called on the
-//! engine's thread, synchronously, from inside `Engine::handle_*`: they must not block. To
-//! decide later, return `Pause` (or allow and change your mind) and use a [`crate::Handle`] from
-//! any thread. The built-in rule set judges beside them; the most restrictive answer wins.
+//! and hears when they close; it is called on the engine's thread, from inside
+//! `Engine::handle_*`. A [`PacketFilter`] judges single packets of chosen interfaces, before any
+//! flow state; it is called on a packet stage's thread, from inside
+//! [`crate::PacketStage::handle_packet`]. Neither may block. To decide later, return `Pause` (or
+//! allow and change your mind) and use a [`crate::Handle`], or return `Delay` and use a
+//! [`crate::PacketHandle`], from any thread. The built-in rule set judges beside them; the most restrictive answer wins.
 //!
 //! A provider that panics, or takes longer than the engine's budget for one call, does not take
 //! the engine down: the flow or packet it was judging gets the fail mode's verdict, the fault is
@@ -12,8 +14,9 @@
 //! judged by it (see `engine/providers.rs`).
 
 use crate::event::FlowReport;
-use crate::flow::{Direction, Flow, FlowId};
-use crate::verdict::{DataVerdict, NewFlowVerdict, PacketVerdict};
+use crate::flow::{Direction, Flow};
+use crate::packet_stage::PacketDirection;
+use crate::verdict::{DataVerdict, NewFlowVerdict, PacketId, PacketVerdict};
 
 /// Judges flows. Only `new_flow` is required.
 pub trait FlowFilter: Send {
@@ -43,17 +46,19 @@ pub trait FlowFilter: Send {
 /// One packet, as a [`PacketFilter`] sees it.
 #[derive(Debug)]
 pub struct PacketContext<'a> {
-    /// Interface the packet came in or goes out on, where known.
+    /// The packet's id: what [`crate::PacketHandle::release`] takes if the filter delays it.
+    pub id: PacketId,
+    /// Interface the packet came in on (inbound), goes out on (outbound), or came in on
+    /// (forwarded), where known.
     pub interface: Option<&'a str>,
-    /// Outbound = sent by the local side of its flow.
-    pub direction: Direction,
-    /// The flow the packet belongs to.
-    pub flow: FlowId,
-    /// The IP packet.
+    pub direction: PacketDirection,
+    /// The IP packet, from its IP header on, as the kernel has it (also when it cannot be
+    /// parsed).
     pub bytes: &'a [u8],
 }
 
-/// Judges single packets. Every packet of every flow is shown to it while it is installed.
+/// Judges single packets: every packet of the interfaces and directions it was turned on for
+/// (see [`crate::packet_stage`]), flows the kernel handles included.
 pub trait PacketFilter: Send {
     fn packet(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict;
 

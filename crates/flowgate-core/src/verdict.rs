@@ -41,7 +41,7 @@ pub enum DataVerdict {
 pub enum PacketVerdict {
     Allow,
     Drop,
-    /// Keep the packet; release or drop it later with [`crate::Handle::release`].
+    /// Keep the packet; release or drop it later with [`crate::PacketHandle::release`].
     Delay,
 }
 

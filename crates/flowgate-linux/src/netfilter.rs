@@ -40,6 +40,21 @@
 //! filter table, as if the NFQUEUE rule were an `ACCEPT`: the host's own filter rules after
 //! flowgate's jump do not see it. Without it the packet is dropped.
 //!
+//! ## The packet stage's chains
+//!
+//! flowgate also inserts one jump at position 1 of the **mangle** table's `OUTPUT`, `INPUT` and
+//! `FORWARD` chains into [`PACKET_OUT`], [`PACKET_IN`] and [`PACKET_FWD`]. They hold one NFQUEUE
+//! rule per interface (and direction) the packet stage covers ([`ChainSpec::packet`]), to the
+//! packet stage's own queues, and nothing else: every packet of those interfaces goes to user
+//! space, flows the kernel handles included, and packets of other interfaces pass on at once.
+//! The mangle table runs before the filter table on every hook, so a packet the packet stage
+//! drops never reaches the flow chains; one it accepts (`NF_ACCEPT`) goes on to them. The chains
+//! exist, possibly empty, for the daemon's whole life, so [`replace_packet_chains`] can change
+//! what they cover in one transaction per family (a reload). An interface glob becomes an
+//! iptables name: `tun*` is `tun+`; a glob whose wildcard is not only at its end is widened to
+//! its literal prefix (`t?n0` to `t+`, `*vpn` to every interface) and narrowed again in user
+//! space.
+//!
 //! ## Transactions
 //!
 //! Each family is installed with one `iptables-restore --noflush` run (chains, rules and jumps in
@@ -71,6 +86,25 @@ pub const CHAIN_IN: &str = "FLOWGATE-IN";
 /// flowgate's chain for routed packets, jumped to from `FORWARD`.
 pub const CHAIN_FWD: &str = "FLOWGATE-FWD";
 
+/// The packet stage's chain for locally generated packets, jumped to from mangle `OUTPUT`.
+pub const PACKET_OUT: &str = "FLOWGATE-PKT-OUT";
+/// The packet stage's chain for packets to the host, jumped to from mangle `INPUT`.
+pub const PACKET_IN: &str = "FLOWGATE-PKT-IN";
+/// The packet stage's chain for routed packets, jumped to from mangle `FORWARD`.
+pub const PACKET_FWD: &str = "FLOWGATE-PKT-FWD";
+
+/// A table flowgate installs chains in: its chains and the built-in chains that jump to them.
+struct Table {
+    name: &'static str,
+    /// (built-in chain, flowgate chain).
+    hooks: [(&'static str, &'static str); 3],
+}
+
+const TABLES: [Table; 2] = [
+    Table { name: "filter", hooks: [("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)] },
+    Table { name: "mangle", hooks: [("OUTPUT", PACKET_OUT), ("INPUT", PACKET_IN), ("FORWARD", PACKET_FWD)] },
+];
+
 /// A built-in chain and the flowgate chain it jumps to.
 struct Hook {
     builtin: &'static str,
@@ -95,6 +129,45 @@ pub struct ChainSpec {
     pub fail_open: bool,
     /// Filter loopback traffic too; otherwise it bypasses flowgate.
     pub loopback: bool,
+    /// What the packet stage's chains send to its queues.
+    pub packet: PacketChains,
+}
+
+/// What the packet stage covers: interfaces and directions, and its queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketChains {
+    /// The packet stage's NFQUEUE numbers; unused while `interfaces` is empty.
+    pub queues: RangeInclusive<u16>,
+    pub interfaces: Vec<PacketInterface>,
+}
+
+impl PacketChains {
+    /// Nothing covered: the chains stay empty.
+    pub fn none() -> Self {
+        PacketChains { queues: 0..=0, interfaces: Vec::new() }
+    }
+}
+
+/// One interface glob the packet stage covers, and in which directions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketInterface {
+    /// An interface glob (`tun*`, `wg0`); `None` or `*` for every interface (loopback
+    /// included only when [`ChainSpec::loopback`] is set).
+    pub glob: Option<String>,
+    pub inbound: bool,
+    pub outbound: bool,
+    pub forwarded: bool,
+}
+
+/// An interface glob as an iptables interface name: `tun*` → `tun+`; a wildcard before the
+/// end widens it to the literal prefix; `None` when it covers every interface.
+pub fn iptables_interface(glob: &str) -> Option<String> {
+    let cut = glob.find(['*', '?']);
+    match cut {
+        None => Some(glob.to_string()),
+        Some(0) => None,
+        Some(i) => Some(format!("{}+", &glob[..i])),
+    }
 }
 
 /// The programs flowgate runs. [`Default`] looks them up on `PATH`, then in `/usr/local/sbin`,
@@ -292,13 +365,22 @@ impl Drop for Installed {
 /// instance left. Nothing is left half-installed on error.
 pub fn install(spec: &ChainSpec, tools: &Tools) -> Result<Installed, NetfilterError> {
     check_queues(&spec.queues)?;
+    if !spec.packet.interfaces.is_empty() {
+        check_queues(&spec.packet.queues)?;
+    }
     let removed_leftovers = cleanup(tools)?;
-    restore(tools, Family::Ipv4, Step::Installing, &ruleset_text(spec, false))?;
-    if let Err(error) = restore(tools, Family::Ipv6, Step::Installing, &ruleset_text(spec, true)) {
-        return Err(match remove_family(tools, Family::Ipv4, Step::RollingBack) {
-            Ok(_) => error,
-            Err(rollback) => NetfilterError::RollbackFailed { error: Box::new(error), rollback: Box::new(rollback) },
-        });
+    for family in Family::BOTH {
+        let ipv6 = family == Family::Ipv6;
+        let text = format!("{}{}", ruleset_text(spec, ipv6), packet_ruleset_text(spec, ipv6));
+        // Each table commits on its own: whatever failed, nothing of either family may stay.
+        if let Err(error) = restore(tools, family, Step::Installing, &text) {
+            return Err(match remove_all(tools, Step::RollingBack) {
+                Ok(_) => error,
+                Err(rollback) => {
+                    NetfilterError::RollbackFailed { error: Box::new(error), rollback: Box::new(rollback) }
+                }
+            });
+        }
     }
     Ok(Installed { tools: tools.clone(), spec: spec.clone(), removed_leftovers, armed: true })
 }
@@ -405,6 +487,86 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
     text
 }
 
+/// The packet stage's chains in the mangle table, their NFQUEUE rules and the jumps into them,
+/// for one family (see the module documentation).
+pub fn packet_ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
+    let _ = ipv6; // the same rules for both families
+    let mut text = String::from("*mangle\n");
+    let table = &TABLES[1];
+    for (_, chain) in &table.hooks {
+        text.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    text.push_str(&packet_rules_text(spec));
+    for (builtin, chain) in &table.hooks {
+        text.push_str(&format!("-I {builtin} 1 -j {chain}\n"));
+    }
+    text.push_str("COMMIT\n");
+    text
+}
+
+/// The `-A` lines of the packet stage's chains.
+fn packet_rules_text(spec: &ChainSpec) -> String {
+    let p = &spec.packet;
+    let (first, last) = (*p.queues.start(), *p.queues.end());
+    let mut queue = if first == last {
+        format!("-j NFQUEUE --queue-num {first}")
+    } else {
+        format!("-j NFQUEUE --queue-balance {first}:{last}")
+    };
+    if spec.fail_open {
+        queue.push_str(" --queue-bypass");
+    }
+    let mut text = String::new();
+    let mut lo_exempt = [false; 3];
+    for i in &p.interfaces {
+        let name = i.glob.as_deref().and_then(iptables_interface);
+        let hooks = [
+            (PACKET_OUT, i.outbound, ["-o"].as_slice()),
+            (PACKET_IN, i.inbound, &["-i"]),
+            (PACKET_FWD, i.forwarded, &["-i", "-o"]),
+        ];
+        for (k, (chain, on, options)) in hooks.into_iter().enumerate() {
+            if !on {
+                continue;
+            }
+            match &name {
+                Some(n) => {
+                    for o in options {
+                        text.push_str(&format!("-A {chain} {o} {n} {queue}\n"));
+                    }
+                }
+                None => {
+                    // Every interface: loopback only when it is filtered at all.
+                    if !spec.loopback && k < 2 && !lo_exempt[k] {
+                        lo_exempt[k] = true;
+                        text.push_str(&format!("-A {chain} {} lo -j RETURN\n", options[0]));
+                    }
+                    text.push_str(&format!("-A {chain} {queue}\n"));
+                }
+            }
+        }
+    }
+    text
+}
+
+/// Replaces the rules of the packet stage's chains (a reload), for both families, each in one
+/// transaction: a packet sees the old rules or the new ones, never none.
+pub fn replace_packet_chains(spec: &ChainSpec, tools: &Tools) -> Result<(), NetfilterError> {
+    if !spec.packet.interfaces.is_empty() {
+        check_queues(&spec.packet.queues)?;
+    }
+    let mut text = String::from("*mangle\n");
+    for (_, chain) in &TABLES[1].hooks {
+        text.push_str(&format!("-F {chain}\n"));
+    }
+    text.push_str(&packet_rules_text(spec));
+    text.push_str("COMMIT\n");
+    for family in Family::BOTH {
+        restore(tools, family, Step::Installing, &text)?;
+    }
+    Ok(())
+}
+
 /// Removes flowgate from both families; whether anything was found.
 fn remove_all(tools: &Tools, step: Step) -> Result<bool, NetfilterError> {
     let mut found = false;
@@ -444,21 +606,38 @@ fn remove_family(tools: &Tools, family: Family, step: Step) -> Result<bool, Netf
     }
 }
 
-/// flowgate's jumps and chains found in a listing of the filter table.
+/// flowgate's jumps and chains found in the listings of its tables.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Ours {
+    tables: Vec<OursIn>,
+}
+
+impl Ours {
+    fn is_empty(&self) -> bool {
+        self.tables.iter().all(OursIn::is_empty)
+    }
+
+    fn removal_text(&self) -> String {
+        self.tables.iter().filter(|t| !t.is_empty()).map(OursIn::removal_text).collect()
+    }
+}
+
+/// flowgate's jumps and chains found in a listing of one table.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct OursIn {
+    table: &'static str,
     /// The jump rules, as listed after `-A ` (chain name first).
     jumps: Vec<String>,
     chains: Vec<&'static str>,
 }
 
-impl Ours {
+impl OursIn {
     fn is_empty(&self) -> bool {
         self.jumps.is_empty() && self.chains.is_empty()
     }
 
     fn removal_text(&self) -> String {
-        let mut text = String::from("*filter\n");
+        let mut text = format!("*{}\n", self.table);
         for jump in &self.jumps {
             text.push_str(&format!("-D {jump}\n"));
         }
@@ -472,15 +651,25 @@ impl Ours {
 
 fn list_ours(tools: &Tools, family: Family, step: Step) -> Result<Ours, NetfilterError> {
     let (tool, program) = tools.lister(family);
-    let listing = run(tool, program, &["-w", "-t", "filter", "-S"], None, family, step)?;
-    Ok(parse_listing(&listing))
+    let mut ours = Ours::default();
+    for table in &TABLES {
+        let listing = run(tool, program, &["-w", "-t", table.name, "-S"], None, family, step)?;
+        ours.tables.push(parse_listing_of(table, &listing));
+    }
+    Ok(ours)
 }
 
 /// Finds flowgate's chains (`-N`) and the rules of the built-in chains that jump or go to them
-/// in `iptables -S` output.
-fn parse_listing(listing: &str) -> Ours {
-    let chains = [CHAIN_OUT, CHAIN_IN, CHAIN_FWD];
-    let mut ours = Ours::default();
+/// in `iptables -S` output of the filter table.
+#[cfg(test)]
+fn parse_listing(listing: &str) -> OursIn {
+    parse_listing_of(&TABLES[0], listing)
+}
+
+/// The same for any of flowgate's tables.
+fn parse_listing_of(table: &Table, listing: &str) -> OursIn {
+    let chains = table.hooks.map(|(_, c)| c);
+    let mut ours = OursIn { table: table.name, ..OursIn::default() };
     for line in listing.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("-N ") {
             if let Some(chain) = chains.iter().find(|c| **c == name.trim()) {
@@ -489,7 +678,7 @@ fn parse_listing(listing: &str) -> Ours {
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let args = split_args(rule);
             let Some(chain) = args.first() else { continue };
-            if !HOOKS.iter().any(|h| h.builtin == chain) {
+            if !table.hooks.iter().any(|(builtin, _)| builtin == chain) {
                 continue;
             }
             let target = args
@@ -602,7 +791,7 @@ mod tests {
     use super::*;
 
     fn spec(queues: RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
-        ChainSpec { queues, fail_open, loopback }
+        ChainSpec { queues, fail_open, loopback, packet: PacketChains::none() }
     }
 
     fn chain_rules<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
@@ -863,6 +1052,73 @@ COMMIT
              -F FLOWGATE-FWD\n-X FLOWGATE-FWD\n-F FLOWGATE-IN\n-X FLOWGATE-IN\n-F FLOWGATE-OUT\n-X FLOWGATE-OUT\nCOMMIT\n"
         );
         assert!(parse_listing("-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n").is_empty());
+    }
+
+    fn packet_spec(interfaces: Vec<PacketInterface>, fail_open: bool, loopback: bool) -> ChainSpec {
+        ChainSpec { queues: 0..=1, fail_open, loopback, packet: PacketChains { queues: 2..=3, interfaces } }
+    }
+
+    fn iface(glob: Option<&str>, inbound: bool, outbound: bool, forwarded: bool) -> PacketInterface {
+        PacketInterface { glob: glob.map(str::to_string), inbound, outbound, forwarded }
+    }
+
+    #[test]
+    fn packet_chains_queue_each_covered_interface_and_direction_in_the_mangle_table() {
+        let spec = packet_spec(
+            vec![iface(Some("tun*"), true, true, true), iface(Some("wg0"), false, true, false)],
+            true,
+            false,
+        );
+        let text = packet_ruleset_text(&spec, false);
+        let q = "-j NFQUEUE --queue-balance 2:3 --queue-bypass";
+        assert_eq!(
+            text,
+            format!(
+                "*mangle\n:FLOWGATE-PKT-OUT - [0:0]\n:FLOWGATE-PKT-IN - [0:0]\n:FLOWGATE-PKT-FWD - [0:0]\n\
+                 -A FLOWGATE-PKT-OUT -o tun+ {q}\n-A FLOWGATE-PKT-IN -i tun+ {q}\n\
+                 -A FLOWGATE-PKT-FWD -i tun+ {q}\n-A FLOWGATE-PKT-FWD -o tun+ {q}\n\
+                 -A FLOWGATE-PKT-OUT -o wg0 {q}\n\
+                 -I OUTPUT 1 -j FLOWGATE-PKT-OUT\n-I INPUT 1 -j FLOWGATE-PKT-IN\n-I FORWARD 1 -j FLOWGATE-PKT-FWD\nCOMMIT\n"
+            )
+        );
+        // Fail closed: no bypass; an empty stage: empty chains, jumps all the same.
+        let closed =
+            packet_ruleset_text(&packet_spec(vec![iface(Some("tun0"), true, false, false)], false, false), true);
+        assert!(closed.contains("-A FLOWGATE-PKT-IN -i tun0 -j NFQUEUE --queue-balance 2:3\n"), "{closed}");
+        let empty = packet_ruleset_text(&packet_spec(vec![], true, false), false);
+        assert!(!empty.contains("-A "), "{empty}");
+        assert!(empty.contains("-I FORWARD 1 -j FLOWGATE-PKT-FWD\n"));
+    }
+
+    #[test]
+    fn every_interface_exempts_loopback_unless_it_is_filtered() {
+        let all = packet_ruleset_text(&packet_spec(vec![iface(None, true, true, true)], true, false), false);
+        assert!(all.contains("-A FLOWGATE-PKT-OUT -o lo -j RETURN\n-A FLOWGATE-PKT-OUT -j NFQUEUE"), "{all}");
+        assert!(all.contains("-A FLOWGATE-PKT-IN -i lo -j RETURN\n-A FLOWGATE-PKT-IN -j NFQUEUE"), "{all}");
+        assert!(all.contains("-A FLOWGATE-PKT-FWD -j NFQUEUE"), "{all}");
+        let with_lo = packet_ruleset_text(&packet_spec(vec![iface(Some("*"), true, true, false)], true, true), false);
+        assert!(!with_lo.contains(" lo "), "{with_lo}");
+    }
+
+    #[test]
+    fn globs_become_iptables_names_widened_where_they_must_be() {
+        assert_eq!(iptables_interface("tun*").as_deref(), Some("tun+"));
+        assert_eq!(iptables_interface("wg0").as_deref(), Some("wg0"));
+        assert_eq!(iptables_interface("t?n0").as_deref(), Some("t+"));
+        assert_eq!(iptables_interface("*vpn"), None);
+        assert_eq!(iptables_interface("*"), None);
+    }
+
+    #[test]
+    fn removal_covers_the_mangle_table_too() {
+        let listing = "-P OUTPUT ACCEPT\n-N FLOWGATE-PKT-OUT\n-N FLOWGATE-OUT\n-A OUTPUT -j FLOWGATE-PKT-OUT\n-A FLOWGATE-PKT-OUT -o tun+ -j NFQUEUE --queue-num 2\n";
+        let ours = parse_listing_of(&TABLES[1], listing);
+        assert_eq!(ours.jumps, ["OUTPUT -j FLOWGATE-PKT-OUT"]);
+        assert_eq!(ours.chains, [PACKET_OUT], "only the mangle table's chains count here");
+        assert_eq!(
+            ours.removal_text(),
+            "*mangle\n-D OUTPUT -j FLOWGATE-PKT-OUT\n-F FLOWGATE-PKT-OUT\n-X FLOWGATE-PKT-OUT\nCOMMIT\n"
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn add_host_rules() {
 }
 
 fn spec(queues: std::ops::RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
-    ChainSpec { queues, fail_open, loopback }
+    ChainSpec { queues, fail_open, loopback, packet: netfilter::PacketChains::none() }
 }
 
 #[test]

@@ -11,7 +11,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flowgate_core::rules::{self, Action, Rule, RuleSet, lint};
+use flowgate_core::packet_stage::{Directions, PacketDirection, PacketRule, PacketRuleAction, PacketRules};
+use flowgate_core::rules::{self, Action, InterfaceGlob, Rule, RuleSet, lint};
 use flowgate_core::{EngineConfig, Timeouts};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -61,6 +62,63 @@ impl Default for Live {
     }
 }
 
+/// The packet stage (`[packet_filter]`, `[[packet_rule]]`): see `flowgate_core::packet_stage`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PacketConfig {
+    /// Interfaces whose packets a product's packet filter judges (`[packet_filter] interfaces`).
+    pub filter_interfaces: Vec<InterfaceGlob>,
+    /// Directions it judges them in.
+    pub filter_directions: Directions,
+    /// NFQUEUE queues (worker threads) of the packet stage, numbered after the flow queues.
+    pub queues: u16,
+    /// Most packets delayed at once per queue, and longest delay.
+    pub max_delayed: usize,
+    pub max_delay: Duration,
+    /// What a packet delayed past `max_delay` gets: accepted, or dropped.
+    pub expired_accept: bool,
+    /// The stateless packet rules, in order.
+    pub rules: PacketRules,
+}
+
+impl Default for PacketConfig {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        PacketConfig {
+            filter_interfaces: Vec::new(),
+            filter_directions: Directions::ALL,
+            queues: u16::try_from(cpus.clamp(1, 4)).unwrap_or(1),
+            max_delayed: 4096,
+            max_delay: Duration::from_secs(10),
+            expired_accept: false,
+            rules: PacketRules::default(),
+        }
+    }
+}
+
+impl PacketConfig {
+    /// What the packet stage's chains must send to it: every interface glob of the packet
+    /// filter and of the packet rules (a rule without one: every interface), with the
+    /// directions each needs.
+    pub fn covered(&self) -> Vec<(Option<String>, Directions)> {
+        let mut out: Vec<(Option<String>, Directions)> = Vec::new();
+        let mut add = |glob: Option<&str>, d: Directions| {
+            let glob = glob.filter(|g| *g != "*").map(str::to_string);
+            match out.iter_mut().find(|(g, _)| *g == glob) {
+                Some((_, have)) => *have = have.union(d),
+                None => out.push((glob, d)),
+            }
+        };
+        for g in &self.filter_interfaces {
+            add(Some(g.as_str()), self.filter_directions);
+        }
+        for r in &self.rules.rules {
+            add(r.interface.as_ref().map(InterfaceGlob::as_str), r.directions);
+        }
+        out.retain(|(_, d)| !d.is_empty());
+        out
+    }
+}
+
 /// A loaded, validated config.
 #[derive(Debug)]
 pub struct Config {
@@ -71,6 +129,7 @@ pub struct Config {
     pub engine: EngineConfig,
     pub fail: FailMode,
     pub live: Live,
+    pub packet: PacketConfig,
     pub warnings: Vec<Warning>,
 }
 
@@ -133,6 +192,32 @@ struct RawConfig {
     timeouts: Option<RawTimeouts>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
+    packet_filter: Option<Spanned<RawPacketFilter>>,
+    #[serde(default, rename = "packet_rule")]
+    packet_rules: Vec<Spanned<RawPacketRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPacketFilter {
+    interfaces: Option<Spanned<toml::Value>>,
+    directions: Option<Spanned<toml::Value>>,
+    queues: Option<Spanned<i64>>,
+    max_delayed: Option<Spanned<i64>>,
+    max_delay: Option<Spanned<String>>,
+    on_delay_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPacketRule {
+    name: Option<Spanned<String>>,
+    interface: Option<Spanned<String>>,
+    direction: Option<Spanned<toml::Value>>,
+    protocol: Option<Spanned<String>>,
+    remote: Option<Spanned<toml::Value>>,
+    local: Option<Spanned<toml::Value>>,
+    action: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -332,8 +417,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     for l in lint::lint(&set) {
         warnings.push(Warning { path: path.to_path_buf(), line: rule_lines[l.rule()], message: l.message(&set) });
     }
+    let packet = packet_config(&src, &raw, &live, &mut warnings)?;
     warnings.sort_by_key(|w| w.line);
-    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, warnings })
+    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, packet, warnings })
 }
 
 fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
@@ -381,6 +467,157 @@ fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
         };
     }
     Ok(live)
+}
+
+/// Parses a list of directions (`inbound`, `outbound`, `forwarded`; `any` for all three).
+fn directions(src: &Source<'_>, v: &Spanned<toml::Value>, field: &str) -> Result<Directions, ConfigError> {
+    let mut out = Directions::NONE;
+    for text in strings(src, v, field)? {
+        if text.trim() == "any" {
+            out = Directions::ALL;
+            continue;
+        }
+        let d = PacketDirection::parse(text).ok_or_else(|| {
+            src.at(v, field, format!("`{text}` is not a direction: expected inbound, outbound, forwarded or any"))
+        })?;
+        out = out.with(d);
+    }
+    Ok(out)
+}
+
+fn packet_config(
+    src: &Source<'_>,
+    raw: &RawConfig,
+    live: &Live,
+    warnings: &mut Vec<Warning>,
+) -> Result<PacketConfig, ConfigError> {
+    let mut out = PacketConfig::default();
+    let int = |v: &Spanned<i64>, field: &str, lo: i64, hi: i64| -> Result<i64, ConfigError> {
+        let n = *v.get_ref();
+        if (lo..=hi).contains(&n) { Ok(n) } else { Err(src.at(v, field, format!("must be between {lo} and {hi}"))) }
+    };
+    if let Some(pf) = &raw.packet_filter {
+        let pf = pf.get_ref();
+        match &pf.interfaces {
+            None => {
+                return Err(src.error(
+                    None,
+                    Some("packet_filter.interfaces"),
+                    "[packet_filter] needs `interfaces`, e.g. [\"tun*\", \"wg*\"] (or [\"*\"] for every interface)",
+                ));
+            }
+            Some(v) => {
+                for text in strings(src, v, "packet_filter.interfaces")? {
+                    let g = rules::parse_interface(text).map_err(|e| src.at(v, "packet_filter.interfaces", e.0))?;
+                    out.filter_interfaces.push(g);
+                }
+            }
+        }
+        if let Some(v) = &pf.directions {
+            out.filter_directions = directions(src, v, "packet_filter.directions")?;
+        }
+        if let Some(v) = &pf.queues {
+            out.queues = u16::try_from(int(v, "packet_filter.queues", 1, 64)?).unwrap_or(1);
+        }
+        if let Some(v) = &pf.max_delayed {
+            out.max_delayed = usize::try_from(int(v, "packet_filter.max_delayed", 1, 1 << 20)?).unwrap_or(4096);
+        }
+        if let Some(v) = &pf.max_delay {
+            let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
+                src.at(
+                    v,
+                    "packet_filter.max_delay",
+                    format!("`{}` is not a duration ({e}); write e.g. \"500ms\", \"10s\"", v.get_ref()),
+                )
+            })?;
+            if d.is_zero() || d > Duration::from_secs(3600) {
+                return Err(src.at(v, "packet_filter.max_delay", "must be more than zero and at most an hour"));
+            }
+            out.max_delay = d;
+        }
+        if let Some(v) = &pf.on_delay_timeout {
+            out.expired_accept = match v.get_ref().as_str() {
+                "drop" => false,
+                "allow" => true,
+                other => {
+                    return Err(src.at(v, "packet_filter.on_delay_timeout", format!("`{other}` is not drop or allow")));
+                }
+            };
+        }
+    }
+    let end = u32::from(live.first_queue) + u32::from(live.queues) + u32::from(out.queues);
+    if end > 65536 {
+        return Err(src.error(None, Some("packet_filter.queues"), format!("the packet stage's queues come after the flow queues and would run past queue number 65535 (first_queue {} + queues {} + {})", live.first_queue, live.queues, out.queues)));
+    }
+    let mut names = std::collections::HashMap::new();
+    for (i, r) in raw.packet_rules.iter().enumerate() {
+        let line = src.line(&r.span());
+        let rule = packet_rule(src, i, r.get_ref(), line)?;
+        if let Some(first) = names.insert(rule.name.clone(), line) {
+            let span = r.get_ref().name.as_ref().map(Spanned::span);
+            return Err(src.error(
+                span,
+                Some("name"),
+                format!("packet rule name `{}` is already used by the packet rule at line {first}", rule.name),
+            ));
+        }
+        if rule.interface.is_none() {
+            warnings.push(Warning {
+                path: src.path.to_path_buf(),
+                line,
+                message: format!("packet rule `{}` names no interface: every packet of every interface (but loopback) then goes through the packet stage in user space, which costs the kernel fast path", rule.name),
+            });
+        }
+        out.rules.rules.push(rule);
+    }
+    Ok(out)
+}
+
+fn packet_rule(src: &Source<'_>, index: usize, r: &RawPacketRule, line: usize) -> Result<PacketRule, ConfigError> {
+    let name = match &r.name {
+        Some(n) if n.get_ref().trim().is_empty() => {
+            return Err(src.at(n, "name", "a packet rule name cannot be empty"));
+        }
+        Some(n) => n.get_ref().trim().to_string(),
+        None => format!("packet-rule-{}", index + 1),
+    };
+    let action = match &r.action {
+        None => {
+            let mut e =
+                src.error(None, Some("action"), format!("packet rule `{name}` has no `action` (allow or drop)"));
+            e.line = Some(line);
+            return Err(e);
+        }
+        Some(v) => match v.get_ref().trim() {
+            "allow" => PacketRuleAction::Allow,
+            "drop" => PacketRuleAction::Drop,
+            other => {
+                return Err(src.at(
+                    v,
+                    "action",
+                    format!("`{other}` is not a packet rule action: expected allow or drop"),
+                ));
+            }
+        },
+    };
+    let mut rule = PacketRule::new(name, action);
+    if let Some(v) = &r.interface {
+        rule.interface = Some(rules::parse_interface(v.get_ref()).map_err(|e| src.at(v, "interface", e.0))?);
+    }
+    if let Some(v) = &r.direction {
+        rule.directions = directions(src, v, "direction")?;
+    }
+    if let Some(v) = &r.protocol {
+        rule.protocol = rules::parse_protocol(v.get_ref()).map_err(|e| src.at(v, "protocol", e.0))?;
+    }
+    for (field, raw, out) in [("remote", &r.remote, &mut rule.remote), ("local", &r.local, &mut rule.local)] {
+        if let Some(v) = raw {
+            for text in strings(src, v, field)? {
+                out.push(rules::parse_network(text).map_err(|e| src.at(v, field, e.0))?);
+            }
+        }
+    }
+    Ok(rule)
 }
 
 fn timeouts(src: &Source<'_>, t: &RawTimeouts) -> Result<Timeouts, ConfigError> {

@@ -1550,3 +1550,251 @@ fn a_removed_log_directory_is_written_again_once_it_is_back() {
     let _ = d.stop();
     let _ = std::fs::remove_dir_all(&logs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The packet stage: every packet of chosen interfaces, tunnels included
+// ---------------------------------------------------------------------------------------------
+
+/// An embedded daemon (this process, in the lab's host namespace) with `config` (run_dir and log
+/// added) and a product packet filter made by `make`; returns it and its directory.
+fn embedded_with_packet_filter(
+    lab: &Lab,
+    tag: &str,
+    config: &str,
+    make: impl Fn(usize, flowgate_core::PacketHandle) -> Box<dyn flowgate_core::PacketFilter> + Send + 'static,
+) -> (flowgate::daemon::Running, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("flowgate-live-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let text = format!(
+        "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n{config}",
+        dir.join("run").display(),
+        dir.join("events.jsonl").display()
+    );
+    let config = flowgate::config::parse(&dir.join("embedded.toml"), &text).expect("config");
+    let running = lab.host.in_ns(move || {
+        let providers = flowgate::daemon::Providers { flow: None, packet: Some(&make) };
+        flowgate::daemon::Running::start_with(&config, providers).expect("start embedded daemon")
+    });
+    (running, dir)
+}
+
+fn embedded_stats(lab: &Lab, dir: &std::path::Path) -> Value {
+    let run_dir = dir.join("run");
+    let request = flowgate::protocol::Request::new(flowgate::protocol::Command::Stats);
+    let reply = lab.host.in_ns(move || flowgate::daemon::control::request(&run_dir, &request)).expect("stats");
+    reply.stats.expect("counters")
+}
+
+/// What a packet is, for the filters below: (IP protocol, ICMP type or UDP destination port).
+fn packet_kind(bytes: &[u8]) -> Option<(u8, u16)> {
+    let ip = etherparse::IpSlice::from_slice(bytes).ok()?;
+    let proto = ip.payload_ip_number().0;
+    let p = ip.payload().payload;
+    match proto {
+        1 => p.first().map(|t| (1, u16::from(*t))),
+        17 => (p.len() >= 4).then(|| (17, u16::from_be_bytes([p[2], p[3]]))),
+        6 => Some((6, 0)),
+        _ => Some((proto, 0)),
+    }
+}
+
+/// What a packet filter saw: (interface, direction, IP protocol, ICMP type or UDP port).
+type SeenPackets = std::sync::Arc<std::sync::Mutex<Vec<(String, flowgate_core::PacketDirection, u8, u16)>>>;
+
+/// Drops every third ICMP echo request it sees leaving by a tunnel, and records on which
+/// interface and direction it saw what.
+struct EveryThirdEcho {
+    echoes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    seen: SeenPackets,
+}
+
+impl flowgate_core::PacketFilter for EveryThirdEcho {
+    fn packet(&mut self, ctx: &flowgate_core::PacketContext<'_>) -> flowgate_core::PacketVerdict {
+        let Some((proto, kind)) = packet_kind(ctx.bytes) else { return flowgate_core::PacketVerdict::Allow };
+        let iface = ctx.interface.unwrap_or("?").to_string();
+        self.seen.lock().expect("seen").push((iface.clone(), ctx.direction, proto, kind));
+        if iface == "tun0" && proto == 1 && kind == 8 {
+            let n = self.echoes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if n.is_multiple_of(3) {
+                return flowgate_core::PacketVerdict::Drop;
+            }
+        }
+        flowgate_core::PacketVerdict::Allow
+    }
+
+    fn name(&self) -> &str {
+        "every-third-echo"
+    }
+}
+
+#[test]
+fn a_packet_filter_drops_every_third_echo_inside_the_tunnel_and_sees_the_carrier_too() {
+    require_root!();
+    let lab = Lab::new("pktecho");
+    let echoes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (e, s) = (echoes.clone(), seen.clone());
+    let (running, dir) = embedded_with_packet_filter(
+        &lab,
+        "pktecho",
+        "[packet_filter]\ninterfaces = [\"tun*\", \"veth1\"]\n\
+         [[rule]]\nname = \"no-7014\"\nremote = \"192.0.2.2\"\nremote_ports = \"7014\"\naction = \"drop\"\n",
+        move |_, _| Box::new(EveryThirdEcho { echoes: e.clone(), seen: s.clone() }),
+    );
+    // The packet filter allows this SYN; the flow stage's rule still drops the flow.
+    let _listener = lab.srv.in_ns(|| std::net::TcpListener::bind("192.0.2.2:7014").expect("listen"));
+    assert!(lab.host.in_ns(|| tcp_roundtrip(addr("192.0.2.2:7014")).is_err()), "a flow rule's drop stands");
+    assert!(seen.lock().expect("seen").iter().any(|(i, _, p, _)| i == "tun0" && *p == 6), "the packet filter saw it");
+    let out = lab.host.run(&["ping", "-n", "-q", "-c", "9", "-i", "0.2", "-W", "2", "192.0.2.2"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("9 packets transmitted, 6 received"), "ping says: {text}");
+    assert_eq!(echoes.load(std::sync::atomic::Ordering::SeqCst), 9, "every echo request was shown once");
+    let seen = seen.lock().expect("seen").clone();
+    let out_dir = flowgate_core::PacketDirection::Outbound;
+    let in_dir = flowgate_core::PacketDirection::Inbound;
+    // The inner packets on the tunnel, both ways, and the carrier's datagrams on the physical
+    // interface, both ways.
+    assert!(seen.iter().any(|(i, d, p, k)| i == "tun0" && *d == in_dir && *p == 1 && *k == 0), "echo replies on tun0");
+    assert!(
+        seen.iter().any(|(i, d, p, k)| i == "veth1" && *d == out_dir && *p == 17 && *k == 5555),
+        "the carrier leaving"
+    );
+    assert!(
+        seen.iter().any(|(i, d, p, k)| i == "veth1" && *d == in_dir && *p == 17 && *k == 5555),
+        "the carrier arriving"
+    );
+    assert!(!seen.iter().any(|(i, ..)| i == "veth0" || i == "lo"), "only the chosen interfaces: {seen:?}");
+    let stats = embedded_stats(&lab, &dir);
+    let ps = &stats["packet_stage"];
+    assert_eq!(ps["total"]["dropped"], 3, "{ps}");
+    let tun_out = ps["interfaces"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "tun0" && i["direction"] == "outbound").cloned())
+        .expect("tun0 outbound counted");
+    // The 9 echo requests, and whatever else the stack sent there (IPv6 MLD, say).
+    assert!(tun_out["packets"].as_u64().is_some_and(|n| n >= 9), "{ps}");
+    assert_eq!(tun_out["dropped"], 3, "{ps}");
+    assert!(tun_out["bytes"].as_u64().is_some_and(|b| b >= 9 * 84), "{ps}");
+    lab.host.in_ns(move || running.stop()).expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Delays every TCP packet with data leaving by the tunnel; a thread of the product releases
+/// each 20 ms later through the stage's handle.
+struct DelaysData {
+    handle: flowgate_core::PacketHandle,
+    later: mpsc::Sender<(flowgate_core::PacketHandle, flowgate_core::PacketId)>,
+}
+
+impl flowgate_core::PacketFilter for DelaysData {
+    fn packet(&mut self, ctx: &flowgate_core::PacketContext<'_>) -> flowgate_core::PacketVerdict {
+        let data = etherparse::SlicedPacket::from_ip(ctx.bytes)
+            .ok()
+            .and_then(|s| match s.transport {
+                Some(etherparse::TransportSlice::Tcp(t)) => Some(!t.payload().is_empty()),
+                _ => None,
+            })
+            .unwrap_or(false);
+        if ctx.interface == Some("tun0")
+            && ctx.direction == flowgate_core::PacketDirection::Outbound
+            && data
+            && self.later.send((self.handle.clone(), ctx.id)).is_ok()
+        {
+            return flowgate_core::PacketVerdict::Delay;
+        }
+        flowgate_core::PacketVerdict::Allow
+    }
+}
+
+#[test]
+fn delayed_packets_are_released_later_and_the_connection_keeps_its_bytes() {
+    require_root!();
+    let lab = Lab::new("pktdelay");
+    let _echo = tcp_echo(&lab.srv, addr("192.0.2.2:7"));
+    let (tx, rx) = mpsc::channel::<(flowgate_core::PacketHandle, flowgate_core::PacketId)>();
+    let releaser = std::thread::spawn(move || {
+        let mut n = 0usize;
+        while let Ok((h, id)) = rx.recv() {
+            std::thread::sleep(Duration::from_millis(20));
+            h.release(id, true).expect("stage alive");
+            n += 1;
+        }
+        n
+    });
+    let tx = std::sync::Mutex::new(tx);
+    let (running, dir) = embedded_with_packet_filter(
+        &lab,
+        "pktdelay",
+        "[packet_filter]\ninterfaces = [\"tun0\"]\ndirections = [\"outbound\"]\n",
+        move |_, handle| {
+            let later = tx.lock().expect("tx").clone();
+            Box::new(DelaysData { handle, later })
+        },
+    );
+    let data: Vec<u8> = (0..65_536u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let sent = data.clone();
+    let back = lab.host.in_ns(move || {
+        let mut c = TcpStream::connect_timeout(&addr("192.0.2.2:7"), Duration::from_secs(5)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut w = c.try_clone().expect("clone");
+        let writer = std::thread::spawn(move || w.write_all(&sent));
+        let mut back = vec![0u8; 65_536];
+        c.read_exact(&mut back).expect("the echo of every byte");
+        writer.join().expect("writer").expect("write");
+        back
+    });
+    assert!(back == data, "the bytes came back intact and in order");
+    let stats = embedded_stats(&lab, &dir);
+    let total = &stats["packet_stage"]["total"];
+    assert!(total["delayed"].as_u64().is_some_and(|n| n >= 10), "{total}");
+    assert_eq!(total["released"], total["delayed"], "{total}");
+    assert_eq!(total["delay_expired"], 0, "{total}");
+    assert_eq!(total["delayed_now"], 0, "{total}");
+    lab.host.in_ns(move || running.stop()).expect("stop");
+    let released = releaser.join().expect("releaser");
+    assert!(released >= 10, "{released}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_packet_rule_cuts_a_tunnel_off_at_once_while_other_interfaces_go_on() {
+    require_root!();
+    let lab = Lab::new("pktcut");
+    let d = Daemon::start(&lab, "pktcut", "");
+    let mut tunnel = long_lived(&lab, addr("192.0.2.2:7012"));
+    let mut plain = long_lived(&lab, addr("203.0.113.10:7013"));
+    exchange_tcp(&mut tunnel.client);
+    exchange_tcp(&mut plain.client);
+    // The rule arrives by reload, with both connections established (and handled in the
+    // kernel by the flow stage).
+    let conf = d.dir.join("flowgate.toml");
+    let mut text = std::fs::read_to_string(&conf).expect("config");
+    text.push_str("\n[[packet_rule]]\nname = \"cut-tunnels\"\ninterface = \"tun*\"\naction = \"drop\"\n");
+    std::fs::write(&conf, text).expect("config");
+    let out = d.flowgate(&["reload", "--run-dir", &d.run_dir()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tunnel.client.set_read_timeout(Some(Duration::from_millis(1500))).expect("timeout");
+    tunnel.client.write_all(b"tick").expect("send");
+    let mut b = [0u8; 4];
+    let err = tunnel.client.read_exact(&mut b).expect_err("nothing crosses the tunnel any more");
+    assert!(matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut), "{err}");
+    exchange_tcp(&mut plain.client);
+    assert!(lab.host.in_ns(|| tcp_roundtrip(addr("192.0.2.2:7012")).is_err()), "no new tunnel connection either");
+    let stats = stats_of(&d);
+    let ps = &stats["packet_stage"];
+    let rule = ps["rules"].as_array().and_then(|r| r.first().cloned()).expect("the rule's hits");
+    assert_eq!(rule["name"], "cut-tunnels");
+    assert!(rule["packets"].as_u64().is_some_and(|n| n >= 2), "{ps}");
+    let tun_dropped: u64 = ps["interfaces"]
+        .as_array()
+        .map(|a| a.iter().filter(|i| i["name"] == "tun0").filter_map(|i| i["dropped"].as_u64()).sum())
+        .unwrap_or(0);
+    assert!(tun_dropped >= 2, "{ps}");
+    assert!(ps["interfaces"].as_array().is_some_and(|a| a.iter().all(|i| i["name"] == "tun0")), "{ps}");
+    let ev = d.stop();
+    // A packet the packet stage drops never reaches the flow stage: the refused connection
+    // never became a flow there.
+    let flows_7012 = ev.iter().filter(|e| e["event"] == "flow.new" && e["flow"]["remote"] == "192.0.2.2:7012").count();
+    assert_eq!(flows_7012, 1, "only the connection made before the cut is a flow");
+}

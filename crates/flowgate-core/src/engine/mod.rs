@@ -57,16 +57,17 @@ use crate::event::{CloseReason, Event, EventKind, FlowReport, RuleName};
 use crate::flow::{Direction, FlowId, FlowKey, Protocol};
 use crate::handle::{COMMAND_CAPACITY, Command, FlowStatus, Handle, Waker};
 use crate::packet::{self, ParseError, ParsedPacket};
-use crate::provider::{FlowFilter, PacketContext, PacketFilter};
+use crate::provider::FlowFilter;
 use crate::rules::matcher::CompiledRules;
 use crate::time::Instant;
-use crate::verdict::{Decision, FlowVerdict, PacketAction, PacketId, PacketVerdict};
+use crate::verdict::{Decision, FlowVerdict, PacketAction, PacketId};
 
 use entry::{Entry, Mode, bits};
 use table::{FlowTable, Interfaces, Slot};
 use timers::Timers;
 
 pub use kernel::{Enforce, KernelAction};
+pub(crate) use providers::panic_message;
 pub use providers::{FaultKind, ProviderFault};
 
 /// Work done per [`Engine::handle_commands`] call, in commands, a batch of kernel reports
@@ -259,13 +260,12 @@ pub struct Engine {
     config: EngineConfig,
     rules: Arc<CompiledRules>,
     filter: Option<Box<dyn FlowFilter>>,
-    packet_filter: Option<Box<dyn PacketFilter>>,
     table: FlowTable,
     interfaces: Interfaces,
     timers: Timers,
     events: VecDeque<Event>,
     releases: VecDeque<Release>,
-    /// Held packet → its flow (None for packets delayed by the packet filter).
+    /// Held packet → its flow.
     held: HashMap<PacketId, Option<FlowId>>,
     next_flow_id: u64,
     next_packet_id: u64,
@@ -301,7 +301,6 @@ impl Engine {
             config,
             rules,
             filter: None,
-            packet_filter: None,
             interfaces: Interfaces::default(),
             timers: Timers::default(),
             events: VecDeque::new(),
@@ -323,11 +322,6 @@ impl Engine {
     /// Installs a product's flow filter beside the rules.
     pub fn set_flow_filter(&mut self, filter: Box<dyn FlowFilter>) {
         self.filter = Some(filter);
-    }
-
-    /// Installs a packet filter: from now on it sees every packet.
-    pub fn set_packet_filter(&mut self, filter: Box<dyn PacketFilter>) {
-        self.packet_filter = Some(filter);
     }
 
     /// A handle for other threads. All handles of an engine share one channel.
@@ -420,7 +414,7 @@ impl Engine {
                 Err(action) => return Decision { action, flow: None, settled: false, silent: false },
             },
         };
-        self.on_packet(slot, now, meta, &p, bytes)
+        self.on_packet(slot, now, &p)
     }
 
     /// Fires due timers (idle flows close), at most [`TIMER_BUDGET`] of them, and runs a slice of
@@ -470,11 +464,6 @@ impl Engine {
             };
             match c {
                 Command::Update { flow, verdict, direction } => self.update(now, flow, verdict, direction),
-                Command::Release { packet, accept } => {
-                    if self.held.remove(&packet).is_some() {
-                        self.releases.push_back(Release { packet, accept });
-                    }
-                }
                 Command::Reload(rules) => self.reload(now, rules),
                 Command::Kernel(reports) => {
                     for r in &reports {
@@ -504,14 +493,7 @@ impl Engine {
         self.end_all_retired(now);
     }
 
-    fn on_packet(
-        &mut self,
-        slot: Slot,
-        now: Instant,
-        meta: PacketMeta<'_>,
-        p: &ParsedPacket<'_>,
-        bytes: &[u8],
-    ) -> Decision {
+    fn on_packet(&mut self, slot: Slot, now: Instant, p: &ParsedPacket<'_>) -> Decision {
         let closing_linger = self.config.timeouts.tcp_closing;
         let Some(e) = self.table.get_mut(slot) else { return ignored() };
         let id = e.id;
@@ -570,26 +552,18 @@ impl Engine {
             self.complete(slot, now, dir);
         }
 
-        let mut action = match self.table.get(slot).map(|e| e.mode(dir)) {
+        let action = match self.table.get(slot).map(|e| e.mode(dir)) {
             Some(Mode::Drop) => PacketAction::Drop,
             Some(Mode::Pause) => self.hold(Some(slot)),
             _ => PacketAction::Accept,
         };
-        if action == PacketAction::Accept {
-            let ctx = PacketContext { interface: meta.interface, direction: dir, flow: id, bytes };
-            action = match self.call_packet_filter(&ctx) {
-                None | Some(PacketVerdict::Allow) => PacketAction::Accept,
-                Some(PacketVerdict::Drop) => PacketAction::Drop,
-                Some(PacketVerdict::Delay) => self.hold(None),
-            };
-        }
-        let offload = self.config.kernel_offload && self.packet_filter.is_none();
+        let offload = self.config.kernel_offload;
         let generation = self.kernel.generation();
         let Some(e) = self.table.get_mut(slot) else { return ignored() };
         if action == PacketAction::Accept {
             e.set(bits::ACCEPTED, true);
         }
-        let settled = self.packet_filter.is_none() && e.settled();
+        let settled = e.settled();
         // A settled flow whose packets have passed has a conntrack entry that now carries its
         // verdict: the kernel handles the rest of it, and reports on it instead of its packets.
         // (A flow dropped at its first packet never gets an entry: its retries keep coming here.)

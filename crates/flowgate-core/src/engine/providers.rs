@@ -1,6 +1,7 @@
 //! Calling the product's providers so that their faults stay theirs.
 //!
-//! Every call of a [`FlowFilter`] or [`crate::PacketFilter`] goes through here. A call that panics is
+//! Every call of a [`FlowFilter`] goes through here (the packet stage guards its
+//! [`crate::PacketFilter`] the same way). A call that panics is
 //! caught (the engine's state is not touched by the provider, so it stays whole); a call that
 //! takes longer than [`super::EngineConfig::provider_budget`] (timed with the driver's stopwatch,
 //! if one is set: the engine reads no clock of its own) has its answer thrown away. Either way
@@ -15,8 +16,7 @@ use std::time::Duration;
 
 use super::Engine;
 use crate::flow::FlowId;
-use crate::provider::{FlowFilter, PacketContext};
-use crate::verdict::PacketVerdict;
+use crate::provider::FlowFilter;
 
 /// Most faults kept for [`Engine::poll_fault`]; older ones are only counted.
 const MAX_FAULTS: usize = 64;
@@ -44,7 +44,8 @@ pub struct ProviderFault {
 /// A monotonic stopwatch the driver gives the engine to time provider calls.
 pub type Stopwatch = Box<dyn Fn() -> Duration + Send>;
 
-fn message(payload: &(dyn std::any::Any + Send)) -> String {
+/// A panic's message, as fault reports give it.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_string())
@@ -86,18 +87,6 @@ impl Engine {
         Some(self.judge_call(name, call, Some(flow), result, took))
     }
 
-    /// Calls the packet filter: `None` without one; on a fault, the fail mode's verdict.
-    pub(super) fn call_packet_filter(&mut self, ctx: &PacketContext<'_>) -> Option<PacketVerdict> {
-        let mut filter = self.packet_filter.take()?;
-        let started = self.stopwatch.as_ref().map(|s| s());
-        let result = catch_unwind(AssertUnwindSafe(|| filter.packet(ctx)));
-        let took = started.and_then(|t0| self.stopwatch.as_ref().map(|s| s().saturating_sub(t0)));
-        let name = filter.name().to_string();
-        self.packet_filter = Some(filter);
-        let fail = if self.config.fail_open { PacketVerdict::Allow } else { PacketVerdict::Drop };
-        Some(self.judge_call(name, "packet", Some(ctx.flow), result, took).unwrap_or(fail))
-    }
-
     fn judge_call<T>(
         &mut self,
         name: String,
@@ -108,7 +97,7 @@ impl Engine {
     ) -> Result<T, ()> {
         match (result, took) {
             (Err(payload), _) => {
-                self.fault(name, call, flow, FaultKind::Panic(message(&*payload)));
+                self.fault(name, call, flow, FaultKind::Panic(panic_message(&*payload)));
                 Err(())
             }
             (Ok(_), Some(t)) if t > self.config.provider_budget => {

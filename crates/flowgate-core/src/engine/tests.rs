@@ -360,26 +360,6 @@ impl FlowFilter for Scripted {
     }
 }
 
-/// A packet filter with one answer for every packet; records (flow, direction, length).
-struct FixedPacketFilter {
-    verdict: PacketVerdict,
-    seen: Arc<Mutex<Vec<(FlowId, Direction, usize)>>>,
-}
-
-type Seen = Arc<Mutex<Vec<(FlowId, Direction, usize)>>>;
-
-fn packet_filter(verdict: PacketVerdict) -> (Box<dyn PacketFilter>, Seen) {
-    let seen: Seen = Arc::default();
-    (Box::new(FixedPacketFilter { verdict, seen: seen.clone() }), seen)
-}
-
-impl PacketFilter for FixedPacketFilter {
-    fn packet(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict {
-        self.seen.lock().expect("seen").push((ctx.flow, ctx.direction, ctx.bytes.len()));
-        self.verdict
-    }
-}
-
 /// Opens a TCP connection (SYN, SYN/ACK, ACK) at `t`, `t+1ms`, `t+2ms` as seen on OUTPUT/INPUT;
 /// returns the flow id and drains the events.
 fn handshake(e: &mut Engine, c: &mut Conn, t: Instant) -> FlowId {
@@ -1298,7 +1278,6 @@ fn updating_an_unknown_or_closed_flow_is_harmless() {
     let h = e.handle();
     h.update(FlowId(999), DataVerdict::Drop, None).expect("engine alive");
     h.resume(FlowId(12_345), DataVerdict::Drop).expect("engine alive");
-    h.release(PacketId(77), true).expect("engine alive");
     e.update(ms(5), FlowId(1_000), DataVerdict::Drop, Some(Direction::Outbound));
     e.handle_commands(ms(5));
     assert!(events(&mut e).is_empty());
@@ -1366,7 +1345,7 @@ fn waker_is_called_for_each_handle_command() {
     let h2 = h.clone();
     std::thread::spawn(move || h2.update(FlowId(1), DataVerdict::Allow, None)).join().expect("thread").expect("alive");
     assert_eq!(woken.load(Ordering::SeqCst), 2);
-    h.release(PacketId(1), true).expect("engine alive");
+    h.resume(FlowId(2), DataVerdict::Drop).expect("engine alive");
     assert_eq!(woken.load(Ordering::SeqCst), 3);
 }
 
@@ -1435,65 +1414,6 @@ fn close_all_closes_every_flow_with_reason_end() {
     assert!(ev.iter().all(|x| x.time == secs(1)));
     assert!(e.flows().is_empty());
     assert_eq!(e.stats().flows_closed, 3);
-}
-
-// ---------------------------------------------------------------------------------------------
-// 20. PacketFilter
-// ---------------------------------------------------------------------------------------------
-
-#[test]
-fn packet_filter_delay_holds_until_released_through_the_handle() {
-    let mut e = engine();
-    let (pf, seen) = packet_filter(PacketVerdict::Delay);
-    e.set_packet_filter(pf);
-    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
-    let (syn, syn_ack) = (c.syn(), c.syn_ack());
-    let d1 = e.handle_packet(ms(0), OUT, &syn);
-    let id = d1.flow.expect("tracked");
-    assert!(!d1.settled);
-    let p1 = hold_id(d1);
-    let p2 = hold_id(e.handle_packet(ms(1), IN, &syn_ack));
-    let h = e.handle();
-    h.release(p1, true).expect("engine alive");
-    h.release(p2, false).expect("engine alive");
-    assert!(releases(&mut e).is_empty());
-    e.handle_commands(ms(2));
-    assert_eq!(releases(&mut e), [Release { packet: p1, accept: true }, Release { packet: p2, accept: false }]);
-    // A second release of the same packet does nothing.
-    h.release(p1, true).expect("engine alive");
-    e.handle_commands(ms(3));
-    assert!(releases(&mut e).is_empty());
-    assert_eq!(
-        *seen.lock().expect("seen"),
-        [(id, Direction::Outbound, syn.len()), (id, Direction::Inbound, syn_ack.len())]
-    );
-}
-
-#[test]
-fn packet_filter_drop_drops_the_packet() {
-    let mut e = engine();
-    let (pf, _seen) = packet_filter(PacketVerdict::Drop);
-    e.set_packet_filter(pf);
-    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
-    let d = e.handle_packet(ms(0), OUT, &c.syn());
-    assert_eq!(d, dropped(d.flow.expect("tracked"), false));
-}
-
-#[test]
-fn packet_filter_makes_every_decision_unsettled() {
-    let mut e = engine_with_rules(vec![rule_remote("block", "192.0.2.0/24", Action::Drop)], Action::Allow);
-    let (pf, seen) = packet_filter(PacketVerdict::Allow);
-    e.set_packet_filter(pf);
-    let mut ok = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
-    let d = e.handle_packet(ms(0), OUT, &ok.syn());
-    assert_eq!(d, accepted(d.flow.expect("tracked"), false));
-    let d = e.handle_packet(ms(1), IN, &ok.syn_ack());
-    assert_eq!(d, accepted(d.flow.expect("tracked"), false));
-    let mut blocked = Conn::new("198.51.100.1:40001", "192.0.2.9:443");
-    let d = e.handle_packet(ms(2), OUT, &blocked.syn());
-    assert_eq!(d, dropped(d.flow.expect("tracked"), false));
-    // A packet already dropped by the rules is not shown to the packet filter.
-    assert_eq!(seen.lock().expect("seen").len(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2245,23 +2165,6 @@ fn a_provider_slower_than_its_budget_is_a_fault() {
     assert_eq!(e.handle_packet(ms(2), OUT, &udp_to(2)).action, PacketAction::Drop);
     let fault = e.poll_fault().expect("reported");
     assert_eq!(fault.kind, FaultKind::Slow(Duration::from_millis(80)));
-}
-
-#[test]
-fn a_packet_filter_that_panics_gets_the_fail_mode_for_that_packet() {
-    struct Bad;
-    impl PacketFilter for Bad {
-        fn packet(&mut self, _ctx: &PacketContext<'_>) -> PacketVerdict {
-            panic!("bad packet filter")
-        }
-        fn name(&self) -> &str {
-            "bad"
-        }
-    }
-    let mut e = engine_with_config(EngineConfig { fail_open: false, ..EngineConfig::default() });
-    e.set_packet_filter(Box::new(Bad));
-    assert_eq!(e.handle_packet(ms(1), OUT, &udp_to(1)).action, PacketAction::Drop);
-    assert_eq!(e.poll_fault().map(|f| (f.provider, f.call)), Some(("bad".to_string(), "packet")));
 }
 
 #[test]

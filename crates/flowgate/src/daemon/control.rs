@@ -59,7 +59,8 @@ fn selector(sel: &Select) -> Result<Selector, String> {
 pub(crate) struct Context {
     pub(crate) registry: Registry,
     pub(crate) clock: Clock,
-    pub(crate) config: PathBuf,
+    /// Applies the config file again (`flowgate reload`).
+    pub(crate) reloader: std::sync::Arc<super::Reloader>,
     /// The daemon's counters as JSON.
     pub(crate) stats: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// The control group, whose members may change verdicts besides root.
@@ -255,7 +256,7 @@ fn dispatch(command: Command, ctx: &Context) -> Reply {
         }
         Command::Block(sel) => change(&sel, DataVerdict::Drop, ctx),
         Command::Allow(sel) => change(&sel, DataVerdict::Allow, ctx),
-        Command::Reload => match super::reload(&ctx.config, &ctx.registry) {
+        Command::Reload => match ctx.reloader.reload() {
             Ok(n) => Reply { rules: Some(n), ..Reply::ok() },
             Err(e) => Reply::error(format!("{e}; the rules in force are unchanged")),
         },

@@ -20,6 +20,7 @@ pub mod control;
 mod enforce;
 mod kernel;
 mod lock;
+mod packet_shard;
 mod registry;
 mod shard;
 
@@ -30,18 +31,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant as StdInstant};
 
+use flowgate_core::packet_stage::PacketRules;
+use flowgate_core::rules::InterfaceGlob;
 use flowgate_core::rules::matcher::CompiledRules;
 use flowgate_core::{
-    DataVerdict, Direction, Engine, EngineConfig, Event, FlowFilter, FlowId, FlowStatus, Handle, Selector,
+    DataVerdict, Direction, Engine, EngineConfig, Event, FlowFilter, FlowId, FlowStatus, Handle, PacketFilter,
+    PacketHandle, PacketStage, PacketStageConfig, Selector,
 };
-use flowgate_linux::netfilter::{self, ChainSpec, Tools};
+use flowgate_linux::netfilter::{self, ChainSpec, PacketChains, PacketInterface, Tools};
 use flowgate_linux::nfqueue::{Queue, QueueConfig};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::{Value, json};
 
-use crate::config::{Config, FailMode};
+use crate::config::{Config, FailMode, PacketConfig};
 use crate::replay::write_event;
 use clock::Clock;
+use packet_shard::{PacketLinks, PacketShard, PacketWorkerStats};
 use registry::Registry;
 use shard::{Links, Shard};
 
@@ -74,6 +79,20 @@ pub(crate) fn foreground() {
 /// Makes one product flow filter per queue worker (argument: the worker's index), for a
 /// product that embeds the daemon (see [`Running`]).
 pub type FilterFactory = dyn Fn(usize) -> Box<dyn FlowFilter>;
+
+/// Makes one product packet filter per packet-stage queue worker (arguments: the worker's index,
+/// and its stage's handle, through which the filter releases the packets it delays).
+pub type PacketFilterFactory = dyn Fn(usize, PacketHandle) -> Box<dyn PacketFilter>;
+
+/// The product's providers for an embedded daemon ([`Running::start_with`]).
+#[derive(Default, Clone, Copy)]
+pub struct Providers<'a> {
+    /// Judges flows beside the rules, one per flow queue worker.
+    pub flow: Option<&'a FilterFactory>,
+    /// Judges every packet of the interfaces `[packet_filter]` names, one per packet queue
+    /// worker.
+    pub packet: Option<&'a PacketFilterFactory>,
+}
 
 /// Runs the daemon until SIGINT or SIGTERM (SIGHUP reloads the rules). Errors say what failed
 /// and what was undone.
@@ -114,13 +133,13 @@ pub fn run(config: &Config) -> Result<(), String> {
 /// engine; [`Running::update`] and [`Running::list`] find it there, with the same effect as
 /// `flowgate block`/`allow`/`flows` (a kernel-handled flow is torn down too).
 pub struct Running {
-    config_path: std::path::PathBuf,
     registry: Registry,
     workers: Workers,
     writer: Writer,
     socket: std::path::PathBuf,
     installed: flowgate_linux::netfilter::Installed,
     accounting_was: bool,
+    reloader: Arc<Reloader>,
     _lock: lock::InstanceLock,
 }
 
@@ -128,6 +147,12 @@ impl Running {
     /// Starts filtering: see the module documentation for the order of things. `filters`, if
     /// given, makes a product flow filter for each queue worker, judging beside the rules.
     pub fn start(config: &Config, filters: Option<&FilterFactory>) -> Result<Running, String> {
+        Running::start_with(config, Providers { flow: filters, packet: None })
+    }
+
+    /// Starts filtering with the product's flow and packet filters (see [`Providers`]).
+    pub fn start_with(config: &Config, providers: Providers<'_>) -> Result<Running, String> {
+        let filters = providers.flow;
         if !nix::unistd::geteuid().is_root() {
             return Err("flowgate run needs root (it installs netfilter rules and binds NFQUEUE queues)".into());
         }
@@ -152,6 +177,15 @@ impl Running {
                 .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
             queues.push(q);
         }
+        // The packet stage's queues come right after the flow queues.
+        let packet_first = last + 1;
+        let packet_last = packet_first + (config.packet.queues - 1);
+        let mut packet_queues = Vec::with_capacity(usize::from(config.packet.queues));
+        for num in packet_first..=packet_last {
+            let q = Queue::open(&QueueConfig { num, max_len: live.queue_max_len, fail_open, copy_range: 0xffff })
+                .map_err(|e| format!("{e} (is another flowgate, or another NFQUEUE program, running?)"))?;
+            packet_queues.push(q);
+        }
         // Per-flow counters of kernel-handled flows come from conntrack accounting.
         let accounting_was = flowgate_linux::conntrack::enable_accounting()
             .map_err(|e| format!("enabling conntrack accounting: {e}"))?;
@@ -165,12 +199,20 @@ impl Running {
         // Connections already open become flows, and are marked or torn down, before the
         // chains exist: an allowed one never has a packet queued.
         let adopted = adopt_existing(config, &mut engines, &clock)?;
-        let spec = ChainSpec { queues: live.first_queue..=last, fail_open, loopback: live.loopback };
+        let spec = ChainSpec {
+            queues: live.first_queue..=last,
+            fail_open,
+            loopback: live.loopback,
+            packet: packet_chains(&config.packet, packet_first..=packet_last),
+        };
         let installed = netfilter::install(&spec, &Tools::default())
             .map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
 
         // From here on, whatever fails must remove the chains again.
-        let (workers, writer, socket, registry) = match start(config, queues, engines, clock, group) {
+        let stages = stages(config, &config.packet, packet_queues.len(), providers.packet);
+        let packets = (packet_queues, stages, spec.clone());
+        let (workers, writer, socket, registry, reloader) = match start(config, queues, engines, packets, clock, group)
+        {
             Ok(x) => x,
             Err(e) => {
                 let undo = installed
@@ -181,8 +223,9 @@ impl Running {
                 return Err(format!("{e}{undo}"));
             }
         };
+        let covered = spec.packet.interfaces.iter().map(describe_covered).collect::<Vec<_>>();
         eprintln!(
-            "flowgate: ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, control socket {}",
+            "flowgate: ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}",
             live.queues,
             if live.queues == 1 { "" } else { "s" },
             live.first_queue,
@@ -192,18 +235,17 @@ impl Running {
             if config.rules.rules.len() == 1 { "" } else { "s" },
             config.rules.default_action.name(),
             if adopted == 1 { "" } else { "s" },
+            if covered.is_empty() { "no interface".to_string() } else { covered.join(", ") },
+            config.packet.queues,
+            if config.packet.queues == 1 { "" } else { "s" },
+            packet_first,
+            packet_last,
+            config.packet.rules.rules.len(),
+            if config.packet.rules.rules.len() == 1 { "" } else { "s" },
+            if providers.packet.is_some() { ", a packet filter" } else { "" },
             socket.display(),
         );
-        Ok(Running {
-            config_path: config.path.clone(),
-            registry,
-            workers,
-            writer,
-            socket,
-            installed,
-            accounting_was,
-            _lock: lock,
-        })
+        Ok(Running { registry, workers, writer, socket, installed, accounting_was, reloader, _lock: lock })
     }
 
     /// One handle per queue worker, in queue order. A flow lives in exactly one of them (the
@@ -229,9 +271,15 @@ impl Running {
         Ok(out)
     }
 
-    /// Loads the config file again and applies its rules to every live flow (like SIGHUP).
+    /// Loads the config file again and applies its rules to every live flow, and its packet
+    /// rules and packet stage coverage to every packet from now on (like SIGHUP).
     pub fn reload(&self) -> Result<usize, String> {
-        reload(&self.config_path, &self.registry)
+        self.reloader.reload()
+    }
+
+    /// One handle per packet-stage queue worker, in queue order.
+    pub fn packet_handles(&self) -> Vec<PacketHandle> {
+        self.workers.packet_shards.iter().map(|s| s.handle.clone()).collect()
     }
 
     /// Stops: the chains go first, then the workers; the log is flushed; the socket and lock
@@ -282,6 +330,7 @@ impl Running {
 /// stop flag.
 struct Workers {
     shards: Vec<Shard>,
+    packet_shards: Vec<PacketShard>,
     watcher: Option<kernel::Watcher>,
     links: Option<flowgate_linux::ifname::LinkWatch>,
     enforcer: Option<enforce::Enforcer>,
@@ -296,6 +345,7 @@ impl Workers {
             errors.extend(w.join());
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
+        errors.extend(self.packet_shards.into_iter().filter_map(|s| s.join().err()));
         if let Some(l) = self.links {
             l.join();
         }
@@ -307,7 +357,106 @@ impl Workers {
     }
 }
 
-type Started = (Workers, Writer, std::path::PathBuf, Registry);
+type Started = (Workers, Writer, std::path::PathBuf, Registry, Arc<Reloader>);
+
+/// The packet stage's queues, one stage per queue, and the chains as installed.
+type Packets = (Vec<Queue>, Vec<PacketStage>, ChainSpec);
+
+/// What the packet stage's chains cover, from the config.
+fn packet_chains(p: &PacketConfig, queues: std::ops::RangeInclusive<u16>) -> PacketChains {
+    let interfaces = p
+        .covered()
+        .into_iter()
+        .map(|(glob, d)| PacketInterface {
+            glob,
+            inbound: d.contains(flowgate_core::PacketDirection::Inbound),
+            outbound: d.contains(flowgate_core::PacketDirection::Outbound),
+            forwarded: d.contains(flowgate_core::PacketDirection::Forwarded),
+        })
+        .collect();
+    PacketChains { queues, interfaces }
+}
+
+/// The covered interface globs, as globs (every interface: `*`).
+fn covered_globs(p: &PacketConfig) -> Arc<Vec<InterfaceGlob>> {
+    let globs = p
+        .covered()
+        .into_iter()
+        .filter_map(|(g, _)| flowgate_core::rules::parse_interface(g.as_deref().unwrap_or("*")).ok())
+        .collect();
+    Arc::new(globs)
+}
+
+fn describe_covered(i: &PacketInterface) -> String {
+    let dirs: Vec<&str> = [(i.inbound, "in"), (i.outbound, "out"), (i.forwarded, "fwd")]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect();
+    format!("{} ({})", i.glob.as_deref().unwrap_or("*"), dirs.join("/"))
+}
+
+/// One packet stage per packet queue; ids never collide across them.
+fn stages(config: &Config, p: &PacketConfig, n: usize, make: Option<&PacketFilterFactory>) -> Vec<PacketStage> {
+    let rules = Arc::new(p.rules.clone());
+    (0..n)
+        .map(|k| {
+            let c = PacketStageConfig {
+                filter_interfaces: p.filter_interfaces.clone(),
+                filter_directions: p.filter_directions,
+                max_delayed: p.max_delayed,
+                max_delay: p.max_delay,
+                expired_accept: p.expired_accept,
+                fail_open: config.fail == FailMode::Open,
+                provider_budget: config.engine.provider_budget,
+                first_packet_id: k as u64 + 1,
+                packet_id_step: n as u64,
+            };
+            let mut stage = PacketStage::new(c, rules.clone());
+            if let Some(make) = make {
+                let filter = make(k, stage.handle());
+                stage.set_filter(filter);
+            }
+            stage
+        })
+        .collect()
+}
+
+/// Applies a changed config file to a running daemon: flow rules to every engine, packet rules
+/// and the packet stage's coverage to every packet stage and to its chains.
+pub(crate) struct Reloader {
+    path: std::path::PathBuf,
+    registry: Registry,
+    packet_handles: Vec<PacketHandle>,
+    covered: Arc<std::sync::Mutex<Arc<Vec<InterfaceGlob>>>>,
+    /// The chains as they are now (reloads take turns on it).
+    spec: std::sync::Mutex<ChainSpec>,
+}
+
+impl Reloader {
+    pub(crate) fn reload(&self) -> Result<usize, String> {
+        let c = crate::config::load(&self.path).map_err(|e| e.to_string())?;
+        let mut spec = self.spec.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let chains = packet_chains(&c.packet, spec.packet.queues.clone());
+        let rules = Arc::new(CompiledRules::compile(c.rules));
+        let n = rules.rules().len();
+        // Packet rules first: packets the new chains queue meet the new rules.
+        let packet_rules: Arc<PacketRules> = Arc::new(c.packet.rules.clone());
+        for h in &self.packet_handles {
+            h.set_rules(packet_rules.clone()).map_err(|e| format!("packet stage: {e}"))?;
+            h.set_filter_coverage(c.packet.filter_interfaces.clone(), c.packet.filter_directions)
+                .map_err(|e| format!("packet stage: {e}"))?;
+        }
+        *self.covered.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = covered_globs(&c.packet);
+        if chains != spec.packet {
+            let new = ChainSpec { packet: chains, ..spec.clone() };
+            netfilter::replace_packet_chains(&new, &Tools::default())
+                .map_err(|e| format!("changing the packet stage's chains: {e}"))?;
+            *spec = new;
+        }
+        self.registry.reload(&rules)?;
+        Ok(n)
+    }
+}
 
 /// The event writer's thread, and word that it has written everything (behind a mutex so that
 /// [`Running`] stays `Sync` for products that call it from many threads).
@@ -380,16 +529,6 @@ fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Res
     Ok(adopted)
 }
 
-/// Loads the config at `path` again and gives its rules to every engine, which judge their live
-/// flows again. A config that does not load changes nothing.
-fn reload(path: &Path, registry: &Registry) -> Result<usize, String> {
-    let c = crate::config::load(path).map_err(|e| e.to_string())?;
-    let rules = Arc::new(CompiledRules::compile(c.rules));
-    let n = rules.rules().len();
-    registry.reload(&rules)?;
-    Ok(n)
-}
-
 /// What the event writer counted.
 #[derive(Debug, Default)]
 struct WriterStats {
@@ -401,6 +540,7 @@ fn start(
     config: &Config,
     queues: Vec<Queue>,
     engines: Vec<Engine>,
+    packets: Packets,
     clock: Clock,
     group: Option<nix::unistd::Gid>,
 ) -> Result<Started, String> {
@@ -429,8 +569,14 @@ fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let link_watch = flowgate_linux::ifname::LinkWatch::start(stop.clone())
         .map_err(|e| format!("cannot watch link changes (rtnetlink): {e}"))?;
-    let mut workers =
-        Workers { shards: Vec::new(), watcher: None, links: None, enforcer: Some(enforcer), stop: stop.clone() };
+    let mut workers = Workers {
+        shards: Vec::new(),
+        packet_shards: Vec::new(),
+        watcher: None,
+        links: None,
+        enforcer: Some(enforcer),
+        stop: stop.clone(),
+    };
     let changes = link_watch.changes();
     workers.links = Some(link_watch);
     for (index, (queue, engine)) in queues.into_iter().zip(engines).enumerate() {
@@ -453,6 +599,24 @@ fn start(
         }
     }
     drop(tx);
+    let (packet_queues, stages, spec) = packets;
+    let covered = Arc::new(std::sync::Mutex::new(covered_globs(&config.packet)));
+    for (queue, stage) in packet_queues.into_iter().zip(stages) {
+        let links = PacketLinks {
+            clock,
+            stop: stop.clone(),
+            fail_open: config.fail == FailMode::Open,
+            link_changes: changes.clone(),
+            covered: covered.clone(),
+        };
+        match PacketShard::start(queue, stage, links) {
+            Ok(shard) => workers.packet_shards.push(shard),
+            Err(e) => {
+                let _ = workers.stop();
+                return Err(format!("cannot start a packet queue worker: {e}"));
+            }
+        }
+    }
     let handles: Vec<_> = workers.shards.iter().map(|s| s.handle.clone()).collect();
     let watcher = match kernel::Watcher::start(handles.clone(), clock, config.engine.kernel_sync_interval, stop) {
         Ok(w) => w,
@@ -465,11 +629,15 @@ fn start(
     let worker_stats: Vec<_> = workers.shards.iter().map(|s| s.stats.clone()).collect();
     let kernel_stats = watcher.stats.clone();
     workers.watcher = Some(watcher);
-    let queues = live.first_queue..=live.first_queue + (live.queues - 1);
+    let packet_stats: Vec<_> = workers.packet_shards.iter().map(|s| s.stats.clone()).collect();
+    let queues = live.first_queue..=spec.packet.queues.end().to_owned().max(live.first_queue + (live.queues - 1));
     let stats = move || {
         let per_worker: Vec<shard::WorkerStats> =
             worker_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         let mut v = stats_json(&per_worker, &kernel_stats, &writer_stats);
+        let per_packet: Vec<PacketWorkerStats> =
+            packet_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
+        v["packet_stage"] = packet_stats_json(&per_packet);
         // What the kernel counts for our queues.
         let kq: Vec<Value> = flowgate_linux::nfqueue::kernel_stats()
             .unwrap_or_default()
@@ -480,10 +648,17 @@ fn start(
         v["kernel_queues"] = json!(kq);
         v
     };
+    let reloader = Arc::new(Reloader {
+        path: config.path.clone(),
+        registry: registry.clone(),
+        packet_handles: workers.packet_shards.iter().map(|s| s.handle.clone()).collect(),
+        covered,
+        spec: std::sync::Mutex::new(spec),
+    });
     let ctx = control::Context {
         registry: registry.clone(),
         clock,
-        config: config.path.clone(),
+        reloader: reloader.clone(),
         stats: Box::new(stats),
         group,
     };
@@ -494,7 +669,57 @@ fn start(
             return Err(e);
         }
     };
-    Ok((workers, writer, socket, registry))
+    Ok((workers, writer, socket, registry, reloader))
+}
+
+/// The packet stage's counters: per worker, totals, and per interface and per rule summed over
+/// the workers.
+fn packet_stats_json(workers: &[PacketWorkerStats]) -> Value {
+    let mut total = serde_json::Map::new();
+    let mut interfaces: Vec<(String, &'static str, [u64; 4])> = Vec::new();
+    let mut rules: Vec<(String, &'static str, [u64; 2])> = Vec::new();
+    let mut per = Vec::new();
+    for w in workers {
+        let v = json!({"queue": w.queue, "commands_refused": w.commands_refused});
+        let mut v = v.as_object().cloned().unwrap_or_default();
+        if let Some(stage) = serde_json::to_value(w.stage).ok().and_then(|s| s.as_object().cloned()) {
+            for (key, val) in stage {
+                if let Some(n) = val.as_u64() {
+                    let sum = total.get(&key).and_then(Value::as_u64).unwrap_or(0) + n;
+                    total.insert(key.clone(), json!(sum));
+                }
+                v.insert(key, val);
+            }
+        }
+        per.push(Value::Object(v));
+        for i in &w.interfaces {
+            let c = [i.counters.packets, i.counters.bytes, i.counters.dropped, i.counters.delayed];
+            match interfaces.iter_mut().find(|(n, d, _)| **n == *i.name && *d == i.direction.name()) {
+                Some((_, _, have)) => have.iter_mut().zip(c).for_each(|(h, x)| *h += x),
+                None => interfaces.push((i.name.to_string(), i.direction.name(), c)),
+            }
+        }
+        for r in &w.rules {
+            match rules.iter_mut().find(|(n, _, _)| **n == *r.name) {
+                Some((_, _, have)) => {
+                    have[0] += r.packets;
+                    have[1] += r.bytes;
+                }
+                None => rules.push((r.name.to_string(), r.action, [r.packets, r.bytes])),
+            }
+        }
+    }
+    let interfaces: Vec<Value> = interfaces
+        .into_iter()
+        .map(|(name, direction, c)| {
+            json!({"name": name, "direction": direction, "packets": c[0], "bytes": c[1], "dropped": c[2], "delayed": c[3]})
+        })
+        .collect();
+    let rules: Vec<Value> = rules
+        .into_iter()
+        .map(|(name, action, c)| json!({"name": name, "action": action, "packets": c[0], "bytes": c[1]}))
+        .collect();
+    json!({"workers": per, "total": total, "interfaces": interfaces, "rules": rules})
 }
 
 /// The daemon's counters: per worker, their total, the kernel watcher's and the writer's.
