@@ -287,6 +287,42 @@ fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
     }
     section("conntrack:", &stats["conntrack"]);
     section("events:", &stats["events"]);
+    let ps = &stats["packet_stage"];
+    section("packet stage, total:", &ps["total"]);
+    for w in ps["workers"].as_array().into_iter().flatten() {
+        section(&format!("packet queue {}:", w["queue"]), w);
+    }
+    let interfaces = ps["interfaces"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !interfaces.is_empty() {
+        out.push_str(&format!(
+            "packet stage, per interface:\n  {:<16} {:<10} {:>12} {:>16} {:>10} {:>10}\n",
+            "INTERFACE", "DIRECTION", "PACKETS", "BYTES", "DROPPED", "DELAYED"
+        ));
+        for i in interfaces {
+            out.push_str(&format!(
+                "  {:<16} {:<10} {:>12} {:>16} {:>10} {:>10}\n",
+                i["name"].as_str().unwrap_or("?"),
+                i["direction"].as_str().unwrap_or("?"),
+                i["packets"],
+                i["bytes"],
+                i["dropped"],
+                i["delayed"]
+            ));
+        }
+    }
+    let rules = ps["rules"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !rules.is_empty() {
+        out.push_str(&format!("packet rules:\n  {:<24} {:<6} {:>12} {:>16}\n", "NAME", "ACTION", "PACKETS", "BYTES"));
+        for r in rules {
+            out.push_str(&format!(
+                "  {:<24} {:<6} {:>12} {:>16}\n",
+                r["name"].as_str().unwrap_or("?"),
+                r["action"].as_str().unwrap_or("?"),
+                r["packets"],
+                r["bytes"]
+            ));
+        }
+    }
     print!("{out}");
     ExitCode::SUCCESS
 }

@@ -866,4 +866,89 @@ peek = { outbound = 2048, inbound = 0 }
         assert_eq!(c.rules.default_action, Action::Allow);
         assert!(c.rules.rules.is_empty());
     }
+
+    #[test]
+    fn packet_filter_and_packet_rules_load_in_order_with_their_coverage() {
+        let c = load_str(
+            r#"
+queues = 2
+
+[packet_filter]
+interfaces = ["tun*", "wg0"]
+directions = ["inbound", "outbound"]
+queues = 3
+max_delayed = 100
+max_delay = "2s"
+on_delay_timeout = "allow"
+
+[[packet_rule]]
+name = "allow-dns-in-tunnel"
+interface = "tun*"
+direction = "outbound"
+protocol = "udp"
+remote = ["192.0.2.53", "2001:db8::53"]
+action = "allow"
+
+[[packet_rule]]
+name = "cut-wg"
+interface = "wg*"
+direction = "any"
+action = "drop"
+"#,
+        )
+        .expect("valid config");
+        let p = &c.packet;
+        assert_eq!(p.queues, 3);
+        assert_eq!((p.max_delayed, p.max_delay, p.expired_accept), (100, Duration::from_secs(2), true));
+        assert!(p.filter_directions.contains(PacketDirection::Inbound));
+        assert!(!p.filter_directions.contains(PacketDirection::Forwarded));
+        let names: Vec<&str> = p.rules.rules.iter().map(|r| &*r.name).collect();
+        assert_eq!(names, ["allow-dns-in-tunnel", "cut-wg"]);
+        assert_eq!(p.rules.rules[0].remote.len(), 2);
+        assert_eq!(p.rules.rules[0].action, PacketRuleAction::Allow);
+        assert_eq!(p.rules.rules[1].directions, Directions::ALL);
+        // Coverage: the filter's interfaces in its directions, and each rule's interface in the
+        // rule's directions, merged per glob.
+        let covered = p.covered();
+        let get = |g: &str| covered.iter().find(|(x, _)| x.as_deref() == Some(g)).map(|(_, d)| *d);
+        assert_eq!(get("tun*"), Some(Directions::NONE.with(PacketDirection::Inbound).with(PacketDirection::Outbound)));
+        assert_eq!(get("wg0"), Some(Directions::NONE.with(PacketDirection::Inbound).with(PacketDirection::Outbound)));
+        assert_eq!(get("wg*"), Some(Directions::ALL));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // Without either, the packet stage covers nothing.
+        assert!(load_str("").expect("empty").packet.covered().is_empty());
+    }
+
+    #[test]
+    fn packet_config_errors_name_the_field() {
+        let e = err("[packet_filter]\ndirections = [\"inbound\"]\n");
+        assert_eq!(e.field.as_deref(), Some("packet_filter.interfaces"));
+        let e = err("[packet_filter]\ninterfaces = [\"tun*\"]\ndirections = [\"sideways\"]\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("packet_filter.directions")));
+        let e = err("[packet_filter]\ninterfaces = [\"tun*\"]\nmax_delay = \"soon\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("packet_filter.max_delay")));
+        let e = err("[packet_filter]\ninterfaces = [\"tun*\"]\nqueue = 2\n");
+        assert!(e.message.contains("queue"), "{e}");
+        let e = err("[[packet_rule]]\nname = \"x\"\ninterface = \"tun0\"\naction = \"inspect\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(4), Some("action")));
+        let e = err("[[packet_rule]]\nname = \"x\"\ninterface = \"tun0\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(1), Some("action")));
+        let e =
+            err("[[packet_rule]]\nname = \"x\"\ninterface = \"tun0\"\nremote = \"192.0.2.300\"\naction = \"drop\"\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(4), Some("remote")));
+        let e = err(
+            "[[packet_rule]]\nname = \"x\"\ninterface = \"a\"\naction = \"drop\"\n[[packet_rule]]\nname = \"x\"\ninterface = \"b\"\naction = \"drop\"\n",
+        );
+        assert!(e.message.contains("already used"), "{e}");
+        let e = err("first_queue = 65534\nqueues = 1\n[packet_filter]\ninterfaces = [\"tun*\"]\nqueues = 4\n");
+        assert_eq!(e.field.as_deref(), Some("packet_filter.queues"));
+    }
+
+    #[test]
+    fn a_packet_rule_without_an_interface_is_warned_about() {
+        let c = load_str("[[packet_rule]]\nname = \"all\"\nprotocol = \"udp\"\naction = \"drop\"\n").expect("valid");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].message.contains("every packet of every interface"), "{}", c.warnings[0]);
+        assert_eq!(c.packet.covered(), [(None, Directions::ALL)]);
+    }
 }

@@ -1792,6 +1792,10 @@ fn a_packet_rule_cuts_a_tunnel_off_at_once_while_other_interfaces_go_on() {
         .unwrap_or(0);
     assert!(tun_dropped >= 2, "{ps}");
     assert!(ps["interfaces"].as_array().is_some_and(|a| a.iter().all(|i| i["name"] == "tun0")), "{ps}");
+    let human = d.flowgate(&["stats", "--run-dir", &d.run_dir()]);
+    let human = String::from_utf8_lossy(&human.stdout).to_string();
+    assert!(human.contains("packet rules:") && human.contains("cut-tunnels"), "{human}");
+    assert!(human.contains("packet stage, per interface:") && human.contains("tun0"), "{human}");
     let ev = d.stop();
     // A packet the packet stage drops never reaches the flow stage: the refused connection
     // never became a flow there.

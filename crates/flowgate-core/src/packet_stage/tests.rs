@@ -348,3 +348,18 @@ fn release_all_gives_every_delayed_packet_the_same_fate() {
     assert!(r.iter().all(|(_, accept)| !accept));
     assert_eq!(s.poll_timeout(), None);
 }
+
+#[test]
+fn the_filter_coverage_can_change_through_the_handle() {
+    let mut s = stage(vec![], filtered(&["tun*"]));
+    let seen = scripted(&mut s, |_| PacketVerdict::Drop);
+    let p = udp("198.51.100.1", "203.0.113.10", b"x");
+    assert_eq!(s.handle_packet(ms(0), Some("wg0"), OUT, &p), PacketAction::Accept);
+    assert_eq!(s.handle_packet(ms(1), Some("tun0"), OUT, &p), PacketAction::Drop);
+    let wg = vec![parse_interface("wg*").expect("glob")];
+    s.handle().set_filter_coverage(wg, Directions::NONE.with(OUT)).expect("alive");
+    assert_eq!(s.handle_packet(ms(2), Some("wg0"), OUT, &p), PacketAction::Drop);
+    assert_eq!(s.handle_packet(ms(3), Some("wg0"), IN, &p), PacketAction::Accept, "not its direction");
+    assert_eq!(s.handle_packet(ms(4), Some("tun0"), OUT, &p), PacketAction::Accept, "no longer covered");
+    assert_eq!(seen.lock().expect("seen").len(), 2);
+}
