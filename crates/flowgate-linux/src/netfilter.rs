@@ -416,14 +416,7 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
     let mark = |value: u32| format!("{value:#x}/{:#x}", marks::VERDICT);
     let (allow, reject, drop) = (mark(marks::ALLOW), mark(marks::REJECT), mark(marks::DROP));
     let (first, last) = (*spec.queues.start(), *spec.queues.end());
-    let mut queue = if first == last {
-        format!("-j NFQUEUE --queue-num {first}")
-    } else {
-        format!("-j NFQUEUE --queue-balance {first}:{last}")
-    };
-    if spec.fail_open {
-        queue.push_str(" --queue-bypass");
-    }
+    let queue = queue_target(&spec.queues, spec.fail_open);
 
     let mut text = String::from("*filter\n");
     for hook in &HOOKS {
@@ -504,18 +497,25 @@ pub fn packet_ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
     text
 }
 
-/// The `-A` lines of the packet stage's chains.
-fn packet_rules_text(spec: &ChainSpec) -> String {
-    let p = &spec.packet;
-    let (first, last) = (*p.queues.start(), *p.queues.end());
+/// The NFQUEUE target for a range of queues: one queue, or balanced over several; with
+/// `--queue-bypass` when failing open.
+fn queue_target(queues: &RangeInclusive<u16>, fail_open: bool) -> String {
+    let (first, last) = (*queues.start(), *queues.end());
     let mut queue = if first == last {
         format!("-j NFQUEUE --queue-num {first}")
     } else {
         format!("-j NFQUEUE --queue-balance {first}:{last}")
     };
-    if spec.fail_open {
+    if fail_open {
         queue.push_str(" --queue-bypass");
     }
+    queue
+}
+
+/// The `-A` lines of the packet stage's chains.
+fn packet_rules_text(spec: &ChainSpec) -> String {
+    let p = &spec.packet;
+    let queue = queue_target(&p.queues, spec.fail_open);
     let mut text = String::new();
     let mut lo_exempt = [false; 3];
     for i in &p.interfaces {

@@ -12,7 +12,6 @@
 //! packet gets the fail mode's verdict.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -23,11 +22,11 @@ use flowgate_core::rules::InterfaceGlob;
 use flowgate_core::{PacketAction, PacketDirection, PacketHandle, PacketId, PacketStage};
 use flowgate_linux::ifname::IfNames;
 use flowgate_linux::nfqueue::{Queue, Verdict};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::eventfd::EventFd;
 use serde::Serialize;
 
 use super::clock::Clock;
+use super::shard::{join_worker, spawn_worker, wait_for_work, wake_fd};
 
 /// Netfilter hook numbers as NFQUEUE reports them.
 const HOOK_LOCAL_IN: u8 = 1;
@@ -72,7 +71,7 @@ pub(crate) struct PacketLinks {
 
 impl PacketShard {
     pub(crate) fn start(queue: Queue, mut stage: PacketStage, links: PacketLinks) -> std::io::Result<PacketShard> {
-        let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
+        let wake = wake_fd()?;
         let waker = wake.clone();
         stage.set_waker(move || {
             let _ = waker.write(1);
@@ -83,25 +82,13 @@ impl PacketShard {
         let num = queue.num();
         let stats = Arc::new(Mutex::new(PacketWorkerStats { queue: num, ..PacketWorkerStats::default() }));
         let worker = PacketWorker { queue, stage, links, wake: wake.clone(), stats: stats.clone(), faults_said: None };
-        let thread = std::thread::Builder::new().name(format!("flowgate-p{num}")).spawn(move || {
-            super::foreground();
-            let result = worker.run();
-            if let Err(e) = &result {
-                eprintln!("flowgate: packet queue {num} worker stopped: {e}");
-            }
-            result
-        })?;
+        let thread = spawn_worker(format!("flowgate-p{num}"), format!("packet queue {num}"), move || worker.run())?;
         Ok(PacketShard { handle, stats, wake, thread: Some(thread) })
     }
 
     /// Wakes the worker (after the stop flag was set) and waits for it to finish.
     pub(crate) fn join(mut self) -> Result<(), String> {
-        let _ = self.wake.write(1);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err("a packet queue worker panicked".into()),
-            None => Ok(()),
-        }
+        join_worker(&self.wake, self.thread.take(), "packet queue")
     }
 }
 
@@ -128,22 +115,8 @@ impl PacketWorker {
                 .stage
                 .poll_timeout()
                 .map_or(Duration::from_secs(1), |t| t.saturating_since(now).min(Duration::from_secs(1)));
-            let woken = {
-                let mut fds = [
-                    PollFd::new(self.queue.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
-                ];
-                let ms = if wait.is_zero() { 0 } else { wait.as_micros().div_ceil(1000) };
-                let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-                match poll(&mut fds, timeout) {
-                    Ok(_) => fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)),
-                    Err(nix::errno::Errno::EINTR) => false,
-                    Err(e) => return Err(format!("packet queue {num}: poll failed: {e}")),
-                }
-            };
-            if woken {
-                let _ = self.wake.read();
-            }
+            wait_for_work(&self.queue, &self.wake, wait)
+                .map_err(|e| format!("packet queue {num}: poll failed: {e}"))?;
             let now = self.links.clock.now();
             self.stage.handle_timeout(now);
             // The globs are read once per wake-up; a reload changes them rarely.

@@ -69,6 +69,63 @@ pub(crate) fn verdict_for(d: &Decision, current_mark: u32, owner: u32) -> Option
     }
 }
 
+/// An eventfd that wakes a worker from its `poll(2)`, non-blocking.
+pub(crate) fn wake_fd() -> std::io::Result<Arc<EventFd>> {
+    Ok(Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?))
+}
+
+/// Waits up to `wait` until `queue` has packets or `wake` rang; whether it rang (and if so, it
+/// is read, so it can ring again).
+pub(crate) fn wait_for_work(queue: &Queue, wake: &EventFd, wait: Duration) -> Result<bool, nix::errno::Errno> {
+    let rang = {
+        let mut fds = [PollFd::new(queue.as_fd(), PollFlags::POLLIN), PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+        // Round up: a timer due in 0.4 ms must not become a busy loop of zero waits.
+        let ms = if wait.is_zero() { 0 } else { wait.as_micros().div_ceil(1000) };
+        let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(_) => fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)),
+            Err(nix::errno::Errno::EINTR) => false,
+            Err(e) => return Err(e),
+        }
+    };
+    if rang {
+        let _ = wake.read();
+    }
+    Ok(rang)
+}
+
+/// Starts a worker thread named `name` at foreground priority. A worker that fails says so at
+/// once (`what` names it): until shutdown nobody else would notice that its packets now go
+/// unjudged (fail-open) or stall (fail-closed).
+pub(crate) fn spawn_worker(
+    name: String,
+    what: String,
+    run: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> std::io::Result<JoinHandle<Result<(), String>>> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        super::foreground();
+        let result = run();
+        if let Err(e) = &result {
+            eprintln!("flowgate: {what} worker stopped: {e}");
+        }
+        result
+    })
+}
+
+/// Wakes a worker (after the stop flag was set) and waits for it to finish.
+pub(crate) fn join_worker(
+    wake: &EventFd,
+    thread: Option<JoinHandle<Result<(), String>>>,
+    what: &str,
+) -> Result<(), String> {
+    let _ = wake.write(1);
+    match thread.map(JoinHandle::join) {
+        Some(Ok(r)) => r,
+        Some(Err(_)) => Err(format!("a {what} worker panicked")),
+        None => Ok(()),
+    }
+}
+
 /// A worker's counters, as `flowgate stats` shows them.
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct WorkerStats {
@@ -111,7 +168,7 @@ pub(crate) struct Links {
 impl Shard {
     /// Starts a worker for `queue`, driving `engine`.
     pub(crate) fn start(queue: Queue, mut engine: Engine, links: Links) -> std::io::Result<Shard> {
-        let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
+        let wake = wake_fd()?;
         let waker = wake.clone();
         engine.set_waker(move || {
             // A full counter still wakes the poll; nothing to do on error.
@@ -137,27 +194,13 @@ impl Shard {
             faults_unsaid: 0,
             drops_said: None,
         };
-        let thread = std::thread::Builder::new().name(format!("flowgate-q{num}")).spawn(move || {
-            super::foreground();
-            let result = worker.run();
-            // Say so at once: until shutdown nobody else would notice that this queue's flows
-            // now go unjudged (fail-open) or stall (fail-closed).
-            if let Err(e) = &result {
-                eprintln!("flowgate: queue {num} worker stopped: {e}");
-            }
-            result
-        })?;
+        let thread = spawn_worker(format!("flowgate-q{num}"), format!("queue {num}"), move || worker.run())?;
         Ok(Shard { handle, stats, wake, thread: Some(thread) })
     }
 
     /// Wakes the worker (after the stop flag was set) and waits for it to finish.
     pub(crate) fn join(mut self) -> Result<(), String> {
-        let _ = self.wake.write(1);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err("a queue worker panicked".into()),
-            None => Ok(()),
-        }
+        join_worker(&self.wake, self.thread.take(), "queue")
     }
 }
 
@@ -195,23 +238,7 @@ impl Worker {
             if self.pending.is_some() {
                 wait = wait.min(Duration::from_millis(1));
             }
-            let ready = {
-                let mut fds = [
-                    PollFd::new(self.queue.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
-                ];
-                // Round up: a timer due in 0.4 ms must not become a busy loop of zero waits.
-                let ms = if wait.is_zero() { 0 } else { wait.as_micros().div_ceil(1000) };
-                let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-                match poll(&mut fds, timeout) {
-                    Ok(_) => fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)),
-                    Err(nix::errno::Errno::EINTR) => false,
-                    Err(e) => return Err(format!("queue {num}: poll failed: {e}")),
-                }
-            };
-            if ready {
-                let _ = self.wake.read();
-            }
+            wait_for_work(&self.queue, &self.wake, wait).map_err(|e| format!("queue {num}: poll failed: {e}"))?;
             let now = self.links.clock.now();
             self.engine.handle_commands(now);
             for _ in 0..RECV_ROUNDS {
