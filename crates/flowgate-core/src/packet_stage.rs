@@ -627,10 +627,7 @@ impl PacketStage {
                 // Each packet shown to the filter has an id of its own, for a later release.
                 let id = PacketId(self.next_packet_id);
                 self.next_packet_id += self.config.packet_id_step.max(1);
-                let name = &self.interfaces[i].name;
-                let iface = (**name != *OTHER_INTERFACES).then(|| name.clone());
-                let ctx = PacketContext { id, interface: iface.as_deref(), direction, bytes };
-                match self.call_filter(&ctx) {
+                match self.call_filter(i, id, direction, bytes) {
                     PacketVerdict::Allow => PacketAction::Accept,
                     PacketVerdict::Drop => PacketAction::Drop,
                     PacketVerdict::Delay => self.delay(now, id),
@@ -667,10 +664,15 @@ impl PacketStage {
         PacketAction::Hold(id)
     }
 
-    fn call_filter(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict {
+    /// Asks the product's filter about a packet of interface record `i`; faults give the fail
+    /// mode's verdict.
+    fn call_filter(&mut self, i: usize, id: PacketId, direction: PacketDirection, bytes: &[u8]) -> PacketVerdict {
         let Some(mut filter) = self.filter.take() else { return PacketVerdict::Allow };
+        // The name is lent, not cloned: nothing is counted or allocated per packet here.
+        let name: &str = &self.interfaces[i].name;
+        let ctx = PacketContext { id, interface: (name != OTHER_INTERFACES).then_some(name), direction, bytes };
         let started = self.stopwatch.as_ref().map(|s| s());
-        let result = catch_unwind(AssertUnwindSafe(|| filter.packet(ctx)));
+        let result = catch_unwind(AssertUnwindSafe(|| filter.packet(&ctx)));
         let took = started.and_then(|t0| self.stopwatch.as_ref().map(|s| s().saturating_sub(t0)));
         let fault = match (&result, took) {
             (Err(payload), _) => Some(FaultKind::Panic(crate::engine::panic_message(&**payload))),
