@@ -1693,6 +1693,8 @@ impl flowgate_core::PacketFilter for DelaysData {
             .ok()
             .and_then(|s| match s.transport {
                 Some(etherparse::TransportSlice::Tcp(t)) => Some(!t.payload().is_empty()),
+                // A datagram saying "hold" is data to delay too; any other datagram passes.
+                Some(etherparse::TransportSlice::Udp(u)) => Some(u.payload().starts_with(b"hold")),
                 _ => None,
             })
             .unwrap_or(false);
@@ -1745,6 +1747,25 @@ fn delayed_packets_are_released_later_and_the_connection_keeps_its_bytes() {
         back
     });
     assert!(back == data, "the bytes came back intact and in order");
+    // A delayed packet holds up no other packet of its queue: a datagram sent after a delayed
+    // one (same addresses, so the same queue) arrives first.
+    let receiver = lab.srv.in_ns(|| {
+        let r = UdpSocket::bind("192.0.2.2:9009").expect("bind");
+        r.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        r
+    });
+    lab.host.in_ns(|| {
+        let s = UdpSocket::bind("192.0.2.1:0").expect("bind");
+        s.send_to(b"hold me", "192.0.2.2:9009").expect("send");
+        s.send_to(b"go", "192.0.2.2:9009").expect("send");
+    });
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        let mut b = [0u8; 16];
+        let n = receiver.recv(&mut b).expect("both datagrams arrive");
+        order.push(String::from_utf8_lossy(&b[..n]).to_string());
+    }
+    assert_eq!(order, ["go", "hold me"], "the later datagram passed the delayed one");
     let stats = embedded_stats(&lab, &dir);
     let total = &stats["packet_stage"]["total"];
     assert!(total["delayed"].as_u64().is_some_and(|n| n >= 10), "{total}");
