@@ -1,27 +1,32 @@
 //! The engine as a state machine: `Engine::handle_packet` fed a sequence of packets, with time
-//! passing, timers firing, provider verdicts, handle commands (updates, resumes, releases,
-//! listings, verdict changes by selector), kernel reports and syncs, adoptions and reloads, all
-//! chosen by the input.
+//! passing, timers firing, flow filter verdicts, handle commands (updates, resumes, listings,
+//! verdict changes by selector), kernel reports and syncs, adoptions and reloads, all chosen by
+//! the input. (Single packets are judged by the packet stage, which has a target of its own:
+//! `packet_stage`.)
 //!
-//! Input: a settings byte (engine config), a script for the providers (length byte, bytes: the
-//! verdicts the flow and packet filters give, in order), then operations (see `Op`). Packets are
+//! Input: a settings byte (engine config), a second one (flow ids, rule set; its bit 0x40, which
+//! once turned on a packet filter, is ignored), a script for the flow filter (length byte,
+//! bytes: the verdicts it gives, in order), then operations (see `Harness::op`). Packets are
 //! either raw bytes or built from a compact description over a few hosts and ports, so flows
 //! meet, reuse 4-tuples, close and reopen.
 //!
 //! Checked after every operation (documented invariants):
 //! - every live flow has exactly one timer (`engine/timers.rs`): `timers == flows`;
-//! - held packets: every `PacketAction::Hold` id is new, is released at most once, and until
-//!   then is counted in `footprint().held_packets`; held packets never exceed
-//!   `max_held_packets`; when the engine closes every flow, every packet a flow held is
-//!   released, and a packet filter's delayed packets go when the handle releases them;
+//! - held packets (those of a paused direction): every `PacketAction::Hold` names its flow, its
+//!   id is new, it is released exactly once (never a packet that was not held) and until then
+//!   is counted in `footprint().held_packets`; held packets never exceed `max_held_packets`; a
+//!   held packet's flow is live and paused (or dropped in its other direction: the flow's
+//!   verdict is `pause` or `drop`); when a flow closes, its held packets are released; when a
+//!   whole flow is resumed or updated to a verdict other than pause, its held packets are
+//!   released;
 //! - live flows never exceed `max_flows`; a flow's events begin with `flow.new`, end with one
 //!   `flow.closed`, and a closed flow is no longer listed; a decision names a live flow;
-//! - after `close_all`: no flow, timer, held packet or retired flow is left.
+//! - after `close_all`: no flow, timer, held packet or retired flow is left, and every held
+//!   packet was released.
 #![no_main]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant as StdInstant};
 
@@ -30,7 +35,7 @@ use flowgate_core::rules::matcher::CompiledRules;
 use flowgate_core::{
     CloseReason, DataVerdict, Direction, Engine, EngineConfig, EventKind, Existing, Flow, FlowFilter, FlowId,
     FlowVerdict, Handle, Instant, KernelReport, KernelState, KernelSync, NewFlowVerdict, Origin, PacketAction,
-    PacketContext, PacketFilter, PacketMeta, PacketVerdict, Protocol, Selector, Timeouts,
+    PacketMeta, Protocol, Selector, Timeouts,
 };
 use flowgate_fuzz::Input;
 use libfuzzer_sys::fuzz_target;
@@ -99,7 +104,8 @@ const HOSTS_V6: [[u8; 16]; 3] = [
 const PORTS: [u16; 6] = [80, 443, 53, 23, 40000, 40001];
 const INTERFACES: [Option<&str>; 4] = [None, Some("eth0"), Some("tun0"), Some("wg-vpn")];
 
-/// Provider verdicts come from the input, one byte per call; past its end everything is allowed.
+/// Flow filter verdicts come from the input, one byte per call; past its end everything is
+/// allowed.
 #[derive(Clone, Default)]
 struct Script(Arc<Mutex<VecDeque<u8>>>);
 
@@ -150,34 +156,13 @@ impl Filter {
     }
 }
 
-/// A packet filter that delays or drops some packets; it says whether its last answer was a
-/// delay, so the harness can tell its holds from a paused flow's.
-struct Packets {
-    script: Script,
-    delayed: Arc<AtomicBool>,
-}
-
-impl PacketFilter for Packets {
-    fn packet(&mut self, ctx: &PacketContext<'_>) -> PacketVerdict {
-        assert!(!ctx.bytes.is_empty());
-        let v = match self.script.next().map(|b| b % 8) {
-            Some(0) => PacketVerdict::Drop,
-            Some(1) => PacketVerdict::Delay,
-            _ => PacketVerdict::Allow,
-        };
-        self.delayed.store(v == PacketVerdict::Delay, Ordering::Relaxed);
-        v
-    }
-}
-
 struct Harness {
     engine: Engine,
     handle: Handle,
     now: Instant,
     config: EngineConfig,
-    delayed: Arc<AtomicBool>,
-    /// Held packet → held by the packet filter (true) or by its flow (false).
-    held: HashMap<u64, bool>,
+    /// Held packet → the flow that holds it.
+    held: HashMap<u64, FlowId>,
     released: HashSet<u64>,
     /// Flow ids that had `flow.new`, and those that had `flow.closed`.
     opened: HashSet<u64>,
@@ -241,18 +226,15 @@ impl Harness {
         };
         let rules = rule_sets()[usize::from(extra >> 4) % RULES.len()].clone();
         let mut engine = Engine::new(config.clone(), rules);
-        engine.set_flow_filter(Box::new(Filter(script.clone())));
-        let delayed = Arc::new(AtomicBool::new(false));
-        if extra & 0x40 != 0 {
-            engine.set_packet_filter(Box::new(Packets { script, delayed: delayed.clone() }));
-        }
+        // Bit 0x40 of `extra` turned on a packet filter before the packet stage took it over: it
+        // is ignored, so older inputs still mean what they did otherwise.
+        engine.set_flow_filter(Box::new(Filter(script)));
         let handle = engine.handle();
         Harness {
             engine,
             handle,
             now: Instant::from_micros(1_700_000_000_000_000),
             config,
-            delayed,
             held: HashMap::new(),
             released: HashSet::new(),
             opened: HashSet::new(),
@@ -268,12 +250,11 @@ impl Harness {
     fn packet(&mut self, meta: u8, bytes: &[u8]) {
         let origin = [Origin::Unknown, Origin::Output, Origin::Input, Origin::Forward][usize::from(meta & 3)];
         let interface = INTERFACES[usize::from(meta >> 2 & 3)];
-        self.delayed.store(false, Ordering::Relaxed);
         let d = self.engine.handle_packet(self.now, PacketMeta { interface, origin }, bytes);
         if let PacketAction::Hold(id) = d.action {
-            let by_filter = self.delayed.load(Ordering::Relaxed);
+            let flow = d.flow.unwrap_or_else(|| panic!("held packet {id:?} without a flow: {d:?}"));
             assert!(!self.held.contains_key(&id.0) && !self.released.contains(&id.0), "hold id {id:?} reused");
-            self.held.insert(id.0, by_filter);
+            self.held.insert(id.0, flow);
         }
         if let Some(flow) = d.flow {
             // Decisions name tracked flows, which are live until their close event is polled.
@@ -362,6 +343,8 @@ impl Harness {
     }
 
     fn op(&mut self, input: &mut Input<'_>) {
+        // A whole flow given a verdict other than pause: none of its packets may stay held.
+        let mut resumed = None;
         match input.u8() % 14 {
             0 => {
                 let meta = input.u8();
@@ -380,26 +363,36 @@ impl Harness {
             6 => {
                 let (f, v, d) = (input.u8(), input.u8(), input.u8());
                 if let Some(flow) = self.pick_flow(f) {
-                    if d & 0x80 != 0 {
-                        self.engine.update(self.now, flow.id, data_verdict(v), direction(d));
+                    let verdict = data_verdict(v);
+                    let (applied, whole) = if d & 0x80 != 0 {
+                        self.engine.update(self.now, flow.id, verdict, direction(d));
+                        (true, direction(d).is_none())
                     } else if d & 0x40 != 0 {
-                        let _ = self.handle.resume(flow.id, data_verdict(v));
+                        (self.handle.resume(flow.id, verdict).is_ok(), true)
                     } else {
-                        let _ = self.handle.update(flow.id, data_verdict(v), direction(d));
+                        (self.handle.update(flow.id, verdict, direction(d)).is_ok(), direction(d).is_none())
+                    };
+                    if applied && whole && verdict != DataVerdict::Pause {
+                        resumed = Some(flow.id);
                     }
                 }
                 self.engine.handle_commands(self.now);
             }
             7 => {
+                // Resume (allow) or drop the flow that holds one of the held packets. (These bytes
+                // once released packets a packet filter had delayed.)
                 let (which, accept) = (input.u8(), input.bool());
-                let mut filter_held: Vec<u64> = self.held.iter().filter(|(_, f)| **f).map(|(id, _)| *id).collect();
-                filter_held.sort_unstable();
-                if let Some(&id) = filter_held.get(usize::from(which) % filter_held.len().max(1)) {
-                    let _ = self.handle.release(flowgate_core::PacketId(id), accept);
+                let verdict = if accept { DataVerdict::Allow } else { DataVerdict::Drop };
+                let mut held: Vec<(u64, FlowId)> = self.held.iter().map(|(p, f)| (*p, *f)).collect();
+                held.sort_unstable();
+                if let Some(&(_, flow)) = held.get(usize::from(which) % held.len().max(1))
+                    && self.handle.resume(flow, verdict).is_ok()
+                {
+                    resumed = Some(flow);
                 }
-                // A stale or unknown id must be harmless too.
+                // A stale or unknown flow id must be harmless too.
                 if which & 0x80 != 0 {
-                    let _ = self.handle.release(flowgate_core::PacketId(u64::from(which)), accept);
+                    let _ = self.handle.resume(FlowId(u64::from(which)), verdict);
                 }
                 self.engine.handle_commands(self.now);
             }
@@ -540,6 +533,10 @@ impl Harness {
         }
         self.drain();
         self.check();
+        if let Some(flow) = resumed {
+            let still: Vec<u64> = self.held.iter().filter(|(_, f)| **f == flow).map(|(p, _)| *p).collect();
+            assert!(still.is_empty(), "{flow:?} was resumed or decided, yet still holds packets {still:?}");
+        }
     }
 
     fn drain(&mut self) {
@@ -585,20 +582,22 @@ impl Harness {
             assert!(self.opened.contains(&s.flow.id.0), "live flow without flow.new: {:?}", s.flow);
             assert!(!self.closed.contains(&s.flow.id.0), "closed flow still live: {:?}", s.flow);
         }
+        // A held packet waits for its flow's pause to end: the flow is live, and paused in at
+        // least one direction (its verdict, the most restrictive of the two, is pause or drop).
+        for (packet, flow) in &self.held {
+            assert!(!self.closed.contains(&flow.0), "packet {packet} still held after {flow:?} closed");
+            let status = live.iter().find(|s| s.flow.id == *flow);
+            let status = status.unwrap_or_else(|| panic!("packet {packet} held by {flow:?}, which is not live"));
+            assert!(
+                matches!(status.verdict, FlowVerdict::Pause | FlowVerdict::Drop),
+                "packet {packet} held by {flow:?}, whose verdict is {:?}",
+                status.verdict
+            );
+        }
     }
 
     fn finish(&mut self) {
         self.engine.close_all(self.now);
-        self.drain();
-        // What the packet filter delayed waits for the handle; release it.
-        let mut rest: Vec<u64> = self.held.keys().copied().collect();
-        rest.sort_unstable();
-        for id in rest {
-            assert!(self.held[&id], "packet {id} of a closed flow was never released");
-            let _ = self.handle.release(flowgate_core::PacketId(id), false);
-        }
-        self.engine.handle_commands(self.now);
-        self.engine.handle_commands(self.now);
         self.drain();
         let f = self.engine.footprint();
         assert_eq!((f.flows, f.timers, f.held_packets, f.retired), (0, 0, 0, 0), "left after close_all: {f:?}");

@@ -1,25 +1,37 @@
-//! The host's filter table as `iptables -S` lists it, read by `flowgate_linux::netfilter` to find
-//! and remove what a dead instance left: `netfilter::cleanup` (the first step of every start, and
-//! `flowgate cleanup`). The listing parser (`parse_listing`, `split_args`: quotes, escapes,
-//! `-j`/`-g` targets) is private; `cleanup` reaches it through `Tools`, whose programs are
-//! public paths: here, small shell scripts in a temporary directory. The `iptables` stand-in
-//! prints the input once (as the IPv4 listing; afterwards the table is clean), the `ip6tables`
-//! one an empty table, and the `iptables-restore` stand-ins record what they are fed and succeed
-//! or fail as the input's first byte says.
+//! The host's filter and mangle tables as `iptables -S` lists them, read by
+//! `flowgate_linux::netfilter` to find and remove what a dead instance left: `netfilter::cleanup`
+//! (the first step of every start, and `flowgate cleanup`). The listing parser
+//! (`parse_listing_of`, `split_args`: quotes, escapes, `-j`/`-g` targets) is private; `cleanup`
+//! reaches it through `Tools`, whose programs are public paths: here, small shell scripts in a
+//! temporary directory.
 //!
-//! Checks: no panic; what flowgate feeds `iptables-restore` only ever deletes jumps from the
-//! built-in chains OUTPUT, INPUT, FORWARD to flowgate's own chains, and flushes and deletes
-//! flowgate's own chains: whatever the host's listing holds (other chains, comments with quotes,
-//! rules that mention flowgate's names), no other rule can be touched; and every rule it deletes
-//! was in the listing.
+//! Input: a status byte (bit 0: `iptables-restore` fails), then UTF-8 text: the filter table's
+//! listing, and, after the first NUL byte, the mangle table's (no NUL: the mangle table is empty,
+//! so inputs from before the mangle chains mean what they meant). The `iptables` stand-in prints
+//! the listing of the table asked for with `-t` once (as the IPv4 listing; afterwards that table
+//! is clean), the `ip6tables` one empty tables, and the `iptables-restore` stand-ins record what
+//! they are fed and succeed or fail as the status byte says.
+//!
+//! Checks: no panic; what flowgate feeds `iptables-restore` is made of `*filter` and `*mangle`
+//! sections ending in `COMMIT`, and in each it only ever deletes jumps from the built-in chains
+//! OUTPUT, INPUT, FORWARD to flowgate's own chains of that table (filter: FLOWGATE-OUT/IN/FWD,
+//! mangle: FLOWGATE-PKT-OUT/IN/FWD) that are listed in that table, and flushes and deletes
+//! flowgate's own chains of that table: whatever the host's listings hold (other chains, comments
+//! with quotes, rules that mention flowgate's names, one table's chains named in the other), no
+//! other rule can be touched. And every flowgate chain a table's listing declares (`-N`) is
+//! flushed and deleted in that table.
 #![no_main]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use flowgate_linux::netfilter::{self, CHAIN_FWD, CHAIN_IN, CHAIN_OUT, Tools};
+use flowgate_linux::netfilter::{self, CHAIN_FWD, CHAIN_IN, CHAIN_OUT, PACKET_FWD, PACKET_IN, PACKET_OUT, Tools};
 use libfuzzer_sys::fuzz_target;
+
+/// The tables flowgate installs chains in, and its chains there.
+const TABLES: [(&str, [&str; 3]); 2] =
+    [("filter", [CHAIN_OUT, CHAIN_IN, CHAIN_FWD]), ("mangle", [PACKET_OUT, PACKET_IN, PACKET_FWD])];
 
 struct Fake {
     dir: PathBuf,
@@ -39,7 +51,14 @@ fn fake() -> &'static Fake {
             path
         };
         let d = dir.display();
-        let lister = script("iptables", format!("f={d}/listing\n[ -e $f ] && cat $f && rm -f $f\nexit 0\n"));
+        // `iptables -w -t TABLE -S`: that table's listing, once (the filter table without -t).
+        let lister = script(
+            "iptables",
+            format!(
+                "t=filter\nwhile [ $# -gt 0 ]; do [ \"$1\" = -t ] && t=$2; shift; done\n\
+                 f={d}/listing.$t\n[ -e $f ] && cat $f && rm -f $f\nexit 0\n"
+            ),
+        );
         let lister6 = script("ip6tables", "exit 0\n".into());
         let restore = script("iptables-restore", format!("cat >> {d}/restored\nexit $(cat {d}/status)\n"));
         Fake {
@@ -54,12 +73,9 @@ fn fake() -> &'static Fake {
     })
 }
 
-/// Whether `line` of a removal may be fed to iptables-restore, given the listing it came from.
-fn allowed(line: &str, listing: &str) -> bool {
-    let ours = [CHAIN_OUT, CHAIN_IN, CHAIN_FWD];
-    if line == "*filter" || line == "COMMIT" {
-        return true;
-    }
+/// Whether `line` of a removal may be fed to iptables-restore in the section of `table` (whose
+/// flowgate chains are `ours`), given that table's listing.
+fn allowed(line: &str, ours: &[&str; 3], listing: &str) -> bool {
     if let Some(chain) = line.strip_prefix("-F ").or_else(|| line.strip_prefix("-X ")) {
         return ours.contains(&chain);
     }
@@ -101,16 +117,64 @@ fn first_word(rule: &str) -> Option<String> {
     started.then_some(word)
 }
 
+/// Checks what was fed to iptables-restore against the listings (filter, mangle).
+fn check(fed: &str, listings: [&str; 2]) {
+    let show = || format!("fed:\n{fed}\nfilter listing:\n{}\nmangle listing:\n{}", listings[0], listings[1]);
+    // The table whose section a line is in.
+    let mut table: Option<usize> = None;
+    // Per table: the chains flushed and deleted.
+    let mut flushed: [Vec<&str>; 2] = Default::default();
+    let mut deleted: [Vec<&str>; 2] = Default::default();
+    for line in fed.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            assert!(table.is_none(), "table {line:?} opened inside another table's section\n{}", show());
+            let t = TABLES.iter().position(|(n, _)| *n == name);
+            assert!(t.is_some(), "cleanup would feed iptables-restore {line:?}\n{}", show());
+            table = t;
+            continue;
+        }
+        let Some(t) = table else { panic!("{line:?} outside a table's section\n{}", show()) };
+        if line == "COMMIT" {
+            table = None;
+            continue;
+        }
+        let (name, ours) = &TABLES[t];
+        assert!(
+            allowed(line, ours, listings[t]),
+            "cleanup would feed iptables-restore {line:?} in the {name} table\n{}",
+            show()
+        );
+        if let Some(chain) = line.strip_prefix("-F ") {
+            flushed[t].push(chain);
+        } else if let Some(chain) = line.strip_prefix("-X ") {
+            deleted[t].push(chain);
+        }
+    }
+    assert!(table.is_none(), "a section without COMMIT\n{}", show());
+    for (t, (name, ours)) in TABLES.iter().enumerate() {
+        for chain in ours {
+            let declared = listings[t].lines().any(|l| l.trim().strip_prefix("-N ").map(str::trim) == Some(*chain));
+            if declared {
+                assert!(
+                    flushed[t].contains(chain) && deleted[t].contains(chain),
+                    "{chain} is declared in the {name} table but not flushed and deleted there\n{}",
+                    show()
+                );
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
-    let Some((&status, listing)) = data.split_first() else { return };
-    let Ok(listing) = std::str::from_utf8(listing) else { return };
+    let Some((&status, text)) = data.split_first() else { return };
+    let Ok(text) = std::str::from_utf8(text) else { return };
+    let (filter, mangle) = text.split_once('\0').unwrap_or((text, ""));
     let f = fake();
-    std::fs::write(f.dir.join("listing"), listing).expect("write the listing");
+    std::fs::write(f.dir.join("listing.filter"), filter).expect("write the filter listing");
+    std::fs::write(f.dir.join("listing.mangle"), mangle).expect("write the mangle listing");
     std::fs::write(f.dir.join("status"), if status & 1 == 0 { "0" } else { "4" }).expect("write the status");
     let _ = std::fs::remove_file(f.dir.join("restored"));
     let _ = netfilter::cleanup(&f.tools);
     let fed = std::fs::read_to_string(f.dir.join("restored")).unwrap_or_default();
-    for line in fed.lines() {
-        assert!(allowed(line, listing), "cleanup would feed iptables-restore {line:?}\nlisting:\n{listing}");
-    }
+    check(&fed, [filter, mangle]);
 });

@@ -118,6 +118,8 @@ def engine_seeds():
         for settings, extra, script, name in [
             (0x01, 0x00, b"", "allow"),
             (0x21, 0x11, b"\x03\x02\x00\x01", "offload-inspect"),
+            # (0x40 in the second byte turned on a packet filter that delayed packets; the packet
+            # stage has it now, and the engine target ignores the bit.)
             (0x9b, 0x62, b"\x04\x01\x09\x03\x01\x00", "pause-delay"),
         ]:
             ops = b"".join(raw(i & 7, 5, ip) for i, ip in enumerate(pk))
@@ -440,6 +442,99 @@ def netfilter_seeds():
     put("netfilter", "host-only", b"\0-P INPUT DROP\n-P FORWARD DROP\n-P OUTPUT ACCEPT\n-N DOCKER\n"
         b"-A INPUT -i lo -j ACCEPT\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
         b"-A FORWARD -o docker0 -j DOCKER\n")
+    # Both tables (the filter listing, a NUL, the mangle listing): the packet stage's chains as
+    # packet_ruleset_text installs them; and listings where each table names the other's chains,
+    # a host chain of the mangle table jumps to ours, and comments mention them.
+    mangle = ["-P PREROUTING ACCEPT", "-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT",
+              "-P POSTROUTING ACCEPT", "-N FLOWGATE-PKT-FWD", "-N FLOWGATE-PKT-IN", "-N FLOWGATE-PKT-OUT",
+              "-A INPUT -j FLOWGATE-PKT-IN", "-A FORWARD -j FLOWGATE-PKT-FWD", "-A OUTPUT -j FLOWGATE-PKT-OUT"]
+    q = "-j NFQUEUE --queue-balance 2:3 --queue-bypass"
+    mangle += ["-A FLOWGATE-PKT-OUT -o tun+ " + q, "-A FLOWGATE-PKT-IN -i tun+ " + q,
+               "-A FLOWGATE-PKT-FWD -i tun+ " + q, "-A FLOWGATE-PKT-FWD -o tun+ " + q,
+               "-A FLOWGATE-PKT-OUT -o lo -j RETURN", "-A FLOWGATE-PKT-OUT " + q]
+    put("netfilter", "installed-both-tables",
+        b"\0" + ("\n".join(installed) + "\n\0" + "\n".join(mangle) + "\n").encode())
+    put("netfilter", "mangle-only", b"\0-P OUTPUT ACCEPT\n\0" + ("\n".join(mangle) + "\n").encode())
+    crossed_filter = ("-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n-N FLOWGATE-PKT-OUT\n-N FLOWGATE-IN\n"
+                      "-A OUTPUT -j FLOWGATE-PKT-OUT\n-A INPUT -j FLOWGATE-IN\n-A INPUT -g FLOWGATE-PKT-IN\n")
+    crossed_mangle = ("-P PREROUTING ACCEPT\n-P OUTPUT ACCEPT\n-N FLOWGATE-OUT\n-N FLOWGATE-PKT-IN\n-N HOST-MARKS\n"
+                      "-A PREROUTING -j MARK --set-xmark 0x1/0xffffffff\n-A POSTROUTING -j FLOWGATE-PKT-OUT\n"
+                      "-A OUTPUT -j FLOWGATE-OUT\n-A OUTPUT -m comment --comment \"-j FLOWGATE-PKT-OUT\" -j HOST-MARKS\n"
+                      '-A INPUT -m comment --comment "a \\"b\\"" -j FLOWGATE-PKT-IN\n-A HOST-MARKS -j FLOWGATE-PKT-IN\n')
+    put("netfilter", "tables-crossed", b"\0" + (crossed_filter + "\0" + crossed_mangle).encode())
+    put("netfilter", "tables-crossed-restore-fails", b"\1" + (crossed_filter + "\0" + crossed_mangle).encode())
+
+
+# ---- packet stage -----------------------------------------------------------------------------
+
+def packet_stage_seeds():
+    # Framing: fuzz/fuzz_targets/packet_stage.rs. Settings c0 (max_delayed index | 0x08
+    # expired_accept | 0x10 fail open | 0x20 stopwatch | 0x40 no filter | 0x80 release_all
+    # accepts), c1 (max_delay index | first id << 3 | step << 5), c2 (filter globs: 1 tun*, 2 wg0,
+    # 4 *, 8 eth?, 16 tun0, 32 l?), c3 (filter directions: 1 in, 2 out, 4 forwarded, 0 all).
+    def header(c0, c1, c2, c3, rules=()):
+        return bytes([c0, c1, c2, c3, len(rules)]) + b"".join(bytes(r) for r in rules)
+
+    def rule(glob, dirs, proto, drop, remote=0, local=0):
+        # glob 0 none, 1..6 as above; proto 0 any, 1 tcp, 2 udp, 3 icmp, 4 GRE; networks 0 none,
+        # 2 192.0.2.0/24, 3 198.51.100.0/24, 4 10.0.0.0/8, 5 203.0.113.53/32, 6 0.0.0.0/0,
+        # 7 2001:db8::/32, 8 2001:db8:1::/48, 9 ::/0.
+        return (glob | dirs << 3, proto | (0x80 if drop else 0), remote | local << 4)
+
+    def meta(iface, direction):
+        # iface: 0 none, 1 tun0, 2 tun1, 3 wg0, 4 eth0, 5 lo; direction: 0 in, 1 out, 2 forwarded.
+        return iface | direction << 3
+
+    def built(m, verdict, dt, shape, hosts, extra):
+        # verdict % 8: 0 allow, 2 drop, 3 delay, 5 panic, 6 delay over budget, 7 allow at budget;
+        # 0x80: release from inside the call (0x40: accept). shape: 1 IPv6 | kind << 1 (0 TCP,
+        # 1 UDP, 2 echo request, 3 echo reply, 4 GRE, 5 damaged, 6 TCP SYN) | cut << 4.
+        return bytes([1, m, verdict, dt, shape, hosts, extra])
+
+    def raw(m, verdict, dt, data):
+        return bytes([0, m, verdict, dt]) + struct.pack("<H", len(data)) + data
+
+    out_tun = meta(1, 1)
+    # Every third echo in the tunnel dropped by the filter; other interfaces pass untouched.
+    ops = b"".join(built(out_tun, [0, 0, 2][i % 3], 10, 4, 0x36, 8) for i in range(9))
+    ops += built(meta(4, 1), 2, 10, 4, 0x36, 8) + built(meta(0, 2), 0, 10, 4, 0x36, 8)
+    put("packet_stage", "every-third-echo", header(0x35, 0x0c, 0x01, 0) + ops)
+    # Delays bounded in count (two) and time (500 ms): a third is dropped, one is released through
+    # the handle, one expires (accepted), then one left for release_all.
+    ops = (built(out_tun, 3, 0, 2, 0x09, 20) + built(out_tun, 3, 100, 2, 0x09, 20) + built(out_tun, 3, 100, 2, 0x09, 20)
+           + bytes([6, 0x41, 1]) + bytes([5, 50]) + bytes([4]) + struct.pack("<H", 600) + bytes([11])
+           + built(out_tun, 4, 10, 3, 0x19, 4) + built(meta(3, 0), 3, 10, 3, 0x19, 4))
+    put("packet_stage", "delays-bounded", header(0x3a, 0x0c, 0x03, 0x03) + ops)
+    # Packet rules: allow DNS to 203.0.113.53 in the tunnel, cut the rest of tun* (in and out);
+    # then the rules replaced through the handle, and directly, and the filter's coverage changed.
+    rules = [rule(1, 0, 2, False, remote=5), rule(1, 3, 0, True)]
+    ops = (built(out_tun, 0, 1, 2, 0x3d, 12) + built(out_tun, 0, 1, 2, 0x39, 12) + built(meta(2, 0), 0, 1, 0, 0x13, 0)
+           + built(meta(1, 2), 0, 1, 0, 0x13, 0) + built(meta(4, 1), 0, 1, 0, 0x13, 0)
+           + bytes([7, 1]) + bytes(rule(3, 0, 3, True, remote=6)) + built(out_tun, 3, 1, 4, 0x09, 4)
+           + built(meta(4, 1), 0, 1, 4, 0x09, 4) + bytes([9, 0x05, 0x02]) + built(meta(4, 1), 3, 1, 0, 0x09, 4)
+           + bytes([8, 0]) + bytes([9, 0x10, 0x81]) + built(out_tun, 3, 1, 2, 0x09, 4) + bytes([5, 0]))
+    put("packet_stage", "rules-cut-tunnel", header(0x25, 0x0c, 0x01, 0, rules) + ops)
+    # Unreadable packets: garbage, a cut IPv4 header, an IPv6 packet whose extension header chain
+    # is broken; a drop rule (TCP to 192.0.2.0/24) takes them, an allow rule (UDP) does not.
+    rules = [rule(0, 0, 2, False), rule(0, 0, 1, True, remote=2)]
+    ops = (raw(out_tun, 0, 1, b"\x45\x00\x00") + raw(out_tun, 0, 1, b"not even IP") + raw(meta(0, 0), 0, 1, b"")
+           + built(out_tun, 0, 1, 11, 0x2d, 4) + built(out_tun, 0, 1, 10, 0x00, 4) + built(out_tun, 0, 1, 0x22, 0x00, 30)
+           + built(meta(1, 0), 0, 1, 2, 0x01, 4) + built(meta(1, 2), 0, 1, 13, 0x26, 4))
+    put("packet_stage", "unreadable-packets", header(0x15, 0x0c, 0x01, 0, rules) + ops)
+    # A filter that panics, one over its budget (its delay not honoured), one just at it; fail
+    # closed, then a delay.
+    ops = (built(meta(4, 1), 5, 1, 2, 0x09, 4) + built(meta(4, 0), 6, 1, 2, 0x09, 4) + built(meta(4, 2), 7, 1, 2, 0x09, 4)
+           + built(meta(3, 1), 3, 1, 2, 0x09, 4) + built(meta(3, 1), 5, 1, 2, 0x09, 4) + bytes([11]))
+    put("packet_stage", "filter-faults", header(0x22, 0x0d, 0x04, 0) + ops)
+    # The filter releases what it delayed from inside its next calls; ids start at 3, step 2.
+    ops = b"".join(built(out_tun, v, 5, 2, 0x09, 4) for v in [3, 0x83, 0xc3, 0x80, 0xc0, 3])
+    ops += bytes([6, 0x80, 1]) + bytes([6, 0x45, 0]) + bytes([10, 1]) + built(out_tun, 3, 5, 2, 0x09, 4)
+    put("packet_stage", "release-inside-filter", header(0x86, 0x5b, 0x11, 0x02) + ops)
+    # No filter installed; packets of every interface and direction, the default rules empty.
+    ops = b"".join(built(meta(i, d), 3, 7, 1 + 2 * d, 0x1b, 9) for i in range(6) for d in range(3))
+    put("packet_stage", "no-filter", header(0x40, 0x33, 0x3f, 0) + ops)
+
+
 
 
 if __name__ == "__main__":
@@ -452,6 +547,7 @@ if __name__ == "__main__":
     sockdiag_seeds()
     control_seeds()
     netfilter_seeds()
+    packet_stage_seeds()
     for t in sorted(os.listdir(CORPUS)):
         d = os.path.join(CORPUS, t)
         files = os.listdir(d)
