@@ -56,7 +56,8 @@ use crate::verdict::{PacketAction, PacketId, PacketVerdict};
 pub const MAX_INTERFACES: usize = 1024;
 /// The name packets of interfaces past [`MAX_INTERFACES`] (or of no known interface) are
 /// counted under.
-pub const OTHER_INTERFACES: &str = "(other)";
+/// It has a space, which no interface name can have, so it never stands for a real interface.
+pub const OTHER_INTERFACES: &str = "(other interfaces)";
 /// Commands a [`PacketHandle`] can have in flight before `release` says the stage is busy.
 pub const PACKET_COMMAND_CAPACITY: usize = 65_536;
 /// Most provider faults kept for [`PacketStage::poll_fault`]; older ones are only counted.
@@ -603,16 +604,25 @@ impl PacketStage {
         self.interfaces[i].counters[d].packets += 1;
         self.interfaces[i].counters[d].bytes += len;
 
+        // The record stands for this very interface (its rules and coverage are cached there), or
+        // for many (an interface seen past MAX_INTERFACES shares the `(other interfaces)`
+        // record): then what applies is worked out from the real name, packet by packet, so no
+        // rule or filter ever stops applying because many interfaces came and went.
+        let cached = interface.is_none_or(|n| *self.interfaces[i].name == *n);
+        let candidates = if cached { self.interfaces[i].rules.len() } else { self.rules.rules.len() };
         let mut decided = None;
-        if !self.interfaces[i].rules.is_empty() {
+        if candidates > 0 {
             let (h, unparsable) = Header::read(bytes);
             if unparsable {
                 self.stats.unparsable += 1;
             }
-            for &r in &self.interfaces[i].rules {
-                let rule = &self.rules.rules[usize::from(r)];
-                if rule.matches(direction, &h) {
-                    let hits = &mut self.hits[usize::from(r)];
+            for k in 0..candidates {
+                let r = if cached { usize::from(self.interfaces[i].rules[k]) } else { k };
+                let rule = &self.rules.rules[r];
+                let on_interface =
+                    cached || rule.interface.as_ref().is_none_or(|g| interface.is_some_and(|n| g.matches(n)));
+                if on_interface && rule.matches(direction, &h) {
+                    let hits = &mut self.hits[r];
                     hits.0 += 1;
                     hits.1 += len;
                     decided = Some(rule.action);
@@ -620,14 +630,19 @@ impl PacketStage {
                 }
             }
         }
+        let filtered = if cached {
+            self.interfaces[i].filtered
+        } else {
+            interface.is_some_and(|n| self.config.filter_interfaces.iter().any(|g| g.matches(n)))
+        };
         let action = match decided {
             Some(PacketRuleAction::Drop) => PacketAction::Drop,
             Some(PacketRuleAction::Allow) => PacketAction::Accept,
-            None if self.interfaces[i].filtered && self.config.filter_directions.contains(direction) => {
+            None if filtered && self.config.filter_directions.contains(direction) => {
                 // Each packet shown to the filter has an id of its own, for a later release.
                 let id = PacketId(self.next_packet_id);
                 self.next_packet_id += self.config.packet_id_step.max(1);
-                match self.call_filter(i, id, direction, bytes) {
+                match self.call_filter(interface, id, direction, bytes) {
                     PacketVerdict::Allow => PacketAction::Accept,
                     PacketVerdict::Drop => PacketAction::Drop,
                     PacketVerdict::Delay => self.delay(now, id),
@@ -664,13 +679,17 @@ impl PacketStage {
         PacketAction::Hold(id)
     }
 
-    /// Asks the product's filter about a packet of interface record `i`; faults give the fail
-    /// mode's verdict.
-    fn call_filter(&mut self, i: usize, id: PacketId, direction: PacketDirection, bytes: &[u8]) -> PacketVerdict {
+    /// Asks the product's filter about a packet of `interface`; faults give the fail mode's
+    /// verdict.
+    fn call_filter(
+        &mut self,
+        interface: Option<&str>,
+        id: PacketId,
+        direction: PacketDirection,
+        bytes: &[u8],
+    ) -> PacketVerdict {
         let Some(mut filter) = self.filter.take() else { return PacketVerdict::Allow };
-        // The name is lent, not cloned: nothing is counted or allocated per packet here.
-        let name: &str = &self.interfaces[i].name;
-        let ctx = PacketContext { id, interface: (name != OTHER_INTERFACES).then_some(name), direction, bytes };
+        let ctx = PacketContext { id, interface, direction, bytes };
         let started = self.stopwatch.as_ref().map(|s| s());
         let result = catch_unwind(AssertUnwindSafe(|| filter.packet(&ctx)));
         let took = started.and_then(|t0| self.stopwatch.as_ref().map(|s| s().saturating_sub(t0)));

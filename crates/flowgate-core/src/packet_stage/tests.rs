@@ -363,3 +363,24 @@ fn the_filter_coverage_can_change_through_the_handle() {
     assert_eq!(s.handle_packet(ms(4), Some("tun0"), OUT, &p), PacketAction::Accept, "no longer covered");
     assert_eq!(seen.lock().expect("seen").len(), 2);
 }
+
+#[test]
+fn rules_and_the_filter_still_apply_to_interfaces_seen_past_the_bound() {
+    let cut = rule("cut", PacketRuleAction::Drop, |r| r.interface = Some(parse_interface("tun*").expect("glob")));
+    let mut s = stage(vec![cut], filtered(&["wg*"]));
+    let seen = scripted(&mut s, |_| PacketVerdict::Allow);
+    let p = udp("198.51.100.1", "203.0.113.10", b"x");
+    for i in 0..MAX_INTERFACES {
+        let _ = s.handle_packet(ms(0), Some(&format!("veth{i}")), IN, &p);
+    }
+    // Counted together with other late interfaces, but judged by their own names.
+    assert_eq!(s.handle_packet(ms(1), Some("tun9"), OUT, &p), PacketAction::Drop);
+    assert_eq!(s.handle_packet(ms(2), Some("eth9"), OUT, &p), PacketAction::Accept);
+    assert_eq!(s.handle_packet(ms(3), Some("wg7"), OUT, &p), PacketAction::Accept);
+    let seen = seen.lock().expect("seen").clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].1.as_deref(), Some("wg7"), "the filter is told the real name");
+    assert_eq!(s.rule_hits()[0].packets, 1);
+    let other = s.interface_stats().into_iter().find(|i| &*i.name == OTHER_INTERFACES).expect("other");
+    assert_eq!((other.counters.packets, other.counters.dropped), (3, 1));
+}
