@@ -361,8 +361,23 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     lab.host.run_ok(&["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
     lab.host.run_ok(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "69", "-j", "DROP"]);
     lab.host.run_ok(&["ip6tables", "-A", "FORWARD", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    // Tables with no rule and only ACCEPT policies filter nothing; flowgate leaves an empty
+    // mangle table where none was (iptables cannot delete a table).
     let rules = |cmd: &str| -> String {
-        lab.host.run_ok(&[cmd]).lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
+        let saved = lab.host.run_ok(&[cmd]);
+        let mut out = String::new();
+        for table in saved.split_inclusive("COMMIT\n") {
+            let lines: Vec<&str> = table.lines().filter(|l| !l.starts_with('#')).collect();
+            let empty = lines.iter().all(|l| {
+                l.starts_with('*')
+                    || *l == "COMMIT"
+                    || (l.starts_with(':') && l.split_whitespace().nth(1) == Some("ACCEPT"))
+            });
+            if !empty {
+                lines.iter().for_each(|l| out.push_str(&format!("{l}\n")));
+            }
+        }
+        out
     };
     let before4 = rules("iptables-save");
     let before6 = rules("ip6tables-save");
