@@ -25,6 +25,10 @@ use crate::replay;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// The most verbose daemon diagnostics shown on stderr (not flow events): off, error, warn,
+    /// info, debug or trace. Under systemd each line carries its journal priority.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "info", value_parser = crate::diag::parse_level)]
+    pub log_level: log::LevelFilter,
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,6 +187,7 @@ pub fn main() -> ExitCode {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    crate::diag::init(cli.log_level);
     match cli.command {
         Command::Rules { command: RulesCommand::Check { file, json, strict } } => rules_check(&file, json, strict),
         Command::Replay { capture, config, json } => replay_cmd(&capture, config.as_deref(), json),
@@ -213,7 +218,7 @@ fn run_cmd(path: Option<&Path>) -> ExitCode {
         },
     };
     for w in &config.warnings {
-        eprintln!("{w}");
+        log::warn!("{w}");
     }
     match crate::daemon::run(&config) {
         Ok(()) => ExitCode::SUCCESS,

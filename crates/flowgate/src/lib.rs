@@ -9,5 +9,6 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod diag;
 pub mod protocol;
 pub mod replay;
