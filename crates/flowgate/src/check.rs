@@ -1082,7 +1082,10 @@ fn probe_nfqueue(found: &Found, tables_work: bool) -> (Feature, Vec<ProbeFlow>) 
         match flow.receiver.recv(&mut buf) {
             Ok(n) if buf.get(..n) == Some(marker.as_bytes()) => {}
             Ok(_) => {
-                return (Feature::missing(Id::Nfqueue, format!("{}: a different datagram arrived", flow.family)), flows);
+                return (
+                    Feature::missing(Id::Nfqueue, format!("{}: a different datagram arrived", flow.family)),
+                    flows,
+                );
             }
             Err(e) => {
                 let detail =
@@ -1158,8 +1161,8 @@ fn probe_conntrack(ct: &mut Conntrack, events: &mut Conntrack, flows: &[ProbeFlo
     Feature::ok(Id::Conntrack, format!("ctnetlink: the probe flow's entry was announced, dumped{counters} and marked"))
 }
 
-/// `sock_diag` and `sock_destroy`, on a loopback TCP connection: the dump lists it, and
-/// destroying the client's socket makes its next read fail with `ECONNABORTED`.
+/// `sock_diag` and `sock_destroy`, on a loopback TCP connection and a UDP socket: the dumps list
+/// them, and destroying the TCP client's socket makes its next read fail with `ECONNABORTED`.
 fn probe_sockets() -> [Feature; 2] {
     let made = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| {
         let client = TcpStream::connect(l.local_addr()?)?;
@@ -1202,7 +1205,22 @@ fn probe_sockets() -> [Feature; 2] {
             not_probed(),
         ];
     }
-    let listing = Feature::ok(Id::SockDiag, "a TCP socket dump lists the probe's loopback connection");
+    // UDP sockets come from a module of their own (udp_diag), and the daemon lists them too.
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|u| u.local_addr().map(|a| (u, a)));
+    let listing = match udp {
+        Err(e) => Feature::unknown(Id::SockDiag, format!("TCP sockets are listed; UDP not probed: a UDP socket: {e}")),
+        Ok((_socket, bound)) => {
+            let mut listed = false;
+            match diag.dump(sockdiag::UDP, sockdiag::state::UDP_ALL, |s| listed |= s.local == bound) {
+                Ok(()) if listed => Feature::ok(
+                    Id::SockDiag,
+                    "TCP and UDP socket dumps list the probe's loopback connection and UDP socket",
+                ),
+                Ok(()) => Feature::missing(Id::SockDiag, "a UDP socket dump does not list the probe's UDP socket"),
+                Err(e) => Feature::missing(Id::SockDiag, format!("listing UDP sockets failed: {e}")),
+            }
+        }
+    };
     let destroyed = match diag.destroy_matching(sockdiag::TCP, local, remote) {
         Ok(1) => {
             let mut buf = [0u8; 1];
