@@ -418,10 +418,13 @@ pub fn command(config_path: Option<&Path>, json: bool) -> ExitCode {
         None => config::Live::default().run_dir,
     };
     let report = probe(&Options::from_env(run_dir));
-    if json {
-        println!("{}", report.json());
-    } else {
-        print!("{}", report.text());
+    let mut stdout = io::stdout().lock();
+    let printed = if json { writeln!(stdout, "{}", report.json()) } else { write!(stdout, "{}", report.text()) };
+    // A reader that stopped early (`| head`) is not worth a message; the status still tells.
+    if let Err(e) = printed.and_then(|()| stdout.flush())
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing the report: {e}");
     }
     ExitCode::from(report.exit_code())
 }
