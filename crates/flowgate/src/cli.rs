@@ -4,7 +4,7 @@
 //! happens; every failure prints one message naming what was wrong and where, and exits
 //! non-zero. Subcommands: `run` (the daemon); `flows`, `block`, `allow`, `reload` (talk to a
 //! running daemon over its control socket); `cleanup` (after a killed daemon); `rules check`;
-//! `replay`.
+//! `replay`; `check` (what this host's kernel offers, before anything is installed: `check.rs`).
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -93,6 +93,17 @@ pub enum Command {
     Cleanup {
         #[command(flatten)]
         target: DaemonTarget,
+    },
+    /// Tell which kernel features this host has and what each missing one costs, before
+    /// anything is installed (probes run in a private network namespace; the host is left as it
+    /// was). Exit status 0 when `flowgate run` can filter, 1 when it cannot, 2 on usage errors.
+    Check {
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The config `flowgate run` would use (for its run_dir).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Work with rule files.
     Rules {
@@ -198,6 +209,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Block { select, target } => verdict_cmd("block", &select, &target),
         Command::Allow { select, target } => verdict_cmd("allow", &select, &target),
         Command::Reload { target } => reload_cmd(&target),
+        Command::Check { json, config } => crate::check::command(config.as_deref(), json),
     }
 }
 
