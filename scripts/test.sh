@@ -22,6 +22,10 @@ command -v conntrack >/dev/null || need+=(conntrack)
 command -v ping >/dev/null || need+=(iputils-ping)
 # A C++ compiler: libfuzzer-sys builds libFuzzer for the fuzz smoke run (fuzz/README.md).
 command -v c++ >/dev/null || need+=(g++)
+# Event formats (crates/flowgate/tests/event_formats.rs): a JSON Schema validator, and pip for
+# the Python modules below.
+/usr/bin/python3 -c 'import jsonschema' 2>/dev/null || need+=(python3-jsonschema)
+/usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2
@@ -31,6 +35,17 @@ if ((${#need[@]})); then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+# Python modules from PyPI, pinned, for the event-format tests: the Community ID reference
+# implementation and the OCSF schemas (1.0.0-1.8.0) as JSON Schema. Neither has dependencies.
+if ! /usr/bin/python3 -c 'import communityid, ocsf_json_schema' 2>/dev/null; then
+    /usr/bin/python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+        --break-system-packages communityid==1.5.0 ocsf-json-schema==1.2.0
+fi
+
+# Suricata's EVE schema, for the EVE records' validation: fetched from Debian's source package
+# of Suricata (not part of this repository), cached under target/schemas/.
+scripts/eve-schema.sh >/dev/null
 
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 

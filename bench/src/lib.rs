@@ -186,6 +186,7 @@ pub fn lookup_flow(remote: SocketAddr) -> Flow {
         existing: false,
         forwarded: false,
         started: Instant::ZERO,
+        icmp: None,
     }
 }
 

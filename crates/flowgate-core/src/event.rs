@@ -155,6 +155,7 @@ mod tests {
             existing: false,
             forwarded: false,
             started: Instant::ZERO,
+            icmp: None,
         }
     }
 

@@ -90,6 +90,40 @@ pub struct Flow {
     pub forwarded: bool,
     #[serde(skip)]
     pub started: Instant,
+    /// For ICMP flows: the type and code of the opener's first message (an echo exchange first
+    /// seen at its reply counts as opened by the request), as flow hashes and the EVE and OCSF
+    /// formats name them; `None` for other protocols or an unreadable ICMP header.
+    #[serde(skip)]
+    pub icmp: Option<(u8, u8)>,
+}
+
+impl Flow {
+    /// The end that opened the flow (sent the SYN, the first datagram, the echo request).
+    pub fn opener(&self) -> SocketAddr {
+        match self.direction {
+            Direction::Outbound => self.local,
+            Direction::Inbound => self.remote,
+        }
+    }
+
+    /// The end that answered.
+    pub fn responder(&self) -> SocketAddr {
+        match self.direction {
+            Direction::Outbound => self.remote,
+            Direction::Inbound => self.local,
+        }
+    }
+
+    /// The IP protocol number: ICMP is 1 over IPv4 and 58 (ICMPv6) over IPv6.
+    pub fn ip_protocol(&self) -> u8 {
+        match self.protocol {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Icmp if self.local.is_ipv6() => 58,
+            Protocol::Icmp => 1,
+            Protocol::Other(n) => n,
+        }
+    }
 }
 
 // `SocketAddr`'s Display already writes IPv6 as `[addr]:port`.
@@ -169,6 +203,7 @@ mod tests {
             existing: false,
             forwarded: false,
             started: Instant::ZERO,
+            icmp: None,
         };
         let v = serde_json::to_value(&f).expect("json");
         assert_eq!(v["local"], "[2001:db8::1]:40000");

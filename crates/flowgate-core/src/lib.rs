@@ -16,7 +16,9 @@
 //!   reports, streamed listings).
 //! - [`packet_stage`]: every packet of chosen interfaces before any flow state: stateless packet
 //!   rules and a product's [`PacketFilter`], delayed packets, per-interface counters.
-//! - [`event`]: the JSON-lines event format; [`time`]: the core's clock type.
+//! - [`event`]: the JSON-lines event format; [`formats`]: events as flowgate JSON lines,
+//!   Suricata EVE or OCSF records; [`community_id`]: the Community ID flow hash;
+//!   [`time`]: the core's clock type.
 //!
 //! ## Driving the engine
 //!
@@ -40,9 +42,11 @@
 //! [`PacketStage::set_filter`] (a [`PacketFilter`]), and changes verdicts later, from any
 //! thread, through a [`Handle`] or a [`PacketHandle`].
 
+pub mod community_id;
 pub mod engine;
 pub mod event;
 pub mod flow;
+pub mod formats;
 pub mod handle;
 pub mod packet;
 pub mod packet_stage;
@@ -57,6 +61,7 @@ pub use engine::{
 };
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};
+pub use formats::EventFormat;
 pub use handle::{FlowStatus, Handle, HandleError, KernelReport, KernelState, KernelSync, Listing, Selector};
 pub use packet_stage::{PacketDirection, PacketHandle, PacketStage, PacketStageConfig};
 pub use provider::{FlowFilter, PacketContext, PacketFilter};

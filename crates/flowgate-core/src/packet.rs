@@ -41,6 +41,8 @@ pub struct ParsedPacket<'a> {
     pub payload: &'a [u8],
     /// An ICMP echo reply: its destination opened the exchange.
     pub icmp_echo_reply: bool,
+    /// ICMP or ICMPv6 message type and code, for ICMP packets whose header could be read.
+    pub icmp: Option<(u8, u8)>,
 }
 
 /// Why a packet could not be used. Each kind has its own counter in [`crate::engine::Stats`].
@@ -105,6 +107,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
         seq: 0,
         payload: &[],
         icmp_echo_reply: false,
+        icmp: None,
     };
     match &sliced.transport {
         Some(TransportSlice::Tcp(tcp)) => {
@@ -129,6 +132,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
                 (p.src_port, p.dst_port) = (e.id, e.id);
             }
             p.icmp_echo_reply = matches!(t, Icmpv4Type::EchoReply(_));
+            p.icmp = Some((icmp.type_u8(), icmp.code_u8()));
             p.payload = icmp.payload();
         }
         Some(TransportSlice::Icmpv6(icmp)) => {
@@ -138,6 +142,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
                 (p.src_port, p.dst_port) = (e.id, e.id);
             }
             p.icmp_echo_reply = matches!(t, Icmpv6Type::EchoReply(_));
+            p.icmp = Some((icmp.type_u8(), icmp.code_u8()));
             p.payload = icmp.payload();
         }
         // etherparse leaves the transport unparsed for fragments; a first fragment of TCP/UDP

@@ -506,7 +506,8 @@ fn replay_cmd(capture: &Path, config_path: Option<&Path>, json: bool) -> ExitCod
     let mut engine = replay_engine(config.as_ref());
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let result = replay::replay(&mut engine, capture, &mut out);
+    let format = config.as_ref().map(|c| c.event_format).unwrap_or_default();
+    let result = replay::replay_as(&mut engine, capture, &mut out, format);
     let flushed = out.flush();
     match (result, flushed) {
         (Ok(s), Ok(())) => {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use flowgate_core::packet_stage::{Directions, PacketDirection, PacketRule, PacketRuleAction, PacketRules};
 use flowgate_core::rules::{self, Action, InterfaceGlob, Rule, RuleSet, lint};
-use flowgate_core::{EngineConfig, Timeouts};
+use flowgate_core::{EngineConfig, EventFormat, Timeouts};
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
@@ -39,8 +39,8 @@ pub struct Live {
     pub run_dir: PathBuf,
     /// Group (besides root) allowed to use the control socket.
     pub control_group: Option<String>,
-    /// Where flow events go: `None` = stdout, else this file (appended).
-    pub log: Option<PathBuf>,
+    /// Where flow events go.
+    pub log: LogTarget,
     /// Events in flight between the queue workers and the writer; past it events are dropped
     /// and counted rather than slow the packet path.
     pub event_buffer: usize,
@@ -56,11 +56,32 @@ impl Default for Live {
             loopback: false,
             run_dir: PathBuf::from("/run/flowgate"),
             control_group: None,
-            log: None,
+            log: LogTarget::Stdout,
             event_buffer: 65_536,
         }
     }
 }
+
+/// Where the live daemon's flow events go (`log`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard output (`"-"`).
+    #[default]
+    Stdout,
+    /// This file, appended to (an absolute path).
+    File(PathBuf),
+    /// The local syslog socket, one datagram per record (`"syslog"`: [`SYSLOG_SOCKET`], or
+    /// `"syslog:/path"`).
+    Syslog(PathBuf),
+    /// systemd-journald's native protocol, one entry per record (`"journald"`:
+    /// [`JOURNALD_SOCKET`], or `"journald:/path"`).
+    Journald(PathBuf),
+}
+
+/// The local syslog socket.
+pub const SYSLOG_SOCKET: &str = "/dev/log";
+/// systemd-journald's socket for its native protocol.
+pub const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 
 /// The packet stage (`[packet_filter]`, `[[packet_rule]]`): see `flowgate_core::packet_stage`.
 #[derive(Clone, Debug, PartialEq)]
@@ -131,6 +152,8 @@ pub struct Config {
     pub live: Live,
     pub packet: PacketConfig,
     pub warnings: Vec<Warning>,
+    /// The shape of written events, live and in replay (`event_format`).
+    pub event_format: EventFormat,
 }
 
 /// A config that loads but probably does not say what its author meant.
@@ -188,6 +211,7 @@ struct RawConfig {
     run_dir: Option<Spanned<String>>,
     control_group: Option<Spanned<String>>,
     log: Option<Spanned<String>>,
+    event_format: Option<Spanned<String>>,
     event_buffer: Option<Spanned<i64>>,
     timeouts: Option<RawTimeouts>,
     #[serde(default, rename = "rule")]
@@ -419,7 +443,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     let packet = packet_config(&src, &raw, &live, &mut warnings)?;
     warnings.sort_by_key(|w| w.line);
-    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, packet, warnings })
+    let event_format = match &raw.event_format {
+        None => EventFormat::default(),
+        Some(v) => EventFormat::parse(v.get_ref()).ok_or_else(|| {
+            src.at(
+                v,
+                "event_format",
+                format!("`{}` is not an event format: expected {}", v.get_ref(), EventFormat::EXPECTED),
+            )
+        })?,
+    };
+    Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, packet, warnings, event_format })
 }
 
 fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
@@ -460,10 +494,21 @@ fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
         live.control_group = Some(v.get_ref().trim().to_string());
     }
     if let Some(v) = &raw.log {
+        let socket = |p: &str| Some(PathBuf::from(p)).filter(|p| p.is_absolute());
         live.log = match v.get_ref().as_str() {
-            "-" | "stdout" => None,
-            p if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
-            _ => return Err(src.at(v, "log", "must be \"-\" (stdout) or an absolute file path")),
+            "-" | "stdout" => LogTarget::Stdout,
+            "syslog" => LogTarget::Syslog(PathBuf::from(SYSLOG_SOCKET)),
+            "journald" => LogTarget::Journald(PathBuf::from(JOURNALD_SOCKET)),
+            p if p.starts_with("syslog:") && socket(&p[7..]).is_some() => LogTarget::Syslog(PathBuf::from(&p[7..])),
+            p if p.starts_with("journald:") && socket(&p[9..]).is_some() => LogTarget::Journald(PathBuf::from(&p[9..])),
+            p if Path::new(p).is_absolute() => LogTarget::File(PathBuf::from(p)),
+            _ => {
+                return Err(src.at(
+                    v,
+                    "log",
+                    "must be \"-\" (stdout), an absolute file path, \"syslog\", \"journald\", or \"syslog:/socket/path\" or \"journald:/socket/path\" with an absolute path",
+                ));
+            }
         };
     }
     Ok(live)
@@ -757,6 +802,35 @@ mod tests {
             Ok(_) => panic!("config should be rejected:\n{text}"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn log_targets_and_event_formats() {
+        let c = load_str("").expect("empty config");
+        assert_eq!((c.live.log.clone(), c.event_format), (LogTarget::Stdout, EventFormat::Flowgate));
+        for (text, want) in [
+            ("-", LogTarget::Stdout),
+            ("/var/log/flowgate.jsonl", LogTarget::File("/var/log/flowgate.jsonl".into())),
+            ("syslog", LogTarget::Syslog(SYSLOG_SOCKET.into())),
+            ("syslog:/tmp/x/log.sock", LogTarget::Syslog("/tmp/x/log.sock".into())),
+            ("journald", LogTarget::Journald(JOURNALD_SOCKET.into())),
+            ("journald:/tmp/j.sock", LogTarget::Journald("/tmp/j.sock".into())),
+        ] {
+            let c = load_str(&format!("log = \"{text}\"")).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(c.live.log, want, "{text}");
+        }
+        for bad in ["events.jsonl", "syslog:", "syslog:relative.sock", "journald:x", "udp://192.0.2.1"] {
+            let e = err(&format!("\nlog = \"{bad}\""));
+            assert_eq!((e.line, e.field.as_deref()), (Some(2), Some("log")), "{bad}: {e}");
+        }
+        for (name, want) in
+            [("flowgate", EventFormat::Flowgate), ("eve", EventFormat::Eve), ("ocsf", EventFormat::Ocsf)]
+        {
+            assert_eq!(load_str(&format!("event_format = \"{name}\"")).expect(name).event_format, want);
+        }
+        let e = err("event_format = \"cef\"");
+        assert_eq!(e.field.as_deref(), Some("event_format"));
+        assert!(e.message.contains("flowgate, eve or ocsf"), "{e}");
     }
 
     #[test]

@@ -73,7 +73,7 @@ use etherparse::{
     ArpHardwareId, EtherPayloadSlice, EtherType, Ethernet2Slice, LenSource, LinuxSllProtocolType, LinuxSllSlice,
     SingleVlanSlice,
 };
-use flowgate_core::{Engine, Event, Instant, Origin, PacketMeta, Stats};
+use flowgate_core::{Engine, Event, EventFormat, Instant, Origin, PacketMeta, Stats};
 use pcap_file::pcap::PcapParser;
 use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
 use pcap_file::pcapng::blocks::{
@@ -123,11 +123,25 @@ struct Frame<'a> {
 
 /// Replays `path` through `engine`, writing each event as one JSON line to `out`.
 pub fn replay(engine: &mut Engine, path: &Path, out: &mut dyn Write) -> Result<Summary, ReplayError> {
+    replay_as(engine, path, out, EventFormat::Flowgate)
+}
+
+/// Replays `path` through `engine`, writing each event's records in `format` (`event_format`)
+/// to `out`, one JSON line each.
+pub fn replay_as(
+    engine: &mut Engine,
+    path: &Path,
+    out: &mut dyn Write,
+    format: EventFormat,
+) -> Result<Summary, ReplayError> {
     let mut summary = Summary::default();
     let mut last = Instant::ZERO;
+    let mut buf = Vec::with_capacity(4096);
     let mut write_events = |engine: &mut Engine, summary: &mut Summary| -> io::Result<()> {
         while let Some(e) = engine.poll_event() {
-            write_event(out, &e)?;
+            buf.clear();
+            format.write(&e, &mut buf).map_err(io::Error::other)?;
+            out.write_all(&buf)?;
             summary.events += 1;
         }
         // Held packets have nowhere to go in a replay; their release is only counted by the engine.

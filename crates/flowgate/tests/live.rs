@@ -1566,6 +1566,129 @@ fn a_removed_log_directory_is_written_again_once_it_is_back() {
     let _ = std::fs::remove_dir_all(&logs);
 }
 
+/// The events of one JSON-lines file.
+fn events_in(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line ({e}): {l}"))).collect()
+}
+
+#[test]
+fn sigusr1_reopens_the_event_log_that_logrotate_moved_and_nothing_is_lost() {
+    require_root!();
+    let lab = Lab::new("reopen");
+    let _echo7 = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let _echo8 = tcp_echo(&lab.srv, addr("203.0.113.10:8"));
+    let mut d = Daemon::start(&lab, "reopen", "");
+    let (log, rotated) = (d.dir.join("events.jsonl"), d.dir.join("events.jsonl.1"));
+    let trips =
+        |to: &'static str, n: usize| (0..n).filter(|_| lab.host.in_ns(move || tcp_roundtrip(addr(to)).is_ok())).count();
+    assert_eq!(trips("203.0.113.10:7", 3), 3);
+    // What logrotate does: move the file away, then signal the daemon (postrotate).
+    std::fs::rename(&log, &rotated).expect("rotate the log");
+    let pid = Pid::from_raw(d.child.as_ref().expect("running").id() as i32);
+    kill(pid, Signal::SIGUSR1).expect("SIGUSR1");
+    d.wait_for_line("SIGUSR1: reopened the event log", Duration::from_secs(10));
+    assert_eq!(trips("203.0.113.10:8", 3), 3);
+    // The old file was flushed and left before the reopen was reported (and the test's
+    // directory goes with the daemon).
+    let old = events_in(&rotated);
+    let new = d.stop();
+    let opened = |evs: &[Value], remote: &str| {
+        evs.iter().filter(|e| e["event"] == "flow.new" && e["flow"]["remote"] == remote).count()
+    };
+    assert_eq!((opened(&old, "203.0.113.10:7"), opened(&old, "203.0.113.10:8")), (3, 0), "before the rotation");
+    assert_eq!((opened(&new, "203.0.113.10:7"), opened(&new, "203.0.113.10:8")), (0, 3), "after the rotation");
+    // Nothing lost: every flow opened in either file closed in one of them, exactly once.
+    let all: Vec<&Value> = old.iter().chain(&new).collect();
+    let ids = |name: &str| {
+        let mut v: Vec<u64> =
+            all.iter().filter(|e| e["event"] == name).filter_map(|e| e["flow"]["id"].as_u64()).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(ids("flow.new"), ids("flow.closed"), "flow.new and flow.closed across both files");
+    assert!(ids("flow.new").len() >= 6);
+}
+
+/// Receives one datagram within `timeout`.
+fn recv_datagram(s: &std::os::unix::net::UnixDatagram, timeout: Duration) -> Option<String> {
+    s.set_read_timeout(Some(timeout)).expect("read timeout");
+    let mut buf = vec![0u8; 1 << 16];
+    let n = s.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn events_go_to_journald_and_syslog_sockets_and_a_missing_socket_costs_no_filtering() {
+    require_root!();
+    use std::os::unix::net::UnixDatagram;
+    let lab = Lab::new("socklog");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let socks = std::env::temp_dir().join(format!("flowgate-live-socklog-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&socks);
+    std::fs::create_dir_all(&socks).expect("socket dir");
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(socks.clone());
+
+    // journald, OCSF records; the socket does not exist yet.
+    let journal = socks.join("journal.sock");
+    let target = format!("journald:{}", journal.display());
+    let mut d = Daemon::start_logging(&lab, "journald", Some(&target), "event_format = \"ocsf\"\n");
+    assert_eq!(round_trips(&lab, 5), 5, "filtering goes on without the log socket");
+    d.wait_for_line("writing events failed", Duration::from_secs(10));
+    let server = UnixDatagram::bind(&journal).expect("bind the journal socket");
+    // The writer tries the socket again a second after a failure: events reach it from then on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        assert_eq!(round_trips(&lab, 1), 1);
+        if let Some(e) = recv_datagram(&server, Duration::from_millis(500)) {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no journal entry within 10 s of the socket appearing");
+    };
+    let stats = stats_of(&d);
+    assert!(stats["events"]["write_failures"].as_u64().is_some_and(|n| n > 0), "{stats}");
+    let _ = d.stop();
+    let fields: std::collections::HashMap<&str, &str> = entry.lines().filter_map(|l| l.split_once('=')).collect();
+    assert_eq!(fields.get("SYSLOG_IDENTIFIER"), Some(&"flowgate"), "{entry}");
+    assert!(fields.get("PRIORITY").is_some_and(|p| *p == "6" || *p == "5"), "{entry}");
+    let record: Value = serde_json::from_str(fields.get("MESSAGE").expect("MESSAGE")).expect("an OCSF record");
+    assert_eq!(record["class_uid"], 4001, "{record}");
+    assert_eq!(fields.get("FLOWGATE_EVENT").copied(), record["metadata"]["event_code"].as_str(), "{entry}");
+    assert_eq!(
+        fields.get("FLOWGATE_FLOW_ID").and_then(|i| i.parse::<u64>().ok()),
+        record["unmapped"]["flowgate"]["flow_id"].as_u64(),
+        "{entry}"
+    );
+
+    // syslog, EVE records: a flow record for each flow when it closes (here: at the stop).
+    let syslog = socks.join("log.sock");
+    let server = UnixDatagram::bind(&syslog).expect("bind the syslog socket");
+    let target = format!("syslog:{}", syslog.display());
+    let d = Daemon::start_logging(&lab, "syslog", Some(&target), "event_format = \"eve\"\n");
+    assert_eq!(round_trips(&lab, 2), 2);
+    let _ = d.stop();
+    let mut flow_records = 0;
+    while let Some(m) = recv_datagram(&server, Duration::from_millis(200)) {
+        // <daemon.info>Mmm dd hh:mm:ss flowgate[pid]: {record}
+        assert!(m.starts_with("<30>") || m.starts_with("<29>"), "{m}");
+        let (head, record) = m.split_once(": ").expect("tag");
+        assert!(head[4..].len() > 16 && head[20..].starts_with("flowgate["), "{m}");
+        let record: Value = serde_json::from_str(record).expect("an EVE record");
+        if record["event_type"] == "flow" && record["dest_ip"] == "203.0.113.10" && record["dest_port"] == 7 {
+            flow_records += 1;
+            assert_eq!(record["proto"], "TCP");
+            assert!(record["community_id"].as_str().is_some_and(|c| c.starts_with("1:")), "{record}");
+        }
+    }
+    assert_eq!(flow_records, 2, "one EVE flow record per connection");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The packet stage: every packet of chosen interfaces, tunnels included
 // ---------------------------------------------------------------------------------------------

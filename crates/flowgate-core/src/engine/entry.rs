@@ -123,6 +123,7 @@ pub(crate) struct Entry {
     /// The last kernel sync generation that saw this flow (see `kernel.rs`).
     pub(crate) seen_gen: u16,
     pub(crate) ct_id: u32,
+    /// TCP: see [`bits::SYN_SEQ`]; ICMP: the opener's type and code (see `with_icmp`).
     pub(crate) syn_seq: u32,
     next_seq: [u32; 2],
     /// Payload bytes of each direction seen so far (stream offset of the next new byte).
@@ -181,6 +182,22 @@ impl Entry {
             rule: None,
             extra: None,
         }
+        .with_icmp(flow.icmp)
+    }
+
+    /// An ICMP flow keeps its opener's type and code in `syn_seq`, which only TCP flows use
+    /// otherwise (the entry stays at its size: see the `is_small` test): bit 16 says it is
+    /// known, then the type and the code.
+    fn with_icmp(mut self, icmp: Option<(u8, u8)>) -> Entry {
+        if let (Protocol::Icmp, Some((t, c))) = (self.protocol, icmp) {
+            self.syn_seq = 1 << 16 | u32::from(t) << 8 | u32::from(c);
+        }
+        self
+    }
+
+    fn icmp(&self) -> Option<(u8, u8)> {
+        let v = self.syn_seq;
+        (self.protocol == Protocol::Icmp && v & 1 << 16 != 0).then_some(((v >> 8) as u8, v as u8))
     }
 
     pub(crate) fn has(&self, b: u16) -> bool {
@@ -224,6 +241,7 @@ impl Entry {
             existing: self.has(bits::EXISTING),
             forwarded: self.has(bits::FORWARDED),
             started: self.started,
+            icmp: self.icmp(),
         }
     }
 
@@ -349,6 +367,7 @@ pub(crate) mod tests {
             existing: false,
             forwarded: false,
             started: Instant::ZERO,
+            icmp: None,
         };
         Entry::new(&flow, 0, Instant::ZERO)
     }
@@ -363,12 +382,18 @@ pub(crate) mod tests {
     #[test]
     fn gives_back_the_flow_it_was_made_from() {
         let mut names = Interfaces::default();
-        for (local, remote) in [("198.51.100.1:40000", "203.0.113.7:443"), ("[2001:db8::1]:5", "[::ffff:192.0.2.1]:6")]
-        {
+        let cases = [
+            ("198.51.100.1:40000", "203.0.113.7:443", Protocol::Tcp, None),
+            ("[2001:db8::1]:5", "[::ffff:192.0.2.1]:6", Protocol::Tcp, None),
+            ("198.51.100.1:7", "203.0.113.7:7", Protocol::Icmp, Some((8, 0))),
+            ("[2001:db8::1]:0", "[2001:db8::2]:0", Protocol::Icmp, Some((1, 4))),
+            ("[2001:db8::1]:0", "[2001:db8::2]:0", Protocol::Icmp, None),
+        ];
+        for (local, remote, protocol, icmp) in cases {
             let tun = names.acquire(Some("tun0"));
             let flow = Flow {
                 id: FlowId(9),
-                protocol: Protocol::Tcp,
+                protocol,
                 direction: Direction::Inbound,
                 local: local.parse().expect("local"),
                 remote: remote.parse().expect("remote"),
@@ -376,6 +401,7 @@ pub(crate) mod tests {
                 existing: true,
                 forwarded: false,
                 started: Instant::from_micros(5),
+                icmp,
             };
             let e = Entry::new(&flow, tun, Instant::ZERO);
             assert_eq!(e.flow(&names), flow);

@@ -25,6 +25,8 @@ pub(super) struct NewFlow<'a> {
     pub(super) interface: Option<&'a str>,
     pub(super) existing: bool,
     pub(super) forwarded: bool,
+    /// ICMP type and code of the opener's message (see [`Flow::icmp`]).
+    pub(super) icmp: Option<(u8, u8)>,
 }
 
 pub(super) fn severity(v: NewFlowVerdict) -> u8 {
@@ -83,6 +85,12 @@ impl Engine {
             interface: meta.interface,
             existing: false,
             forwarded: meta.origin == Origin::Forward,
+            // An echo exchange first seen at its reply was opened by the request.
+            icmp: match p.icmp {
+                Some((0, code)) if p.icmp_echo_reply => Some((8, code)),
+                Some((129, code)) if p.icmp_echo_reply => Some((128, code)),
+                other => other,
+            },
         };
         self.start_flow(now, &new, None)
     }
@@ -106,6 +114,7 @@ impl Engine {
             existing: new.existing,
             forwarded: new.forwarded,
             started: now,
+            icmp: new.icmp,
         };
         let class = self.rules.classify(&flow);
         if self.table.is_full() {

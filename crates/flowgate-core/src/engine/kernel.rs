@@ -330,6 +330,7 @@ impl Engine {
             interface: x.interface,
             existing: true,
             forwarded: x.forwarded,
+            icmp: None,
         };
         let slot = self.start_flow(now, &new, x.kept).ok()?;
         let offload = self.config.kernel_offload;

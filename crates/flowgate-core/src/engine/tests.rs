@@ -772,6 +772,7 @@ fn icmpv4_echo_request_and_reply_are_one_flow_keyed_by_echo_id() {
     assert_eq!(f.direction, Direction::Outbound);
     assert_eq!(f.local, sa("198.51.100.1:4242"));
     assert_eq!(f.remote, sa("203.0.113.7:4242"));
+    assert_eq!(f.icmp, Some((8, 0)), "echo request");
     let mut want = Counters::default();
     count(&mut want, true, &req, 12);
     count(&mut want, false, &rep, 12);
@@ -790,6 +791,8 @@ fn icmpv6_echo_request_and_reply_are_one_flow_keyed_by_echo_id() {
     assert_eq!(f.protocol, Protocol::Icmp);
     assert_eq!(f.local, sa("[2001:db8::1]:7"));
     assert_eq!(f.remote, sa("[2001:db8:1::7]:7"));
+    assert_eq!(f.icmp, Some((128, 0)), "ICMPv6 echo request");
+    assert_eq!(e.flows()[0].flow.icmp, Some((128, 0)), "kept by the live flow");
     let c = e.flows()[0].counters;
     assert_eq!((c.packets_out, c.packets_in), (1, 1));
 }
@@ -805,6 +808,7 @@ fn icmp_echo_reply_seen_first_makes_its_destination_the_opener() {
     assert_eq!(f.direction, Direction::Outbound);
     assert_eq!(f.local, sa("198.51.100.1:3"));
     assert_eq!(f.remote, sa("203.0.113.7:3"));
+    assert_eq!(f.icmp, Some((8, 0)), "opened by the request the reply answers");
     let c = e.flows()[0].counters;
     assert_eq!((c.packets_out, c.packets_in), (1, 1));
 }

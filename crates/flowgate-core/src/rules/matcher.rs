@@ -206,6 +206,7 @@ mod tests {
             existing: false,
             forwarded: false,
             started: Instant::ZERO,
+            icmp: None,
         }
     }
 

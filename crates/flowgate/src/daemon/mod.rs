@@ -8,6 +8,8 @@
 //! and flowgate's chains installed (all or nothing). Workers, the enforcer (verdict changes on
 //! kernel-handled flows), the conntrack watcher, the event writer and the control socket start;
 //! SIGHUP or `flowgate reload` re-judges every live flow with the config file's new rules;
+//! SIGUSR1 has the writer reopen its log (logrotate), which it writes in `event_format` to
+//! stdout, a file, or a syslog or journald socket (`socket_log`);
 //! "ready" is printed on stderr. Stop (SIGINT, SIGTERM): the chains go first, so no packet is
 //! queued to a worker that is leaving; then workers answer what they hold and exit, flows close,
 //! the log is flushed, the socket and lock are removed. SIGKILL leaves the chains in place: with
@@ -23,6 +25,7 @@ mod lock;
 mod packet_shard;
 mod registry;
 mod shard;
+mod socket_log;
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
@@ -43,8 +46,7 @@ use flowgate_linux::nfqueue::{Queue, QueueConfig};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::{Value, json};
 
-use crate::config::{Config, FailMode, PacketConfig};
-use crate::replay::write_event;
+use crate::config::{Config, FailMode, LogTarget, PacketConfig};
 use clock::Clock;
 use packet_shard::{PacketLinks, PacketShard, PacketWorkerStats};
 use registry::Registry;
@@ -94,13 +96,13 @@ pub struct Providers<'a> {
     pub packet: Option<&'a PacketFilterFactory>,
 }
 
-/// Runs the daemon until SIGINT or SIGTERM (SIGHUP reloads the rules). Errors say what failed
-/// and what was undone.
+/// Runs the daemon until SIGINT or SIGTERM (SIGHUP reloads the rules, SIGUSR1 reopens the
+/// event log). Errors say what failed and what was undone.
 pub fn run(config: &Config) -> Result<(), String> {
     // Signals are taken synchronously by the main thread; block them before any thread starts
     // so every thread inherits the mask.
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1] {
         signals.add(s);
     }
     signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
@@ -118,6 +120,8 @@ pub fn run(config: &Config) -> Result<(), String> {
                 Ok(n) => log::info!("SIGHUP: reloaded {}: {n} rules", config.path.display()),
                 Err(e) => log::error!("SIGHUP: {e}; the rules in force are unchanged"),
             },
+            // logrotate: the writer opens the log's path anew (and says so on stderr).
+            Ok(Signal::SIGUSR1) => running.reopen_log(),
             Ok(s) => break s,
             Err(e) => {
                 let _ = running.stop();
@@ -275,6 +279,13 @@ impl Running {
     /// rules and packet stage coverage to every packet from now on (like SIGHUP).
     pub fn reload(&self) -> Result<usize, String> {
         self.reloader.reload()
+    }
+
+    /// Has the event writer open its log anew (the file at the configured path, or a new
+    /// connection to the syslog or journald socket), as SIGUSR1 does after logrotate moved the
+    /// file; it says so on stderr when done.
+    pub fn reopen_log(&self) {
+        self.writer.reopen.store(true, Ordering::Relaxed);
     }
 
     /// One handle per packet-stage queue worker, in queue order.
@@ -463,6 +474,8 @@ impl Reloader {
 struct Writer {
     thread: std::thread::JoinHandle<()>,
     done: std::sync::Mutex<mpsc::Receiver<()>>,
+    /// Set to have the writer reopen its log (SIGUSR1).
+    reopen: Arc<AtomicBool>,
 }
 
 /// One engine per queue. Ids never collide across them: engine k hands out k+1, k+1+n, ...
@@ -546,9 +559,13 @@ fn start(
 ) -> Result<Started, String> {
     let live = &config.live;
     let sink = match &live.log {
-        None => Sink::Stdout,
-        Some(p) => Sink::File(LogFile::open(p)?),
+        LogTarget::Stdout => Sink::Stdout,
+        LogTarget::File(p) => Sink::File(LogFile::open(p)?),
+        LogTarget::Syslog(p) => Sink::Socket(socket_log::SocketLog::new(p, socket_log::Framing::Syslog)),
+        LogTarget::Journald(p) => Sink::Socket(socket_log::SocketLog::new(p, socket_log::Framing::Journald)),
     };
+    let format = config.event_format;
+    let reopen = Arc::new(AtomicBool::new(false));
     // Events in flight between the workers and the writer; past it, events are dropped and
     // counted (`events_dropped` in `flowgate stats`) rather than stall the packet path.
     let (tx, rx) = mpsc::sync_channel::<Event>(live.event_buffer);
@@ -556,14 +573,15 @@ fn start(
     let writer = {
         let stats = writer_stats.clone();
         let (done_tx, done) = mpsc::sync_channel(1);
+        let flag = reopen.clone();
         let thread = std::thread::Builder::new()
             .name("flowgate-log".into())
             .spawn(move || {
-                write_events(rx, sink, &stats);
+                write_events(rx, sink, format, &flag, &stats);
                 let _ = done_tx.send(());
             })
             .map_err(|e| format!("cannot start the event writer: {e}"))?;
-        Writer { thread, done: std::sync::Mutex::new(done) }
+        Writer { thread, done: std::sync::Mutex::new(done), reopen }
     };
     let enforcer = enforce::Enforcer::start(queues.len())?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -799,14 +817,26 @@ impl LogFile {
 enum Sink {
     Stdout,
     File(LogFile),
+    /// syslog or journald: one datagram per record.
+    Socket(socket_log::SocketLog),
 }
 
-/// Writes events as JSON lines, flushing whenever the channel runs dry so a reader sees each
+/// How often the writer, while no event comes, looks whether it was asked to reopen its log.
+const REOPEN_CHECK: Duration = Duration::from_millis(200);
+
+/// Writes events in `format`, flushing whenever the channel runs dry so a reader sees each
 /// event promptly. A write that fails loses that event (counted, and said at most every ten
 /// seconds) and writing goes on: the log must never stop the filter. A log file whose path no
-/// longer leads to it is opened anew (see [`LogFile`]). Ends when every worker has dropped its
+/// longer leads to it is opened anew (see [`LogFile`]); `reopen` (SIGUSR1) opens it anew at
+/// once, or reconnects a syslog or journald socket. Ends when every worker has dropped its
 /// sender.
-fn write_events(rx: mpsc::Receiver<Event>, mut sink: Sink, stats: &WriterStats) {
+fn write_events(
+    rx: mpsc::Receiver<Event>,
+    mut sink: Sink,
+    format: flowgate_core::EventFormat,
+    reopen: &AtomicBool,
+    stats: &WriterStats,
+) {
     let mut stdout = BufWriter::new(std::io::stdout());
     let mut said: Option<StdInstant> = None;
     let mut failed = |e: std::io::Error, stats: &WriterStats| {
@@ -819,34 +849,76 @@ fn write_events(rx: mpsc::Receiver<Event>, mut sink: Sink, stats: &WriterStats) 
             said = Some(StdInstant::now());
         }
     };
-    while let Ok(e) = rx.recv() {
+    // The records of one event; reused.
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        let first = match rx.recv_timeout(REOPEN_CHECK) {
+            Ok(e) => Some(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if reopen.swap(false, Ordering::Relaxed) {
+            match &mut sink {
+                Sink::Stdout => log::info!("SIGUSR1: events go to stdout, nothing to reopen"),
+                Sink::File(f) => {
+                    let _ = f.file.flush();
+                    match LogFile::open(&f.path) {
+                        Ok(new) => {
+                            *f = new;
+                            log::info!("SIGUSR1: reopened the event log {}", f.path.display());
+                        }
+                        Err(e) => failed(std::io::Error::other(e), stats),
+                    }
+                }
+                Sink::Socket(s) => {
+                    s.reopen();
+                    log::info!("SIGUSR1: reconnecting to the log socket {}", s.path().display());
+                }
+            }
+        }
+        let Some(first) = first else { continue };
         if let Sink::File(f) = &mut sink
             && let Err(err) = f.follow_path()
         {
             failed(err, stats);
         }
-        let out: &mut dyn Write = match &mut sink {
-            Sink::Stdout => &mut stdout,
-            Sink::File(f) => &mut f.file,
-        };
-        for e in std::iter::once(e).chain(rx.try_iter()) {
-            match write_event(out, &e) {
+        for e in std::iter::once(first).chain(rx.try_iter()) {
+            buf.clear();
+            if let Err(err) = format.write(&e, &mut buf) {
+                failed(
+                    std::io::Error::other(format!("event {} of flow {}: {err}", e.kind.name(), e.kind.flow().id)),
+                    stats,
+                );
+                continue;
+            }
+            let written = match &mut sink {
+                Sink::Stdout => stdout.write_all(&buf),
+                Sink::File(f) => f.file.write_all(&buf),
+                Sink::Socket(s) => {
+                    buf.split(|&b| b == b'\n').filter(|r| !r.is_empty()).try_for_each(|record| s.send(record, &e))
+                }
+            };
+            match written {
                 Ok(()) => {
                     stats.written.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(err) => failed(err, stats),
             }
         }
-        if let Err(err) = out.flush() {
+        if let Err(err) = flush(&mut sink, &mut stdout) {
             failed(err, stats);
         }
     }
-    let out: &mut dyn Write = match &mut sink {
-        Sink::Stdout => &mut stdout,
-        Sink::File(f) => &mut f.file,
-    };
-    if let Err(err) = out.flush() {
+    if let Err(err) = flush(&mut sink, &mut stdout) {
         failed(err, stats);
+    }
+}
+
+fn flush(sink: &mut Sink, stdout: &mut BufWriter<std::io::Stdout>) -> std::io::Result<()> {
+    match sink {
+        Sink::Stdout => stdout.flush(),
+        Sink::File(f) => f.file.flush(),
+        Sink::Socket(_) => Ok(()),
     }
 }
 
