@@ -20,6 +20,7 @@ pub mod control;
 mod enforce;
 mod kernel;
 mod lock;
+pub mod notify;
 mod packet_shard;
 mod registry;
 mod shard;
@@ -111,21 +112,52 @@ pub fn run(config: &Config) -> Result<(), String> {
     if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
         eprintln!("flowgate: cannot turn transparent huge pages off: {}", std::io::Error::last_os_error());
     }
+    // Under systemd (`Type=notify`), the service manager learns when filtering starts, when a
+    // reload begins and ends, and when the daemon stops. A product embedding `Running` owns its
+    // process's readiness and notifies for itself.
+    let notifier = notify::Notifier::from_env().unwrap_or_else(|e| {
+        eprintln!("flowgate: {e}; the service manager will not be told when flowgate is ready");
+        None
+    });
     let running = Running::start(config, None)?;
+    let rules = |n: usize| format!("filtering, {n} rule{}", if n == 1 { "" } else { "s" });
+    if let Some(n) = &notifier {
+        n.ready(&rules(config.rules.rules.len()));
+    }
     let signal = loop {
         match signals.wait() {
-            Ok(Signal::SIGHUP) => match running.reload() {
-                Ok(n) => eprintln!("flowgate: SIGHUP: reloaded {}: {n} rules", config.path.display()),
-                Err(e) => eprintln!("flowgate: SIGHUP: {e}; the rules in force are unchanged"),
-            },
+            Ok(Signal::SIGHUP) => {
+                if let Some(n) = &notifier {
+                    n.reloading();
+                }
+                let status = match running.reload() {
+                    Ok(n) => {
+                        eprintln!("flowgate: SIGHUP: reloaded {}: {n} rules", config.path.display());
+                        rules(n)
+                    }
+                    Err(e) => {
+                        eprintln!("flowgate: SIGHUP: {e}; the rules in force are unchanged");
+                        format!("filtering; the last reload failed: {e}")
+                    }
+                };
+                if let Some(n) = &notifier {
+                    n.ready(&status);
+                }
+            }
             Ok(s) => break s,
             Err(e) => {
+                if let Some(n) = &notifier {
+                    n.stopping();
+                }
                 let _ = running.stop();
                 return Err(format!("waiting for signals: {e}"));
             }
         }
     };
     eprintln!("flowgate: {signal}: stopping");
+    if let Some(n) = &notifier {
+        n.stopping();
+    }
     running.stop()
 }
 
