@@ -100,7 +100,10 @@ fn run_tells_the_service_manager_when_it_is_ready_reloading_and_stopping() {
         .and_then(|r| r.strip_suffix('\n'))
         .and_then(|r| r.parse().ok())
         .unwrap_or_else(|| panic!("not RELOADING=1 with MONOTONIC_USEC: {reloading:?}"));
-    assert!((before..=after).contains(&usec), "MONOTONIC_USEC={usec} is not the time of the SIGHUP ({before}..{after})");
+    assert!(
+        (before..=after).contains(&usec),
+        "MONOTONIC_USEC={usec} is not the time of the SIGHUP ({before}..{after})"
+    );
     let reloaded = next(&socket, "READY=1 after the reload");
     assert_eq!(reloaded, "READY=1\nSTATUS=filtering, 1 rule\n");
     assert!(daemon.log().contains(": 1 rules"), "READY=1 came before the reload was done:\n{}", daemon.log());
