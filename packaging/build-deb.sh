@@ -8,6 +8,7 @@
 #   packaging/build-deb.sh --dev           # the debug binary instead (quicker; what the tests use)
 #   packaging/build-deb.sh --no-build      # package the binaries already built
 #   packaging/build-deb.sh --output DIR    # write the .deb into DIR instead of target/debian
+#   packaging/build-deb.sh --tools-only    # only install cargo-deb (scripts/test.sh does this)
 #
 # Every file in the package gets the time of the last commit (SOURCE_DATE_EPOCH, unless set
 # already: a build from a tarball without git must set it). Needs dpkg-dev (dpkg-shlibdeps
@@ -21,11 +22,13 @@ CARGO_DEB_VERSION=3.8.0
 
 profile=release
 build=1
+tools_only=0
 output=""
 while (($#)); do
     case "$1" in
         --dev) profile=dev ;;
         --no-build) build=0 ;;
+        --tools-only) tools_only=1 ;;
         --output)
             output="${2:?--output needs a directory}"
             shift
@@ -38,6 +41,12 @@ while (($#)); do
     shift
 done
 
+if [[ $(cargo deb --version 2>/dev/null) != *" $CARGO_DEB_VERSION"* ]]; then
+    echo "== installing cargo-deb $CARGO_DEB_VERSION"
+    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
+fi
+if ((tools_only)); then exit 0; fi
+
 if [[ -z ${SOURCE_DATE_EPOCH:-} ]]; then
     if ! SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null); then
         echo "build-deb.sh: not a git checkout: set SOURCE_DATE_EPOCH (seconds since 1970) for the files' times" >&2
@@ -45,11 +54,6 @@ if [[ -z ${SOURCE_DATE_EPOCH:-} ]]; then
     fi
 fi
 export SOURCE_DATE_EPOCH
-
-if [[ $(cargo deb --version 2>/dev/null) != *" $CARGO_DEB_VERSION"* ]]; then
-    echo "== installing cargo-deb $CARGO_DEB_VERSION"
-    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
-fi
 
 target_dir=${CARGO_TARGET_DIR:-target}
 case $profile in

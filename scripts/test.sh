@@ -22,6 +22,13 @@ command -v conntrack >/dev/null || need+=(conntrack)
 command -v ping >/dev/null || need+=(iputils-ping)
 # A C++ compiler: libfuzzer-sys builds libFuzzer for the fuzz smoke run (fuzz/README.md).
 command -v c++ >/dev/null || need+=(g++)
+# The packaging test (crates/flowgate/tests/packaging.rs): dpkg-dev for dpkg-shlibdeps (the
+# package's library dependencies) and binutils' strip, groff to check the man pages, systemd for
+# systemd-analyze verify on the unit.
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v strip >/dev/null || need+=(binutils)
+command -v groff >/dev/null || need+=(groff-base)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2
@@ -33,6 +40,8 @@ if ((${#need[@]})); then
 fi
 
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+# cargo-deb, at the version packaging/build-deb.sh pins, for the packaging test.
+packaging/build-deb.sh --tools-only
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
