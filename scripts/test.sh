@@ -22,13 +22,15 @@ command -v conntrack >/dev/null || need+=(conntrack)
 command -v ping >/dev/null || need+=(iputils-ping)
 # A C++ compiler: libfuzzer-sys builds libFuzzer for the fuzz smoke run (fuzz/README.md).
 command -v c++ >/dev/null || need+=(g++)
-# The packaging test (crates/flowgate/tests/packaging.rs): dpkg-dev for dpkg-shlibdeps (the
+# The packaging tests (crates/flowgate/tests/packaging.rs): dpkg-dev for dpkg-shlibdeps (the
 # package's library dependencies) and binutils' strip, groff to check the man pages, systemd for
-# systemd-analyze verify on the unit.
+# systemd-analyze verify on the unit, systemd-container for the nspawn container in which
+# packaging/systemd-check.sh runs the service under a real systemd.
 command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
 command -v strip >/dev/null || need+=(binutils)
 command -v groff >/dev/null || need+=(groff-base)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2

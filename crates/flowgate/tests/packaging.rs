@@ -4,10 +4,11 @@
 //! The package is made from the debug binaries this test run already built (`--dev
 //! --no-build`): a release build would add minutes to the suite, and what is checked here (the
 //! files, their places, the dpkg database, the unit, the pages) does not depend on the
-//! profile. It is built twice, and the two must be byte-identical (reproducible). Needs root
-//! (dpkg sets owners) and dpkg, dpkg-dev, binutils, groff, systemd (for `systemd-analyze`);
-//! `scripts/test.sh` installs them, and cargo-deb. The temporary root goes on drop, also when
-//! the test fails.
+//! profile. It is built twice, and the two must be byte-identical (reproducible). A second test
+//! runs the package under a real systemd in a container (`packaging/systemd-check.sh`). Needs
+//! root (dpkg sets owners, containers) and dpkg, dpkg-dev, binutils, groff, systemd (for
+//! `systemd-analyze`), systemd-container (systemd-nspawn); `scripts/test.sh` installs them, and
+//! cargo-deb. Temporary roots, mounts and containers go also when a test fails.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -279,6 +280,26 @@ fn the_deb_installs_every_file_where_it_says_and_builds_reproducibly() {
     for f in &expected {
         assert!(!root.join(f).exists(), "{f} is still there after a purge");
     }
+}
+
+/// The packaged service under a real systemd: `packaging/systemd-check.sh` boots this machine's
+/// own system in a systemd-nspawn container (read-only root under a throwaway overlay, private
+/// network), installs the .deb and checks start (READY, capabilities, the sandbox), traffic,
+/// reload, stop, a SIGKILL and the restart, the legacy iptables backend, control_group and
+/// purge. About 20 s.
+#[test]
+fn the_packaged_service_starts_reloads_stops_and_restarts_under_systemd() {
+    require!("dpkg-deb", "dpkg-shlibdeps", "strip", "systemd-nspawn", "nsenter", "mount");
+    let tmp = TempDir::new("systemd");
+    let deb = build_deb(&tmp.0.join("deb"));
+    let out = Command::new(repo().join("packaging/systemd-check.sh")).arg(&deb).output().expect("run systemd-check.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l == "ALL PASSED"),
+        "packaging/systemd-check.sh: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `systemd-analyze verify` on the installed unit, in a copy whose flowgate commands point into
