@@ -2,8 +2,9 @@
 //! commit the binary was built from and the target it was built for.
 //!
 //! The commit comes from `FLOWGATE_COMMIT` when set (a packager building from a tarball can name
-//! it), else from `git rev-parse HEAD` in the source tree; without git, or outside a repository
-//! (a build from a source tarball), it is "unknown" and the build goes on. It touches nothing but
+//! it), else from `git rev-parse HEAD` in the source tree; without git, or outside a git
+//! checkout of flowgate (a build from a source tarball, also one unpacked inside some other
+//! repository), it is "unknown" and the build goes on. It touches nothing but
 //! git's read-only commands and cargo's instructions on stdout.
 
 use std::path::Path;
@@ -14,10 +15,13 @@ fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
     let commit = match std::env::var("FLOWGATE_COMMIT") {
         Ok(c) if !c.trim().is_empty() => c.trim().to_string(),
-        _ => {
+        // Only a checkout of flowgate itself names the commit: a tarball unpacked inside some
+        // other repository's work tree must not take that repository's commit.
+        _ if git(Path::new(&dir), &["ls-files", "--error-unmatch", "build.rs"]).is_some() => {
             watch_head(Path::new(&dir));
             git(Path::new(&dir), &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into())
         }
+        _ => "unknown".into(),
     };
     println!("cargo:rustc-env=FLOWGATE_COMMIT={commit}");
     // Always set by cargo for build scripts; the fallback only keeps a hand-run build working.
