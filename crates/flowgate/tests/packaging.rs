@@ -88,8 +88,13 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// One package build at a time: every build writes the generated pages and completions to the
+/// same place (`target/debug/packaging`, where cargo-deb reads them).
+static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Builds the .deb into `dir` (debug binaries, no build); returns its path.
 fn build_deb(dir: &Path) -> PathBuf {
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     // The man page generator, built with this test (asked for so that it is).
     assert!(Path::new(env!("CARGO_BIN_EXE_flowgate-gen")).exists());
     ok(
