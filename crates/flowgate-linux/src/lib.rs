@@ -12,8 +12,11 @@
 //!   updates and deletion of entries.
 //! - [`sockdiag`]: local TCP and UDP sockets: list them, destroy one to cut its connection at once.
 //! - [`ifname`]: interface index → name, cached.
+//! - [`bpf`]: the `bpf()` syscall, as far as `flowgate check` probes it (load a no-op program,
+//!   attach it to a raw tracepoint); nothing uses BPF yet.
 //! - `netlink` (private): the netlink framing of nfqueue, conntrack and sockdiag, written by hand.
 
+pub mod bpf;
 pub mod conntrack;
 pub mod ifname;
 pub mod netfilter;

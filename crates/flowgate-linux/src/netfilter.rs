@@ -208,14 +208,20 @@ impl Tools {
 }
 
 fn find_program(name: &str) -> PathBuf {
+    find_program_in(name, &search_dirs()).unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Where [`Tools::default`] looks for a program, in order: the absolute entries of `PATH`, then
+/// `/usr/local/sbin`, `/usr/sbin` and `/sbin`.
+pub fn search_dirs() -> Vec<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let fallback = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
-    std::env::split_paths(&path)
-        .filter(|dir| dir.is_absolute())
-        .chain(fallback)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-        .unwrap_or_else(|| PathBuf::from(name))
+    std::env::split_paths(&path).filter(|dir| dir.is_absolute()).chain(fallback).collect()
+}
+
+/// The first executable file called `name` in `dirs`.
+pub fn find_program_in(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
+    dirs.iter().map(|dir| dir.join(name)).find(|candidate| is_executable(candidate))
 }
 
 fn is_executable(path: &Path) -> bool {

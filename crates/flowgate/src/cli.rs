@@ -4,7 +4,7 @@
 //! happens; every failure prints one message naming what was wrong and where, and exits
 //! non-zero. Subcommands: `run` (the daemon); `flows`, `block`, `allow`, `reload` (talk to a
 //! running daemon over its control socket); `cleanup` (after a killed daemon); `rules check`;
-//! `replay`.
+//! `replay`; `check` (what this host's kernel offers, before anything is installed: `check.rs`).
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,10 @@ pub const VERSION: &str =
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// The most verbose daemon diagnostics shown on stderr (not flow events): off, error, warn,
+    /// info, debug or trace. Under systemd each line carries its journal priority.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "info", value_parser = crate::diag::parse_level)]
+    pub log_level: log::LevelFilter,
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,6 +99,17 @@ pub enum Command {
     Cleanup {
         #[command(flatten)]
         target: DaemonTarget,
+    },
+    /// Tell which kernel features this host has and what each missing one costs, before
+    /// anything is installed (probes run in a private network namespace; the host is left as it
+    /// was). Exit status 0 when `flowgate run` can filter, 1 when it cannot, 2 on usage errors.
+    Check {
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The config `flowgate run` would use (for its run_dir).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Work with rule files.
     Rules {
@@ -189,6 +204,7 @@ pub fn main() -> ExitCode {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    crate::diag::init(cli.log_level);
     match cli.command {
         Command::Rules { command: RulesCommand::Check { file, json, strict } } => rules_check(&file, json, strict),
         Command::Replay { capture, config, json } => replay_cmd(&capture, config.as_deref(), json),
@@ -199,6 +215,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Block { select, target } => verdict_cmd("block", &select, &target),
         Command::Allow { select, target } => verdict_cmd("allow", &select, &target),
         Command::Reload { target } => reload_cmd(&target),
+        Command::Check { json, config } => crate::check::command(config.as_deref(), json),
     }
 }
 
@@ -219,7 +236,7 @@ fn run_cmd(path: Option<&Path>) -> ExitCode {
         },
     };
     for w in &config.warnings {
-        eprintln!("{w}");
+        log::warn!("{w}");
     }
     match crate::daemon::run(&config) {
         Ok(()) => ExitCode::SUCCESS,

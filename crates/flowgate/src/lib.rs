@@ -6,8 +6,10 @@
 //! plane of `flowgate-linux`. The library half exists so tests, benchmarks and products that
 //! embed the filter (`daemon::Running`) call the same code the binary runs.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod diag;
 pub mod protocol;
 pub mod replay;

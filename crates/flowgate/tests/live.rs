@@ -361,8 +361,23 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     lab.host.run_ok(&["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
     lab.host.run_ok(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "69", "-j", "DROP"]);
     lab.host.run_ok(&["ip6tables", "-A", "FORWARD", "-p", "tcp", "--dport", "25", "-j", "DROP"]);
+    // Tables with no rule and only ACCEPT policies filter nothing; flowgate leaves an empty
+    // mangle table where none was (iptables cannot delete a table).
     let rules = |cmd: &str| -> String {
-        lab.host.run_ok(&[cmd]).lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
+        let saved = lab.host.run_ok(&[cmd]);
+        let mut out = String::new();
+        for table in saved.split_inclusive("COMMIT\n") {
+            let lines: Vec<&str> = table.lines().filter(|l| !l.starts_with('#')).collect();
+            let empty = lines.iter().all(|l| {
+                l.starts_with('*')
+                    || *l == "COMMIT"
+                    || (l.starts_with(':') && l.split_whitespace().nth(1) == Some("ACCEPT"))
+            });
+            if !empty {
+                lines.iter().for_each(|l| out.push_str(&format!("{l}\n")));
+            }
+        }
+        out
     };
     let before4 = rules("iptables-save");
     let before6 = rules("ip6tables-save");
@@ -1822,4 +1837,115 @@ fn a_packet_rule_cuts_a_tunnel_off_at_once_while_other_interfaces_go_on() {
     // never became a flow there.
     let flows_7012 = ev.iter().filter(|e| e["event"] == "flow.new" && e["flow"]["remote"] == "192.0.2.2:7012").count();
     assert_eq!(flows_7012, 1, "only the connection made before the cut is a flow");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemon diagnostics: levels, and journal priorities
+// ---------------------------------------------------------------------------------------------
+
+/// Starts `flowgate <args> run --config <tmp>/flowgate.toml` in the lab's host namespace with
+/// its stderr on a pipe made here; returns the child, the pipe's read end and the directory.
+fn spawn_with_stderr_pipe(lab: &Lab, tag: &str, args: &[&str], journal: bool) -> (Child, std::fs::File, PathBuf) {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::temp_dir().join(format!("flowgate-live-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("flowgate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 1\n",
+            dir.join("run").display(),
+            dir.join("events.jsonl").display()
+        ),
+    )
+    .expect("config");
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    let read = std::fs::File::from(read);
+    let write = std::fs::File::from(write);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.host.name, env!("CARGO_BIN_EXE_flowgate")])
+        .args(args)
+        .arg("run")
+        .arg("--config")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(write));
+    if journal {
+        // What systemd sets when stderr is the journal: the stream's device and inode.
+        let meta = read.metadata().expect("pipe metadata");
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    } else {
+        cmd.env_remove("JOURNAL_STREAM");
+    }
+    let child = cmd.spawn().expect("spawn flowgate");
+    (child, read, dir)
+}
+
+#[test]
+fn diagnostics_carry_journal_priorities_when_stderr_is_the_journal() {
+    require_root!();
+    let lab = Lab::new("journal");
+    let (mut child, read, dir) = spawn_with_stderr_pipe(&lab, "journal", &["--log-level", "info"], true);
+    let mut lines = BufReader::new(read).lines().map_while(Result::ok);
+    let ready = lines.by_ref().find(|l| l.contains("ready:")).expect("a ready line");
+    assert!(ready.starts_with("<6>ready: "), "{ready}");
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP);
+    let reloaded = lines.by_ref().find(|l| l.contains("SIGHUP")).expect("a reload line");
+    assert!(reloaded.starts_with("<6>SIGHUP: reloaded"), "{reloaded}");
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let rest: Vec<String> = lines.collect();
+    assert!(child.wait().expect("wait").success());
+    assert!(rest.iter().any(|l| l.starts_with("<6>SIGTERM: stopping")), "{rest:?}");
+    assert!(rest.iter().any(|l| l == "<6>stopped; rules removed"), "{rest:?}");
+    assert!(rest.iter().all(|l| l.starts_with('<')), "every line has its priority: {rest:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn log_level_error_keeps_a_healthy_daemon_quiet_and_debug_says_more() {
+    require_root!();
+    let lab = Lab::new("loglevel");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    // error: nothing at all from a start, some traffic and a stop.
+    let (mut child, read, dir) = spawn_with_stderr_pipe(&lab, "loglevel", &["--log-level", "error"], false);
+    let collector = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = BufReader::new(read).read_to_string(&mut all);
+        all
+    });
+    // No ready line to wait for: the control socket answers once filtering.
+    let run_dir = dir.join("run");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rd = run_dir.clone();
+        let request = flowgate::protocol::Request::new(flowgate::protocol::Command::Stats);
+        if lab.host.in_ns(move || flowgate::daemon::control::request(&rd, &request)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not answer within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7")).is_ok()), "it filters");
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    assert!(child.wait().expect("wait").success());
+    let said = collector.join().expect("collector");
+    assert_eq!(said, "", "a healthy daemon at --log-level error says nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+    // debug: the enforcer and conntrack syncs say what they do.
+    let (mut child, read, dir) = spawn_with_stderr_pipe(&lab, "loglevel2", &["--log-level", "debug"], false);
+    let mut lines = BufReader::new(read).lines().map_while(Result::ok);
+    assert!(lines.by_ref().any(|l| l.starts_with("flowgate: ready: ")), "info lines still show");
+    // A fresh listing makes the conntrack watcher sync now.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.host.name, env!("CARGO_BIN_EXE_flowgate"), "flows", "--fresh", "--run-dir"])
+        .arg(dir.join("run"))
+        .output()
+        .expect("flows --fresh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lines.by_ref().any(|l| l.starts_with("flowgate: conntrack sync took ")), "a debug line");
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    assert!(child.wait().expect("wait").success());
+    let _ = std::fs::remove_dir_all(&dir);
 }

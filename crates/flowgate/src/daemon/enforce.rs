@@ -116,7 +116,7 @@ impl Enforcer {
         let mut diag = match SockDiag::open() {
             Ok(d) => Some(d),
             Err(e) => {
-                eprintln!("flowgate: sock_diag unavailable ({e}): blocked connections end at their next packet");
+                log::warn!("sock_diag unavailable ({e}): blocked connections end at their next packet");
                 None
             }
         };
@@ -125,8 +125,9 @@ impl Enforcer {
             .name("flowgate-enforce".into())
             .spawn(move || {
                 for e in rx {
-                    if let Err(err) = enforce(&mut ct, diag.as_mut(), &e, engines, false) {
-                        eprintln!("flowgate: {err}");
+                    match enforce(&mut ct, diag.as_mut(), &e, engines, false) {
+                        Ok(()) => log::debug!("enforced {:?} on flow {}", e.action, e.flow.id),
+                        Err(err) => log::warn!("{err}"),
                     }
                 }
             })

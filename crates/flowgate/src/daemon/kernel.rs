@@ -268,9 +268,10 @@ impl Sync {
                 continue;
             }
             let began = StdInstant::now();
-            if let Err(e) = self.sync_once() {
+            match self.sync_once() {
+                Ok(()) => log::debug!("conntrack sync took {:.1} ms", began.elapsed().as_secs_f64() * 1e3),
                 // A failed dump is retried at the next interval; the engines keep their flows.
-                eprintln!("flowgate: conntrack sync: {e}");
+                Err(e) => log::warn!("conntrack sync: {e}"),
             }
             for w in waiting {
                 let _ = w.try_send(());

@@ -110,13 +110,13 @@ pub fn run(config: &Config) -> Result<(), String> {
     // measured 2-6 ms). Small pages spread that cost out.
     // SAFETY: this prctl only sets a flag of this process; it takes no pointers.
     if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
-        eprintln!("flowgate: cannot turn transparent huge pages off: {}", std::io::Error::last_os_error());
+        log::warn!("cannot turn transparent huge pages off: {}", std::io::Error::last_os_error());
     }
     // Under systemd (`Type=notify`), the service manager learns when filtering starts, when a
     // reload begins and ends, and when the daemon stops. A product embedding `Running` owns its
     // process's readiness and notifies for itself.
     let notifier = notify::Notifier::from_env().unwrap_or_else(|e| {
-        eprintln!("flowgate: {e}; the service manager will not be told when flowgate is ready");
+        log::warn!("{e}; the service manager will not be told when flowgate is ready");
         None
     });
     let running = Running::start(config, None)?;
@@ -132,11 +132,11 @@ pub fn run(config: &Config) -> Result<(), String> {
                 }
                 let status = match running.reload() {
                     Ok(n) => {
-                        eprintln!("flowgate: SIGHUP: reloaded {}: {n} rules", config.path.display());
+                        log::info!("SIGHUP: reloaded {}: {n} rules", config.path.display());
                         rules(n)
                     }
                     Err(e) => {
-                        eprintln!("flowgate: SIGHUP: {e}; the rules in force are unchanged");
+                        log::error!("SIGHUP: {e}; the rules in force are unchanged");
                         format!("filtering; the last reload failed: {e}")
                     }
                 };
@@ -154,7 +154,7 @@ pub fn run(config: &Config) -> Result<(), String> {
             }
         }
     };
-    eprintln!("flowgate: {signal}: stopping");
+    log::info!("{signal}: stopping");
     if let Some(n) = &notifier {
         n.stopping();
     }
@@ -256,8 +256,8 @@ impl Running {
             }
         };
         let covered = spec.packet.interfaces.iter().map(describe_covered).collect::<Vec<_>>();
-        eprintln!(
-            "flowgate: ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}",
+        log::info!(
+            "ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}",
             live.queues,
             if live.queues == 1 { "" } else { "s" },
             live.first_queue,
@@ -339,8 +339,8 @@ impl Running {
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                eprintln!(
-                    "flowgate: the event log did not take the last events within 5 s (is its reader stuck?); they are lost"
+                log::error!(
+                    "the event log did not take the last events within 5 s (is its reader stuck?); they are lost"
                 );
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => errors.push("the event writer panicked".into()),
@@ -350,7 +350,7 @@ impl Running {
             let _ = flowgate_linux::conntrack::set_accounting(false);
         }
         if errors.is_empty() {
-            eprintln!("flowgate: stopped; rules removed");
+            log::info!("stopped; rules removed");
             Ok(())
         } else {
             Err(errors.join("; "))
@@ -524,7 +524,7 @@ fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Res
     let found = match adopt::find(config.live.loopback) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("flowgate: cannot list existing connections ({e}); each is judged at its next packet");
+            log::warn!("cannot list existing connections ({e}); each is judged at its next packet");
             return Ok(0);
         }
     };
@@ -554,7 +554,7 @@ fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Res
     for engine in engines.iter_mut() {
         while let Some(x) = engine.poll_enforce() {
             if let Err(e) = enforce::enforce(&mut ct, diag.as_mut(), &x, n, true) {
-                eprintln!("flowgate: {e}");
+                log::warn!("{e}");
             }
         }
     }
@@ -844,8 +844,8 @@ fn write_events(rx: mpsc::Receiver<Event>, mut sink: Sink, stats: &WriterStats) 
     let mut failed = |e: std::io::Error, stats: &WriterStats| {
         stats.failed.fetch_add(1, Ordering::Relaxed);
         if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            eprintln!(
-                "flowgate: writing events failed ({e}); {} events lost so far, filtering goes on",
+            log::warn!(
+                "writing events failed ({e}); {} events lost so far, filtering goes on",
                 stats.failed.load(Ordering::Relaxed)
             );
             said = Some(StdInstant::now());

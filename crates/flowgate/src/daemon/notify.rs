@@ -5,7 +5,7 @@
 //!
 //! It touches the `NOTIFY_SOCKET` variable (read once, at start) and one unbound Unix datagram
 //! socket; nothing when the variable is unset (run by hand, or by a manager that does not ask).
-//! A notification that cannot be sent is said on stderr and costs nothing else: filtering never
+//! A notification that cannot be sent is logged (a warning) and costs nothing else: filtering never
 //! depends on the service manager.
 //!
 //! Written on std's `UnixDatagram` rather than with the `sd-notify` crate: sd-notify 0.5
@@ -79,7 +79,7 @@ impl Notifier {
 
     fn send(&self, message: &str) {
         if let Err(e) = self.send_raw(message) {
-            eprintln!("flowgate: cannot notify the service manager at {}: {e}", self.name);
+            log::warn!("cannot notify the service manager at {}: {e}", self.name);
         }
     }
 

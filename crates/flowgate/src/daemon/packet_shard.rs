@@ -188,8 +188,8 @@ impl PacketWorker {
                 continue;
             }
             self.faults_said = Some(StdInstant::now());
-            eprintln!(
-                "flowgate: packet queue {}: packet filter `{}` faulted in `{}` ({:?}); the packet got the fail mode's verdict ({} faults so far)",
+            log::warn!(
+                "packet queue {}: packet filter `{}` faulted in `{}` ({:?}); the packet got the fail mode's verdict ({} faults so far)",
                 self.queue.num(),
                 f.provider,
                 f.call,

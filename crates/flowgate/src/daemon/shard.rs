@@ -106,7 +106,7 @@ pub(crate) fn spawn_worker(
         super::foreground();
         let result = run();
         if let Err(e) = &result {
-            eprintln!("flowgate: {what} worker stopped: {e}");
+            log::error!("{what} worker stopped: {e}");
         }
         result
     })
@@ -324,8 +324,8 @@ impl Worker {
         // Say so, at most every ten seconds: events are lost, but judging goes on.
         let said = self.drops_said.map_or(0, |(_, n)| n);
         if self.events_dropped > said && self.drops_said.is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(10)) {
-            eprintln!(
-                "flowgate: queue {}: {} events dropped so far: the event log cannot keep up (filtering goes on)",
+            log::warn!(
+                "queue {}: {} events dropped so far: the event log cannot keep up (filtering goes on)",
                 self.queue.num(),
                 self.events_dropped
             );
@@ -368,7 +368,7 @@ impl Worker {
                 0 => String::new(),
                 n => format!("; {n} more faults since the last report"),
             };
-            eprintln!("flowgate: provider `{}` {what} in {}{flow}: the flow is {mode}{more}", f.provider, f.call);
+            log::warn!("provider `{}` {what} in {}{flow}: the flow is {mode}{more}", f.provider, f.call);
             self.faults_said = Some(StdInstant::now());
         }
     }
