@@ -26,6 +26,15 @@ command -v c++ >/dev/null || need+=(g++)
 # the Python modules below.
 /usr/bin/python3 -c 'import jsonschema' 2>/dev/null || need+=(python3-jsonschema)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+# The packaging tests (crates/flowgate/tests/packaging.rs): dpkg-dev for dpkg-shlibdeps (the
+# package's library dependencies) and binutils' strip, groff to check the man pages, systemd for
+# systemd-analyze verify on the unit, systemd-container for the nspawn container in which
+# packaging/systemd-check.sh runs the service under a real systemd.
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v strip >/dev/null || need+=(binutils)
+command -v groff >/dev/null || need+=(groff-base)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2
@@ -48,6 +57,8 @@ fi
 scripts/eve-schema.sh >/dev/null
 
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+# cargo-deb, at the version packaging/build-deb.sh pins, for the packaging test.
+packaging/build-deb.sh --tools-only
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

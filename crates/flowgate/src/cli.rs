@@ -20,8 +20,14 @@ use crate::config::{self, Config};
 use crate::protocol::{Command as Ask, Request, Select};
 use crate::replay;
 
+/// What `flowgate --version` says after the name: the crate's version, the git commit the binary
+/// was built from ("unknown" when built outside a git checkout) and the target it was built for
+/// (see `build.rs`).
+pub const VERSION: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FLOWGATE_COMMIT"), ", ", env!("FLOWGATE_TARGET"), ")");
+
 #[derive(Parser, Debug)]
-#[command(name = "flowgate", version, about = "A network content filter: judges every flow of a host", long_about = None)]
+#[command(name = "flowgate", version = VERSION, about = "A network content filter: judges every flow of a host", long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

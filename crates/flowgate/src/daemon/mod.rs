@@ -22,6 +22,7 @@ pub mod control;
 mod enforce;
 mod kernel;
 mod lock;
+pub mod notify;
 mod packet_shard;
 mod registry;
 mod shard;
@@ -113,23 +114,54 @@ pub fn run(config: &Config) -> Result<(), String> {
     if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
         log::warn!("cannot turn transparent huge pages off: {}", std::io::Error::last_os_error());
     }
+    // Under systemd (`Type=notify`), the service manager learns when filtering starts, when a
+    // reload begins and ends, and when the daemon stops. A product embedding `Running` owns its
+    // process's readiness and notifies for itself.
+    let notifier = notify::Notifier::from_env().unwrap_or_else(|e| {
+        log::warn!("{e}; the service manager will not be told when flowgate is ready");
+        None
+    });
     let running = Running::start(config, None)?;
+    let rules = |n: usize| format!("filtering, {n} rule{}", if n == 1 { "" } else { "s" });
+    if let Some(n) = &notifier {
+        n.ready(&rules(config.rules.rules.len()));
+    }
     let signal = loop {
         match signals.wait() {
-            Ok(Signal::SIGHUP) => match running.reload() {
-                Ok(n) => log::info!("SIGHUP: reloaded {}: {n} rules", config.path.display()),
-                Err(e) => log::error!("SIGHUP: {e}; the rules in force are unchanged"),
-            },
+            Ok(Signal::SIGHUP) => {
+                if let Some(n) = &notifier {
+                    n.reloading();
+                }
+                let status = match running.reload() {
+                    Ok(n) => {
+                        log::info!("SIGHUP: reloaded {}: {n} rules", config.path.display());
+                        rules(n)
+                    }
+                    Err(e) => {
+                        log::error!("SIGHUP: {e}; the rules in force are unchanged");
+                        format!("filtering; the last reload failed: {e}")
+                    }
+                };
+                if let Some(n) = &notifier {
+                    n.ready(&status);
+                }
+            }
             // logrotate: the writer opens the log's path anew (and says so on stderr).
             Ok(Signal::SIGUSR1) => running.reopen_log(),
             Ok(s) => break s,
             Err(e) => {
+                if let Some(n) = &notifier {
+                    n.stopping();
+                }
                 let _ = running.stop();
                 return Err(format!("waiting for signals: {e}"));
             }
         }
     };
     log::info!("{signal}: stopping");
+    if let Some(n) = &notifier {
+        n.stopping();
+    }
     running.stop()
 }
 
