@@ -241,7 +241,7 @@ fn the_deb_installs_every_file_where_it_says_and_builds_reproducibly() {
     assert_eq!(c.rules.default_action.name(), "allow");
     assert!(c.fail == flowgate::config::FailMode::Open, "the shipped config fails closed");
     assert!(c.rules.rules.is_empty(), "the shipped config has rules");
-    assert_eq!(c.live.log.as_deref(), Some(Path::new("/var/log/flowgate/events.jsonl")));
+    assert_eq!(c.live.log, flowgate::config::LogTarget::File("/var/log/flowgate/events.jsonl".into()));
     assert_eq!(c.live.run_dir, Path::new("/run/flowgate"));
 
     // Man pages: valid roff, without a single groff warning.
