@@ -90,7 +90,9 @@ impl MetricsAddr {
             return Ok(MetricsAddr::Unix(PathBuf::from(text)));
         }
         match text.parse::<std::net::SocketAddr>() {
-            Ok(a) if a.port() == 0 => Err(format!("`{text}`: port 0 would be a random port; give the port to serve on")),
+            Ok(a) if a.port() == 0 => {
+                Err(format!("`{text}`: port 0 would be a random port; give the port to serve on"))
+            }
             Ok(a) => Ok(MetricsAddr::Tcp(a)),
             Err(_) => Err(format!(
                 "`{text}` is neither an address:port (an IP address, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\") nor an absolute path to a Unix socket"
