@@ -197,7 +197,7 @@ fn accept_loop(listener: &Listener, wake: &EventFd, stop: &AtomicBool, stats: &A
             if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
                 active.fetch_sub(1, Ordering::AcqRel);
                 let mut conn = conn;
-                conn.set_timeouts(Duration::from_millis(100));
+                conn.set_timeouts(Duration::from_millis(10));
                 let _ = respond(
                     &mut conn,
                     503,
@@ -205,6 +205,8 @@ fn accept_loop(listener: &Listener, wake: &EventFd, stop: &AtomicBool, stats: &A
                     &[("Retry-After", "1")],
                     "too many scrapes at once\n",
                 );
+                // A short linger, on this thread: it must not wait on a client for long.
+                linger(conn, Duration::from_millis(10));
                 continue;
             }
             let (stats, slot) = (stats.clone(), active.clone());
@@ -240,6 +242,36 @@ impl Conn {
         match self {
             Conn::Tcp(c) => c.set_read_timeout(Some(d)),
             Conn::Unix(c) => c.set_read_timeout(Some(d)),
+        }
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Conn::Tcp(c) => c.shutdown(std::net::Shutdown::Write),
+            Conn::Unix(c) => c.shutdown(std::net::Shutdown::Write),
+        };
+    }
+}
+
+/// Most bytes read from a client after its answer, while waiting for it to close.
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Closes after the answer without losing it: the write side first, then what the client still
+/// sends is read and thrown away (for at most `wait` and [`LINGER_BYTES`]). Closing a TCP socket
+/// with unread bytes would send a reset, and the client could lose the answer to it.
+fn linger(mut conn: Conn, wait: Duration) {
+    conn.shutdown_write();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_read_timeout(left).is_err() {
+            return;
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
         }
     }
 }
@@ -353,7 +385,7 @@ fn route(head: &[u8]) -> Result<Status, Refused> {
 
 fn answer(mut conn: Conn, stats: &StatsFn) {
     let routed = read_head(&mut conn).and_then(|head| route(&head));
-    let _ = match routed {
+    let answered = match routed {
         Ok(Status { code: 200, reason, headers }) => {
             let body = render(&stats());
             respond(&mut conn, 200, reason, headers, &body)
@@ -368,6 +400,9 @@ fn answer(mut conn: Conn, stats: &StatsFn) {
         }
         Err(Refused::Malformed) => respond(&mut conn, 400, "Bad Request", &[], "not an HTTP/1 request\n"),
     };
+    if answered.is_ok() {
+        linger(conn, Duration::from_millis(500));
+    }
 }
 
 fn respond(conn: &mut Conn, status: u16, reason: &str, headers: &[(&str, &str)], body: &str) -> std::io::Result<()> {
