@@ -1559,6 +1559,12 @@ fn metrics_over_http_count_what_was_judged_and_a_silent_client_holds_up_no_scrap
     assert_eq!(types.get("flowgate_flows_judged").map(String::as_str), Some("counter"));
     assert!(metric(&samples, "flowgate_flows_live", &[]) >= 1.0, "the long-lived connection is live");
     assert!(metric(&samples, "flowgate_flows_opened_total", &[]) >= 6.0);
+    // A worker publishes a flow's opening and its first verdict together: they always agree.
+    assert_eq!(
+        metric(&samples, "flowgate_flows_judged_total", &[]),
+        metric(&samples, "flowgate_flows_opened_total", &[]),
+        "every flow opened has its first verdict counted"
+    );
     assert!(check_latency_histogram(&types, &samples) >= 6.0, "one judged packet per flow at least");
     assert!(metric(&samples, "flowgate_queue_packets_total", &[("stage", "flow")]) >= 6.0);
     assert!(metric(&samples, "flowgate_queue_rule_packets_total", &[("stage", "flow")]) >= 6.0);

@@ -35,7 +35,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde::Serialize;
 
 use super::clock::Clock;
-use super::tally::{Counts, LIST_PUBLISH_EVERY, Tally};
+use super::tally::{Counts, Tally};
 
 /// How long a stopping worker waits for the event writer to take its last events.
 const LAST_EVENTS_WAIT: Duration = Duration::from_secs(2);
@@ -250,9 +250,6 @@ impl Worker {
             if self.pending.is_some() {
                 wait = wait.min(Duration::from_millis(1));
             }
-            if self.tally.lists_pending() {
-                wait = wait.min(LIST_PUBLISH_EVERY);
-            }
             wait_for_work(&self.queue, &self.wake, wait).map_err(|e| format!("queue {num}: poll failed: {e}"))?;
             let now = self.links.clock.now();
             self.engine.handle_commands(now);
@@ -311,7 +308,7 @@ impl Worker {
             self.report_faults();
             // Once per wake-up (the lock is this worker's own, taken by `flowgate stats` now and
             // then), so the counters are never older than the worker's last work.
-            self.publish(false);
+            self.publish();
         }
         // Held packets must not stall the kernel queue past our exit; they get the fail mode's
         // verdict, as packets do while no daemon answers.
@@ -322,7 +319,7 @@ impl Worker {
         self.queue.flush().map_err(|e| e.to_string())?;
         self.engine.close_all(self.links.clock.now());
         self.hand_off(true);
-        self.publish(true);
+        self.publish();
         Ok(())
     }
 
@@ -400,9 +397,9 @@ impl Worker {
         }
     }
 
-    fn publish(&mut self, last: bool) {
+    fn publish(&mut self) {
         let mut s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-        self.tally.publish(&mut s.counts, last);
+        self.tally.publish(&mut s.counts);
         s.engine = self.engine.stats();
         s.footprint = self.engine.footprint();
         s.events_dropped = self.events_dropped;

@@ -9,14 +9,16 @@
 //! the worker hands to the writer, so once per flow or verdict change, never per packet.
 //!
 //! A rule's counts are keyed by the name the engine shares into its events: a rule's first
-//! verdict adds its entry (an `Arc` clone, once per rule), the next ones find it by hash. When a
-//! reload changes the rule set, the entries of rules that are gone are forgotten, so the names
-//! counted are those of the rules in force plus the engine's own `default`, `provider` and
-//! `kept`: bounded by the config, whatever the traffic. This room touches only its counters.
+//! verdict adds its entry (an `Arc` clone, once per rule), the next ones find it by hash. Only
+//! the entries that changed since the last wake-up are copied out, so publishing costs what the
+//! wake-up's new flows cost, however many rules there are. When a reload changes the rule set,
+//! the entries of rules that are gone are forgotten, so the names counted are those of the rules
+//! in force plus the engine's own `default`, `provider` and `kept`: bounded by the config,
+//! whatever the traffic. This room touches only its counters.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowgate_core::FlowVerdict;
 use flowgate_core::event::{CloseReason, EventKind, RuleName, UpdateSource};
@@ -49,10 +51,6 @@ pub(crate) const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_NS.len() + 1;
 
 /// Names the engine gives verdicts no rule gave (see `flowgate_core::Engine`).
 pub(crate) const ENGINE_RULE_NAMES: [&str; 3] = ["default", "provider", "kept"];
-
-/// How often a worker's counts by rule are copied out for `flowgate stats` while they change
-/// (copying clones one name per rule counted, so not after every wake-up of a busy worker).
-pub(crate) const LIST_PUBLISH_EVERY: Duration = Duration::from_millis(50);
 
 /// A histogram of verdict latencies: packets per bucket (not cumulative), their sum and count.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -147,6 +145,11 @@ impl RuleVerdicts {
             FlowVerdict::Inspect => self.inspect += 1,
             FlowVerdict::Pause => self.pause += 1,
         }
+    }
+
+    /// Takes `from`'s counts (same rule).
+    fn set_counts(&mut self, from: &RuleVerdicts) {
+        (self.allow, self.drop, self.inspect, self.pause) = (from.allow, from.drop, from.inspect, from.pause);
     }
 }
 
@@ -267,11 +270,13 @@ pub(crate) struct Tally {
     /// First verdicts by rule, and where each rule's entry is.
     rules: Vec<RuleVerdicts>,
     index: HashMap<RuleName, usize>,
+    /// Entries of `rules` changed since the last publication (each once: `changed_flag`).
+    changed: Vec<usize>,
+    changed_flag: Vec<bool>,
+    /// Entries were forgotten: the next publication copies them all.
+    renumbered: bool,
     /// The rule set whose names are counted (the engine's, compared by pointer).
     rule_set: Option<Arc<CompiledRules>>,
-    /// Whether `rules` changed since it was last published, and when it was.
-    unpublished: bool,
-    published_at: Option<Instant>,
 }
 
 impl Tally {
@@ -284,6 +289,7 @@ impl Tally {
                     Some(&i) => i,
                     None => {
                         self.rules.push(RuleVerdicts::new(rule.clone()));
+                        self.changed_flag.push(false);
                         self.index.insert(rule.clone(), self.rules.len() - 1);
                         self.rules.len() - 1
                     }
@@ -291,7 +297,12 @@ impl Tally {
                 if let Some(r) = self.rules.get_mut(i) {
                     r.count(*verdict);
                 }
-                self.unpublished = true;
+                if let Some(flag) = self.changed_flag.get_mut(i)
+                    && !*flag
+                {
+                    *flag = true;
+                    self.changed.push(i);
+                }
             }
             EventKind::FlowUpdate { verdict, source, .. } => self.updates.count(*verdict, *source),
             EventKind::FlowClosed { report, .. } => self.closed.count(report.reason),
@@ -316,26 +327,32 @@ impl Tally {
         self.rules.retain(|r| names.contains(&*r.rule));
         if self.rules.len() != before {
             self.index = self.rules.iter().enumerate().map(|(i, r)| (r.rule.clone(), i)).collect();
-            self.unpublished = true;
+            self.changed.clear();
+            self.changed_flag = vec![false; self.rules.len()];
+            self.renumbered = true;
         }
     }
 
-    /// Whether counts by rule wait to be published (the worker then wakes up in time).
-    pub(crate) fn lists_pending(&self) -> bool {
-        self.unpublished
-    }
-
-    /// Copies the counters into `to`; the counts by rule only if they changed, at most every
-    /// [`LIST_PUBLISH_EVERY`] unless `now_or_never` (the worker is stopping).
-    pub(crate) fn publish(&mut self, to: &mut Counts, now_or_never: bool) {
+    /// Copies the counters into `to`, which only this tally writes: of the counts by rule, the
+    /// new entries and those that changed (all of them after a reload forgot some).
+    pub(crate) fn publish(&mut self, to: &mut Counts) {
         to.latency = self.latency;
         to.updates = self.updates;
         to.closed = self.closed;
-        let due = self.published_at.is_none_or(|t| t.elapsed() >= LIST_PUBLISH_EVERY);
-        if self.unpublished && (due || now_or_never) {
+        if std::mem::take(&mut self.renumbered) {
             to.verdicts.clone_from(&self.rules);
-            self.unpublished = false;
-            self.published_at = Some(Instant::now());
+        }
+        // New entries are at the end, in order.
+        if let Some(new) = self.rules.get(to.verdicts.len()..) {
+            to.verdicts.extend_from_slice(new);
+        }
+        for i in self.changed.drain(..) {
+            if let (Some(out), Some(r)) = (to.verdicts.get_mut(i), self.rules.get(i)) {
+                out.set_counts(r);
+            }
+            if let Some(flag) = self.changed_flag.get_mut(i) {
+                *flag = false;
+            }
         }
     }
 }
@@ -436,7 +453,7 @@ mod tests {
         t.count(&EventKind::FlowClosed { flow: flow(), report: report(CloseReason::Fin) });
         t.count(&EventKind::FlowClosed { flow: flow(), report: report(CloseReason::Conntrack) });
         let mut out = Counts::default();
-        t.publish(&mut out, false);
+        t.publish(&mut out);
         let by: Vec<(&str, u64, u64)> = out.verdicts.iter().map(|r| (&*r.rule, r.allow, r.drop)).collect();
         assert_eq!(by, [("web", 0, 2), ("default", 1, 0)]);
         assert_eq!(out.updates.drop.handle, 1);
@@ -462,17 +479,17 @@ mod tests {
         }
         t.follow(&first);
         let mut out = Counts::default();
-        t.publish(&mut out, true);
+        t.publish(&mut out);
         assert_eq!(out.verdicts.len(), 5, "the same rule set forgets nothing");
         t.follow(&rules(&["b", "c"]));
-        assert!(t.lists_pending());
-        t.publish(&mut out, true);
+        assert!(t.renumbered, "all of them are copied next time");
+        t.publish(&mut out);
         let names: Vec<&str> = out.verdicts.iter().map(|r| &*r.rule).collect();
         assert_eq!(names, ["b", "default", "kept", "provider"]);
         // Counting goes on under the new names, through the rebuilt index.
         t.count(&verdict(FlowVerdict::Allow, &"c".into()));
         t.count(&verdict(FlowVerdict::Drop, &"b".into()));
-        t.publish(&mut out, true);
+        t.publish(&mut out);
         let by: Vec<(&str, u64, u64)> = out.verdicts.iter().map(|r| (&*r.rule, r.allow, r.drop)).collect();
         assert_eq!(by, [("b", 0, 2), ("default", 0, 1), ("kept", 0, 1), ("provider", 0, 1), ("c", 1, 0)]);
     }
@@ -487,8 +504,8 @@ mod tests {
         a.latency.record(us(3));
         b.latency.record(us(300));
         let (mut ca, mut cb) = (Counts::default(), Counts::default());
-        a.publish(&mut ca, true);
-        b.publish(&mut cb, true);
+        a.publish(&mut ca);
+        b.publish(&mut cb);
         let sum = Counts::sum([&ca, &cb]);
         let by: Vec<(&str, u64, u64)> = sum.verdicts.iter().map(|r| (&*r.rule, r.allow, r.drop)).collect();
         assert_eq!(by, [("x", 0, 2), ("default", 1, 0)]);
@@ -502,20 +519,25 @@ mod tests {
     }
 
     #[test]
-    fn counts_by_rule_are_published_at_most_every_interval_unless_forced() {
+    fn each_publication_copies_the_new_and_changed_counts_by_rule() {
         let mut t = Tally::default();
         let mut out = Counts::default();
         t.count(&verdict(FlowVerdict::Drop, &"a".into()));
-        t.publish(&mut out, false);
-        assert_eq!(out.verdicts.len(), 1, "the first change goes out at once");
+        t.publish(&mut out);
         t.count(&verdict(FlowVerdict::Drop, &"b".into()));
+        t.count(&verdict(FlowVerdict::Allow, &"a".into()));
+        t.count(&verdict(FlowVerdict::Allow, &"a".into()));
         t.latency.record(us(3));
-        t.publish(&mut out, false);
-        assert_eq!(out.verdicts.len(), 1, "the next waits for the interval");
-        assert_eq!(out.latency.count, 1, "plain counters go out every time");
-        assert!(t.lists_pending());
-        t.publish(&mut out, true);
-        assert_eq!(out.verdicts.len(), 2);
-        assert!(!t.lists_pending());
+        t.publish(&mut out);
+        let by: Vec<(&str, u64, u64)> = out.verdicts.iter().map(|r| (&*r.rule, r.allow, r.drop)).collect();
+        assert_eq!(by, [("a", 2, 1), ("b", 0, 1)]);
+        assert_eq!(out.latency.count, 1);
+        assert!(t.changed.is_empty() && t.changed_flag.iter().all(|f| !f), "nothing left to copy");
+        t.publish(&mut out);
+        assert_eq!(out.verdicts.len(), 2, "an idle publication changes nothing");
+        // A published entry was changed in place only by its own tally.
+        t.count(&verdict(FlowVerdict::Pause, &"b".into()));
+        t.publish(&mut out);
+        assert_eq!((out.verdicts[1].pause, out.verdicts[0].allow), (1, 2));
     }
 }
