@@ -359,14 +359,16 @@ fn print_flow_counts(out: &mut String, stats: &serde_json::Value) {
             "first verdicts by rule:\n  {:<24} {:>10} {:>10} {:>10} {:>10}\n",
             "RULE", "ALLOW", "DROP", "INSPECT", "PAUSE"
         ));
+        // Numbers, not JSON values: a value's Display ignores the column width.
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         for r in rules {
             out.push_str(&format!(
                 "  {:<24} {:>10} {:>10} {:>10} {:>10}\n",
                 r["rule"].as_str().unwrap_or("?"),
-                r["allow"],
-                r["drop"],
-                r["inspect"],
-                r["pause"]
+                n(&r["allow"]),
+                n(&r["drop"]),
+                n(&r["inspect"]),
+                n(&r["pause"])
             ));
         }
     }
