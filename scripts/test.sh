@@ -18,6 +18,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v conntrack >/dev/null || need+=(conntrack)
 # Crafted hostile packets (fragments, IPv6 extension headers, a spoofed SYN flood) in live tests.
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
+# The metrics live tests read /metrics with a real Prometheus text parser (prometheus_client's).
+/usr/bin/python3 -c 'import prometheus_client.parser' 2>/dev/null || need+=(python3-prometheus-client)
 # ping: the packet stage's live test counts echoes inside the tunnel.
 command -v ping >/dev/null || need+=(iputils-ping)
 # A C++ compiler: libfuzzer-sys builds libFuzzer for the fuzz smoke run (fuzz/README.md).

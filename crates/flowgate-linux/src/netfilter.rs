@@ -55,6 +55,15 @@
 //! its literal prefix (`t?n0` to `t+`, `*vpn` to every interface) and narrowed again in user
 //! space.
 //!
+//! ## Counters
+//!
+//! [`queue_rule_counters`] reads what the kernel counted for each of flowgate's NFQUEUE rules
+//! (`iptables -S -v`): every packet the rule matched, whatever became of it: taken by a queue,
+//! passed by `--queue-bypass` (no process bound, or a fail-open queue that was full or whose
+//! reader's socket was full; the kernel counts these nowhere else), or dropped by a full
+//! fail-closed queue. Set against what the queue workers received, this bounds what passed
+//! unjudged.
+//!
 //! ## Transactions
 //!
 //! Each family is installed with one `iptables-restore --noflush` run (chains, rules and jumps in
@@ -259,6 +268,8 @@ pub enum Step {
     RollingBack,
     /// Removing what was installed ([`Installed::remove`]).
     Removing,
+    /// Reading the counters of the rules ([`queue_rule_counters`]).
+    ReadingCounters,
 }
 
 impl fmt::Display for Step {
@@ -268,6 +279,7 @@ impl fmt::Display for Step {
             Step::Installing => "installing chains",
             Step::RollingBack => "rolling back",
             Step::Removing => "removing chains",
+            Step::ReadingCounters => "reading counters",
         })
     }
 }
@@ -395,6 +407,66 @@ pub fn install(spec: &ChainSpec, tools: &Tools) -> Result<Installed, NetfilterEr
 /// died). Returns whether anything was found. Both families are tried even if one fails.
 pub fn cleanup(tools: &Tools) -> Result<bool, NetfilterError> {
     remove_all(tools, Step::RemovingLeftovers)
+}
+
+/// What one of flowgate's NFQUEUE rules matched, as the kernel counts it (see "Counters" in the
+/// module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRuleCounter {
+    pub family: Family,
+    /// The table (`filter`: the flow chains; `mangle`: the packet stage's) and the chain.
+    pub table: &'static str,
+    pub chain: &'static str,
+    /// The queues the rule sends to: one, or a range balanced over.
+    pub queues: RangeInclusive<u16>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The counters of flowgate's NFQUEUE rules in both tables, for both families. Only reads; where
+/// flowgate's chains are not installed there is nothing to count.
+pub fn queue_rule_counters(tools: &Tools) -> Result<Vec<QueueRuleCounter>, NetfilterError> {
+    let mut out = Vec::new();
+    for family in Family::BOTH {
+        let (tool, program) = tools.lister(family);
+        for table in &TABLES {
+            let args = ["-w", "-t", table.name, "-S", "-v"];
+            let listing = run(tool, program, &args, None, family, Step::ReadingCounters)?;
+            out.extend(parse_queue_counters(table, family, &listing));
+        }
+    }
+    Ok(out)
+}
+
+/// The NFQUEUE rules of flowgate's chains in `iptables -S -v` output (`-A CHAIN ... -c PACKETS
+/// BYTES -j NFQUEUE --queue-num N` or `--queue-balance A:B`).
+fn parse_queue_counters(table: &Table, family: Family, listing: &str) -> Vec<QueueRuleCounter> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let args = split_args(line.trim().strip_prefix("-A ")?);
+            let chain = table.hooks.iter().map(|(_, c)| *c).find(|c| args.first().is_some_and(|a| a == c))?;
+            let after = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str());
+            if after("-j") != Some("NFQUEUE") {
+                return None;
+            }
+            let counts = args.windows(3).find(|w| w[0] == "-c")?;
+            let (packets, bytes) = (counts[1].parse().ok()?, counts[2].parse().ok()?);
+            let queues = match (after("--queue-num"), after("--queue-balance")) {
+                (Some(n), _) => {
+                    let n = n.parse().ok()?;
+                    n..=n
+                }
+                (None, Some(range)) => {
+                    let (a, b) = range.split_once(':')?;
+                    a.parse().ok()?..=b.parse().ok()?
+                }
+                // NFQUEUE without a number sends to queue 0.
+                (None, None) => 0..=0,
+            };
+            Some(QueueRuleCounter { family, table: table.name, chain, queues, packets, bytes })
+        })
+        .collect()
 }
 
 fn check_queues(queues: &RangeInclusive<u16>) -> Result<(), NetfilterError> {
@@ -798,6 +870,30 @@ mod tests {
 
     fn spec(queues: RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
         ChainSpec { queues, fail_open, loopback, packet: PacketChains::none() }
+    }
+
+    #[test]
+    fn queue_rule_counters_are_read_from_flowgates_chains_only() {
+        let listing = "-P OUTPUT ACCEPT -c 0 0\n-N FLOWGATE-OUT\n-N FLOWGATE-IN\n\
+-A OUTPUT -c 9 900 -j FLOWGATE-OUT\n\
+-A OUTPUT -c 5 500 -j NFQUEUE --queue-num 7\n\
+-A FLOWGATE-OUT -o lo -c 2 168 -j RETURN\n\
+-A FLOWGATE-OUT -m connmark --mark 0x40000/0x7c0000 -c 3 180 -j NFQUEUE --queue-num 0 --queue-bypass\n\
+-A FLOWGATE-OUT -c 12 840 -j NFQUEUE --queue-balance 0:1 --queue-bypass\n\
+-A FLOWGATE-IN -c 4 240 -j NFQUEUE\n";
+        let got = parse_queue_counters(&TABLES[0], Family::Ipv6, listing);
+        let short: Vec<(&str, RangeInclusive<u16>, u64, u64)> =
+            got.iter().map(|c| (c.chain, c.queues.clone(), c.packets, c.bytes)).collect();
+        assert_eq!(
+            short,
+            [(CHAIN_OUT, 0..=0, 3, 180), (CHAIN_OUT, 0..=1, 12, 840), (CHAIN_IN, 0..=0, 4, 240)],
+            "the host's own NFQUEUE rule in OUTPUT is not flowgate's"
+        );
+        assert!(got.iter().all(|c| c.family == Family::Ipv6 && c.table == "filter"));
+        let mangle = "-A FLOWGATE-PKT-IN -i tun+ -c 6 600 -j NFQUEUE --queue-balance 2:3\n";
+        let got = parse_queue_counters(&TABLES[1], Family::Ipv4, mangle);
+        assert_eq!((got[0].chain, got[0].queues.clone(), got[0].packets), (PACKET_IN, 2..=3, 6));
+        assert!(parse_queue_counters(&TABLES[0], Family::Ipv4, mangle).is_empty(), "wrong table");
     }
 
     fn chain_rules<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {

@@ -294,26 +294,50 @@ fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut out = String::new();
-    let mut section = |title: &str, v: &serde_json::Value| {
+    let section = |out: &mut String, title: &str, v: &serde_json::Value| {
         out.push_str(title);
         out.push('\n');
-        for (k, x) in v.as_object().into_iter().flatten() {
+        // Lists and tables (a worker's latency histogram, its counts by rule) have sections of
+        // their own, from the totals.
+        for (k, x) in v.as_object().into_iter().flatten().filter(|(_, x)| !x.is_object() && !x.is_array()) {
             out.push_str(&format!("  {k:<22} {x}\n"));
         }
     };
-    section("total:", &stats["total"]);
+    section(&mut out, "total:", &stats["total"]);
+    print_flow_counts(&mut out, &stats);
     for w in stats["workers"].as_array().into_iter().flatten() {
-        section(&format!("queue {}:", w["queue"]), w);
+        section(&mut out, &format!("queue {}:", w["queue"]), w);
     }
     for q in stats["kernel_queues"].as_array().into_iter().flatten() {
-        section(&format!("kernel, queue {}:", q["queue"]), q);
+        section(&mut out, &format!("kernel, queue {}:", q["queue"]), q);
     }
-    section("conntrack:", &stats["conntrack"]);
-    section("events:", &stats["events"]);
+    if let Some(rules) = stats["queue_rules"].as_array() {
+        for r in rules {
+            out.push_str(&format!(
+                "kernel, NFQUEUE rules ({} stage, {}): {} packets matched\n",
+                r["stage"].as_str().unwrap_or("?"),
+                r["family"].as_str().unwrap_or("?"),
+                r["packets"]
+            ));
+        }
+    }
+    if let Some(e) = stats["queue_rules_error"].as_str() {
+        out.push_str(&format!("kernel, NFQUEUE rules: cannot read their counters: {e}\n"));
+    }
+    let b = &stats["bypass"]["flow"];
+    if let Some(n) = b["bypassed"].as_u64() {
+        out.push_str(&format!(
+            "fail open: about {n} packets passed the flow queues unjudged ({} matched, {} read, {} waiting)\n",
+            b["queued"], b["received"], b["waiting"]
+        ));
+    }
+    section(&mut out, "conntrack:", &stats["conntrack"]);
+    section(&mut out, "enforcement:", &stats["enforce"]);
+    section(&mut out, "events:", &stats["events"]);
     let ps = &stats["packet_stage"];
-    section("packet stage, total:", &ps["total"]);
+    section(&mut out, "packet stage, total:", &ps["total"]);
     for w in ps["workers"].as_array().into_iter().flatten() {
-        section(&format!("packet queue {}:", w["queue"]), w);
+        section(&mut out, &format!("packet queue {}:", w["queue"]), w);
     }
     let interfaces = ps["interfaces"].as_array().map(Vec::as_slice).unwrap_or_default();
     if !interfaces.is_empty() {
@@ -348,6 +372,66 @@ fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
     }
     print!("{out}");
     ExitCode::SUCCESS
+}
+
+/// First verdicts by rule, verdict changes, closes by reason, and the verdict latency summary.
+fn print_flow_counts(out: &mut String, stats: &serde_json::Value) {
+    let rules = stats["verdicts"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !rules.is_empty() {
+        out.push_str(&format!(
+            "first verdicts by rule:\n  {:<24} {:>10} {:>10} {:>10} {:>10}\n",
+            "RULE", "ALLOW", "DROP", "INSPECT", "PAUSE"
+        ));
+        // Numbers, not JSON values: a value's Display ignores the column width.
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        for r in rules {
+            out.push_str(&format!(
+                "  {:<24} {:>10} {:>10} {:>10} {:>10}\n",
+                r["rule"].as_str().unwrap_or("?"),
+                n(&r["allow"]),
+                n(&r["drop"]),
+                n(&r["inspect"]),
+                n(&r["pause"])
+            ));
+        }
+    }
+    let mut changes = Vec::new();
+    for (verdict, sources) in stats["updates"].as_object().into_iter().flatten() {
+        for (source, n) in sources.as_object().into_iter().flatten() {
+            if n.as_u64().is_some_and(|n| n > 0) {
+                changes.push(format!("{verdict} by {source} {n}"));
+            }
+        }
+    }
+    if !changes.is_empty() {
+        out.push_str(&format!("verdict changes: {}\n", changes.join(", ")));
+    }
+    let closed: Vec<String> = stats["closed"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    if !closed.is_empty() {
+        out.push_str(&format!("flows closed: {}\n", closed.join(", ")));
+    }
+    let l = &stats["latency"];
+    if let Some(count) = l["count"].as_u64() {
+        // Bucket bounds, so "at most"; past the last bound is over 100 ms.
+        let bound = |v: &serde_json::Value| match v.as_f64() {
+            Some(us) if us >= 1000.0 => format!("<= {} ms", us / 1000.0),
+            Some(us) => format!("<= {us} us"),
+            None if count == 0 => "-".to_string(),
+            None => "> 100 ms".to_string(),
+        };
+        out.push_str(&format!(
+            "verdict latency (receipt to verdict sent): {count} packets, p50 {}, p99 {}, max {}\n",
+            bound(&l["p50_us"]),
+            bound(&l["p99_us"]),
+            bound(&l["max_us"])
+        ));
+    }
 }
 
 fn print_flow_header(out: &mut dyn Write) -> io::Result<()> {

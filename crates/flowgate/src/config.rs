@@ -39,6 +39,8 @@ pub struct Live {
     pub run_dir: PathBuf,
     /// Group (besides root) allowed to use the control socket.
     pub control_group: Option<String>,
+    /// Where Prometheus metrics are served (`metrics`); `None`: nowhere (the default).
+    pub metrics: Option<MetricsAddr>,
     /// Where flow events go.
     pub log: LogTarget,
     /// Events in flight between the queue workers and the writer; past it events are dropped
@@ -56,6 +58,7 @@ impl Default for Live {
             loopback: false,
             run_dir: PathBuf::from("/run/flowgate"),
             control_group: None,
+            metrics: None,
             log: LogTarget::Stdout,
             event_buffer: 65_536,
         }
@@ -82,6 +85,51 @@ pub enum LogTarget {
 pub const SYSLOG_SOCKET: &str = "/dev/log";
 /// systemd-journald's socket for its native protocol.
 pub const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// Where the daemon serves its Prometheus metrics (`metrics = "127.0.0.1:9464"`, or an absolute
+/// path for a Unix socket).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating zero).
+const MAX_UNIX_PATH: usize = 107;
+
+impl MetricsAddr {
+    /// Parses the `metrics` value: an IP address and port, or an absolute path.
+    pub fn parse(text: &str) -> Result<MetricsAddr, String> {
+        let text = text.trim();
+        if text.starts_with('/') {
+            if text.len() > MAX_UNIX_PATH {
+                return Err(format!("a Unix socket path can be at most {MAX_UNIX_PATH} bytes long"));
+            }
+            if text.ends_with('/') {
+                return Err(format!("`{text}` names a directory: give the socket's file path"));
+            }
+            return Ok(MetricsAddr::Unix(PathBuf::from(text)));
+        }
+        match text.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                Err(format!("`{text}`: port 0 would be a random port; give the port to serve on"))
+            }
+            Ok(a) => Ok(MetricsAddr::Tcp(a)),
+            Err(_) => Err(format!(
+                "`{text}` is neither an address:port (an IP address, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\") nor an absolute path to a Unix socket"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsAddr::Tcp(a) => write!(f, "http://{a}/metrics"),
+            MetricsAddr::Unix(p) => write!(f, "{} (/metrics)", p.display()),
+        }
+    }
+}
 
 /// The packet stage (`[packet_filter]`, `[[packet_rule]]`): see `flowgate_core::packet_stage`.
 #[derive(Clone, Debug, PartialEq)]
@@ -210,6 +258,7 @@ struct RawConfig {
     loopback: Option<bool>,
     run_dir: Option<Spanned<String>>,
     control_group: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
     log: Option<Spanned<String>>,
     event_format: Option<Spanned<String>>,
     event_buffer: Option<Spanned<i64>>,
@@ -492,6 +541,9 @@ fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
             return Err(src.at(v, "control_group", "empty group name"));
         }
         live.control_group = Some(v.get_ref().trim().to_string());
+    }
+    if let Some(v) = &raw.metrics {
+        live.metrics = Some(MetricsAddr::parse(v.get_ref()).map_err(|e| src.at(v, "metrics", e))?);
     }
     if let Some(v) = &raw.log {
         let socket = |p: &str| Some(PathBuf::from(p)).filter(|p| p.is_absolute());
@@ -939,6 +991,26 @@ peek = { outbound = 2048, inbound = 0 }
         let c = load_str("").expect("empty config is valid");
         assert_eq!(c.rules.default_action, Action::Allow);
         assert!(c.rules.rules.is_empty());
+    }
+
+    #[test]
+    fn metrics_is_off_by_default_and_takes_an_address_or_an_absolute_path() {
+        assert_eq!(load_str("").expect("empty").live.metrics, None);
+        let c = load_str("metrics = \"127.0.0.1:9464\"\n").expect("tcp");
+        assert_eq!(c.live.metrics, Some(MetricsAddr::Tcp("127.0.0.1:9464".parse().expect("addr"))));
+        let c = load_str("metrics = \"[::1]:9464\"\n").expect("tcp6");
+        assert_eq!(c.live.metrics, Some(MetricsAddr::Tcp("[::1]:9464".parse().expect("addr"))));
+        let c = load_str("metrics = \"/run/flowgate/metrics.sock\"\n").expect("unix");
+        assert_eq!(c.live.metrics, Some(MetricsAddr::Unix(PathBuf::from("/run/flowgate/metrics.sock"))));
+        for bad in ["localhost:9464", "127.0.0.1", "9464", "metrics.sock", "127.0.0.1:0", "/run/flowgate/", ""] {
+            let e = err(&format!("default_action = \"allow\"\nmetrics = \"{bad}\"\n"));
+            assert_eq!((e.line, e.field.as_deref()), (Some(2), Some("metrics")), "{bad}: {e}");
+            assert!(e.to_string().starts_with("test.toml:2:"), "{e}");
+        }
+        let long = format!("/{}", "x".repeat(200));
+        assert!(err(&format!("metrics = \"{long}\"\n")).message.contains("at most 107 bytes"));
+        let e = err("metrics = 9464\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(1), Some("metrics")), "{e}");
     }
 
     #[test]

@@ -19,9 +19,12 @@
 //! before) gets an entry created with its mark, so its packets are routed and decided like any
 //! other. The channel to the enforcer is bounded ([`CAPACITY`]): a worker that finds it full keeps
 //! the rest in its engine's queue (one pending verdict per flow) and tries again a moment later.
-//! This room owns its conntrack and sock_diag sockets.
+//! Every action carried out is counted ([`EnforceStats`], for `flowgate stats` and the metrics),
+//! at start as later. This room owns its conntrack and sock_diag sockets.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
@@ -50,22 +53,89 @@ pub(crate) fn tuple(protocol: Protocol, from: SocketAddr, to: SocketAddr) -> Tup
     Tuple { protocol, src: from.ip(), dst: to.ip(), src_port: from.port(), dst_port: to.port() }
 }
 
+/// What the enforcer did: actions by kind, what failed, local sockets destroyed.
+#[derive(Debug, Default)]
+pub(crate) struct EnforceStats {
+    pub(crate) allow: AtomicU64,
+    pub(crate) drop: AtomicU64,
+    pub(crate) recall: AtomicU64,
+    pub(crate) forget: AtomicU64,
+    /// Actions whose conntrack mark could not be set or whose entry could not be created.
+    pub(crate) failed: AtomicU64,
+    /// Local sockets destroyed (`SOCK_DESTROY`) for dropped flows, and destroys that failed.
+    pub(crate) sockets_destroyed: AtomicU64,
+    pub(crate) socket_destroy_failures: AtomicU64,
+}
+
+impl EnforceStats {
+    /// The counters as `flowgate stats` shows them.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "allow": r(&self.allow),
+            "drop": r(&self.drop),
+            "recall": r(&self.recall),
+            "forget": r(&self.forget),
+            "failed": r(&self.failed),
+            "sockets_destroyed": r(&self.sockets_destroyed),
+            "socket_destroy_failures": r(&self.socket_destroy_failures),
+        })
+    }
+}
+
 /// The owner (worker index) of a flow, from its id: engine `k` of `n` hands out ids
 /// `k + 1, k + 1 + n, ...`.
 pub(crate) fn owner_of(id: flowgate_core::FlowId, engines: usize) -> usize {
     (id.0.saturating_sub(1) % engines.max(1) as u64) as usize
 }
 
-/// Carries out one verdict. `create`: make a conntrack entry for a connection that has none
-/// (adoption at start). Errors are returned for the log; a flow that vanished meanwhile is not
-/// an error.
+/// Carries out one verdict and counts it in `stats`. `create`: make a conntrack entry for a
+/// connection that has none (adoption at start). Errors are returned for the log; a flow that
+/// vanished meanwhile is not an error.
 pub(crate) fn enforce(
     ct: &mut Conntrack,
     diag: Option<&mut SockDiag>,
     e: &Enforce,
     engines: usize,
     create: bool,
+    stats: &EnforceStats,
 ) -> Result<(), String> {
+    let kind = match e.action {
+        KernelAction::Allow => &stats.allow,
+        KernelAction::Drop { .. } => &stats.drop,
+        KernelAction::Recall => &stats.recall,
+        KernelAction::Forget => &stats.forget,
+    };
+    kind.fetch_add(1, Ordering::Relaxed);
+    let marked = mark(ct, e, engines, create);
+    if marked.is_err() {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    marked?;
+    let f = &e.flow;
+    if matches!(e.action, KernelAction::Drop { .. })
+        && !f.forwarded
+        && matches!(f.protocol, Protocol::Tcp | Protocol::Udp)
+    {
+        let proto = if f.protocol == Protocol::Tcp { 6 } else { 17 };
+        if let Some(diag) = diag {
+            match diag.destroy_matching(proto, f.local, f.remote) {
+                Ok(n) => {
+                    stats.sockets_destroyed.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    stats.socket_destroy_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(format!("flow {}: destroying its local socket: {err}", f.id));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets the conntrack mark that carries a verdict (creating the entry if asked, see
+/// [`enforce`]).
+fn mark(ct: &mut Conntrack, e: &Enforce, engines: usize, create: bool) -> Result<(), String> {
     let f = &e.flow;
     let owner = marks::owner(owner_of(f.id, engines));
     let bits = match e.action {
@@ -90,16 +160,6 @@ pub(crate) fn enforce(
         Err(CtError::NotFound) => {}
         Err(err) => return Err(format!("flow {}: setting its conntrack mark: {err}", f.id)),
     }
-    if matches!(e.action, KernelAction::Drop { .. })
-        && !f.forwarded
-        && matches!(f.protocol, Protocol::Tcp | Protocol::Udp)
-    {
-        let proto = if f.protocol == Protocol::Tcp { 6 } else { 17 };
-        if let Some(diag) = diag {
-            diag.destroy_matching(proto, f.local, f.remote)
-                .map_err(|err| format!("flow {}: destroying its local socket: {err}", f.id))?;
-        }
-    }
     Ok(())
 }
 
@@ -110,7 +170,8 @@ pub(crate) struct Enforcer {
 }
 
 impl Enforcer {
-    pub(crate) fn start(engines: usize) -> Result<Enforcer, String> {
+    /// Starts the thread; what it does is counted in `stats`.
+    pub(crate) fn start(engines: usize, stats: Arc<EnforceStats>) -> Result<Enforcer, String> {
         let mut ct = Conntrack::open().map_err(|e| format!("conntrack: {e}"))?;
         // Without sock_diag destroy, drops still hold through the conntrack mark; say so once.
         let mut diag = match SockDiag::open() {
@@ -125,7 +186,7 @@ impl Enforcer {
             .name("flowgate-enforce".into())
             .spawn(move || {
                 for e in rx {
-                    match enforce(&mut ct, diag.as_mut(), &e, engines, false) {
+                    match enforce(&mut ct, diag.as_mut(), &e, engines, false, &stats) {
                         Ok(()) => log::debug!("enforced {:?} on flow {}", e.action, e.flow.id),
                         Err(err) => log::warn!("{err}"),
                     }

@@ -6,7 +6,8 @@
 //! stops us here too), the connections already open are adopted (`adopt`: marked or torn down
 //! by `enforce` before any chain exists), and only then are a dead instance's leftovers removed
 //! and flowgate's chains installed (all or nothing). Workers, the enforcer (verdict changes on
-//! kernel-handled flows), the conntrack watcher, the event writer and the control socket start;
+//! kernel-handled flows), the conntrack watcher, the event writer, the control socket and, if
+//! configured, the metrics listener (bound before anything is installed) start;
 //! SIGHUP or `flowgate reload` re-judges every live flow with the config file's new rules;
 //! SIGUSR1 has the writer reopen its log (logrotate), which it writes in `event_format` to
 //! stdout, a file, or a syslog or journald socket (`socket_log`);
@@ -22,11 +23,13 @@ pub mod control;
 mod enforce;
 mod kernel;
 mod lock;
+mod metrics;
 pub mod notify;
 mod packet_shard;
 mod registry;
 mod shard;
 mod socket_log;
+mod tally;
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
@@ -176,6 +179,7 @@ pub struct Running {
     installed: flowgate_linux::netfilter::Installed,
     accounting_was: bool,
     reloader: Arc<Reloader>,
+    metrics: Option<metrics::Server>,
     _lock: lock::InstanceLock,
 }
 
@@ -205,6 +209,8 @@ impl Running {
                     .gid,
             ),
         };
+        // Bound now, so a taken address stops the start before anything is installed.
+        let metrics_listener = live.metrics.as_ref().map(|a| metrics::bind(a, group)).transpose()?;
         let fail_open = config.fail == FailMode::Open;
         let last = live.first_queue + (live.queues - 1);
         let mut queues = Vec::with_capacity(usize::from(live.queues));
@@ -234,7 +240,8 @@ impl Running {
         }
         // Connections already open become flows, and are marked or torn down, before the
         // chains exist: an allowed one never has a packet queued.
-        let adopted = adopt_existing(config, &mut engines, &clock)?;
+        let enforce_stats = Arc::new(enforce::EnforceStats::default());
+        let adopted = adopt_existing(config, &mut engines, &clock, &enforce_stats)?;
         let spec = ChainSpec {
             queues: live.first_queue..=last,
             fail_open,
@@ -247,8 +254,9 @@ impl Running {
         // From here on, whatever fails must remove the chains again.
         let stages = stages(config, &config.packet, packet_queues.len(), providers.packet);
         let packets = (packet_queues, stages, spec.clone());
-        let (workers, writer, socket, registry, reloader) = match start(config, queues, engines, packets, clock, group)
-        {
+        let extras = Extras { enforce: enforce_stats, metrics: metrics_listener };
+        let started = start(config, queues, engines, packets, clock, group, extras);
+        let (workers, writer, socket, registry, reloader, metrics) = match started {
             Ok(x) => x,
             Err(e) => {
                 let undo = installed
@@ -261,7 +269,7 @@ impl Running {
         };
         let covered = spec.packet.interfaces.iter().map(describe_covered).collect::<Vec<_>>();
         log::info!(
-            "ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}",
+            "ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}{}",
             live.queues,
             if live.queues == 1 { "" } else { "s" },
             live.first_queue,
@@ -280,8 +288,9 @@ impl Running {
             if config.packet.rules.rules.len() == 1 { "" } else { "s" },
             if providers.packet.is_some() { ", a packet filter" } else { "" },
             socket.display(),
+            live.metrics.as_ref().map(|m| format!(", metrics at {m}")).unwrap_or_default(),
         );
-        Ok(Running { registry, workers, writer, socket, installed, accounting_was, reloader, _lock: lock })
+        Ok(Running { registry, workers, writer, socket, installed, accounting_was, reloader, metrics, _lock: lock })
     }
 
     /// One handle per queue worker, in queue order. A flow lives in exactly one of them (the
@@ -329,6 +338,9 @@ impl Running {
     /// are removed.
     pub fn stop(self) -> Result<(), String> {
         let mut errors = Vec::new();
+        if let Some(m) = self.metrics {
+            m.stop();
+        }
         if let Err(e) = self.installed.remove() {
             errors.push(format!("removing netfilter rules: {e}"));
         }
@@ -400,7 +412,14 @@ impl Workers {
     }
 }
 
-type Started = (Workers, Writer, std::path::PathBuf, Registry, Arc<Reloader>);
+type Started = (Workers, Writer, std::path::PathBuf, Registry, Arc<Reloader>, Option<metrics::Server>);
+
+/// What `start` is handed besides the queues and engines: the enforcer's counters (adoption
+/// counted in them already) and the metrics listener, if configured.
+struct Extras {
+    enforce: Arc<enforce::EnforceStats>,
+    metrics: Option<metrics::Listener>,
+}
 
 /// The packet stage's queues, one stage per queue, and the chains as installed.
 type Packets = (Vec<Queue>, Vec<PacketStage>, ChainSpec);
@@ -533,7 +552,12 @@ fn engines(config: &Config, n: usize) -> Vec<Engine> {
 /// carries out their verdicts, creating conntrack entries where conntrack had none. Returns how
 /// many were adopted. A host whose socket tables cannot be read still starts: its connections
 /// are then judged at their next packet.
-fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Result<usize, String> {
+fn adopt_existing(
+    config: &Config,
+    engines: &mut [Engine],
+    clock: &Clock,
+    stats: &enforce::EnforceStats,
+) -> Result<usize, String> {
     let found = match adopt::find(config.live.loopback) {
         Ok(f) => f,
         Err(e) => {
@@ -566,7 +590,7 @@ fn adopt_existing(config: &Config, engines: &mut [Engine], clock: &Clock) -> Res
     let n = engines.len();
     for engine in engines.iter_mut() {
         while let Some(x) = engine.poll_enforce() {
-            if let Err(e) = enforce::enforce(&mut ct, diag.as_mut(), &x, n, true) {
+            if let Err(e) = enforce::enforce(&mut ct, diag.as_mut(), &x, n, true, stats) {
                 log::warn!("{e}");
             }
         }
@@ -588,6 +612,7 @@ fn start(
     packets: Packets,
     clock: Clock,
     group: Option<nix::unistd::Gid>,
+    extras: Extras,
 ) -> Result<Started, String> {
     let live = &config.live;
     let sink = match &live.log {
@@ -615,7 +640,8 @@ fn start(
             .map_err(|e| format!("cannot start the event writer: {e}"))?;
         Writer { thread, done: std::sync::Mutex::new(done), reopen }
     };
-    let enforcer = enforce::Enforcer::start(queues.len())?;
+    let enforce_stats = extras.enforce;
+    let enforcer = enforce::Enforcer::start(queues.len(), enforce_stats.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let link_watch = flowgate_linux::ifname::LinkWatch::start(stop.clone())
         .map_err(|e| format!("cannot watch link changes (rtnetlink): {e}"))?;
@@ -681,7 +707,19 @@ fn start(
     workers.watcher = Some(watcher);
     let packet_stats: Vec<_> = workers.packet_shards.iter().map(|s| s.stats.clone()).collect();
     let queues = live.first_queue..=spec.packet.queues.end().to_owned().max(live.first_queue + (live.queues - 1));
+    let flow_queues = live.first_queue..=live.first_queue + (live.queues - 1);
+    let fail_open = config.fail == FailMode::Open;
+    let tools = Tools::default();
     let stats = move || {
+        // The kernel's counts before the workers': a packet the kernel counted as queued is
+        // then already among the packets the workers read, or still waiting, so the bypass
+        // estimate errs low, never high.
+        let rules = netfilter::queue_rule_counters(&tools);
+        let kernel_queues: Vec<_> = flowgate_linux::nfqueue::kernel_stats()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|q| queues.contains(&q.queue))
+            .collect();
         let per_worker: Vec<shard::WorkerStats> =
             worker_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         let mut v = stats_json(&per_worker, &kernel_stats, &writer_stats);
@@ -689,15 +727,32 @@ fn start(
             packet_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         v["packet_stage"] = packet_stats_json(&per_packet);
         // What the kernel counts for our queues.
-        let kq: Vec<Value> = flowgate_linux::nfqueue::kernel_stats()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|q| queues.contains(&q.queue))
-            .map(|q| json!({"queue": q.queue, "waiting": q.waiting, "dropped": q.dropped, "user_dropped": q.user_dropped}))
+        let stage = |q: u16| if flow_queues.contains(&q) { "flow" } else { "packet" };
+        let kq: Vec<Value> = kernel_queues
+            .iter()
+            .map(|q| json!({"queue": q.queue, "stage": stage(q.queue), "waiting": q.waiting, "dropped": q.dropped, "user_dropped": q.user_dropped}))
             .collect();
         v["kernel_queues"] = json!(kq);
+        v["enforce"] = enforce_stats.json();
+        v["fail"] = json!(if fail_open { "open" } else { "closed" });
+        let queued = match &rules {
+            Ok(rules) => {
+                v["queue_rules"] = queue_rules_json(rules);
+                Some(rules.iter().filter(|r| r.table == "filter").map(|r| r.packets).sum())
+            }
+            Err(e) => {
+                v["queue_rules_error"] = json!(e.to_string());
+                None
+            }
+        };
+        let flow_kernel = kernel_queues.iter().filter(|q| flow_queues.contains(&q.queue));
+        let (waiting, dropped) = flow_kernel.fold((0, 0), |(w, d), q| (w + q.waiting, d + q.dropped + q.user_dropped));
+        let received = per_worker.iter().map(|w| w.engine.packets).sum();
+        let held = per_worker.iter().map(|w| w.footprint.held_packets as u64).sum();
+        v["bypass"] = json!({"flow": bypass_json(fail_open, queued, received, waiting, held, dropped)});
         v
     };
+    let stats: Arc<metrics::StatsFn> = Arc::new(stats);
     let reloader = Arc::new(Reloader {
         path: config.path.clone(),
         registry: registry.clone(),
@@ -709,17 +764,64 @@ fn start(
         registry: registry.clone(),
         clock,
         reloader: reloader.clone(),
-        stats: Box::new(stats),
+        stats: Box::new({
+            let stats = stats.clone();
+            move || stats()
+        }),
         group,
     };
-    let socket = match control::serve(&live.run_dir, ctx) {
-        Ok(p) => p,
+    let metrics = match extras.metrics.map(|l| metrics::serve(l, stats)).transpose() {
+        Ok(m) => m,
         Err(e) => {
             let _ = workers.stop();
             return Err(e);
         }
     };
-    Ok((workers, writer, socket, registry, reloader))
+    let socket = match control::serve(&live.run_dir, ctx) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(m) = metrics {
+                m.stop();
+            }
+            let _ = workers.stop();
+            return Err(e);
+        }
+    };
+    Ok((workers, writer, socket, registry, reloader, metrics))
+}
+
+/// The counters of flowgate's NFQUEUE rules, summed per stage (filter table: the flow stage;
+/// mangle: the packet stage) and address family.
+fn queue_rules_json(rules: &[netfilter::QueueRuleCounter]) -> Value {
+    let mut out: Vec<(&str, &str, u64, u64)> = Vec::new();
+    for r in rules {
+        let stage = if r.table == "filter" { "flow" } else { "packet" };
+        let family = match r.family {
+            netfilter::Family::Ipv4 => "ipv4",
+            netfilter::Family::Ipv6 => "ipv6",
+        };
+        match out.iter_mut().find(|(s, f, _, _)| *s == stage && *f == family) {
+            Some((_, _, p, b)) => {
+                *p += r.packets;
+                *b += r.bytes;
+            }
+            None => out.push((stage, family, r.packets, r.bytes)),
+        }
+    }
+    out.into_iter()
+        .map(|(stage, family, packets, bytes)| json!({"stage": stage, "family": family, "packets": packets, "bytes": bytes}))
+        .collect()
+}
+
+/// What the flow stage's NFQUEUE rules matched against what became of it: read by the workers,
+/// still waiting in the kernel (less the packets the engines hold, which they read already),
+/// dropped by the kernel (fail closed). What is left passed unjudged (`bypassed`; fail open
+/// only): the kernel counts such packets nowhere else. `queued` is `None` when the rules'
+/// counters could not be read.
+fn bypass_json(fail_open: bool, queued: Option<u64>, received: u64, waiting: u64, held: u64, dropped: u64) -> Value {
+    let accounted = received + waiting.saturating_sub(held) + dropped;
+    let bypassed = queued.filter(|_| fail_open).map(|q| q.saturating_sub(accounted));
+    json!({"queued": queued, "received": received, "waiting": waiting, "held": held, "dropped": dropped, "bypassed": bypassed})
 }
 
 /// The packet stage's counters: per worker, totals, and per interface and per rule summed over
@@ -786,9 +888,14 @@ fn stats_json(workers: &[shard::WorkerStats], k: &kernel::KernelStats, w: &Write
         }
     }
     let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let counts = tally::Counts::sum(workers.iter().map(|w| &w.counts));
     json!({
         "workers": per,
         "total": total,
+        "verdicts": counts.verdicts,
+        "updates": counts.updates,
+        "closed": counts.closed,
+        "latency": counts.latency.summary(),
         "conntrack": {
             "reports": r(&k.reports),
             "reports_dropped": r(&k.reports_dropped),
@@ -965,4 +1072,61 @@ pub fn cleanup(run_dir: &Path) -> Result<bool, String> {
     let found = netfilter::cleanup(&Tools::default()).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(run_dir.join(control::SOCKET));
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_sum_the_workers_tallies_and_render_as_metrics() {
+        let mut a = shard::WorkerStats { queue: 0, ..Default::default() };
+        a.engine.packets = 10;
+        a.engine.flows_opened = 3;
+        a.footprint.flows = 2;
+        a.queue_overruns = 1;
+        a.counts.verdicts.push(tally::RuleVerdicts { rule: "no-7".into(), allow: 0, drop: 2, inspect: 0, pause: 0 });
+        a.counts.latency.record(Duration::from_micros(20));
+        let mut b = shard::WorkerStats { queue: 1, ..Default::default() };
+        b.engine.packets = 5;
+        b.counts.verdicts.push(tally::RuleVerdicts { rule: "no-7".into(), allow: 0, drop: 1, inspect: 0, pause: 0 });
+        b.counts.closed.fin = 4;
+        b.counts.latency.record(Duration::from_micros(400));
+        let k = kernel::KernelStats::default();
+        k.syncs.store(3, Ordering::Relaxed);
+        let w = WriterStats::default();
+        w.written.store(9, Ordering::Relaxed);
+        let s = stats_json(&[a, b], &k, &w);
+        assert_eq!(s["total"]["packets"], 15);
+        assert_eq!(s["verdicts"][0]["drop"], 3, "{s}");
+        assert_eq!((s["latency"]["count"].as_u64(), s["latency"]["p99_us"].as_f64()), (Some(2), Some(500.0)));
+        let text = metrics::render(&s);
+        for line in [
+            "flowgate_flows_judged_total{verdict=\"drop\",rule=\"no-7\"} 3",
+            "flowgate_flows_live 2",
+            "flowgate_flows_opened_total 3",
+            "flowgate_flows_closed_total{reason=\"fin\"} 4",
+            "flowgate_queue_packets_total{stage=\"flow\",queue=\"0\"} 10",
+            "flowgate_queue_socket_overruns_total{queue=\"0\"} 1",
+            "flowgate_verdict_latency_seconds_count 2",
+            "flowgate_verdict_latency_seconds_bucket{le=\"0.000025\"} 1",
+            "flowgate_conntrack_syncs_total 3",
+            "flowgate_events_written_total 9",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn what_was_queued_and_not_received_waiting_or_dropped_passed_a_fail_open_queue() {
+        // 100 queued, 70 read (2 of them held: still counted as waiting by the kernel), 12
+        // waiting: 20 passed unjudged.
+        let v = bypass_json(true, Some(100), 70, 12, 2, 0);
+        assert_eq!(v["bypassed"], 20);
+        // Failing closed, what the kernel did not deliver it dropped and counted.
+        assert_eq!(bypass_json(false, Some(100), 70, 12, 2, 20)["bypassed"], Value::Null);
+        // Counters read a moment apart never make it negative.
+        assert_eq!(bypass_json(true, Some(10), 12, 0, 0, 0)["bypassed"], 0);
+        assert_eq!(bypass_json(true, None, 12, 0, 0, 0)["bypassed"], Value::Null, "no counters, no estimate");
+    }
 }

@@ -11,8 +11,10 @@
 //! Both hand-offs are bounded and never block the packet path: an event the writer's full
 //! channel cannot take is dropped and counted (`events_dropped`); a verdict the enforcer's full
 //! channel cannot take waits in the engine (one per flow) and is offered again a millisecond
-//! later. After each wake-up the worker publishes its counters for `flowgate stats`. This room
-//! touches its queue, its eventfd, and the channels it was given.
+//! later. After each wake-up the worker publishes its counters for `flowgate stats` and the
+//! metrics, with its own tally (see [`super::tally`]): how long each packet answered in that
+//! wake-up waited between its receipt and the send of its verdict, and what the events it
+//! handed off say. This room touches its queue, its eventfd, and the channels it was given.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -33,6 +35,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde::Serialize;
 
 use super::clock::Clock;
+use super::tally::{Counts, Tally};
 
 /// How long a stopping worker waits for the event writer to take its last events.
 const LAST_EVENTS_WAIT: Duration = Duration::from_secs(2);
@@ -142,6 +145,9 @@ pub(crate) struct WorkerStats {
     pub(crate) commands_refused: u64,
     /// NFQUEUE: messages the kernel could not deliver (socket overruns).
     pub(crate) queue_overruns: u64,
+    /// Verdict latency, first verdicts by rule, verdict changes, closes by reason.
+    #[serde(flatten)]
+    pub(crate) counts: Counts,
 }
 
 /// A running worker.
@@ -193,6 +199,7 @@ impl Shard {
             faults_said: None,
             faults_unsaid: 0,
             drops_said: None,
+            tally: Tally::default(),
         };
         let thread = spawn_worker(format!("flowgate-q{num}"), format!("queue {num}"), move || worker.run())?;
         Ok(Shard { handle, stats, wake, thread: Some(thread) })
@@ -220,6 +227,7 @@ struct Worker {
     faults_unsaid: u64,
     /// When dropped events were last reported, and the count then.
     drops_said: Option<(StdInstant, u64)>,
+    tally: Tally,
 }
 
 impl Worker {
@@ -229,6 +237,10 @@ impl Worker {
         // Engine packet ids of held packets → their NFQUEUE ids.
         let mut held: HashMap<PacketId, u32> = HashMap::new();
         let mut answers: Vec<(u32, Verdict, Option<Mark>)> = Vec::with_capacity(256);
+        // When each packet answered in this wake-up was received (held packets are not: they
+        // wait for a provider or for data by design, and their release is not timed).
+        let mut received: Vec<StdInstant> = Vec::with_capacity(256);
+        self.tally.follow(self.engine.rules());
         while !self.links.stop.load(Ordering::Acquire) {
             let now = self.links.clock.now();
             let mut wait = self
@@ -247,6 +259,7 @@ impl Worker {
                 let n = self
                     .queue
                     .recv(|p| {
+                        let at = StdInstant::now();
                         let (origin, ifindex) = match p.hook {
                             HOOK_LOCAL_OUT => (Origin::Output, p.outdev),
                             HOOK_LOCAL_IN => (Origin::Input, p.indev),
@@ -256,7 +269,10 @@ impl Worker {
                         let interface = ifindex.and_then(|i| names.name(i)).map(|n| &**n);
                         let d = engine.handle_packet(now, PacketMeta { interface, origin }, p.payload);
                         match verdict_for(&d, p.mark.unwrap_or(0), owner) {
-                            Some((v, m)) => answers.push((p.id, v, m)),
+                            Some((v, m)) => {
+                                answers.push((p.id, v, m));
+                                received.push(at);
+                            }
                             None => {
                                 if let PacketAction::Hold(id) = d.action {
                                     held.insert(id, p.id);
@@ -278,10 +294,17 @@ impl Worker {
                 self.queue.verdict(id, v, m);
             }
             self.queue.flush().map_err(|e| e.to_string())?;
+            let sent = StdInstant::now();
+            for at in received.drain(..) {
+                self.tally.latency.record(sent.saturating_duration_since(at));
+            }
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 self.engine.handle_timeout(now);
             }
             self.hand_off(false);
+            // After the hand-off: events of flows judged before a reload are counted under the
+            // old names, then the names of rules that are gone are forgotten.
+            self.tally.follow(self.engine.rules());
             self.report_faults();
             // Once per wake-up (the lock is this worker's own, taken by `flowgate stats` now and
             // then), so the counters are never older than the worker's last work.
@@ -307,6 +330,7 @@ impl Worker {
         // stuck (a reader that stopped reading) must not keep the daemon from stopping.
         let deadline = StdInstant::now() + LAST_EVENTS_WAIT;
         while let Some(mut e) = self.engine.poll_event() {
+            self.tally.count(&e.kind);
             let sent = loop {
                 match self.links.events.try_send(e) {
                     Ok(()) => break true,
@@ -373,8 +397,9 @@ impl Worker {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let mut s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        self.tally.publish(&mut s.counts);
         s.engine = self.engine.stats();
         s.footprint = self.engine.footprint();
         s.events_dropped = self.events_dropped;
