@@ -350,10 +350,10 @@ fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
                 "  {:<16} {:<10} {:>12} {:>16} {:>10} {:>10}\n",
                 i["name"].as_str().unwrap_or("?"),
                 i["direction"].as_str().unwrap_or("?"),
-                i["packets"],
-                i["bytes"],
-                i["dropped"],
-                i["delayed"]
+                i["packets"].as_u64().unwrap_or(0),
+                i["bytes"].as_u64().unwrap_or(0),
+                i["dropped"].as_u64().unwrap_or(0),
+                i["delayed"].as_u64().unwrap_or(0)
             ));
         }
     }
@@ -365,8 +365,8 @@ fn stats_cmd(target: &DaemonTarget, json: bool) -> ExitCode {
                 "  {:<24} {:<6} {:>12} {:>16}\n",
                 r["name"].as_str().unwrap_or("?"),
                 r["action"].as_str().unwrap_or("?"),
-                r["packets"],
-                r["bytes"]
+                r["packets"].as_u64().unwrap_or(0),
+                r["bytes"].as_u64().unwrap_or(0)
             ));
         }
     }
