@@ -3,12 +3,17 @@
 //! and the end of a run, where the table is printed and the JSON result is the last line of
 //! stdout (and the content of the `--json` file).
 //!
-//! It reads `/proc/loadavg` and writes stdout and the `--json` file it is given; nothing else.
+//! Also what every result says about where it was measured: the machine ([`machine`]) and the
+//! source it was built from ([`source_state`]).
+//!
+//! It reads `/proc` and the workspace's git state and writes stdout and the `--json` file it is
+//! given; nothing else.
 
 use std::fs;
 use std::path::Path;
+use std::process::{Command, Stdio};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Nearest-rank percentile `p` (0 to 100) of sorted values: the smallest value with at least
 /// `p`% of the values at or below it (`p` = 0 gives the smallest). NaN when there are none.
@@ -43,4 +48,69 @@ pub fn print_result(text: &str, json: &Value, json_file: Option<&Path>) -> Resul
     print!("{text}");
     println!("{line}");
     Ok(())
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The machine a run measured: CPUs, kernel, CPU model, memory, conntrack's hash buckets.
+pub fn machine() -> Value {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_default();
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:").and_then(|m| m.split_whitespace().next()?.parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0);
+    json!({
+        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "kernel": kernel,
+        "cpu": cpu,
+        "memory_gib": round(mem as f64 / 1048576.0, 1),
+        "conntrack_buckets": read_u64("/proc/sys/net/netfilter/nf_conntrack_buckets"),
+    })
+}
+
+/// The workspace's commit, the files under `crates/` that differ from it (the daemon a run
+/// measured) and a hash of that difference, when git can tell.
+pub fn source_state() -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let changed: Vec<String> = git(&["status", "--porcelain", "--", "crates"])
+        .map(|s| s.lines().map(|l| l.trim().to_string()).collect())
+        .unwrap_or_default();
+    // Identifies the uncommitted changes the daemon was built with.
+    let diff_sha256 = Command::new("sh")
+        .arg("-c")
+        .arg("git diff HEAD -- crates | sha256sum")
+        .current_dir(&root)
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().map(str::to_string));
+    json!({
+        "commit": git(&["rev-parse", "--short", "HEAD"]),
+        "changed_under_crates": changed,
+        "diff_under_crates_sha256": diff_sha256,
+    })
 }

@@ -55,7 +55,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child as ProcChild, Command, ExitStatus, Stdio};
+use std::process::{Child as ProcChild, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -1047,53 +1047,6 @@ fn run_size(n: usize, opts: &Opts) -> Result<SizeReport> {
 // Report
 // ---------------------------------------------------------------------------------------------
 
-fn machine() -> Value {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_default();
-    let mem = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("MemTotal:").and_then(|m| m.split_whitespace().next()?.parse::<u64>().ok())
-            })
-        })
-        .unwrap_or(0);
-    json!({
-        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "kernel": kernel,
-        "cpu": cpu,
-        "memory_gib": round(mem as f64 / 1048576.0, 1),
-        "conntrack_buckets": read_u64("/proc/sys/net/netfilter/nf_conntrack_buckets").ok(),
-    })
-}
-
-/// The workspace's commit and the files under `crates/` that differ from it (the daemon this
-/// run measured), when git can tell.
-fn source_state() -> Value {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(&root)
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let changed: Vec<String> = git(&["status", "--porcelain", "--", "crates"])
-        .map(|s| s.lines().map(|l| l.trim().to_string()).collect())
-        .unwrap_or_default();
-    json!({"commit": git(&["rev-parse", "--short", "HEAD"]), "changed_under_crates": changed})
-}
-
 fn mib(b: u64) -> f64 {
     b as f64 / 1048576.0
 }
@@ -1299,7 +1252,7 @@ fn real_main() -> i32 {
     }
     let start = Instant::now();
     let load_start = loadavg();
-    let source = source_state();
+    let source = flowgate_bench::report::source_state();
     eprintln!("flows: flowgate binary {}, load average {load_start}", opts.flowgate.display());
     let largest = opts.flows.iter().copied().max().unwrap_or(0) as u64;
     let ct = match CtMax::raise(largest + CT_HEADROOM) {
@@ -1379,7 +1332,7 @@ fn real_main() -> i32 {
     }
     let json = json!({
         "benchmark": "flowgate-flows",
-        "machine": machine(),
+        "machine": flowgate_bench::report::machine(),
         "source": source,
         "flowgate_binary": opts.flowgate.display().to_string(),
         "loadavg_start": load_start,

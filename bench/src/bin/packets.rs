@@ -63,7 +63,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -377,39 +376,6 @@ fn udp_counter(ns: &Netns, name: &str) -> Result<u64> {
         return v.parse().map_err(|e| format!("snmp Udp {name} = {v:?}: {e}"));
     }
     Err(format!("no Udp {name} in /proc/net/snmp of {}", ns.name))
-}
-
-/// The workspace's commit and the files under `crates/` that differ from it, when git can tell.
-fn source_state() -> Value {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(&root)
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let changed: Vec<String> = git(&["status", "--porcelain", "--", "crates"])
-        .map(|s| s.lines().map(|l| l.trim().to_string()).collect())
-        .unwrap_or_default();
-    json!({"commit": git(&["rev-parse", "--short", "HEAD"]), "changed_under_crates": changed})
-}
-
-/// The machine, for the record.
-fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| {
-        t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-    });
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string());
-    json!({
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "cpu": cpu,
-        "kernel": kernel,
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1612,8 +1578,8 @@ fn main() {
     let mut out = String::new();
     let mut result = json!({
         "benchmark": "flowgate-packets",
-        "source": source_state(),
-        "machine": machine(),
+        "source": flowgate_bench::report::source_state(),
+        "machine": flowgate_bench::report::machine(),
         "options": {
             "rounds": opts.rounds,
             "seconds": opts.seconds,

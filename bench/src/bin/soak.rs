@@ -66,7 +66,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -1367,66 +1367,6 @@ fn read_u64(path: &str) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn machine() -> Value {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_default();
-    let mem = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("MemTotal:").and_then(|m| m.split_whitespace().next()?.parse::<u64>().ok())
-            })
-        })
-        .unwrap_or(0);
-    json!({
-        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "kernel": kernel,
-        "cpu": cpu,
-        "memory_gib": round(mem as f64 / 1048576.0, 1),
-        "conntrack_buckets": read_u64("/proc/sys/net/netfilter/nf_conntrack_buckets"),
-    })
-}
-
-/// The workspace's commit and the files under `crates/` that differ from it (the daemon this
-/// run measured), when git can tell.
-fn source_state() -> Value {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(&root)
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let changed: Vec<String> = git(&["status", "--porcelain", "--", "crates"])
-        .map(|s| s.lines().map(|l| l.trim().to_string()).collect())
-        .unwrap_or_default();
-    // Identifies the uncommitted changes the daemon was built with.
-    let diff_sha256 = Command::new("sh")
-        .arg("-c")
-        .arg("git diff HEAD -- crates | sha256sum")
-        .current_dir(&root)
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().map(str::to_string));
-    json!({
-        "commit": git(&["rev-parse", "--short", "HEAD"]),
-        "changed_under_crates": changed,
-        "diff_under_crates_sha256": diff_sha256,
-    })
-}
-
 /// A number for the tables: MiB with one decimal for bytes, else a whole number.
 fn show(v: Option<f64>, bytes: bool) -> String {
     match v {
@@ -1888,7 +1828,7 @@ fn real_main() -> i32 {
     let wall = Instant::now();
     let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let load_start = loadavg();
-    let source = source_state();
+    let source = flowgate_bench::report::source_state();
     let ct_max_before = read_u64(CT_MAX);
     eprintln!(
         "soak: flowgate binary {}, load average {load_start}, {CT_MAX} = {}",
@@ -1908,7 +1848,7 @@ fn real_main() -> i32 {
         }
     };
     let meta = json!({
-        "machine": machine(),
+        "machine": flowgate_bench::report::machine(),
         "source": source,
         "flowgate_binary": opts.flowgate.display().to_string(),
         "client": HOST_SRV_SIDE_V4.to_string(),
