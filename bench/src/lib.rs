@@ -5,10 +5,11 @@
 //! and the same packets. Setup errors are returned, never panicked on; the benches decide.
 //!
 //! The modules are what the live benchmarks (`src/bin/live.rs`, `verdicts.rs`, `flows.rs`)
-//! share: [`args`], [`guard`], [`daemon`], [`connect`], [`counters`] and [`report`], and the
+//! share: [`args`], [`guard`], [`daemon`], [`connect`], [`bulk`], [`counters`] and [`report`], and the
 //! integration tests' namespace [`lab`].
 
 pub mod args;
+pub mod bulk;
 pub mod connect;
 pub mod counters;
 pub mod daemon;

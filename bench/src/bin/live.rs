@@ -30,8 +30,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -52,8 +51,6 @@ type Result<T> = std::result::Result<T, String>;
 /// Port of the bulk sink and of the accept server on 203.0.113.10.
 const SINK_PORT: u16 = 5001;
 const ACCEPT_PORT: u16 = 5002;
-/// Size of each bulk write.
-const WRITE_SIZE: usize = 128 << 10;
 /// The bulk flow stops after this many bytes even if time is left.
 const BULK_MAX_BYTES: u64 = 2 << 30;
 /// Rules of the large configuration.
@@ -283,26 +280,8 @@ impl Bulk {
 /// One TCP flow to the sink: 128 KiB writes for `seconds` or 2 GiB, then a half-close; the time
 /// runs until the sink's reply confirms it received every byte.
 fn bulk(to: SocketAddr, seconds: f64) -> Result<Bulk> {
-    let mut s =
-        TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("bulk: connect {to}: {e}"))?;
-    s.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    let buf = vec![0x5a_u8; WRITE_SIZE];
-    let start = Instant::now();
-    let until = start + Duration::from_secs_f64(seconds);
-    let mut sent = 0u64;
-    while sent < BULK_MAX_BYTES && Instant::now() < until {
-        s.write_all(&buf).map_err(|e| format!("bulk: write after {sent} bytes: {e}"))?;
-        sent += WRITE_SIZE as u64;
-    }
-    s.shutdown(Shutdown::Write).map_err(|e| format!("bulk: shutdown: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| format!("bulk: reading the sink's count: {e}"))?;
-    let seconds = start.elapsed().as_secs_f64();
-    match reply.trim().parse::<u64>() {
-        Ok(n) if n == sent => Ok(Bulk { bytes: sent, seconds }),
-        _ => Err(format!("bulk: sent {sent} bytes, the sink answered {reply:?}")),
-    }
+    let (bytes, seconds) = flowgate_bench::bulk::to_sink(to, seconds, BULK_MAX_BYTES)?;
+    Ok(Bulk { bytes, seconds })
 }
 
 /// One connect loop: the timed connections' connect() times and how long the loop took.

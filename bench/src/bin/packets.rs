@@ -59,8 +59,8 @@
 //! guards.
 
 use std::fmt::Write as _;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,8 +95,6 @@ const ACCEPT_QUEUE: u16 = 1;
 const ACCEPT_FLOW_QUEUE: u16 = 100;
 /// Datagrams the reader and the daemon's packet worker take per wake-up before answering.
 const RECV_ROUNDS: usize = 64;
-/// Size of each bulk write.
-const WRITE_SIZE: usize = 128 << 10;
 /// Receive buffer of the UDP sink (forced past rmem_max): a stall of the sink costs datagrams only
 /// after several milliseconds.
 const SINK_RCVBUF: usize = 8 << 20;
@@ -1088,26 +1086,7 @@ impl BulkSample {
 fn bulk(to: SocketAddr, seconds: f64, cpu: Option<usize>) -> Result<(u64, f64)> {
     nice(LOAD_NICE);
     pin_me(cpu);
-    let mut s =
-        TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("bulk: connect {to}: {e}"))?;
-    s.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    let buf = vec![0x5a_u8; WRITE_SIZE];
-    let start = Instant::now();
-    let until = start + Duration::from_secs_f64(seconds);
-    let mut sent = 0u64;
-    while Instant::now() < until {
-        s.write_all(&buf).map_err(|e| format!("bulk: write after {sent} bytes: {e}"))?;
-        sent += WRITE_SIZE as u64;
-    }
-    s.shutdown(Shutdown::Write).map_err(|e| format!("bulk: shutdown: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| format!("bulk: reading the sink's count: {e}"))?;
-    let seconds = start.elapsed().as_secs_f64();
-    match reply.trim().parse::<u64>() {
-        Ok(n) if n == sent => Ok((sent, seconds)),
-        _ => Err(format!("bulk: sent {sent} bytes, the sink answered {reply:?}")),
-    }
+    flowgate_bench::bulk::to_sink(to, seconds, u64::MAX)
 }
 
 /// Packets the jumps into the packet stage's chains (mangle `OUTPUT` to `FLOWGATE-PKT-OUT`,

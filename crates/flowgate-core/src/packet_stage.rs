@@ -26,8 +26,8 @@
 //!
 //! Counters: per interface and direction (packets, bytes, drops, delays) and per packet rule
 //! (hits in packets and bytes). Interfaces are kept by name up to [`MAX_INTERFACES`]; packets of
-//! interfaces past that are counted under [`OTHER_INTERFACES`]. Nothing here allocates per packet
-//! once an interface has been seen.
+//! interfaces past that are counted under [`OTHER_INTERFACES`], but still judged by their own
+//! names. Nothing here allocates per packet once an interface has been seen.
 //!
 //! Like the engine, the stage never reads a clock or touches a socket: time comes in with each
 //! call.
@@ -505,6 +505,20 @@ impl PacketStage {
             i.filtered =
                 *i.name != *OTHER_INTERFACES && self.config.filter_interfaces.iter().any(|g| g.matches(&i.name));
         }
+    }
+
+    /// Whether anything here judges packets of `interface` going `direction`: the product's
+    /// filter (its interfaces and directions) or a packet rule (its interface, or none, and its
+    /// directions). The driver names a forwarded packet by the interface this is true of.
+    pub fn covers(&self, interface: &str, direction: PacketDirection) -> bool {
+        let by_filter = self.config.filter_directions.contains(direction)
+            && self.config.filter_interfaces.iter().any(|g| g.matches(interface));
+        by_filter
+            || self
+                .rules
+                .rules
+                .iter()
+                .any(|r| r.directions.contains(direction) && r.interface.as_ref().is_none_or(|g| g.matches(interface)))
     }
 
     pub fn rules(&self) -> &Arc<PacketRules> {

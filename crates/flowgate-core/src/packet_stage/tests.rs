@@ -384,3 +384,21 @@ fn rules_and_the_filter_still_apply_to_interfaces_seen_past_the_bound() {
     let other = s.interface_stats().into_iter().find(|i| &*i.name == OTHER_INTERFACES).expect("other");
     assert_eq!((other.counters.packets, other.counters.dropped), (3, 1));
 }
+
+#[test]
+fn covers_says_which_interfaces_and_directions_something_judges() {
+    let cut = rule("cut", PacketRuleAction::Drop, |r| {
+        r.interface = Some(parse_interface("tun*").expect("glob"));
+        r.directions = Directions::NONE.with(FWD);
+    });
+    let mut config = filtered(&["wg0"]);
+    config.filter_directions = Directions::NONE.with(IN);
+    let s = stage(vec![cut], config);
+    assert!(s.covers("tun3", FWD));
+    assert!(!s.covers("tun3", OUT), "the rule's directions only");
+    assert!(s.covers("wg0", IN));
+    assert!(!s.covers("wg0", FWD), "the filter's directions only");
+    assert!(!s.covers("eth0", FWD));
+    let all = stage(vec![PacketRule::new("all", PacketRuleAction::Drop)], PacketStageConfig::default());
+    assert!(all.covers("eth0", FWD), "a rule without an interface covers every one");
+}

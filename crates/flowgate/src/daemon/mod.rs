@@ -39,7 +39,6 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant as StdInstant};
 
 use flowgate_core::packet_stage::PacketRules;
-use flowgate_core::rules::InterfaceGlob;
 use flowgate_core::rules::matcher::CompiledRules;
 use flowgate_core::{
     DataVerdict, Direction, Engine, EngineConfig, Event, FlowFilter, FlowId, FlowStatus, Handle, PacketFilter,
@@ -439,16 +438,6 @@ fn packet_chains(p: &PacketConfig, queues: std::ops::RangeInclusive<u16>) -> Pac
     PacketChains { queues, interfaces }
 }
 
-/// The covered interface globs, as globs (every interface: `*`).
-fn covered_globs(p: &PacketConfig) -> Arc<Vec<InterfaceGlob>> {
-    let globs = p
-        .covered()
-        .into_iter()
-        .filter_map(|(g, _)| flowgate_core::rules::parse_interface(g.as_deref().unwrap_or("*")).ok())
-        .collect();
-    Arc::new(globs)
-}
-
 fn describe_covered(i: &PacketInterface) -> String {
     let dirs: Vec<&str> = [(i.inbound, "in"), (i.outbound, "out"), (i.forwarded, "fwd")]
         .into_iter()
@@ -489,7 +478,6 @@ pub(crate) struct Reloader {
     path: std::path::PathBuf,
     registry: Registry,
     packet_handles: Vec<PacketHandle>,
-    covered: Arc<std::sync::Mutex<Arc<Vec<InterfaceGlob>>>>,
     /// The chains as they are now (reloads take turns on it).
     spec: std::sync::Mutex<ChainSpec>,
 }
@@ -508,7 +496,6 @@ impl Reloader {
             h.set_filter_coverage(c.packet.filter_interfaces.clone(), c.packet.filter_directions)
                 .map_err(|e| format!("packet stage: {e}"))?;
         }
-        *self.covered.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = covered_globs(&c.packet);
         if chains != spec.packet {
             let new = ChainSpec { packet: chains, ..spec.clone() };
             netfilter::replace_packet_chains(&new, &Tools::default())
@@ -676,14 +663,12 @@ fn start(
     }
     drop(tx);
     let (packet_queues, stages, spec) = packets;
-    let covered = Arc::new(std::sync::Mutex::new(covered_globs(&config.packet)));
     for (queue, stage) in packet_queues.into_iter().zip(stages) {
         let links = PacketLinks {
             clock,
             stop: stop.clone(),
             fail_open: config.fail == FailMode::Open,
             link_changes: changes.clone(),
-            covered: covered.clone(),
         };
         match PacketShard::start(queue, stage, links) {
             Ok(shard) => workers.packet_shards.push(shard),
@@ -757,7 +742,6 @@ fn start(
         path: config.path.clone(),
         registry: registry.clone(),
         packet_handles: workers.packet_shards.iter().map(|s| s.handle.clone()).collect(),
-        covered,
         spec: std::sync::Mutex::new(spec),
     });
     let ctx = control::Context {

@@ -18,7 +18,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
 use flowgate_core::packet_stage::{InterfaceStats, PacketStageStats, RuleHits};
-use flowgate_core::rules::InterfaceGlob;
 use flowgate_core::{PacketAction, PacketDirection, PacketHandle, PacketId, PacketStage};
 use flowgate_linux::ifname::IfNames;
 use flowgate_linux::nfqueue::{Queue, Verdict};
@@ -64,9 +63,6 @@ pub(crate) struct PacketLinks {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) fail_open: bool,
     pub(crate) link_changes: Arc<AtomicU64>,
-    /// The interface globs the chains queue (to name a forwarded packet by the interface that
-    /// brought it here: the one a glob matches).
-    pub(crate) covered: Arc<Mutex<Arc<Vec<InterfaceGlob>>>>,
 }
 
 impl PacketShard {
@@ -108,7 +104,6 @@ impl PacketWorker {
         let mut held: HashMap<PacketId, u32> = HashMap::new();
         let mut answers: Vec<(u32, Verdict)> = Vec::with_capacity(256);
         let mut lists_at: Option<StdInstant> = None;
-        let covered = self.links.covered.clone();
         while !self.links.stop.load(Ordering::Acquire) {
             let now = self.links.clock.now();
             let wait = self
@@ -119,8 +114,6 @@ impl PacketWorker {
                 .map_err(|e| format!("packet queue {num}: poll failed: {e}"))?;
             let now = self.links.clock.now();
             self.stage.handle_timeout(now);
-            // The globs are read once per wake-up; a reload changes them rarely.
-            let globs: Arc<Vec<InterfaceGlob>> = covered.lock().unwrap_or_else(PoisonError::into_inner).clone();
             for _ in 0..RECV_ROUNDS {
                 let stage = &mut self.stage;
                 let n = self
@@ -131,9 +124,11 @@ impl PacketWorker {
                             HOOK_LOCAL_IN => (PacketDirection::Inbound, p.indev),
                             HOOK_FORWARD => {
                                 // Named by the interface the chains queued it for: the one it came
-                                // in on if a covered glob matches that, else the one it leaves by.
-                                let inbound_name = p.indev.and_then(|i| names.name(i)).cloned();
-                                let by_in = inbound_name.as_deref().is_some_and(|n| globs.iter().any(|g| g.matches(n)));
+                                // in on if the stage covers that, else the one it leaves by.
+                                let by_in = p
+                                    .indev
+                                    .and_then(|i| names.name(i))
+                                    .is_some_and(|n| stage.covers(n, PacketDirection::Forwarded));
                                 (PacketDirection::Forwarded, if by_in { p.indev } else { p.outdev.or(p.indev) })
                             }
                             _ => (PacketDirection::Forwarded, p.indev.or(p.outdev)),
