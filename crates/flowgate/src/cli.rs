@@ -64,7 +64,8 @@ pub enum Command {
         fresh: bool,
     },
     /// The running daemon's counters: per queue worker and in total (packets, flows, what was
-    /// dropped or deferred and why), conntrack reports and syncs, events written.
+    /// dropped or deferred and why), conntrack reports and syncs, events written, and the packet
+    /// stage's counters per packet queue, per interface and direction, and per packet rule.
     Stats {
         #[command(flatten)]
         target: DaemonTarget,
@@ -90,7 +91,8 @@ pub enum Command {
         target: DaemonTarget,
     },
     /// Apply the daemon's config file again (like SIGHUP): new flows follow the new rules, and
-    /// every live flow the new rules drop is torn down; the others are untouched.
+    /// every live flow the new rules drop is torn down; the others are untouched. Packet rules
+    /// and the packet stage's interfaces apply to every packet from then on.
     Reload {
         #[command(flatten)]
         target: DaemonTarget,
