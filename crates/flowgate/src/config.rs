@@ -35,6 +35,10 @@ pub struct Live {
     pub queue_max_len: u32,
     /// Also filter loopback traffic.
     pub loopback: bool,
+    /// Let the kernel decide flows that rules can settle by addresses, ports, protocol,
+    /// direction and interface alone (`kernel_rules`, default on); off: every new flow is
+    /// queued to user space and judged there.
+    pub kernel_rules: bool,
     /// Directory for the control socket and the instance lock.
     pub run_dir: PathBuf,
     /// Group (besides root) allowed to use the control socket.
@@ -56,6 +60,7 @@ impl Default for Live {
             first_queue: 0,
             queue_max_len: 4096,
             loopback: false,
+            kernel_rules: true,
             run_dir: PathBuf::from("/run/flowgate"),
             control_group: None,
             metrics: None,
@@ -256,6 +261,7 @@ struct RawConfig {
     first_queue: Option<Spanned<i64>>,
     queue_max_len: Option<Spanned<i64>>,
     loopback: Option<bool>,
+    kernel_rules: Option<bool>,
     run_dir: Option<Spanned<String>>,
     control_group: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
@@ -527,6 +533,7 @@ fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
         live.queue_max_len = u32::try_from(int(v, "queue_max_len", 16, 1 << 20)?).unwrap_or(4096);
     }
     live.loopback = raw.loopback.unwrap_or(false);
+    live.kernel_rules = raw.kernel_rules.unwrap_or(true);
     if let Some(v) = &raw.event_buffer {
         live.event_buffer = usize::try_from(int(v, "event_buffer", 1, 1 << 24)?).unwrap_or(65_536);
     }
