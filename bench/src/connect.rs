@@ -1,7 +1,8 @@
 //! New TCP connections timed one at a time, for the live benchmarks that measure them
-//! (`src/bin/live.rs`, `src/bin/flows.rs`): an accept-and-close server in a lab namespace, one
-//! `connect()` from a source port of its own then closed with a RST, and the sorted times with
-//! nearest-rank percentiles. Also the listening socket of `src/bin/verdicts.rs`'s servers.
+//! (`src/bin/live.rs`, `src/bin/flows.rs`, `src/bin/compare.rs`): an accept-and-close (or
+//! accept-and-hold) server in a lab namespace, one `connect()` from a source port of its own then
+//! closed with a RST (or left open), and the sorted times with nearest-rank percentiles. Also the
+//! listening socket of `src/bin/verdicts.rs`'s servers.
 //!
 //! It touches only the sockets it makes: listeners (backlog [`BACKLOG`]) on the addresses it is
 //! given, in the namespace given or the calling thread's, with a thread of their own for the
@@ -9,7 +10,7 @@
 //! callers take them from [`FIRST_CLIENT_PORT`]..=[`LAST_CLIENT_PORT`]).
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -63,8 +64,9 @@ pub fn listen(addr: SocketAddrV4) -> Result<TcpListener> {
     l().map_err(|e| format!("listen on {addr}: {e}"))
 }
 
-/// A TCP server that accepts connections and closes them at once, on one thread (no thread per
-/// connection, so it costs the 2-core machine little). Stopped and joined on drop.
+/// A TCP server that accepts connections and closes them at once ([`AcceptServer::start`]) or
+/// keeps every one open until it is dropped ([`AcceptServer::holding`]), on one thread (no thread
+/// per connection, so it costs the 2-core machine little). Stopped and joined on drop.
 pub struct AcceptServer {
     listener: Arc<TcpListener>,
     accepted: Arc<AtomicU64>,
@@ -73,8 +75,18 @@ pub struct AcceptServer {
 }
 
 impl AcceptServer {
-    /// Listens on `addr` in `ns` and starts accepting.
+    /// Listens on `addr` in `ns` and starts accepting (and closing).
     pub fn start(ns: &Netns, addr: SocketAddrV4) -> Result<AcceptServer> {
+        AcceptServer::new(ns, addr, false)
+    }
+
+    /// Listens on `addr` in `ns` and starts accepting; every connection stays open (idle) until
+    /// the server is dropped, then each is closed with a RST (SO_LINGER 0, so no TIME_WAIT).
+    pub fn holding(ns: &Netns, addr: SocketAddrV4) -> Result<AcceptServer> {
+        AcceptServer::new(ns, addr, true)
+    }
+
+    fn new(ns: &Netns, addr: SocketAddrV4, keep: bool) -> Result<AcceptServer> {
         let listener = Arc::new(ns.in_ns(move || listen(addr))?);
         let accepted = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -82,20 +94,26 @@ impl AcceptServer {
         let thread = std::thread::Builder::new()
             .name(format!("accept-{}", addr.port()))
             .spawn(move || {
+                let mut held = Vec::new();
                 loop {
                     match l.accept() {
                         Ok((conn, _)) => {
                             n.fetch_add(1, Ordering::Relaxed);
-                            drop(conn);
+                            if keep {
+                                held.push(conn);
+                            }
                         }
-                        Err(_) if s.load(Ordering::Acquire) => return,
+                        Err(_) if s.load(Ordering::Acquire) => break,
                         Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => {
                             eprintln!("{}: accept server on {addr}: {e}", crate::guard::tool());
-                            return;
+                            break;
                         }
                     }
+                }
+                for conn in held {
+                    let _ = setsockopt(&conn, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
                 }
             })
             .map_err(|e| format!("cannot start the accept server: {e}"))?;
@@ -122,6 +140,14 @@ impl Drop for AcceptServer {
 /// One connection: a fresh socket bound to `port`, a blocking connect() (timed; SO_SNDTIMEO
 /// bounds it to 5 s), then SO_LINGER 0 and close, which sends a RST (no TIME_WAIT).
 pub fn connect_once(to: &SockaddrIn, port: u16) -> Result<Duration> {
+    let (fd, dt) = connect_open(to, port)?;
+    close_with_reset(fd)?;
+    Ok(dt)
+}
+
+/// One connection left open: a fresh socket bound to `port` and a blocking connect() (timed;
+/// SO_SNDTIMEO bounds it to 5 s). Close it with [`close_with_reset`].
+pub fn connect_open(to: &SockaddrIn, port: u16) -> Result<(OwnedFd, Duration)> {
     let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| format!("socket: {e}"))?;
     setsockopt(&fd, sockopt::SendTimeout, &TimeVal::seconds(5)).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
@@ -129,11 +155,15 @@ pub fn connect_once(to: &SockaddrIn, port: u16) -> Result<Duration> {
     bind(fd.as_raw_fd(), &local).map_err(|e| format!("bind {local}: {e}"))?;
     let t0 = Instant::now();
     connect(fd.as_raw_fd(), to).map_err(|e| format!("connect {to}: {e}"))?;
-    let dt = t0.elapsed();
+    Ok((fd, t0.elapsed()))
+}
+
+/// SO_LINGER 0 and close: the connection ends with a RST (no TIME_WAIT).
+pub fn close_with_reset(fd: OwnedFd) -> Result<()> {
     setsockopt(&fd, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })
         .map_err(|e| format!("SO_LINGER: {e}"))?;
     drop(fd);
-    Ok(dt)
+    Ok(())
 }
 
 /// connect() times in µs, sorted.

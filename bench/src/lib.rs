@@ -4,10 +4,13 @@
 //! Everything here is deterministic (a fixed-seed xorshift), so two runs measure the same rules
 //! and the same packets. Setup errors are returned, never panicked on; the benches decide.
 //!
-//! The modules are what the live benchmarks (`src/bin/live.rs`, `verdicts.rs`, `flows.rs`)
-//! share: [`args`], [`guard`], [`daemon`], [`connect`], [`bulk`], [`counters`] and [`report`], and the
-//! integration tests' namespace [`lab`].
+//! The modules are what the live benchmarks (`src/bin/live.rs`, `verdicts.rs`, `flows.rs`,
+//! `packets.rs`) share: [`args`], [`guard`], [`daemon`], [`connect`], [`bulk`],
+//! [`counters`], [`report`], [`process`] (file-descriptor limit, another process's memory),
+//! [`threads`] (named, niced, pinned threads), [`accept_all`] (the minimal accept-all NFQUEUE
+//! reader), and the integration tests' namespace [`lab`].
 
+pub mod accept_all;
 pub mod args;
 pub mod bulk;
 pub mod connect;
@@ -18,7 +21,9 @@ pub mod guard;
 // modules above share one copy of it (its types, its namespace counter).
 #[path = "../../crates/flowgate/tests/lab/mod.rs"]
 pub mod lab;
+pub mod process;
 pub mod report;
+pub mod threads;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

@@ -1,7 +1,8 @@
 //! Numbers and output shared by the live benchmarks (`src/bin/live.rs`, `src/bin/verdicts.rs`,
-//! `src/bin/flows.rs`): nearest-rank percentiles, rounding for the JSON result, the load average,
-//! and the end of a run, where the table is printed and the JSON result is the last line of
-//! stdout (and the content of the `--json` file).
+//! `src/bin/flows.rs`, `src/bin/packets.rs`, `src/bin/compare.rs`): nearest-rank percentiles, the
+//! median with the minimum and maximum of interleaved rounds ([`Spread`]) and same-round ratios,
+//! rounding for the JSON result, the load average, and the end of a run, where the table is
+//! printed and the JSON result is the last line of stdout (and the content of the `--json` file).
 //!
 //! Also what every result says about where it was measured: the machine ([`machine`]) and the
 //! source it was built from ([`source_state`]).
@@ -23,6 +24,45 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0 * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
+}
+
+/// The median, smallest and largest of some values (one per round); non-finite values are left
+/// out. NaN when none is left.
+#[derive(Clone, Copy, Debug)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Spread {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            return Spread { median: f64::NAN, min: f64::NAN, max: f64::NAN };
+        }
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Spread { median, min: v[0], max: v[n - 1] }
+    }
+
+    pub fn json(self, digits: i32) -> Value {
+        json!({"median": round(self.median, digits), "min": round(self.min, digits), "max": round(self.max, digits)})
+    }
+
+    /// `median [min-max]` with `f` formatting each.
+    pub fn show(self, f: impl Fn(f64) -> String) -> String {
+        format!("{} [{}-{}]", f(self.median), f(self.min), f(self.max))
+    }
+}
+
+/// A ratio between two configurations measured in the same rounds: of their medians, and the
+/// spread of the per-round ratios (`num[i] / den[i]`, the two measured a few seconds apart).
+pub fn paired_ratio(num: &[f64], den: &[f64]) -> (f64, Spread) {
+    let of_medians = Spread::of(num).median / Spread::of(den).median;
+    let paired: Vec<f64> = num.iter().zip(den).map(|(a, b)| a / b).collect();
+    (of_medians, Spread::of(&paired))
 }
 
 /// `x` rounded to `digits` decimals, for the JSON result.

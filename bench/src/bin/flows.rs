@@ -66,6 +66,7 @@ use flowgate_bench::counters::tcp_ext;
 use flowgate_bench::daemon::{self, Daemon, check_nothing_left, check_stopped_alone, child_setup, describe_exit};
 use flowgate_bench::guard::{TempDir, begin};
 use flowgate_bench::lab::{CLI_V4, Lab, Netns, SRV_SERVICE_V4};
+use flowgate_bench::process::vm_bytes;
 use flowgate_bench::report::{loadavg, print_result, round};
 use nix::sys::socket::SockaddrIn;
 use serde_json::{Value, json};
@@ -309,22 +310,6 @@ fn stats_cli(ns: &Netns, flowgate: &Path, run_dir: &Path) -> Result<Value> {
 
 fn total(stats: &Value, key: &str) -> u64 {
     stats["total"][key].as_u64().unwrap_or(0)
-}
-
-/// `VmRSS` or another `Vm*` line of `/proc/PID/status`, in bytes.
-fn vm_bytes(pid: i32, key: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
-        .ok_or_else(|| format!("{path}: no {key}"))?;
-    let kib: u64 = line
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("{path}: {key}: {line:?}"))?;
-    Ok(kib * 1024)
 }
 
 /// A sysctl of `ns` (path under /proc/sys), read through `ip netns exec`.

@@ -70,13 +70,15 @@ use std::time::{Duration, Instant};
 
 use flowgate::daemon::{PacketFilterFactory, Providers, Running};
 use flowgate::protocol::{Command as ControlCommand, Request};
+use flowgate_bench::accept_all::{self, AcceptAll, FeedRule};
 use flowgate_bench::args::{Args, number, whole_number};
 use flowgate_bench::daemon::{self, Daemon, check_nothing_left};
 use flowgate_bench::guard::{TempDir, begin};
 use flowgate_bench::lab::{self, HOST_SRV_SIDE_V4, Lab, Netns, SRV_SERVICE_V4};
-use flowgate_bench::report::{loadavg, print_result, round};
+use flowgate_bench::report::{Spread, loadavg, paired_ratio, print_result, round};
+use flowgate_bench::threads::{nice, pin, pin_me, spawn_thread};
 use flowgate_core::{PacketContext, PacketFilter, PacketHandle, PacketVerdict};
-use flowgate_linux::nfqueue::{Queue, QueueConfig, Verdict};
+use flowgate_linux::nfqueue::Verdict;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::sockopt;
@@ -93,8 +95,6 @@ const ACCEPT_QUEUE: u16 = 1;
 /// The reader's queue beside the daemon's flow stage (which binds queue 0, and from 1 on the
 /// packet stage's default queues, idle without `[packet_filter]`).
 const ACCEPT_FLOW_QUEUE: u16 = 100;
-/// Datagrams the reader and the daemon's packet worker take per wake-up before answering.
-const RECV_ROUNDS: usize = 64;
 /// Receive buffer of the UDP sink (forced past rmem_max): a stall of the sink costs datagrams only
 /// after several milliseconds.
 const SINK_RCVBUF: usize = 8 << 20;
@@ -200,31 +200,6 @@ fn parse_opts() -> Result<Opts> {
 // Small things
 // ---------------------------------------------------------------------------------------------
 
-/// Sets the calling thread's nice value, as the daemon does for its queue workers (-10).
-fn nice(value: libc::c_int) {
-    // SAFETY: gettid and setpriority take no pointers and only touch this thread's priority.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, value);
-    }
-}
-
-/// Spawns thread `name` running `f` and waits until it has started and said its kernel id, which
-/// is returned with its handle.
-fn spawn_thread<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<(JoinHandle<T>, i32)> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            // SAFETY: gettid takes no arguments and cannot fail.
-            let _ = tx.send(unsafe { libc::gettid() });
-            f()
-        })
-        .map_err(|e| format!("cannot start thread {name}: {e}"))?;
-    let tid = rx.recv_timeout(Duration::from_secs(10)).map_err(|e| format!("thread {name} did not start: {e}"))?;
-    Ok((handle, tid))
-}
-
 /// A thread's time on a CPU and its time waiting, runnable, for one (ns), from
 /// `/proc/self/task/TID/schedstat`; user and kernel time together, softirq work done in its
 /// context included.
@@ -290,53 +265,6 @@ impl Pins {
         let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
         let mut cpus = (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false));
         Some(Pins { load: cpus.next()?, reader: cpus.next()? })
-    }
-}
-
-/// Pins thread `tid` (None: the calling thread) to `cpu`.
-fn pin(tid: Option<i32>, cpu: usize) -> Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid.unwrap_or(0)), &set)
-        .map_err(|e| format!("pinning thread {} to CPU {cpu}: {e}", tid.unwrap_or(0)))
-}
-
-/// Pins the calling thread to `cpu`, if given; says so if it cannot.
-fn pin_me(cpu: Option<usize>) {
-    if let Some(c) = cpu
-        && let Err(e) = pin(None, c)
-    {
-        eprintln!("packets: {e}");
-    }
-}
-
-/// The median, smallest and largest of some values.
-#[derive(Clone, Copy, Debug)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(values: &[f64]) -> Spread {
-        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n == 0 {
-            return Spread { median: f64::NAN, min: f64::NAN, max: f64::NAN };
-        }
-        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-        Spread { median, min: v[0], max: v[n - 1] }
-    }
-
-    fn json(self, digits: i32) -> Value {
-        json!({"median": round(self.median, digits), "min": round(self.min, digits), "max": round(self.max, digits)})
-    }
-
-    /// `median [min-max]` with `f` formatting each.
-    fn show(self, f: impl Fn(f64) -> String) -> String {
-        format!("{} [{}-{}]", f(self.median), f(self.min), f(self.max))
     }
 }
 
@@ -537,129 +465,30 @@ impl Drop for Blaster {
 // The minimal accept-all reader
 // ---------------------------------------------------------------------------------------------
 
-/// The mangle rule that sends the blast to the reader's queue, as `iptables` arguments after the
-/// command (`-A`/`-D`).
-fn accept_rule(queue: u16) -> Vec<String> {
+/// The mangle rule that sends the blast to the reader's queue.
+fn accept_feed(queue: u16) -> FeedRule {
     let q = queue.to_string();
     let port = UDP_PORT.to_string();
-    ["OUTPUT", "-o", "veth1", "-p", "udp", "--dport", &port, "-j", "NFQUEUE", "--queue-num", &q]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    FeedRule::rule(
+        "mangle",
+        "-A",
+        "OUTPUT",
+        None,
+        &["-o", "veth1", "-p", "udp", "--dport", &port, "-j", "NFQUEUE", "--queue-num", &q],
+    )
 }
 
-fn iptables_mangle(ns: &Netns, command: &str, rule: &[String]) -> Result<()> {
-    let mut args = vec!["iptables", "-w", "-t", "mangle", command];
-    args.extend(rule.iter().map(String::as_str));
-    let o = ns.run(&args);
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim()))
-    }
-}
-
-/// A minimal accept-all NFQUEUE reader in `host`: queue `num` (bound in the namespace, fail-closed,
-/// the daemon's queue length and copy range), a thread at nice -10 that waits in poll(2),
-/// receives up to [`RECV_ROUNDS`] datagrams, accepts every packet and flushes the verdicts in one
-/// send, as the daemon's packet worker does; and the mangle rule that feeds it. On drop the rule
-/// is deleted, then the thread stopped and joined (which unbinds the queue).
-struct AcceptAll<'a> {
+/// A minimal accept-all NFQUEUE reader in `host` (`flowgate_bench::accept_all`): queue `num`,
+/// fail-closed, the daemon's queue length, verdicts without a mark; fed by [`accept_feed`].
+fn accept_all<'a>(
     ns: &'a Netns,
-    tid: i32,
-    rule: Option<Vec<String>>,
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-    thread: Option<JoinHandle<Result<()>>>,
-}
-
-impl<'a> AcceptAll<'a> {
-    fn start(
-        ns: &'a Netns,
-        num: u16,
-        max_len: u32,
-        judged: Arc<AtomicU64>,
-        cpu: Option<usize>,
-    ) -> Result<AcceptAll<'a>> {
-        let queue = ns
-            .in_ns(move || Queue::open(&QueueConfig { num, max_len, fail_open: false, copy_range: 0xffff }))
-            .map_err(|e| format!("accept-all reader: {e}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| format!("eventfd: {e}"))?,
-        );
-        let (st, wk) = (stop.clone(), wake.clone());
-        let (thread, tid) = spawn_thread(&format!("accept-all-{num}"), move || {
-            pin_me(cpu);
-            reader_loop(queue, &st, &wk, &judged)
-        })?;
-        let mut me = AcceptAll { ns, tid, rule: None, stop, wake, thread: Some(thread) };
-        let rule = accept_rule(num);
-        iptables_mangle(ns, "-A", &rule)?;
-        me.rule = Some(rule);
-        Ok(me)
-    }
-
-    /// Deletes the rule and stops the reader; an error if either failed.
-    fn stop(mut self) -> Result<()> {
-        self.finish()
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        let mut errors = Vec::new();
-        if let Some(rule) = self.rule.take()
-            && let Err(e) = iptables_mangle(self.ns, "-D", &rule)
-        {
-            errors.push(e);
-        }
-        self.stop.store(true, Ordering::Release);
-        let _ = self.wake.write(1);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Err(e))) => errors.push(format!("accept-all reader: {e}")),
-            Some(Err(_)) => errors.push("the accept-all reader panicked".into()),
-            Some(Ok(Ok(()))) | None => {}
-        }
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
-    }
-}
-
-impl Drop for AcceptAll<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.finish() {
-            eprintln!("packets: {e}");
-        }
-    }
-}
-
-fn reader_loop(mut queue: Queue, stop: &AtomicBool, wake: &EventFd, judged: &AtomicU64) -> Result<()> {
-    nice(-10);
-    let mut ids: Vec<u32> = Vec::with_capacity(256);
-    while !stop.load(Ordering::Acquire) {
-        {
-            let mut fds = [PollFd::new(queue.as_fd(), PollFlags::POLLIN), PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(format!("poll: {e}")),
-            }
-        }
-        for _ in 0..RECV_ROUNDS {
-            let n = queue
-                .recv(|p| {
-                    ids.push(p.id);
-                    judged.fetch_add(1, Ordering::Relaxed);
-                })
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-        }
-        for id in ids.drain(..) {
-            queue.verdict(id, Verdict::Accept, None);
-        }
-        queue.flush().map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    num: u16,
+    max_len: u32,
+    judged: Arc<AtomicU64>,
+    cpu: Option<usize>,
+) -> Result<AcceptAll<'a>> {
+    let opts = accept_all::Options { queue: num, max_len, fail_open: false, verdict: Verdict::Accept, mark: None, cpu };
+    AcceptAll::start(ns, &opts, judged, &[accept_feed(num)])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -919,11 +748,11 @@ fn measure_pps(
     match spec.kind {
         PpsKind::None => {}
         PpsKind::AcceptAll => {
-            reader = Some(AcceptAll::start(&lab.host, ACCEPT_QUEUE, max_len, judged.clone(), reader_cpu)?);
+            reader = Some(accept_all(&lab.host, ACCEPT_QUEUE, max_len, judged.clone(), reader_cpu)?);
         }
         PpsKind::AcceptAllFlow => {
             embedded = Some(Embedded::start(&lab.host, &tag, "", None)?);
-            reader = Some(AcceptAll::start(&lab.host, ACCEPT_FLOW_QUEUE, max_len, judged.clone(), reader_cpu)?);
+            reader = Some(accept_all(&lab.host, ACCEPT_FLOW_QUEUE, max_len, judged.clone(), reader_cpu)?);
         }
         PpsKind::Packet { rules } => {
             let extra = packet_config(if rules { opts.rules } else { 0 });
@@ -932,7 +761,7 @@ fn measure_pps(
     }
     let queued = spec.kind != PpsKind::None;
     let reader_tid = match (&reader, spec.kind) {
-        (Some(r), _) => Some(r.tid),
+        (Some(r), _) => Some(r.tid()),
         (None, PpsKind::Packet { .. }) => thread_named_soon(&format!("flowgate-p{ACCEPT_QUEUE}")),
         (None, _) => None,
     };
@@ -1238,16 +1067,8 @@ fn part_bulk(opts: &Opts) -> Result<Vec<(&'static BulkSpec, Vec<BulkSample>)>> {
 // Report
 // ---------------------------------------------------------------------------------------------
 
-/// A ratio between two configurations: of their medians, and the spread of the per-round ratios
-/// (the two measured in the same round, a few seconds apart).
-fn ratio(num: &[f64], den: &[f64]) -> (f64, Spread) {
-    let of_medians = Spread::of(num).median / Spread::of(den).median;
-    let paired: Vec<f64> = num.iter().zip(den).map(|(a, b)| a / b).collect();
-    (of_medians, Spread::of(&paired))
-}
-
 fn ratio_json(num: &[f64], den: &[f64], goal: Option<f64>) -> Value {
-    let (m, p) = ratio(num, den);
+    let (m, p) = paired_ratio(num, den);
     let mut v = json!({"of_medians": round(m, 3), "per_round": p.json(3)});
     if let Some(g) = goal {
         v["goal"] = json!(g);
@@ -1417,14 +1238,14 @@ fn pps_report(results: &[(&PpsSpec, Vec<PpsSample>)], opts: &Opts, out: &mut Str
         if da.is_empty() || db.is_empty() {
             continue;
         }
-        let (m, p) = ratio(&da, &db);
+        let (m, p) = paired_ratio(&da, &db);
         let goal_part =
             goal.map(|g| format!("; goal >= {g}: {}", if m >= g { "met" } else { "NOT met" })).unwrap_or_default();
         let _ = writeln!(out, "{a} / {b}: delivered {m:.3}, per round {}{goal_part}", p.show(|x| format!("{x:.3}")));
         let mut v = json!({"delivered": ratio_json(&da, &db, goal)});
         let (ca, cb) = (capacity(a), capacity(b));
         if !ca.is_empty() && !cb.is_empty() {
-            let (m, p) = ratio(&ca, &cb);
+            let (m, p) = paired_ratio(&ca, &cb);
             let goal_part =
                 goal.map(|g| format!("; goal >= {g}: {}", if m >= g { "met" } else { "NOT met" })).unwrap_or_default();
             let _ = writeln!(
@@ -1529,12 +1350,12 @@ fn bulk_report(results: &[(&BulkSpec, Vec<BulkSample>)], opts: &Opts, out: &mut 
         if va.is_empty() || vb.is_empty() {
             continue;
         }
-        let (m, p) = ratio(&va, &vb);
+        let (m, p) = paired_ratio(&va, &vb);
         let goal_part =
             goal.map(|g| format!("; goal >= {g}: {}", if m >= g { "met" } else { "NOT met" })).unwrap_or_default();
         let _ = writeln!(out, "{a} / {b}: throughput {m:.3}, per round {}{goal_part}", p.show(|x| format!("{x:.3}")));
         let (ca, cb) = (get(a, BulkSample::cpu_ms_per_gb), get(b, BulkSample::cpu_ms_per_gb));
-        let (cm, cp) = ratio(&cb, &ca);
+        let (cm, cp) = paired_ratio(&cb, &ca);
         let _ = writeln!(out, "{a} / {b}: CPU per GB (inverse) {cm:.3}, per round {}", cp.show(|x| format!("{x:.3}")));
         ratios.insert(
             format!("{a}/{b}"),

@@ -54,6 +54,7 @@ use flowgate_bench::daemon::{
 };
 use flowgate_bench::guard::{TempDir, begin};
 use flowgate_bench::lab::{self, Lab, Netns, SRV_SERVICE_V4};
+use flowgate_bench::process::raise_nofile;
 use flowgate_bench::report::{loadavg, percentile, print_result, round};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -148,34 +149,6 @@ fn parse_opts() -> Result<Opts> {
     }
     (opts.flowgate, opts.json) = args.finish()?;
     Ok(opts)
-}
-
-// ---------------------------------------------------------------------------------------------
-// File descriptors
-// ---------------------------------------------------------------------------------------------
-
-/// Raises this process's RLIMIT_NOFILE soft limit to `want`, and the hard limit too where
-/// allowed (that needs CAP_SYS_RESOURCE); children inherit it. Returns the soft limit in force.
-/// (`nix::sys::resource` needs nix's `resource` feature, which the workspace does not enable.)
-fn raise_nofile(want: u64) -> Result<u64> {
-    let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one rlimit struct, which lives on this stack frame.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
-        return Err(format!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error()));
-    }
-    if cur.rlim_cur >= want {
-        return Ok(cur.rlim_cur);
-    }
-    for new in [
-        libc::rlimit { rlim_cur: want, rlim_max: cur.rlim_max.max(want) },
-        libc::rlimit { rlim_cur: want.min(cur.rlim_max), rlim_max: cur.rlim_max },
-    ] {
-        // SAFETY: setrlimit reads one rlimit struct, which lives on this stack frame.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return Ok(new.rlim_cur);
-        }
-    }
-    Err(format!("setrlimit(RLIMIT_NOFILE, {want}): {}", std::io::Error::last_os_error()))
 }
 
 // ---------------------------------------------------------------------------------------------
