@@ -5,10 +5,11 @@
 //! and the same packets. Setup errors are returned, never panicked on; the benches decide.
 //!
 //! The modules are what the live benchmarks (`src/bin/live.rs`, `verdicts.rs`, `flows.rs`,
-//! `packets.rs`) share: [`args`], [`guard`], [`daemon`], [`connect`], [`bulk`],
+//! `packets.rs`, `compare.rs`) share: [`args`], [`guard`], [`daemon`], [`connect`], [`bulk`],
 //! [`counters`], [`report`], [`process`] (file-descriptor limit, another process's memory),
 //! [`threads`] (named, niced, pinned threads), [`accept_all`] (the minimal accept-all NFQUEUE
-//! reader), and the integration tests' namespace [`lab`].
+//! reader), [`opensnitch`] (OpenSnitch's daemon in a lab namespace), and the integration tests'
+//! namespace [`lab`].
 
 pub mod accept_all;
 pub mod args;
@@ -21,6 +22,7 @@ pub mod guard;
 // modules above share one copy of it (its types, its namespace counter).
 #[path = "../../crates/flowgate/tests/lab/mod.rs"]
 pub mod lab;
+pub mod opensnitch;
 pub mod process;
 pub mod report;
 pub mod threads;
