@@ -419,6 +419,7 @@ impl Harness {
                         from_responder: counts(2),
                         id: (s & 0x10 != 0).then_some(u32::from(c % 4)),
                         state,
+                        decided: None,
                     };
                     if s & 0x80 != 0 {
                         let _ = self.engine.handle_kernel_report(self.now, &report);

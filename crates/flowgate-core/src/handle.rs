@@ -103,7 +103,7 @@ pub(crate) enum Command {
 }
 
 /// What the kernel's connection tracking says about a flow (see [`crate::Engine::handle_kernel_report`]).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelReport {
     pub protocol: Protocol,
     /// The end that opened the flow (conntrack's original direction source).
@@ -115,6 +115,18 @@ pub struct KernelReport {
     /// The conntrack entry's id, which tells an entry from a later one on the same 5-tuple.
     pub id: Option<u32>,
     pub state: KernelState,
+    /// A static rule decided the flow in the kernel (its entry's mark says which): the engine
+    /// may never have seen a packet of it (see [`crate::rules::kernel`]).
+    pub decided: Option<KernelDecided>,
+}
+
+/// Where a flow a static rule decided in the kernel was decided: what conntrack cannot say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelDecided {
+    /// The hook of the rule: the flow's direction, and whether it is forwarded.
+    pub hook: crate::rules::kernel::Hook,
+    /// The interface the rule named (its glob text: `tun*` when that is all the kernel knows).
+    pub interface: Option<std::sync::Arc<str>>,
 }
 
 /// Where a kernel-tracked flow stands.

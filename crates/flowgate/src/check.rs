@@ -770,6 +770,7 @@ impl Found {
             ip6tables_restore: or_name(&self.v6.restore, "ip6tables-restore"),
             iptables: or_name(&self.v4.lister, "iptables"),
             ip6tables: or_name(&self.v6.lister, "ip6tables"),
+            ipset: Tools::default().ipset,
         }
     }
 
@@ -933,6 +934,7 @@ fn probe_chains(found: &Found) -> Feature {
                 forwarded: true,
             }],
         },
+        statics: Default::default(),
     };
     let tools = found.tools();
     match netfilter::install(&spec, &tools) {
