@@ -103,6 +103,29 @@ pub const PACKET_IN: &str = "FLOWGATE-PKT-IN";
 /// The packet stage's chain for routed packets, jumped to from mangle `FORWARD`.
 pub const PACKET_FWD: &str = "FLOWGATE-PKT-FWD";
 
+/// flowgate's chain that spreads new TCP and UDP flows over the queues by their ports (see
+/// "Balancing" in the module documentation).
+pub const SPREAD: &str = "FLOWGATE-SPREAD";
+/// Its second level, one chain per value of the source port's low bits.
+const SPREAD_BY_SPORT: [&str; 16] = [
+    "FLOWGATE-SPREAD-0",
+    "FLOWGATE-SPREAD-1",
+    "FLOWGATE-SPREAD-2",
+    "FLOWGATE-SPREAD-3",
+    "FLOWGATE-SPREAD-4",
+    "FLOWGATE-SPREAD-5",
+    "FLOWGATE-SPREAD-6",
+    "FLOWGATE-SPREAD-7",
+    "FLOWGATE-SPREAD-8",
+    "FLOWGATE-SPREAD-9",
+    "FLOWGATE-SPREAD-10",
+    "FLOWGATE-SPREAD-11",
+    "FLOWGATE-SPREAD-12",
+    "FLOWGATE-SPREAD-13",
+    "FLOWGATE-SPREAD-14",
+    "FLOWGATE-SPREAD-15",
+];
+
 /// A table flowgate installs chains in: its chains and the built-in chains that jump to them.
 struct Table {
     name: &'static str,
@@ -116,7 +139,28 @@ const TABLES: [Table; 2] = [
     Table {
         name: "filter",
         hooks: [("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)],
-        inner: &[STATIC_OUT, STATIC_IN, STATIC_FWD],
+        inner: &[
+            STATIC_OUT,
+            STATIC_IN,
+            STATIC_FWD,
+            SPREAD,
+            SPREAD_BY_SPORT[0],
+            SPREAD_BY_SPORT[1],
+            SPREAD_BY_SPORT[2],
+            SPREAD_BY_SPORT[3],
+            SPREAD_BY_SPORT[4],
+            SPREAD_BY_SPORT[5],
+            SPREAD_BY_SPORT[6],
+            SPREAD_BY_SPORT[7],
+            SPREAD_BY_SPORT[8],
+            SPREAD_BY_SPORT[9],
+            SPREAD_BY_SPORT[10],
+            SPREAD_BY_SPORT[11],
+            SPREAD_BY_SPORT[12],
+            SPREAD_BY_SPORT[13],
+            SPREAD_BY_SPORT[14],
+            SPREAD_BY_SPORT[15],
+        ],
     },
     Table {
         name: "mangle",
@@ -587,12 +631,53 @@ fn filter_rules_text(spec: &ChainSpec, ipv6: bool) -> String {
             rules.push(static_rules::hook_jump(hook.statics));
             rules.extend(static_rules::hook_tail(ipv6, spec.statics.log_group));
         }
+        if first != last {
+            // TCP and UDP by their ports; the rest (and IPv6 with extension headers before the
+            // ports) by the addresses, below.
+            for (proto, number) in [("tcp", 6), ("udp", 17)] {
+                // Written as iptables lists it back, so a listing compares equal.
+                let direct = if ipv6 { format!(" -m u32 --u32 \"0x4>>0x8&0xff={number:#x}\"") } else { String::new() };
+                rules.push(format!("-p {proto}{direct} -j {SPREAD}"));
+            }
+        }
         rules.push(queue.clone());
         for rule in rules {
             text.push_str(&format!("-A {} {rule}\n", hook.chain));
         }
     }
     text.push_str(&static_rules::chain_rules(&spec.statics, ipv6));
+    text.push_str(&spread_rules_text(spec, ipv6));
+    text
+}
+
+/// The spreading chains' rules: a new TCP or UDP flow goes to queue `first + (s + d) mod n`,
+/// where `s` and `d` are the low bits of its source and destination ports. The sum is the same
+/// for both directions of a flow, so a flow's packets all reach one worker while connections of
+/// one busy peer (same addresses, other ports) spread over all of them.
+fn spread_rules_text(spec: &ChainSpec, ipv6: bool) -> String {
+    let (first, last) = (*spec.queues.start(), *spec.queues.end());
+    if first == last {
+        return String::new();
+    }
+    let n = usize::from(last - first) + 1;
+    let m = n.next_power_of_two().min(SPREAD_BY_SPORT.len());
+    let mask = m - 1;
+    // Where the ports are: after IPv4's header (its length in the header), or right after
+    // IPv6's fixed 40 bytes (the jump checks that no extension header comes first).
+    let ports = if ipv6 { "0x28" } else { "0x0>>0x16&0x3c@0x0" };
+    let bypass = if spec.fail_open { " --queue-bypass" } else { "" };
+    let mut text = String::new();
+    for (i, chain) in SPREAD_BY_SPORT.iter().enumerate().take(m) {
+        text.push_str(&format!("-A {SPREAD} -m u32 --u32 \"{ports}>>0x10&{mask:#x}={i:#x}\" -j {chain}\n"));
+    }
+    for (i, chain) in SPREAD_BY_SPORT.iter().enumerate().take(m) {
+        for j in 0..m {
+            let queue = usize::from(first) + (i + j) % n;
+            text.push_str(&format!(
+                "-A {chain} -m u32 --u32 \"{ports}&{mask:#x}={j:#x}\" -j NFQUEUE --queue-num {queue}{bypass}\n"
+            ));
+        }
+    }
     text
 }
 
@@ -978,6 +1063,23 @@ mod tests {
 :FLOWGATE-S-OUT - [0:0]
 :FLOWGATE-S-IN - [0:0]
 :FLOWGATE-S-FWD - [0:0]
+:FLOWGATE-SPREAD - [0:0]
+:FLOWGATE-SPREAD-0 - [0:0]
+:FLOWGATE-SPREAD-1 - [0:0]
+:FLOWGATE-SPREAD-2 - [0:0]
+:FLOWGATE-SPREAD-3 - [0:0]
+:FLOWGATE-SPREAD-4 - [0:0]
+:FLOWGATE-SPREAD-5 - [0:0]
+:FLOWGATE-SPREAD-6 - [0:0]
+:FLOWGATE-SPREAD-7 - [0:0]
+:FLOWGATE-SPREAD-8 - [0:0]
+:FLOWGATE-SPREAD-9 - [0:0]
+:FLOWGATE-SPREAD-10 - [0:0]
+:FLOWGATE-SPREAD-11 - [0:0]
+:FLOWGATE-SPREAD-12 - [0:0]
+:FLOWGATE-SPREAD-13 - [0:0]
+:FLOWGATE-SPREAD-14 - [0:0]
+:FLOWGATE-SPREAD-15 - [0:0]
 -A FLOWGATE-OUT -o lo -j RETURN
 -A FLOWGATE-OUT -m mark ! --mark 0x0/0xffff0000 -j CONNMARK --save-mark --nfmask 0xffff0000 --ctmask 0xffff0000
 -A FLOWGATE-OUT -m connmark --mark 0x10000/0x30000 -j RETURN
@@ -993,6 +1095,8 @@ mod tests {
 -A FLOWGATE-OUT -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-OUT -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
 -A FLOWGATE-OUT -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-OUT -p tcp -j FLOWGATE-SPREAD
+-A FLOWGATE-OUT -p udp -j FLOWGATE-SPREAD
 -A FLOWGATE-OUT -j NFQUEUE --queue-balance 0:1 --queue-bypass
 -A FLOWGATE-IN -i lo -j RETURN
 -A FLOWGATE-IN -m mark ! --mark 0x0/0xffff0000 -j CONNMARK --save-mark --nfmask 0xffff0000 --ctmask 0xffff0000
@@ -1009,6 +1113,8 @@ mod tests {
 -A FLOWGATE-IN -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-IN -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
 -A FLOWGATE-IN -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-IN -p tcp -j FLOWGATE-SPREAD
+-A FLOWGATE-IN -p udp -j FLOWGATE-SPREAD
 -A FLOWGATE-IN -j NFQUEUE --queue-balance 0:1 --queue-bypass
 -A FLOWGATE-FWD -m mark ! --mark 0x0/0xffff0000 -j CONNMARK --save-mark --nfmask 0xffff0000 --ctmask 0xffff0000
 -A FLOWGATE-FWD -m connmark --mark 0x10000/0x30000 -j RETURN
@@ -1024,7 +1130,15 @@ mod tests {
 -A FLOWGATE-FWD -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-FWD -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
 -A FLOWGATE-FWD -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-FWD -p tcp -j FLOWGATE-SPREAD
+-A FLOWGATE-FWD -p udp -j FLOWGATE-SPREAD
 -A FLOWGATE-FWD -j NFQUEUE --queue-balance 0:1 --queue-bypass
+-A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x10&0x1=0x0\" -j FLOWGATE-SPREAD-0
+-A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x10&0x1=0x1\" -j FLOWGATE-SPREAD-1
+-A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x0\" -j NFQUEUE --queue-num 0 --queue-bypass
+-A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x1\" -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x0\" -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x1\" -j NFQUEUE --queue-num 0 --queue-bypass
 -I OUTPUT 1 -j FLOWGATE-OUT
 -I INPUT 1 -j FLOWGATE-IN
 -I FORWARD 1 -j FLOWGATE-FWD
@@ -1044,8 +1158,12 @@ COMMIT
                 .collect::<String>()
         };
         let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0xffff0000");
-        let mut expected =
-            v4.replace("-p icmp ", "-p ipv6-icmp ").replace("icmp-port-unreachable", "icmp6-port-unreachable");
+        let mut expected = v4
+            .replace("-p icmp ", "-p ipv6-icmp ")
+            .replace("icmp-port-unreachable", "icmp6-port-unreachable")
+            .replace("-p tcp -j FLOWGATE-SPREAD", "-p tcp -m u32 --u32 \"0x4>>0x8&0xff=0x6\" -j FLOWGATE-SPREAD")
+            .replace("-p udp -j FLOWGATE-SPREAD", "-p udp -m u32 --u32 \"0x4>>0x8&0xff=0x11\" -j FLOWGATE-SPREAD")
+            .replace("0x0>>0x16&0x3c@0x0", "0x28");
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
             expected = expected.replacen(&save(chain), &format!("{}{}", nd(chain), save(chain)), 1);
         }
@@ -1099,7 +1217,11 @@ COMMIT
         for ipv6 in [false, true] {
             let open = ruleset_text(&spec(0..=1, true, false), ipv6);
             let closed = ruleset_text(&spec(0..=1, false, false), ipv6);
-            assert_eq!(open.matches("--queue-bypass").count(), 3 * 3, "balance and two owner rules, three chains");
+            assert_eq!(
+                open.matches("--queue-bypass").count(),
+                3 * 3 + 4,
+                "balance and two owner rules, three chains; four spreading rules"
+            );
             assert_eq!(closed.matches("--queue-bypass").count(), 0);
             assert_eq!(open.replace(" --queue-bypass", ""), closed);
         }
@@ -1136,12 +1258,13 @@ COMMIT
                 ":FLOWGATE-S-FWD - [0:0]"
             ]
         );
+        assert_eq!(lines[7], ":FLOWGATE-SPREAD - [0:0]");
         let n = lines.len();
         assert_eq!(
             &lines[n - 4..],
             ["-I OUTPUT 1 -j FLOWGATE-OUT", "-I INPUT 1 -j FLOWGATE-IN", "-I FORWARD 1 -j FLOWGATE-FWD", "COMMIT"]
         );
-        assert!(lines[7..n - 4].iter().all(|l| l.starts_with("-A FLOWGATE-")));
+        assert!(lines[24..n - 4].iter().all(|l| l.starts_with("-A FLOWGATE-")));
 
         // Within a chain: loopback, the verdict's packet mark saved to conntrack, allow, answers to rejects, reject TCP, reject the rest,
         // catch-all drop for rejects, silent drop, queue.
@@ -1165,6 +1288,8 @@ COMMIT
             position("-m mark --mark 0x30000/0x30000 -j DROP"),
             position("-j NFQUEUE --queue-num 0"),
             position("-j NFQUEUE --queue-num 1"),
+            position("-p tcp -j FLOWGATE-SPREAD"),
+            position("-p udp -j FLOWGATE-SPREAD"),
             position("-j NFQUEUE --queue-balance"),
         ];
         assert_eq!(order.to_vec(), (0..rules.len()).collect::<Vec<_>>());
