@@ -90,6 +90,7 @@ pub(crate) enum Command {
         direction: Option<Direction>,
     },
     Kernel(Vec<KernelReport>),
+    KernelDrops(Vec<KernelDrop>),
     Sync(KernelSync),
     Reload(Arc<crate::rules::matcher::CompiledRules>),
     /// List (`verdict: None`) or change the verdict of the selected flows, streaming their
@@ -118,6 +119,18 @@ pub struct KernelReport {
     /// A static rule decided the flow in the kernel (its entry's mark says which): the engine
     /// may never have seen a packet of it (see [`crate::rules::kernel`]).
     pub decided: Option<KernelDecided>,
+}
+
+/// A packet a static rule dropped in the kernel, as the kernel logged it (see
+/// [`crate::Engine::handle_kernel_drop`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelDrop {
+    /// The hook it was dropped at.
+    pub origin: crate::engine::Origin,
+    /// The interface it came in on (input, forward) or was to leave by (output).
+    pub interface: Option<std::sync::Arc<str>>,
+    /// The IP packet.
+    pub packet: Vec<u8>,
 }
 
 /// Where a flow a static rule decided in the kernel was decided: what conntrack cannot say.
@@ -231,6 +244,11 @@ impl Handle {
     /// ignored. Waits up to `wait` while the channel is full.
     pub fn kernel_reports(&self, reports: Vec<KernelReport>, wait: Duration) -> Result<(), HandleError> {
         self.send(Command::Kernel(reports), wait)
+    }
+
+    /// Hands the engine packets static rules dropped in the kernel (their log), in one command.
+    pub fn kernel_drops(&self, drops: Vec<KernelDrop>, wait: Duration) -> Result<(), HandleError> {
+        self.send(Command::KernelDrops(drops), wait)
     }
 
     /// Marks the start or the end of a pass over the kernel's table. Waits up to `wait` while the

@@ -22,6 +22,7 @@ pub mod conntrack;
 pub mod ifname;
 pub mod netfilter;
 mod netlink;
+pub mod nflog;
 pub mod nfqueue;
 pub mod sockdiag;
 pub mod static_rules;

@@ -514,7 +514,13 @@ fn parse_queue_counters(table: &Table, family: Family, listing: &str) -> Vec<Que
         .lines()
         .filter_map(|line| {
             let args = split_args(line.trim().strip_prefix("-A ")?);
-            let chain = table.hooks.iter().map(|(_, c)| *c).find(|c| args.first().is_some_and(|a| a == c))?;
+            // The spreading chains hold NFQUEUE rules too.
+            let chain = table
+                .hooks
+                .iter()
+                .map(|(_, c)| *c)
+                .chain(table.inner.iter().copied())
+                .find(|c| args.first().is_some_and(|a| a == c))?;
             let after = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str());
             if after("-j") != Some("NFQUEUE") {
                 return None;

@@ -433,6 +433,10 @@ impl Engine {
     /// raced the log), is only counted as seen.
     pub fn handle_kernel_drop(&mut self, now: Instant, meta: PacketMeta<'_>, bytes: &[u8]) {
         self.apply_commands(now, 1);
+        self.kernel_drop(now, meta, bytes);
+    }
+
+    fn kernel_drop(&mut self, now: Instant, meta: PacketMeta<'_>, bytes: &[u8]) {
         let Ok(p) = packet::parse(bytes) else { return };
         let known = self.table.len();
         let Ok(slot) = self.flow_of(now, meta, &p) else { return };
@@ -488,6 +492,7 @@ impl Engine {
             let Some(c) = self.next_command.take().or_else(|| self.commands.try_recv().ok()) else { return };
             spent += match &c {
                 Command::Kernel(reports) => reports.len().max(1),
+                Command::KernelDrops(drops) => drops.len().max(1),
                 _ => 1,
             };
             match c {
@@ -496,6 +501,12 @@ impl Engine {
                 Command::Kernel(reports) => {
                     for r in &reports {
                         self.handle_kernel_report(now, r);
+                    }
+                }
+                Command::KernelDrops(drops) => {
+                    for d in &drops {
+                        let meta = PacketMeta { interface: d.interface.as_deref(), origin: d.origin };
+                        self.kernel_drop(now, meta, &d.packet);
                     }
                 }
                 Command::Sync(s) => self.handle_kernel_sync(now, s),

@@ -20,6 +20,7 @@
 mod adopt;
 mod clock;
 pub mod control;
+mod droplog;
 mod enforce;
 mod kernel;
 mod lock;
@@ -392,6 +393,7 @@ struct Workers {
     shards: Vec<Shard>,
     packet_shards: Vec<PacketShard>,
     watcher: Option<kernel::Watcher>,
+    droplog: Option<droplog::DropLog>,
     links: Option<flowgate_linux::ifname::LinkWatch>,
     enforcer: Option<enforce::Enforcer>,
     stop: Arc<AtomicBool>,
@@ -403,6 +405,9 @@ impl Workers {
         let mut errors: Vec<String> = Vec::new();
         if let Some(w) = self.watcher {
             errors.extend(w.join());
+        }
+        if let Some(d) = self.droplog {
+            errors.extend(d.join());
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
         errors.extend(self.packet_shards.into_iter().filter_map(|s| s.join().err()));
@@ -656,6 +661,7 @@ fn start(
         shards: Vec::new(),
         packet_shards: Vec::new(),
         watcher: None,
+        droplog: None,
         links: None,
         enforcer: Some(enforcer),
         stop: stop.clone(),
@@ -703,7 +709,7 @@ fn start(
         handles.clone(),
         clock,
         config.engine.kernel_sync_interval,
-        stop,
+        stop.clone(),
         extras.ids.clone(),
     ) {
         Ok(w) => w,
@@ -712,10 +718,19 @@ fn start(
             return Err(e);
         }
     };
+    workers.droplog = match droplog::DropLog::start(handles.clone(), stop, changes.clone()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            workers.watcher = Some(watcher);
+            let _ = workers.stop();
+            return Err(e);
+        }
+    };
     let registry = Registry::new(handles, Some(watcher.syncer()));
     let worker_stats: Vec<_> = workers.shards.iter().map(|s| s.stats.clone()).collect();
     let kernel_stats = watcher.stats.clone();
     workers.watcher = Some(watcher);
+    let drop_log_stats = workers.droplog.as_ref().map(|d| d.stats.clone()).unwrap_or_default();
     let packet_stats: Vec<_> = workers.packet_shards.iter().map(|s| s.stats.clone()).collect();
     let queues = live.first_queue..=spec.packet.queues.end().to_owned().max(live.first_queue + (live.queues - 1));
     let flow_queues = live.first_queue..=live.first_queue + (live.queues - 1);
@@ -734,6 +749,9 @@ fn start(
         let per_worker: Vec<shard::WorkerStats> =
             worker_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         let mut v = stats_json(&per_worker, &kernel_stats, &writer_stats);
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let d = &drop_log_stats;
+        v["drop_log"] = json!({"logged": r(&d.logged), "dropped": r(&d.dropped), "overruns": r(&d.overruns)});
         let per_packet: Vec<PacketWorkerStats> =
             packet_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         v["packet_stage"] = packet_stats_json(&per_packet);
