@@ -6,6 +6,9 @@
 //!
 //! - [`nfqueue`]: NFQUEUE over a raw netlink socket: bind a queue, receive packets with their
 //!   hook, interfaces and conntrack state, send batched verdicts that can set the conntrack mark.
+//! - [`nflog`]: NFLOG over a raw netlink socket: bind a log group and receive what the kernel
+//!   logs to it (prefix, interfaces, the start of the packet), so flows that rules drop in the
+//!   kernel are still logged.
 //! - [`netfilter`]: the iptables/ip6tables chains flowgate installs and removes (atomically, with
 //!   rollback), and the cleanup of what a dead instance left.
 //! - [`conntrack`]: conntrack over netlink: end-of-flow events with counters, dumps, mark
@@ -15,7 +18,8 @@
 //! - [`ifname`]: interface index → name, cached.
 //! - [`bpf`]: the `bpf()` syscall, as far as `flowgate check` probes it (load a no-op program,
 //!   attach it to a raw tracepoint); nothing uses BPF yet.
-//! - `netlink` (private): the netlink framing of nfqueue, conntrack and sockdiag, written by hand.
+//! - `netlink` (private): the netlink framing of nfqueue, nflog, conntrack and sockdiag, written
+//!   by hand.
 
 pub mod bpf;
 pub mod conntrack;
