@@ -13,10 +13,11 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "run.sh: flowgate's live filter needs root (netfilter rules, NFQUEUE)" >&2
     exit 1
 fi
-if ! command -v iptables-restore >/dev/null || ! command -v ip6tables-restore >/dev/null; then
+# iptables for flowgate's chains, ipset for the sets of static rules with several networks.
+if ! command -v iptables-restore >/dev/null || ! command -v ip6tables-restore >/dev/null || ! command -v ipset >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq iptables >/dev/null
+    apt-get install -y -qq iptables ipset >/dev/null
 fi
 cargo build --release --locked -q --manifest-path "$root/Cargo.toml" -p flowgate
 bin="$root/target/release/flowgate"

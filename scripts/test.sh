@@ -16,6 +16,8 @@ command -v iptables-restore >/dev/null || need+=(iptables)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v python3 >/dev/null || need+=(python3)
 command -v conntrack >/dev/null || need+=(conntrack)
+# ipset: the static rules' sets (flowgate runs it; the netfilter live tests list the sets).
+command -v ipset >/dev/null || need+=(ipset)
 # Crafted hostile packets (fragments, IPv6 extension headers, a spoofed SYN flood) in live tests.
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
 # The metrics live tests read /metrics with a real Prometheus text parser (prometheus_client's).

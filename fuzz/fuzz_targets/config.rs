@@ -45,6 +45,21 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(compiled.rules().len(), config.rules.rules.len());
             classify_agrees_with_a_linear_scan(&compiled);
             let _ = flowgate::config::sync_interval(&config.engine.timeouts);
+            // The kernel's part of the rules: ids in order and in range, every rule either in
+            // the kernel or in user space, never both.
+            for provider in [false, true] {
+                let plan = flowgate_core::rules::kernel::KernelPlan::new(&config.rules, provider);
+                for (k, e) in plan.entries.iter().enumerate() {
+                    assert_eq!(usize::from(e.id), k + 1, "ids are handed out in order");
+                    assert!(e.id <= flowgate_core::rules::kernel::MAX_IDS);
+                    assert!(e.rule.is_none_or(|i| !plan.user_space.iter().any(|(u, _)| *u == i)));
+                }
+                let mut seen: Vec<usize> = plan.entries.iter().filter_map(|e| e.rule).collect();
+                seen.dedup();
+                seen.extend(plan.user_space.iter().map(|(i, _)| *i));
+                seen.sort_unstable();
+                assert_eq!(seen, (0..config.rules.rules.len()).collect::<Vec<_>>(), "every rule has one place");
+            }
         }
     }
 });

@@ -31,11 +31,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant as StdInstant};
 
 use etherparse::PacketBuilder;
+use flowgate_core::rules::kernel::Hook;
 use flowgate_core::rules::matcher::CompiledRules;
 use flowgate_core::{
     CloseReason, DataVerdict, Direction, Engine, EngineConfig, EventKind, Existing, Flow, FlowFilter, FlowId,
-    FlowVerdict, Handle, Instant, KernelReport, KernelState, KernelSync, NewFlowVerdict, Origin, PacketAction,
-    PacketMeta, Protocol, Selector, Timeouts,
+    FlowVerdict, Handle, Instant, KernelDecided, KernelReport, KernelState, KernelSync, NewFlowVerdict, Origin,
+    PacketAction, PacketMeta, Protocol, Selector, Timeouts,
 };
 use flowgate_fuzz::Input;
 use libfuzzer_sys::fuzz_target;
@@ -265,6 +266,55 @@ impl Harness {
     /// A packet built from a description: family, protocol, which hosts and ports, which way,
     /// TCP flags and sequence number, payload.
     fn synth(&mut self, input: &mut Input<'_>) {
+        if let Some((meta, out)) = synth_packet(input) {
+            self.packet(meta, &out);
+        }
+    }
+
+    /// The same packet, logged as dropped by a static rule in the kernel.
+    fn synth_kernel_drop(&mut self, input: &mut Input<'_>) {
+        if let Some((meta, out)) = synth_packet(input) {
+            let origin = [Origin::Unknown, Origin::Output, Origin::Input, Origin::Forward][usize::from(meta & 3)];
+            let interface = INTERFACES[usize::from(meta >> 2 & 3)];
+            self.engine.handle_kernel_drop(self.now, PacketMeta { interface, origin }, &out);
+        }
+    }
+
+    /// A report from conntrack on a flow a static rule decided in the kernel, which the engine
+    /// may never have seen.
+    fn kernel_decided(&mut self, input: &mut Input<'_>) {
+        let (hosts, ports, s) = (input.u8(), input.u8(), input.u8());
+        let v6 = s & 1 != 0;
+        let a = addr(v6, usize::from(hosts & 3), PORTS[usize::from(ports & 7) % PORTS.len()]);
+        let b = addr(v6, usize::from(hosts >> 2 & 3), PORTS[usize::from(ports >> 3 & 7) % PORTS.len()]);
+        let hook = [Hook::Output, Hook::Input, Hook::Forward][usize::from(s >> 1 & 3) % 3];
+        let state = match s >> 3 & 3 {
+            0 => KernelState::Created,
+            1 => KernelState::Alive,
+            2 => KernelState::Closing(CloseReason::Fin),
+            _ => KernelState::Ended,
+        };
+        let report = KernelReport {
+            protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Icmp][usize::from(s >> 5 & 3) % 3],
+            opener: a,
+            responder: b,
+            from_opener: (s & 0x80 != 0).then_some((3, 300)),
+            from_responder: None,
+            id: Some(u32::from(hosts)),
+            state,
+            decided: Some(KernelDecided {
+                hook,
+                interface: INTERFACES[usize::from(ports >> 6)].map(std::sync::Arc::from),
+            }),
+        };
+        let _ = self.engine.handle_kernel_report(self.now, &report);
+    }
+}
+
+/// A packet built from a description: family, protocol, which hosts and ports, which way, TCP
+/// flags and sequence number, payload; with the byte that says where it was seen.
+fn synth_packet(input: &mut Input<'_>) -> Option<(u8, Vec<u8>)> {
+    {
         let meta = input.u8();
         let shape = input.u8();
         let hosts = input.u8();
@@ -280,7 +330,7 @@ impl Harness {
         let builder = match (src.ip(), dst.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
             (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
-            _ => return,
+            _ => return None,
         };
         let mut out = Vec::new();
         let written = match shape >> 2 & 3 {
@@ -320,11 +370,11 @@ impl Harness {
                 }
             }
         };
-        if written.is_ok() {
-            self.packet(meta, &out);
-        }
+        written.ok().map(|_| (meta, out))
     }
+}
 
+impl Harness {
     fn timeouts(&mut self) {
         for _ in 0..64 {
             match self.engine.poll_timeout() {
@@ -345,7 +395,7 @@ impl Harness {
     fn op(&mut self, input: &mut Input<'_>) {
         // A whole flow given a verdict other than pause: none of its packets may stay held.
         let mut resumed = None;
-        match input.u8() % 14 {
+        match input.u8() % 16 {
             0 => {
                 let meta = input.u8();
                 self.advance(u64::from(input.u8()));
@@ -419,6 +469,7 @@ impl Harness {
                         from_responder: counts(2),
                         id: (s & 0x10 != 0).then_some(u32::from(c % 4)),
                         state,
+                        decided: None,
                     };
                     if s & 0x80 != 0 {
                         let _ = self.engine.handle_kernel_report(self.now, &report);
@@ -523,6 +574,8 @@ impl Harness {
                     }
                 }
             }
+            14 => self.kernel_decided(input),
+            15 => self.synth_kernel_drop(input),
             _ => {
                 let n = usize::from(input.u8() % 4) + 1;
                 for _ in 0..n {

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of flowgate's fuzz targets into fuzz/corpus/<target>/.
 
-Run from anywhere: `python3 fuzz/seeds/generate.py` (as root for the sockdiag and conntrack
-seeds recorded from the kernel: they are taken inside a private network namespace made with
-`unshare -n`; without root those two get only the hand-built seeds). Everything comes from the
-repository's real data: the captures in tests/data (whole files, and IP packets cut out of them),
-examples/flowgate.toml and the README's config reference, and netlink messages laid out as the
-kernel sends them (byte for byte as the unit tests in crates/flowgate-linux/src build them, and
-answers recorded from the kernel). The input framings are those described in each target's
-doc comment and in fuzz/src/lib.rs.
+Run from anywhere: `python3 fuzz/seeds/generate.py [TARGET...]` (all targets by default; as root
+for the sockdiag, conntrack and nflog seeds recorded from the kernel: they are taken inside a
+private network namespace made with `unshare -n`; without root those three get only the
+hand-built seeds). Everything comes from the repository's real data: the captures in tests/data
+(whole files, and IP packets cut out of them), examples/flowgate.toml and the README's config
+reference, and netlink messages laid out as the kernel sends them (byte for byte as the unit
+tests in crates/flowgate-linux/src build them, and answers recorded from the kernel). The input
+framings are those described in each target's doc comment and in fuzz/src/lib.rs.
 """
 import os
 import re
@@ -323,6 +323,169 @@ def nfqueue_seeds():
     put("nfqueue", "verdict-error", netlink_input(0x80, [0] * 7, [record(err), pk[0]]))
 
 
+def nflog_packet(ip, group=7, hook=3, prefix=b"fg-test", mark=0, indev=None, outdev=4, owner=(0, 0)):
+    """A log message as the kernel's __build_packet_message lays it out (and as the unit tests in
+    crates/flowgate-linux/src/nflog.rs build it)."""
+    v6 = ip[:1] and ip[0] >> 4 == 6
+    body = bytes([socket.AF_INET6 if v6 else socket.AF_INET, 0]) + struct.pack("!H", group)
+    body += nla(1, struct.pack("!HBB", 0x86DD if v6 else 0x0800, hook, 0))
+    if mark:
+        body += nla(2, struct.pack("!I", mark))
+    if indev is not None:
+        body += nla(4, struct.pack("!I", indev)) + nla(8, bytes([0, 6, 0, 0, 1, 2, 3, 4, 5, 6, 0, 0]))
+        body += nla(15, struct.pack("!H", 1)) + nla(16, b"\xaa" * 14) + nla(17, struct.pack("!H", 14))
+    if outdev is not None:
+        body += nla(5, struct.pack("!I", outdev))
+    if owner:
+        body += nla(11, struct.pack("!I", owner[0])) + nla(14, struct.pack("!I", owner[1]))
+    if prefix is not None:
+        body += nla(10, prefix + b"\0")
+    if ip:
+        body += nla(9, ip)
+    return nlmsg((4 << 8) | 0, 0, 0, body)
+
+
+NFLOG_RECORDER = r'''
+import select, socket, struct, subprocess, sys
+def sh(*a):
+    subprocess.run(a, check=True, capture_output=True)
+def nlmsg(ty, flags, seq, payload):
+    ln = 16 + len(payload)
+    return struct.pack("=IHHII", ln, ty, flags, seq, 0) + payload + b"\0" * (-ln % 4)
+def nla(ty, p):
+    ln = 4 + len(p)
+    return struct.pack("=HH", ln, ty) + p + b"\0" * (-ln % 4)
+sh("ip", "link", "set", "lo", "up")
+sh("ip", "link", "add", "fgl0", "type", "veth", "peer", "name", "fgl1")
+sh("ip", "addr", "add", "192.0.2.1/24", "dev", "fgl0")
+sh("ip", "addr", "add", "2001:db8::1/64", "dev", "fgl0", "nodad")
+sh("ip", "link", "set", "fgl0", "up")
+sh("ip", "link", "set", "fgl1", "up")
+for tool, dst in (("iptables", "192.0.2.9"), ("ip6tables", "2001:db8::9")):
+    sh(tool, "-w", "-A", "OUTPUT", "-d", dst, "-j", "NFLOG", "--nflog-group", "7", "--nflog-prefix", "fg-test",
+       "--nflog-size", "128")
+    sh(tool, "-w", "-A", "OUTPUT", "-d", dst, "-j", "DROP")
+# A marked packet logged without a prefix; three logged to group 8, bound with a threshold of 3,
+# so they come in one datagram (which the kernel ends with NLMSG_DONE; a rule's
+# --nflog-threshold could only lower the group's threshold, never raise it); and one received
+# on loopback (INPUT: the incoming interface, hardware type and header).
+sh("iptables", "-w", "-t", "mangle", "-A", "OUTPUT", "-d", "192.0.2.10", "-j", "MARK", "--set-mark", "0x30000")
+sh("iptables", "-w", "-A", "OUTPUT", "-d", "192.0.2.10", "-j", "NFLOG", "--nflog-group", "7", "--nflog-size", "128")
+sh("iptables", "-w", "-A", "OUTPUT", "-d", "192.0.2.11", "-j", "NFLOG", "--nflog-group", "8", "--nflog-prefix",
+   "fg-batch")
+sh("iptables", "-w", "-A", "OUTPUT", "-d", "192.0.2.10/31", "-j", "DROP")
+sh("iptables", "-w", "-A", "INPUT", "-i", "lo", "-p", "udp", "--dport", "9", "-j", "NFLOG", "--nflog-group", "7",
+   "--nflog-prefix", "in-lo", "--nflog-size", "64")
+def bind(group, threshold):
+    # BIND with the configuration flowgate's Nflog::bind sends (copy 0xffff, timeout 10 ms,
+    # threshold 1), or another threshold.
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+    s.bind((0, 0))
+    s.send(nlmsg(0x0401, 0x05, 1, bytes([0, 0]) + struct.pack("!H", group) + nla(1, b"\x01")
+                 + nla(2, struct.pack("!IBB", 0xFFFF, 2, 0)) + nla(4, struct.pack("!I", 1))
+                 + nla(5, struct.pack("!I", threshold))))
+    s.recv(4096)
+    return s
+s = bind(7, 1)
+batch = bind(8, 3)
+def drain(sock=s):
+    out = []
+    while select.select([sock], [], [], 0.3)[0]:
+        out.append(sock.recv(65536))
+    return out
+def send(family, addr, data):
+    u = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        u.sendto(data, addr)
+    except OSError:
+        pass
+    u.close()
+def syn(family, addr):
+    t = socket.socket(family, socket.SOCK_STREAM)
+    t.setblocking(False)
+    t.connect_ex(addr)
+    return t
+got = []
+send(socket.AF_INET, ("192.0.2.9", 5353), b"x" * 300)
+got += drain()
+keep = [syn(socket.AF_INET, ("192.0.2.9", 80))]
+got += drain()
+send(socket.AF_INET6, ("2001:db8::9", 5353), b"six" * 20)
+got += drain()
+keep.append(syn(socket.AF_INET6, ("2001:db8::9", 443)))
+got += drain()
+send(socket.AF_INET, ("192.0.2.10", 9), b"marked")
+got += drain()
+for i in range(3):
+    send(socket.AF_INET, ("192.0.2.11", 9), bytes([i]) * 40)
+got += drain(batch)
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+r.bind(("127.0.0.1", 9))
+send(socket.AF_INET, ("127.0.0.1", 9), b"in on lo")
+got += drain()
+for d in got:
+    sys.stdout.buffer.write(struct.pack("<I", len(d)) + d)
+'''
+
+
+def nflog_seeds():
+    # The input is the datagram itself (fuzz/fuzz_targets/nflog.rs).
+    ips = [ip for _, _, ip in PACKETS]
+    v4 = next(ip for ip in ips if ip[0] >> 4 == 4)
+    v6 = next((ip for ip in ips if ip[0] >> 4 == 6), v4)
+    put("nflog", "v4-out", nflog_packet(v4[:128]))
+    put("nflog", "v6-in-marked", nflog_packet(v6[:128], hook=1, mark=0x30000, indev=3, outdev=None, owner=None))
+    put("nflog", "metadata-only", nflog_packet(b"", prefix=b""))
+    done = nlmsg(3, 2, 0, bytes([0, 0, 0, 0]))
+    put("nflog", "batch-with-done", b"".join(nflog_packet(ip[:64], prefix=b"fg-batch") for ip in ips[:3]) + done)
+    # A malformed message (a mark of 3 bytes) between two good ones, and an acknowledgement.
+    bad = nlmsg(0x0400, 0, 0, bytes([2, 0, 0, 7]) + nla(1, b"\x08\x00\x03\x00") + nla(2, b"\x00\x00\x01"))
+    ack = nlmsg(2, 0x100, 1, struct.pack("=i", 0) + struct.pack("=IHHII", 56, 0x0401, 5, 1, 0))
+    put("nflog", "malformed-between", nflog_packet(v4[:40]) + bad + ack + nflog_packet(v6[:40]))
+    # Recorded from the kernel in a private namespace: the live test's rules and traffic, and
+    # the other kinds of message (mark, no prefix, a batch, the INPUT hook).
+    out = run_in_netns(NFLOG_RECORDER)
+    at, seen = 0, set()
+    while out and at < len(out):
+        n = struct.unpack("<I", out[at:at + 4])[0]
+        d = out[at + 4:at + 4 + n]
+        at += 4 + n
+        # One datagram of each kind (a SYN's retransmissions are the same message again), named
+        # after what its first log says.
+        logs = nflog_logs(d)
+        if not logs:
+            continue
+        prefix, family, hook, proto = logs[0]
+        name = "kernel-%s-%s-%s-hook%d%s" % (prefix or "noprefix", family, proto, hook,
+                                             "-x%d" % len(logs) if len(logs) > 1 else "")
+        if name not in seen:
+            seen.add(name)
+            put("nflog", name, d)
+
+
+def nflog_logs(d):
+    """(prefix, family, hook, protocol) of each log message in a datagram."""
+    out, at = [], 0
+    while at + 16 <= len(d):
+        ln, ty = struct.unpack("=IH", d[at:at + 6])
+        if ln < 16:
+            break
+        body, attrs, a = d[at + 16:at + ln], {}, 4
+        while a + 4 <= len(body):
+            l, t = struct.unpack("=HH", body[a:a + 4])
+            if l < 4:
+                break
+            attrs[t & 0x3FFF] = body[a + 4:a + l]
+            a += (l + 3) & ~3
+        if ty == 0x0400 and 1 in attrs:
+            ip = attrs.get(9, b"")
+            proto = (ip[9] if ip[:1] and ip[0] >> 4 == 4 else ip[6]) if len(ip) > 9 else -1
+            out.append((attrs.get(10, b"").split(b"\0")[0].decode(), "v6" if body[0] == 10 else "v4",
+                        attrs[1][2], {6: "tcp", 17: "udp", -1: "none"}.get(proto, str(proto))))
+        at += (ln + 3) & ~3
+    return out
+
+
 def sockdiag_msg(family, state, local, lport, remote, rport, cookie, uid=1000, inode=4242):
     raw = lambda a: socket.inet_pton(family, a).ljust(16, b"\0")
     body = bytes([family, state, 1, 0]) + struct.pack("!HH", lport, rport) + raw(local) + raw(remote)
@@ -537,17 +700,30 @@ def packet_stage_seeds():
 
 
 
+SEEDS = {
+    "packet": packet_seeds,
+    "replay": replay_seeds,
+    "engine": engine_seeds,
+    "config": config_seeds,
+    "conntrack": conntrack_seeds,
+    "nfqueue": nfqueue_seeds,
+    "nflog": nflog_seeds,
+    "sockdiag": sockdiag_seeds,
+    "control": control_seeds,
+    "netfilter": netfilter_seeds,
+    "packet_stage": packet_stage_seeds,
+}
+
+
 if __name__ == "__main__":
-    packet_seeds()
-    replay_seeds()
-    engine_seeds()
-    config_seeds()
-    conntrack_seeds()
-    nfqueue_seeds()
-    sockdiag_seeds()
-    control_seeds()
-    netfilter_seeds()
-    packet_stage_seeds()
+    # `generate.py [TARGET...]`: the seeds of the named targets only (all by default), so one
+    # target's seeds can be made again without re-recording the others'.
+    wanted = sys.argv[1:] or list(SEEDS)
+    unknown = [t for t in wanted if t not in SEEDS]
+    if unknown:
+        sys.exit("unknown targets %s; targets: %s" % (" ".join(unknown), " ".join(SEEDS)))
+    for t in wanted:
+        SEEDS[t]()
     for t in sorted(os.listdir(CORPUS)):
         d = os.path.join(CORPUS, t)
         files = os.listdir(d)

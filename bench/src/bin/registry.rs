@@ -251,6 +251,7 @@ fn measure(n: u64) -> serde_json::Value {
                 from_responder: Some((5, 500)),
                 id: Some(i as u32),
                 state: KernelState::Alive,
+                decided: None,
             });
             if batch.len() == KERNEL_BATCH {
                 h.kernel_reports(std::mem::take(&mut batch), Duration::from_secs(60)).expect("reports");

@@ -90,6 +90,7 @@ pub(crate) enum Command {
         direction: Option<Direction>,
     },
     Kernel(Vec<KernelReport>),
+    KernelDrops(Vec<KernelDrop>),
     Sync(KernelSync),
     Reload(Arc<crate::rules::matcher::CompiledRules>),
     /// List (`verdict: None`) or change the verdict of the selected flows, streaming their
@@ -103,7 +104,7 @@ pub(crate) enum Command {
 }
 
 /// What the kernel's connection tracking says about a flow (see [`crate::Engine::handle_kernel_report`]).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelReport {
     pub protocol: Protocol,
     /// The end that opened the flow (conntrack's original direction source).
@@ -115,6 +116,30 @@ pub struct KernelReport {
     /// The conntrack entry's id, which tells an entry from a later one on the same 5-tuple.
     pub id: Option<u32>,
     pub state: KernelState,
+    /// A static rule decided the flow in the kernel (its entry's mark says which): the engine
+    /// may never have seen a packet of it (see [`crate::rules::kernel`]).
+    pub decided: Option<KernelDecided>,
+}
+
+/// A packet a static rule dropped in the kernel, as the kernel logged it (see
+/// [`crate::Engine::handle_kernel_drop`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelDrop {
+    /// The hook it was dropped at.
+    pub origin: crate::engine::Origin,
+    /// The interface it came in on (input, forward) or was to leave by (output).
+    pub interface: Option<std::sync::Arc<str>>,
+    /// The IP packet.
+    pub packet: Vec<u8>,
+}
+
+/// Where a flow a static rule decided in the kernel was decided: what conntrack cannot say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelDecided {
+    /// The hook of the rule: the flow's direction, and whether it is forwarded.
+    pub hook: crate::rules::kernel::Hook,
+    /// The interface the rule named (its glob text: `tun*` when that is all the kernel knows).
+    pub interface: Option<std::sync::Arc<str>>,
 }
 
 /// Where a kernel-tracked flow stands.
@@ -219,6 +244,11 @@ impl Handle {
     /// ignored. Waits up to `wait` while the channel is full.
     pub fn kernel_reports(&self, reports: Vec<KernelReport>, wait: Duration) -> Result<(), HandleError> {
         self.send(Command::Kernel(reports), wait)
+    }
+
+    /// Hands the engine packets static rules dropped in the kernel (their log), in one command.
+    pub fn kernel_drops(&self, drops: Vec<KernelDrop>, wait: Duration) -> Result<(), HandleError> {
+        self.send(Command::KernelDrops(drops), wait)
     }
 
     /// Marks the start or the end of a pass over the kernel's table. Waits up to `wait` while the

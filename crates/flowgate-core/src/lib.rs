@@ -62,7 +62,10 @@ pub use engine::{
 pub use event::{CloseReason, Event, EventKind, FlowReport, UpdateSource};
 pub use flow::{Counters, Direction, Flow, FlowId, Protocol};
 pub use formats::EventFormat;
-pub use handle::{FlowStatus, Handle, HandleError, KernelReport, KernelState, KernelSync, Listing, Selector};
+pub use handle::{
+    FlowStatus, Handle, HandleError, KernelDecided, KernelDrop, KernelReport, KernelState, KernelSync, Listing,
+    Selector,
+};
 pub use packet_stage::{PacketDirection, PacketHandle, PacketStage, PacketStageConfig};
 pub use provider::{FlowFilter, PacketContext, PacketFilter};
 pub use time::Instant;

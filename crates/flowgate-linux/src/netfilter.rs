@@ -49,7 +49,7 @@
 //! space, flows the kernel handles included, and packets of other interfaces pass on at once.
 //! The mangle table runs before the filter table on every hook, so a packet the packet stage
 //! drops never reaches the flow chains; one it accepts (`NF_ACCEPT`) goes on to them. The chains
-//! exist, possibly empty, for the daemon's whole life, so [`replace_packet_chains`] can change
+//! exist, possibly empty, for the daemon's whole life, so [`replace_rules`] can change
 //! what they cover in one transaction per family (a reload). An interface glob becomes an
 //! iptables name: `tun*` is `tun+`; a glob whose wildcard is not only at its end is widened to
 //! its literal prefix (`t?n0` to `t+`, `*vpn` to every interface) and narrowed again in user
@@ -87,6 +87,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
 use crate::marks;
+use crate::static_rules::{self, STATIC_FWD, STATIC_IN, STATIC_OUT, StaticHook, StaticRules};
 
 /// flowgate's chain for locally generated packets, jumped to from `OUTPUT`.
 pub const CHAIN_OUT: &str = "FLOWGATE-OUT";
@@ -102,16 +103,70 @@ pub const PACKET_IN: &str = "FLOWGATE-PKT-IN";
 /// The packet stage's chain for routed packets, jumped to from mangle `FORWARD`.
 pub const PACKET_FWD: &str = "FLOWGATE-PKT-FWD";
 
+/// flowgate's chain that spreads new TCP and UDP flows over the queues by their ports (see
+/// "Balancing" in the module documentation).
+pub const SPREAD: &str = "FLOWGATE-SPREAD";
+/// Its second level, one chain per value of the source port's low bits.
+const SPREAD_BY_SPORT: [&str; 16] = [
+    "FLOWGATE-SPREAD-0",
+    "FLOWGATE-SPREAD-1",
+    "FLOWGATE-SPREAD-2",
+    "FLOWGATE-SPREAD-3",
+    "FLOWGATE-SPREAD-4",
+    "FLOWGATE-SPREAD-5",
+    "FLOWGATE-SPREAD-6",
+    "FLOWGATE-SPREAD-7",
+    "FLOWGATE-SPREAD-8",
+    "FLOWGATE-SPREAD-9",
+    "FLOWGATE-SPREAD-10",
+    "FLOWGATE-SPREAD-11",
+    "FLOWGATE-SPREAD-12",
+    "FLOWGATE-SPREAD-13",
+    "FLOWGATE-SPREAD-14",
+    "FLOWGATE-SPREAD-15",
+];
+
 /// A table flowgate installs chains in: its chains and the built-in chains that jump to them.
 struct Table {
     name: &'static str,
     /// (built-in chain, flowgate chain).
     hooks: [(&'static str, &'static str); 3],
+    /// flowgate's chains that only its own chains jump to.
+    inner: &'static [&'static str],
 }
 
 const TABLES: [Table; 2] = [
-    Table { name: "filter", hooks: [("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)] },
-    Table { name: "mangle", hooks: [("OUTPUT", PACKET_OUT), ("INPUT", PACKET_IN), ("FORWARD", PACKET_FWD)] },
+    Table {
+        name: "filter",
+        hooks: [("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)],
+        inner: &[
+            STATIC_OUT,
+            STATIC_IN,
+            STATIC_FWD,
+            SPREAD,
+            SPREAD_BY_SPORT[0],
+            SPREAD_BY_SPORT[1],
+            SPREAD_BY_SPORT[2],
+            SPREAD_BY_SPORT[3],
+            SPREAD_BY_SPORT[4],
+            SPREAD_BY_SPORT[5],
+            SPREAD_BY_SPORT[6],
+            SPREAD_BY_SPORT[7],
+            SPREAD_BY_SPORT[8],
+            SPREAD_BY_SPORT[9],
+            SPREAD_BY_SPORT[10],
+            SPREAD_BY_SPORT[11],
+            SPREAD_BY_SPORT[12],
+            SPREAD_BY_SPORT[13],
+            SPREAD_BY_SPORT[14],
+            SPREAD_BY_SPORT[15],
+        ],
+    },
+    Table {
+        name: "mangle",
+        hooks: [("OUTPUT", PACKET_OUT), ("INPUT", PACKET_IN), ("FORWARD", PACKET_FWD)],
+        inner: &[],
+    },
 ];
 
 /// A built-in chain and the flowgate chain it jumps to.
@@ -120,12 +175,14 @@ struct Hook {
     chain: &'static str,
     /// The interface option that matches loopback in this chain, if any.
     loopback: Option<&'static str>,
+    /// Its static rules' hook.
+    statics: StaticHook,
 }
 
 const HOOKS: [Hook; 3] = [
-    Hook { builtin: "OUTPUT", chain: CHAIN_OUT, loopback: Some("-o") },
-    Hook { builtin: "INPUT", chain: CHAIN_IN, loopback: Some("-i") },
-    Hook { builtin: "FORWARD", chain: CHAIN_FWD, loopback: None },
+    Hook { builtin: "OUTPUT", chain: CHAIN_OUT, loopback: Some("-o"), statics: StaticHook::Output },
+    Hook { builtin: "INPUT", chain: CHAIN_IN, loopback: Some("-i"), statics: StaticHook::Input },
+    Hook { builtin: "FORWARD", chain: CHAIN_FWD, loopback: None, statics: StaticHook::Forward },
 ];
 
 /// What to install.
@@ -140,6 +197,8 @@ pub struct ChainSpec {
     pub loopback: bool,
     /// What the packet stage's chains send to its queues.
     pub packet: PacketChains,
+    /// The rules the kernel decides alone.
+    pub statics: StaticRules,
 }
 
 /// What the packet stage covers: interfaces and directions, and its queues.
@@ -187,6 +246,8 @@ pub struct Tools {
     pub ip6tables_restore: PathBuf,
     pub iptables: PathBuf,
     pub ip6tables: PathBuf,
+    /// Needed only by static rules with several networks or many ports.
+    pub ipset: PathBuf,
 }
 
 impl Default for Tools {
@@ -196,6 +257,7 @@ impl Default for Tools {
             ip6tables_restore: find_program("ip6tables-restore"),
             iptables: find_program("iptables"),
             ip6tables: find_program("ip6tables"),
+            ipset: find_program("ipset"),
         }
     }
 }
@@ -245,7 +307,7 @@ pub enum Family {
 }
 
 impl Family {
-    const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+    pub(crate) const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
 }
 
 impl fmt::Display for Family {
@@ -270,6 +332,12 @@ pub enum Step {
     Removing,
     /// Reading the counters of the rules ([`queue_rule_counters`]).
     ReadingCounters,
+    /// Creating and filling the static rules' ipsets.
+    LoadingSets,
+    /// Replacing the rules on a reload ([`replace_rules`]).
+    Replacing,
+    /// Destroying ipsets no rule uses any more.
+    RemovingSets,
 }
 
 impl fmt::Display for Step {
@@ -280,6 +348,9 @@ impl fmt::Display for Step {
             Step::RollingBack => "rolling back",
             Step::Removing => "removing chains",
             Step::ReadingCounters => "reading counters",
+            Step::LoadingSets => "loading static rule sets",
+            Step::Replacing => "replacing rules",
+            Step::RemovingSets => "removing static rule sets",
         })
     }
 }
@@ -387,18 +458,16 @@ pub fn install(spec: &ChainSpec, tools: &Tools) -> Result<Installed, NetfilterEr
         check_queues(&spec.packet.queues)?;
     }
     let removed_leftovers = cleanup(tools)?;
+    let roll_back = |error: NetfilterError| match remove_all(tools, Step::RollingBack) {
+        Ok(_) => error,
+        Err(rollback) => NetfilterError::RollbackFailed { error: Box::new(error), rollback: Box::new(rollback) },
+    };
+    static_rules::load_sets(tools, &spec.statics).map_err(roll_back)?;
     for family in Family::BOTH {
         let ipv6 = family == Family::Ipv6;
         let text = format!("{}{}", ruleset_text(spec, ipv6), packet_ruleset_text(spec, ipv6));
         // Each table commits on its own: whatever failed, nothing of either family may stay.
-        if let Err(error) = restore(tools, family, Step::Installing, &text) {
-            return Err(match remove_all(tools, Step::RollingBack) {
-                Ok(_) => error,
-                Err(rollback) => {
-                    NetfilterError::RollbackFailed { error: Box::new(error), rollback: Box::new(rollback) }
-                }
-            });
-        }
+        restore(tools, family, Step::Installing, &text).map_err(roll_back)?;
     }
     Ok(Installed { tools: tools.clone(), spec: spec.clone(), removed_leftovers, armed: true })
 }
@@ -445,7 +514,13 @@ fn parse_queue_counters(table: &Table, family: Family, listing: &str) -> Vec<Que
         .lines()
         .filter_map(|line| {
             let args = split_args(line.trim().strip_prefix("-A ")?);
-            let chain = table.hooks.iter().map(|(_, c)| *c).find(|c| args.first().is_some_and(|a| a == c))?;
+            // The spreading chains hold NFQUEUE rules too.
+            let chain = table
+                .hooks
+                .iter()
+                .map(|(_, c)| *c)
+                .chain(table.inner.iter().copied())
+                .find(|c| args.first().is_some_and(|a| a == c))?;
             let after = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str());
             if after("-j") != Some("NFQUEUE") {
                 return None;
@@ -489,6 +564,20 @@ fn check_queues(queues: &RangeInclusive<u16>) -> Result<(), NetfilterError> {
 const ND_TYPES: [u8; 6] = [133, 134, 135, 136, 137, 143];
 
 pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
+    let mut text = String::from("*filter\n");
+    for chain in HOOKS.iter().map(|h| h.chain).chain(TABLES[0].inner.iter().copied()) {
+        text.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    text.push_str(&filter_rules_text(spec, ipv6));
+    for hook in &HOOKS {
+        text.push_str(&format!("-I {} 1 -j {}\n", hook.builtin, hook.chain));
+    }
+    text.push_str("COMMIT\n");
+    text
+}
+
+/// The `-A` lines of flowgate's chains in the filter table, for one family.
+fn filter_rules_text(spec: &ChainSpec, ipv6: bool) -> String {
     let (icmp, unreachable) =
         if ipv6 { ("ipv6-icmp", "icmp6-port-unreachable") } else { ("icmp", "icmp-port-unreachable") };
     let mark = |value: u32| format!("{value:#x}/{:#x}", marks::VERDICT);
@@ -496,10 +585,7 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
     let (first, last) = (*spec.queues.start(), *spec.queues.end());
     let queue = queue_target(&spec.queues, spec.fail_open);
 
-    let mut text = String::from("*filter\n");
-    for hook in &HOOKS {
-        text.push_str(&format!(":{} - [0:0]\n", hook.chain));
-    }
+    let mut text = String::new();
     for hook in &HOOKS {
         let mut rules = Vec::new();
         if let (false, Some(option)) = (spec.loopback, hook.loopback) {
@@ -546,15 +632,58 @@ pub fn ruleset_text(spec: &ChainSpec, ipv6: bool) -> String {
                 ));
             }
         }
+        // A new flow's first packet that a static rule decides never reaches user space.
+        if spec.statics.any_at(hook.statics) {
+            rules.push(static_rules::hook_jump(hook.statics));
+            rules.extend(static_rules::hook_tail(ipv6, spec.statics.log_group));
+        }
+        if first != last {
+            // TCP and UDP by their ports; the rest (and IPv6 with extension headers before the
+            // ports) by the addresses, below.
+            for (proto, number) in [("tcp", 6), ("udp", 17)] {
+                // Written as iptables lists it back, so a listing compares equal.
+                let direct = if ipv6 { format!(" -m u32 --u32 \"0x4>>0x8&0xff={number:#x}\"") } else { String::new() };
+                rules.push(format!("-p {proto}{direct} -j {SPREAD}"));
+            }
+        }
         rules.push(queue.clone());
         for rule in rules {
             text.push_str(&format!("-A {} {rule}\n", hook.chain));
         }
     }
-    for hook in &HOOKS {
-        text.push_str(&format!("-I {} 1 -j {}\n", hook.builtin, hook.chain));
+    text.push_str(&static_rules::chain_rules(&spec.statics, ipv6));
+    text.push_str(&spread_rules_text(spec, ipv6));
+    text
+}
+
+/// The spreading chains' rules: a new TCP or UDP flow goes to queue `first + (s + d) mod n`,
+/// where `s` and `d` are the low bits of its source and destination ports. The sum is the same
+/// for both directions of a flow, so a flow's packets all reach one worker while connections of
+/// one busy peer (same addresses, other ports) spread over all of them.
+fn spread_rules_text(spec: &ChainSpec, ipv6: bool) -> String {
+    let (first, last) = (*spec.queues.start(), *spec.queues.end());
+    if first == last {
+        return String::new();
     }
-    text.push_str("COMMIT\n");
+    let n = usize::from(last - first) + 1;
+    let m = n.next_power_of_two().min(SPREAD_BY_SPORT.len());
+    let mask = m - 1;
+    // Where the ports are: after IPv4's header (its length in the header), or right after
+    // IPv6's fixed 40 bytes (the jump checks that no extension header comes first).
+    let ports = if ipv6 { "0x28" } else { "0x0>>0x16&0x3c@0x0" };
+    let bypass = if spec.fail_open { " --queue-bypass" } else { "" };
+    let mut text = String::new();
+    for (i, chain) in SPREAD_BY_SPORT.iter().enumerate().take(m) {
+        text.push_str(&format!("-A {SPREAD} -m u32 --u32 \"{ports}>>0x10&{mask:#x}={i:#x}\" -j {chain}\n"));
+    }
+    for (i, chain) in SPREAD_BY_SPORT.iter().enumerate().take(m) {
+        for j in 0..m {
+            let queue = usize::from(first) + (i + j) % n;
+            text.push_str(&format!(
+                "-A {chain} -m u32 --u32 \"{ports}&{mask:#x}={j:#x}\" -j NFQUEUE --queue-num {queue}{bypass}\n"
+            ));
+        }
+    }
     text
 }
 
@@ -627,21 +756,39 @@ fn packet_rules_text(spec: &ChainSpec) -> String {
     text
 }
 
-/// Replaces the rules of the packet stage's chains (a reload), for both families, each in one
-/// transaction: a packet sees the old rules or the new ones, never none.
-pub fn replace_packet_chains(spec: &ChainSpec, tools: &Tools) -> Result<(), NetfilterError> {
+/// Replaces the rules of flowgate's chains in both tables (a reload: rules, static rules,
+/// packet stage coverage), for each family in one transaction: a packet sees the old rules or
+/// the new ones, never none. The static rules' sets of `spec`'s generation are loaded first; the
+/// sets of other generations are destroyed once no rule uses them.
+pub fn replace_rules(spec: &ChainSpec, tools: &Tools) -> Result<(), NetfilterError> {
+    check_queues(&spec.queues)?;
     if !spec.packet.interfaces.is_empty() {
         check_queues(&spec.packet.queues)?;
     }
-    let mut text = String::from("*mangle\n");
-    for (_, chain) in &TABLES[1].hooks {
-        text.push_str(&format!("-F {chain}\n"));
-    }
-    text.push_str(&packet_rules_text(spec));
-    text.push_str("COMMIT\n");
+    let generation = spec.statics.generation;
+    let undo = |error: NetfilterError| {
+        // The old rules stay in place with their sets; the new sets go.
+        let _ = static_rules::destroy_generation(tools, generation);
+        error
+    };
+    static_rules::load_sets(tools, &spec.statics).map_err(undo)?;
     for family in Family::BOTH {
-        restore(tools, family, Step::Installing, &text)?;
+        let ipv6 = family == Family::Ipv6;
+        let mut text = String::from("*filter\n");
+        for chain in HOOKS.iter().map(|h| h.chain).chain(TABLES[0].inner.iter().copied()) {
+            text.push_str(&format!("-F {chain}\n"));
+        }
+        text.push_str(&filter_rules_text(spec, ipv6));
+        text.push_str("COMMIT\n*mangle\n");
+        for (_, chain) in &TABLES[1].hooks {
+            text.push_str(&format!("-F {chain}\n"));
+        }
+        text.push_str(&packet_rules_text(spec));
+        text.push_str("COMMIT\n");
+        restore(tools, family, Step::Replacing, &text).map_err(undo)?;
     }
+    // Best effort: a set left behind is destroyed at the next reload or at exit.
+    let _ = static_rules::destroy_sets(tools, Some(generation), Step::RemovingSets);
     Ok(())
 }
 
@@ -654,6 +801,12 @@ fn remove_all(tools: &Tools, step: Step) -> Result<bool, NetfilterError> {
             Ok(f) => found |= f,
             Err(e) => errors.push(e),
         }
+    }
+    // Sets can go only once no rule refers to them.
+    if errors.is_empty()
+        && let Err(e) = static_rules::destroy_sets(tools, None, step)
+    {
+        errors.push(e);
     }
     combine(errors).map(|()| found)
 }
@@ -719,8 +872,12 @@ impl OursIn {
         for jump in &self.jumps {
             text.push_str(&format!("-D {jump}\n"));
         }
+        // All flushed before any is deleted: a chain cannot go while another jumps to it.
         for chain in &self.chains {
-            text.push_str(&format!("-F {chain}\n-X {chain}\n"));
+            text.push_str(&format!("-F {chain}\n"));
+        }
+        for chain in &self.chains {
+            text.push_str(&format!("-X {chain}\n"));
         }
         text.push_str("COMMIT\n");
         text
@@ -746,7 +903,7 @@ fn parse_listing(listing: &str) -> OursIn {
 
 /// The same for any of flowgate's tables.
 fn parse_listing_of(table: &Table, listing: &str) -> OursIn {
-    let chains = table.hooks.map(|(_, c)| c);
+    let chains: Vec<&'static str> = table.hooks.iter().map(|(_, c)| *c).chain(table.inner.iter().copied()).collect();
     let mut ours = OursIn { table: table.name, ..OursIn::default() };
     for line in listing.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("-N ") {
@@ -816,7 +973,7 @@ fn restore(tools: &Tools, family: Family, step: Step, input: &str) -> Result<(),
 }
 
 /// Runs a tool (never through a shell) with `input` on its stdin; its stdout on success.
-fn run(
+pub(crate) fn run(
     tool: &'static str,
     program: &Path,
     args: &[&str],
@@ -869,7 +1026,7 @@ mod tests {
     use super::*;
 
     fn spec(queues: RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
-        ChainSpec { queues, fail_open, loopback, packet: PacketChains::none() }
+        ChainSpec { queues, fail_open, loopback, packet: PacketChains::none(), statics: StaticRules::default() }
     }
 
     #[test]
@@ -909,8 +1066,28 @@ mod tests {
 :FLOWGATE-OUT - [0:0]
 :FLOWGATE-IN - [0:0]
 :FLOWGATE-FWD - [0:0]
+:FLOWGATE-S-OUT - [0:0]
+:FLOWGATE-S-IN - [0:0]
+:FLOWGATE-S-FWD - [0:0]
+:FLOWGATE-SPREAD - [0:0]
+:FLOWGATE-SPREAD-0 - [0:0]
+:FLOWGATE-SPREAD-1 - [0:0]
+:FLOWGATE-SPREAD-2 - [0:0]
+:FLOWGATE-SPREAD-3 - [0:0]
+:FLOWGATE-SPREAD-4 - [0:0]
+:FLOWGATE-SPREAD-5 - [0:0]
+:FLOWGATE-SPREAD-6 - [0:0]
+:FLOWGATE-SPREAD-7 - [0:0]
+:FLOWGATE-SPREAD-8 - [0:0]
+:FLOWGATE-SPREAD-9 - [0:0]
+:FLOWGATE-SPREAD-10 - [0:0]
+:FLOWGATE-SPREAD-11 - [0:0]
+:FLOWGATE-SPREAD-12 - [0:0]
+:FLOWGATE-SPREAD-13 - [0:0]
+:FLOWGATE-SPREAD-14 - [0:0]
+:FLOWGATE-SPREAD-15 - [0:0]
 -A FLOWGATE-OUT -o lo -j RETURN
--A FLOWGATE-OUT -m mark ! --mark 0x0/0x7f0000 -j CONNMARK --save-mark --nfmask 0x7f0000 --ctmask 0x7f0000
+-A FLOWGATE-OUT -m mark ! --mark 0x0/0xffff0000 -j CONNMARK --save-mark --nfmask 0xffff0000 --ctmask 0xffff0000
 -A FLOWGATE-OUT -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-OUT -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-OUT -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -924,9 +1101,11 @@ mod tests {
 -A FLOWGATE-OUT -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-OUT -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
 -A FLOWGATE-OUT -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-OUT -p tcp -j FLOWGATE-SPREAD
+-A FLOWGATE-OUT -p udp -j FLOWGATE-SPREAD
 -A FLOWGATE-OUT -j NFQUEUE --queue-balance 0:1 --queue-bypass
 -A FLOWGATE-IN -i lo -j RETURN
--A FLOWGATE-IN -m mark ! --mark 0x0/0x7f0000 -j CONNMARK --save-mark --nfmask 0x7f0000 --ctmask 0x7f0000
+-A FLOWGATE-IN -m mark ! --mark 0x0/0xffff0000 -j CONNMARK --save-mark --nfmask 0xffff0000 --ctmask 0xffff0000
 -A FLOWGATE-IN -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-IN -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-IN -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -940,8 +1119,10 @@ mod tests {
 -A FLOWGATE-IN -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-IN -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
 -A FLOWGATE-IN -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-IN -p tcp -j FLOWGATE-SPREAD
+-A FLOWGATE-IN -p udp -j FLOWGATE-SPREAD
 -A FLOWGATE-IN -j NFQUEUE --queue-balance 0:1 --queue-bypass
--A FLOWGATE-FWD -m mark ! --mark 0x0/0x7f0000 -j CONNMARK --save-mark --nfmask 0x7f0000 --ctmask 0x7f0000
+-A FLOWGATE-FWD -m mark ! --mark 0x0/0xffff0000 -j CONNMARK --save-mark --nfmask 0xffff0000 --ctmask 0xffff0000
 -A FLOWGATE-FWD -m connmark --mark 0x10000/0x30000 -j RETURN
 -A FLOWGATE-FWD -p tcp -m tcp --tcp-flags RST RST -m connmark --mark 0x20000/0x30000 -j RETURN
 -A FLOWGATE-FWD -p icmp -m conntrack --ctstate RELATED -m connmark --mark 0x20000/0x30000 -j RETURN
@@ -955,7 +1136,15 @@ mod tests {
 -A FLOWGATE-FWD -m mark --mark 0x30000/0x30000 -j DROP
 -A FLOWGATE-FWD -m connmark --mark 0x40000/0x7c0000 -j NFQUEUE --queue-num 0 --queue-bypass
 -A FLOWGATE-FWD -m connmark --mark 0x80000/0x7c0000 -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-FWD -p tcp -j FLOWGATE-SPREAD
+-A FLOWGATE-FWD -p udp -j FLOWGATE-SPREAD
 -A FLOWGATE-FWD -j NFQUEUE --queue-balance 0:1 --queue-bypass
+-A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x10&0x1=0x0\" -j FLOWGATE-SPREAD-0
+-A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x10&0x1=0x1\" -j FLOWGATE-SPREAD-1
+-A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x0\" -j NFQUEUE --queue-num 0 --queue-bypass
+-A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x1\" -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x0\" -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x1\" -j NFQUEUE --queue-num 0 --queue-bypass
 -I OUTPUT 1 -j FLOWGATE-OUT
 -I INPUT 1 -j FLOWGATE-IN
 -I FORWARD 1 -j FLOWGATE-FWD
@@ -974,9 +1163,13 @@ COMMIT
                 .map(|t| format!("-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN\n"))
                 .collect::<String>()
         };
-        let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0x7f0000");
-        let mut expected =
-            v4.replace("-p icmp ", "-p ipv6-icmp ").replace("icmp-port-unreachable", "icmp6-port-unreachable");
+        let save = |chain: &str| format!("-A {chain} -m mark ! --mark 0x0/0xffff0000");
+        let mut expected = v4
+            .replace("-p icmp ", "-p ipv6-icmp ")
+            .replace("icmp-port-unreachable", "icmp6-port-unreachable")
+            .replace("-p tcp -j FLOWGATE-SPREAD", "-p tcp -m u32 --u32 \"0x4>>0x8&0xff=0x6\" -j FLOWGATE-SPREAD")
+            .replace("-p udp -j FLOWGATE-SPREAD", "-p udp -m u32 --u32 \"0x4>>0x8&0xff=0x11\" -j FLOWGATE-SPREAD")
+            .replace("0x0>>0x16&0x3c@0x0", "0x28");
         for chain in [CHAIN_OUT, CHAIN_IN, CHAIN_FWD] {
             expected = expected.replacen(&save(chain), &format!("{}{}", nd(chain), save(chain)), 1);
         }
@@ -1030,7 +1223,11 @@ COMMIT
         for ipv6 in [false, true] {
             let open = ruleset_text(&spec(0..=1, true, false), ipv6);
             let closed = ruleset_text(&spec(0..=1, false, false), ipv6);
-            assert_eq!(open.matches("--queue-bypass").count(), 3 * 3, "balance and two owner rules, three chains");
+            assert_eq!(
+                open.matches("--queue-bypass").count(),
+                3 * 3 + 4,
+                "balance and two owner rules, three chains; four spreading rules"
+            );
             assert_eq!(closed.matches("--queue-bypass").count(), 0);
             assert_eq!(open.replace(" --queue-bypass", ""), closed);
         }
@@ -1056,13 +1253,24 @@ COMMIT
         let text = ruleset_text(&spec(0..=1, false, false), false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "*filter");
-        assert_eq!(&lines[1..4], [":FLOWGATE-OUT - [0:0]", ":FLOWGATE-IN - [0:0]", ":FLOWGATE-FWD - [0:0]"]);
+        assert_eq!(
+            &lines[1..7],
+            [
+                ":FLOWGATE-OUT - [0:0]",
+                ":FLOWGATE-IN - [0:0]",
+                ":FLOWGATE-FWD - [0:0]",
+                ":FLOWGATE-S-OUT - [0:0]",
+                ":FLOWGATE-S-IN - [0:0]",
+                ":FLOWGATE-S-FWD - [0:0]"
+            ]
+        );
+        assert_eq!(lines[7], ":FLOWGATE-SPREAD - [0:0]");
         let n = lines.len();
         assert_eq!(
             &lines[n - 4..],
             ["-I OUTPUT 1 -j FLOWGATE-OUT", "-I INPUT 1 -j FLOWGATE-IN", "-I FORWARD 1 -j FLOWGATE-FWD", "COMMIT"]
         );
-        assert!(lines[4..n - 4].iter().all(|l| l.starts_with("-A FLOWGATE-")));
+        assert!(lines[24..n - 4].iter().all(|l| l.starts_with("-A FLOWGATE-")));
 
         // Within a chain: loopback, the verdict's packet mark saved to conntrack, allow, answers to rejects, reject TCP, reject the rest,
         // catch-all drop for rejects, silent drop, queue.
@@ -1086,6 +1294,8 @@ COMMIT
             position("-m mark --mark 0x30000/0x30000 -j DROP"),
             position("-j NFQUEUE --queue-num 0"),
             position("-j NFQUEUE --queue-num 1"),
+            position("-p tcp -j FLOWGATE-SPREAD"),
+            position("-p udp -j FLOWGATE-SPREAD"),
             position("-j NFQUEUE --queue-balance"),
         ];
         assert_eq!(order.to_vec(), (0..rules.len()).collect::<Vec<_>>());
@@ -1151,13 +1361,19 @@ COMMIT
             ours.removal_text(),
             "*filter\n-D INPUT -j FLOWGATE-IN\n-D FORWARD -j FLOWGATE-FWD\n-D OUTPUT -j FLOWGATE-OUT\n\
              -D OUTPUT -m comment --comment \"say \\\"hi\\\"\" -g FLOWGATE-OUT\n-D OUTPUT -j FLOWGATE-OUT\n\
-             -F FLOWGATE-FWD\n-X FLOWGATE-FWD\n-F FLOWGATE-IN\n-X FLOWGATE-IN\n-F FLOWGATE-OUT\n-X FLOWGATE-OUT\nCOMMIT\n"
+             -F FLOWGATE-FWD\n-F FLOWGATE-IN\n-F FLOWGATE-OUT\n-X FLOWGATE-FWD\n-X FLOWGATE-IN\n-X FLOWGATE-OUT\nCOMMIT\n"
         );
         assert!(parse_listing("-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n").is_empty());
     }
 
     fn packet_spec(interfaces: Vec<PacketInterface>, fail_open: bool, loopback: bool) -> ChainSpec {
-        ChainSpec { queues: 0..=1, fail_open, loopback, packet: PacketChains { queues: 2..=3, interfaces } }
+        ChainSpec {
+            queues: 0..=1,
+            fail_open,
+            loopback,
+            packet: PacketChains { queues: 2..=3, interfaces },
+            statics: StaticRules::default(),
+        }
     }
 
     fn iface(glob: Option<&str>, inbound: bool, outbound: bool, forwarded: bool) -> PacketInterface {
@@ -1277,6 +1493,7 @@ COMMIT
             ip6tables_restore: "/nonexistent/ip6tables-restore".into(),
             iptables: "/nonexistent/iptables".into(),
             ip6tables: "/nonexistent/ip6tables".into(),
+            ipset: "/nonexistent/ipset".into(),
         };
         let err = cleanup(&tools).map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("could not run iptables (IPv4, removing leftovers) as /nonexistent/iptables"), "{err}");

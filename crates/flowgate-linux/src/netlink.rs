@@ -1,7 +1,7 @@
 //! Netlink framing for the rooms that talk to the kernel over raw netlink sockets
-//! ([`crate::nfqueue`], [`crate::conntrack`], [`crate::sockdiag`]): building messages and their
-//! attributes, walking the messages of a datagram and the attributes of a message, sending to and
-//! receiving from the kernel, and reading its error answers.
+//! ([`crate::nfqueue`], [`crate::nflog`], [`crate::conntrack`], [`crate::sockdiag`]): building
+//! messages and their attributes, walking the messages of a datagram and the attributes of a
+//! message, sending to and receiving from the kernel, and reading its error answers.
 //!
 //! This room touches nothing by itself: it holds no state beyond the socket a caller opens through
 //! it, and it knows no family's message types; each room keeps its own numbers, encodings and

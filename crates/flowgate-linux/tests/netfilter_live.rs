@@ -125,7 +125,7 @@ fn add_host_rules() {
 }
 
 fn spec(queues: std::ops::RangeInclusive<u16>, fail_open: bool, loopback: bool) -> ChainSpec {
-    ChainSpec { queues, fail_open, loopback, packet: netfilter::PacketChains::none() }
+    ChainSpec { queues, fail_open, loopback, packet: netfilter::PacketChains::none(), statics: Default::default() }
 }
 
 #[test]
@@ -461,5 +461,99 @@ fn decided_marks_act_without_the_daemon() {
             );
         }
         installed.remove().expect("remove");
+    });
+}
+
+/// The conntrack marks of the entries to `port`, as `conntrack -L` shows them.
+fn conntrack_marks(ipv6: bool, proto: &str, port: u16) -> Vec<u32> {
+    let family = if ipv6 { "ipv6" } else { "ipv4" };
+    cmd("conntrack", &["-L", "-f", family, "-p", proto, "--dport", &port.to_string()])
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("mark=")))
+        .filter_map(|m| m.parse().ok())
+        .collect()
+}
+
+fn flowgate_sets() -> Vec<String> {
+    cmd("ipset", &["list", "-n"]).lines().filter(|l| l.starts_with("flowgate-")).map(str::to_owned).collect()
+}
+
+#[test]
+fn static_rules_decide_first_packets_in_the_kernel_and_a_reload_swaps_them() {
+    use flowgate_linux::static_rules::{StaticHook, StaticProtocol, StaticRule, StaticRules, StaticVerdict};
+    if !root() {
+        return;
+    }
+    let ns = netns();
+    ns.run(|| {
+        lo_up();
+        let before = saves();
+        for ipv6 in [false, true] {
+            let addr = if ipv6 { "[::1]:0" } else { "127.0.0.1:0" };
+            let udp = || UdpSocket::bind(addr).expect("bind");
+            let (allowed, dropped, undecided) = (udp(), udp(), udp());
+            let (tcp_allowed, tcp_rejected) =
+                (TcpListener::bind(addr).expect("listen"), TcpListener::bind(addr).expect("listen"));
+            let port = |a: io::Result<SocketAddr>| a.expect("address").port();
+            // Several networks per family: the remote end is matched in an ipset.
+            let nets = ["127.0.0.0/8", "10.0.0.0/8", "::1/128", "2001:db8::/32"].map(|n| n.parse().expect("net"));
+            let rule = |id, verdict, protocol, p: u16| StaticRule {
+                id,
+                hook: StaticHook::Output,
+                verdict,
+                protocol,
+                remote: nets.to_vec(),
+                local: Vec::new(),
+                remote_ports: vec![(p, p)],
+                local_ports: Vec::new(),
+                interface: Some("lo".into()),
+            };
+            let statics = |generation, allowed_verdict| StaticRules {
+                rules: vec![
+                    rule(1, allowed_verdict, StaticProtocol::Udp, port(allowed.local_addr())),
+                    rule(2, StaticVerdict::Allow, StaticProtocol::Tcp, port(tcp_allowed.local_addr())),
+                    rule(3, StaticVerdict::Reject, StaticProtocol::Any, port(tcp_rejected.local_addr())),
+                    rule(4, StaticVerdict::Drop, StaticProtocol::Udp, port(dropped.local_addr())),
+                ],
+                log_group: 3,
+                generation,
+            };
+            // Fail closed and nothing bound to the queue: what passes was decided in the kernel.
+            let mut spec = spec(0..=0, false, true);
+            spec.statics = statics(1, StaticVerdict::Allow);
+            let tools = Tools::default();
+            let installed = netfilter::install(&spec, &tools).expect("install");
+            let mut sets = flowgate_sets();
+            sets.sort();
+            let expected: Vec<String> =
+                (1..=4).flat_map(|id| [format!("flowgate-1-{id}r4"), format!("flowgate-1-{id}r6")]).collect();
+            assert_eq!(sets, expected);
+            assert_eq!(udp_fate(&allowed), Fate::Delivered, "static allow, IPv6: {ipv6}");
+            assert_eq!(tcp_fate(&tcp_allowed), Fate::Delivered, "static TCP allow, IPv6: {ipv6}");
+            assert_eq!(tcp_fate(&tcp_rejected), Fate::Refused, "static reject, IPv6: {ipv6}");
+            assert_eq!(udp_fate(&dropped), Fate::Lost, "static drop, IPv6: {ipv6}");
+            assert_eq!(udp_fate(&undecided), Fate::Lost, "no static rule: queued, and no one reads, IPv6: {ipv6}");
+            // The conntrack entry of an allowed flow names the rule that decided it.
+            let allowed_port = port(allowed.local_addr());
+            assert_eq!(conntrack_marks(ipv6, "udp", allowed_port), vec![marks::ALLOW | marks::rule(1)], "IPv6: {ipv6}");
+            assert_eq!(
+                conntrack_marks(ipv6, "tcp", port(tcp_allowed.local_addr())),
+                vec![marks::ALLOW | marks::rule(2)],
+                "IPv6: {ipv6}"
+            );
+            // A reload turns the allow into a drop: the next new flow is dropped in the kernel,
+            // and the old generation's sets are gone.
+            cmd("conntrack", &["-F"]);
+            spec.statics = statics(2, StaticVerdict::Drop);
+            netfilter::replace_rules(&spec, &tools).expect("replace");
+            assert_eq!(udp_fate(&allowed), Fate::Lost, "reloaded to drop, IPv6: {ipv6}");
+            assert_eq!(tcp_fate(&tcp_allowed), Fate::Delivered, "unchanged rule, IPv6: {ipv6}");
+            let sets = flowgate_sets();
+            assert!(!sets.is_empty() && sets.iter().all(|s| s.starts_with("flowgate-2-")), "{sets:?}");
+            installed.remove().expect("remove");
+            assert!(flowgate_sets().is_empty(), "sets removed with the chains");
+            assert_restored(&before);
+            cmd("conntrack", &["-F"]);
+        }
     });
 }

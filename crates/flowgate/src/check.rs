@@ -210,7 +210,9 @@ impl Id {
                 "flowgate run cannot filter: a decided flow is passed or stopped in the kernel by its conntrack mark (CONNMARK saves the verdict, connmark and mark match it)"
             }
             Id::Nfqueue => "flowgate run cannot filter: every new flow is judged through NFQUEUE",
-            Id::Chains => "flowgate run cannot filter: these are the chains it installs",
+            Id::Chains => {
+                "flowgate run cannot filter: these are the chains it installs (static rules need the ipset tool and the kernel's set match, the NFLOG and u32 modules)"
+            }
             Id::Conntrack => {
                 "flowgate run cannot filter: it refuses to start without ctnetlink (adopting existing connections, marks of decided flows, events and counters of flows the kernel handles)"
             }
@@ -770,6 +772,7 @@ impl Found {
             ip6tables_restore: or_name(&self.v6.restore, "ip6tables-restore"),
             iptables: or_name(&self.v4.lister, "iptables"),
             ip6tables: or_name(&self.v6.lister, "ip6tables"),
+            ipset: Tools::default().ipset,
         }
     }
 
@@ -917,9 +920,28 @@ fn probe_connmark(found: &Found) -> Feature {
     Feature::ok(Id::Connmark, "the mark and connmark matches and the CONNMARK --save-mark target work (IPv4 and IPv6)")
 }
 
-/// `chains`: flowgate's own chains, exactly as the daemon installs them (two flow queues, a
-/// packet stage on `tun*`, failing open), installed and removed again.
+/// `chains`: flowgate's own chains, exactly as the daemon installs them (two flow queues spread
+/// by ports, a packet stage on `tun*`, failing open, two static rules: an allow whose networks
+/// are an ipset and a reject logged to NFLOG), installed and removed again.
 fn probe_chains(found: &Found) -> Feature {
+    use flowgate_linux::static_rules::{StaticHook, StaticProtocol, StaticRule, StaticRules, StaticVerdict};
+    let nets = ["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32", "2001:db8:1::/48"];
+    let rule = |id, verdict| StaticRule {
+        id,
+        hook: StaticHook::Output,
+        verdict,
+        protocol: StaticProtocol::Tcp,
+        remote: nets.iter().filter_map(|n| n.parse().ok()).collect(),
+        local: Vec::new(),
+        remote_ports: vec![(443, 443)],
+        local_ports: Vec::new(),
+        interface: None,
+    };
+    let statics = StaticRules {
+        rules: vec![rule(1, StaticVerdict::Allow), rule(2, StaticVerdict::Reject)],
+        log_group: 17991,
+        generation: 1,
+    };
     let spec = ChainSpec {
         queues: 0..=1,
         fail_open: true,
@@ -933,13 +955,14 @@ fn probe_chains(found: &Found) -> Feature {
                 forwarded: true,
             }],
         },
+        statics,
     };
     let tools = found.tools();
     match netfilter::install(&spec, &tools) {
         Ok(installed) => match installed.remove() {
             Ok(()) => Feature::ok(
                 Id::Chains,
-                "flowgate's chains (filter and mangle, IPv4 and IPv6: NFQUEUE, CONNMARK, REJECT, conntrack) install and remove",
+                "flowgate's chains (filter and mangle, IPv4 and IPv6: NFQUEUE, CONNMARK, REJECT, conntrack, u32; static rules: ipset sets, NFLOG) install and remove",
             ),
             Err(e) => {
                 Feature::missing(Id::Chains, format!("flowgate's chains installed but could not be removed: {e}"))

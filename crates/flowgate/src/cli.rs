@@ -539,15 +539,43 @@ fn rules_check(file: &Path, json: bool, strict: bool) -> ExitCode {
         Ok(c) => !strict || c.warnings.is_empty(),
         Err(_) => false,
     };
+    // Which rules `flowgate run` would decide in the kernel, and why the others need user space
+    // (without a product's filter: the CLI daemon has none).
+    let kernel = |c: &config::Config| {
+        let plan = if c.live.kernel_rules {
+            flowgate_core::rules::kernel::KernelPlan::new(&c.rules, false)
+        } else {
+            flowgate_core::rules::kernel::KernelPlan::off(&c.rules)
+        };
+        let mut decided: Vec<&str> =
+            plan.entries.iter().filter_map(|e| e.rule).map(|i| c.rules.rules[i].name.as_str()).collect();
+        decided.dedup();
+        let user: Vec<(usize, String, String)> = plan
+            .user_space
+            .iter()
+            .map(|(i, why)| {
+                (c.rule_lines.get(*i).copied().unwrap_or(0), c.rules.rules[*i].name.clone(), why.to_string())
+            })
+            .collect();
+        (decided.into_iter().map(str::to_string).collect::<Vec<_>>(), plan.decides_everything(), user)
+    };
     if json {
         let v = match &result {
-            Ok(c) => json!({
-                "file": file.display().to_string(),
-                "ok": ok,
-                "rules": c.rules.rules.len(),
-                "default_action": c.rules.default_action.name(),
-                "warnings": c.warnings.iter().map(|w| json!({"line": w.line, "message": w.message})).collect::<Vec<_>>(),
-            }),
+            Ok(c) => {
+                let (decided, default, user) = kernel(c);
+                json!({
+                    "file": file.display().to_string(),
+                    "ok": ok,
+                    "rules": c.rules.rules.len(),
+                    "default_action": c.rules.default_action.name(),
+                    "warnings": c.warnings.iter().map(|w| json!({"line": w.line, "message": w.message})).collect::<Vec<_>>(),
+                    "kernel": {
+                        "rules": decided,
+                        "default": default,
+                        "user_space": user.iter().map(|(line, name, why)| json!({"line": line, "rule": name, "reason": why})).collect::<Vec<_>>(),
+                    },
+                })
+            }
             Err(e) => json!({
                 "file": file.display().to_string(),
                 "ok": false,
@@ -571,6 +599,16 @@ fn rules_check(file: &Path, json: bool, strict: bool) -> ExitCode {
                     if c.warnings.len() == 1 { "" } else { "s" },
                     if ok { "" } else { " (rejected: --strict)" },
                 );
+                let (decided, default, user) = kernel(c);
+                println!(
+                    "decided in the kernel: {} rule{}{}",
+                    decided.len(),
+                    if decided.len() == 1 { "" } else { "s" },
+                    if default { " and the default" } else { "" }
+                );
+                for (line, name, why) in &user {
+                    println!("{}:{line}: rule `{name}` is judged in user space: {why}", file.display());
+                }
             }
             Err(e) => eprintln!("error: {e}"),
         }

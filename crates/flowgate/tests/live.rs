@@ -271,7 +271,12 @@ fn udp_and_icmp_and_ipv6() {
         let v6_ok = tcp_roundtrip(addr("[2001:db8:2::10]:8")).is_ok();
         (blocked, ok, v6, v6_ok)
     });
-    assert_eq!(udp_blocked, Err(ErrorKind::ConnectionRefused), "a dropped UDP flow gets port-unreachable");
+    // Rejected in the kernel on its way out, the datagram's send fails at once (EPERM) and the
+    // port unreachable follows; rejected after a trip to user space, only the latter is seen.
+    assert!(
+        matches!(udp_blocked, Err(ErrorKind::ConnectionRefused | ErrorKind::PermissionDenied)),
+        "a dropped UDP flow is refused: {udp_blocked:?}"
+    );
     assert!(udp_ok);
     assert_eq!(v6_blocked, ErrorKind::ConnectionRefused);
     assert!(v6_ok);
@@ -334,7 +339,9 @@ fn tunnel_traffic_and_its_carrier_are_both_flows() {
     let d = Daemon::start(
         &lab,
         "tun",
-        "[[rule]]\nname = \"tunnel-port-7\"\ninterface = \"tun*\"\nremote_ports = \"7\"\naction = \"drop\"\n",
+        "[[rule]]\nname = \"tunnel-port-7\"\ninterface = \"tun*\"\nremote_ports = \"7\"\naction = \"drop\"\n\
+         [[rule]]\nname = \"tunnel\"\ninterface = \"tun0\"\naction = \"allow\"\n\
+         [[rule]]\nname = \"carrier\"\ninterface = \"veth1\"\naction = \"allow\"\n",
     );
     let (blocked, ok) =
         lab.host.in_ns(|| (tcp_refused(addr("192.0.2.2:7")).0, tcp_roundtrip(addr("192.0.2.2:8")).is_ok()));
@@ -382,7 +389,9 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     let before4 = rules("iptables-save");
     let before6 = rules("ip6tables-save");
     let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
-    let d = Daemon::start(&lab, "flows", "");
+    // A flow the kernel decides has the interface its rule names (conntrack records none).
+    let d =
+        Daemon::start(&lab, "flows", "[[rule]]\nname = \"toward-srv\"\ninterface = \"veth1\"\naction = \"allow\"\n");
     // Keep a connection open while listing.
     let conn = lab.host.in_ns(|| {
         let mut s = TcpStream::connect_timeout(&addr("203.0.113.10:7"), Duration::from_secs(5)).expect("connect");
@@ -395,7 +404,8 @@ fn flows_lists_live_flows_and_state_is_removed_on_exit() {
     let sock = std::path::Path::new(&d.run_dir()).join("control.sock");
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).expect("socket").permissions());
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
-    let out = d.flowgate(&["flows", "--json", "--run-dir", &d.run_dir()]);
+    // `--fresh`: the counters of a flow the kernel decided come from conntrack's dumps.
+    let out = d.flowgate(&["flows", "--json", "--fresh", "--run-dir", &d.run_dir()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let flows: Vec<Value> =
         String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -426,7 +436,9 @@ fn fail_open_and_fail_closed_after_sigkill() {
     for (mode, passes) in [("open", true), ("closed", false)] {
         let lab = Lab::new(&format!("f{mode}"));
         let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
-        let d = Daemon::start(&lab, &format!("fail{mode}"), &format!("fail = \"{mode}\"\n"));
+        // The fail mode is about flows judged in user space: static rules would go on deciding
+        // in the kernel while the daemon is dead (their chains stay until the next start).
+        let d = Daemon::start(&lab, &format!("fail{mode}"), &format!("fail = \"{mode}\"\nkernel_rules = false\n"));
         assert!(lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7")).is_ok()));
         // A connection open across the crash: decided before it, it carries on in the kernel.
         let mut kept = lab.host.in_ns(|| TcpStream::connect(addr("203.0.113.10:7")).expect("connect"));
@@ -992,7 +1004,8 @@ fn a_provider_that_panics_costs_one_flow_not_the_daemon() {
 fn block_inside_the_tunnel() {
     require_root!();
     let lab = Lab::new("tunblock");
-    let d = Daemon::start(&lab, "tunblock", "");
+    // A flow the kernel decides has the interface its rule names (conntrack records none).
+    let d = Daemon::start(&lab, "tunblock", "[[rule]]\nname = \"tunnel\"\ninterface = \"tun0\"\naction = \"allow\"\n");
     let conn = long_lived(&lab, addr("192.0.2.2:7008"));
     let run_dir = d.run_dir();
     assert_torn_down(
@@ -1541,7 +1554,8 @@ fn metrics_over_http_count_what_was_judged_and_a_silent_client_holds_up_no_scrap
     let d = Daemon::start(
         &lab,
         "metrics",
-        "metrics = \"127.0.0.1:9464\"\n\
+        // Judged in user space, so the verdict latency histogram has samples.
+        "metrics = \"127.0.0.1:9464\"\nkernel_rules = false\n\
          [[rule]]\nname = \"no-7\"\nremote = \"203.0.113.10\"\nremote_ports = \"7,9\"\naction = \"drop\"\n\
          [[rule]]\nname = \"web-8\"\nremote = \"203.0.113.10\"\nremote_ports = \"8\"\naction = \"allow\"\n\
          [[rule]]\nname = \"long\"\nremote = \"203.0.113.10\"\nremote_ports = \"7100\"\naction = \"allow\"\n",
@@ -1694,7 +1708,11 @@ fn metrics_on_a_unix_socket_count_what_a_full_fail_open_queue_let_through() {
     let sock = dir.0.join("metrics.sock");
     // A UDP server that never answers: each datagram below is a flow of one packet.
     let _sink = lab.srv.in_ns(|| UdpSocket::bind("203.0.113.10:9999").expect("bind sink"));
-    let d = Daemon::start(&lab, "metricsun", &format!("metrics = \"{}\"\nqueue_max_len = 16\n", sock.display()));
+    let d = Daemon::start(
+        &lab,
+        "metricsun",
+        &format!("metrics = \"{}\"\nqueue_max_len = 16\nkernel_rules = false\n", sock.display()),
+    );
     let mode = std::fs::metadata(&sock).expect("the metrics socket exists").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "root only, like the control socket");
     let unix_scrape = || {
@@ -1728,7 +1746,8 @@ fn metrics_on_a_unix_socket_count_what_a_full_fail_open_queue_let_through() {
     });
     let waiting = waiting_in_queues(&lab);
     drop(resume);
-    assert!((1..=16).contains(&waiting), "the queue held at most queue_max_len packets: {waiting}");
+    // New flows spread over both queues (by their ports), each holding queue_max_len at most.
+    assert!((1..=32).contains(&waiting), "each queue held at most queue_max_len packets: {waiting}");
     // Once the daemon has judged what waited, the rest is known to have passed unjudged.
     let deadline = Instant::now() + Duration::from_secs(10);
     let samples = loop {
@@ -1944,6 +1963,11 @@ fn sigusr1_reopens_the_event_log_that_logrotate_moved_and_nothing_is_lost() {
     let trips =
         |to: &'static str, n: usize| (0..n).filter(|_| lab.host.in_ns(move || tcp_roundtrip(addr(to)).is_ok())).count();
     assert_eq!(trips("203.0.113.10:7", 3), 3);
+    // Flows the kernel decides are logged from conntrack's reports, a little after their packets
+    // passed: rotate once they are in.
+    wait_for_event(&d, "the three flows to port 7", |_| {
+        d.events().iter().filter(|e| e["event"] == "flow.new" && e["flow"]["remote"] == "203.0.113.10:7").count() == 3
+    });
     // What logrotate does: move the file away, then signal the daemon (postrotate).
     std::fs::rename(&log, &rotated).expect("rotate the log");
     let pid = Pid::from_raw(d.child.as_ref().expect("running").id() as i32);
@@ -2432,4 +2456,165 @@ fn log_level_error_keeps_a_healthy_daemon_quiet_and_debug_says_more() {
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     assert!(child.wait().expect("wait").success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Packets flowgate's NFQUEUE rules in the flow chains matched (queued to user space), both
+/// families: the hook chains and the chains that spread TCP and UDP over the queues.
+fn queued_packets(ns: &Netns) -> u64 {
+    let mut n = 0;
+    for tool in ["iptables", "ip6tables"] {
+        let spread = (0..2).map(|i| format!("FLOWGATE-SPREAD-{i}"));
+        for chain in ["FLOWGATE-OUT".to_string(), "FLOWGATE-IN".to_string()].into_iter().chain(spread) {
+            let listing = ns.run_ok(&[tool, "-w", "-L", &chain, "-v", "-x", "-n"]);
+            n += listing
+                .lines()
+                .filter(|l| l.contains("NFQUEUE"))
+                .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    n
+}
+
+fn events_with_rule<'a>(events: &'a [Value], kind: &str, rule: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == kind && e["rule"] == rule).collect()
+}
+
+const STATIC_CONFIG: &str = "[timeouts]\ntcp_closing = \"1s\"\nudp = \"2s\"\n\
+[[rule]]\nname = \"static-web\"\nremote = \"203.0.113.10\"\nremote_ports = \"7,7001,7002\"\nprotocol = \"tcp\"\naction = \"allow\"\n\
+[[rule]]\nname = \"static-block\"\nremote = [\"203.0.113.10\", \"2001:db8:2::10\", \"192.0.2.77\"]\nremote_ports = \"9\"\naction = \"drop\"\n\
+[[rule]]\nname = \"peek\"\nremote_ports = \"8\"\nprotocol = \"tcp\"\naction = \"inspect\"\npeek = { outbound = 4 }\n\
+[[rule]]\nname = \"after-peek\"\nremote = \"203.0.113.0/24\"\nprotocol = \"tcp\"\naction = \"allow\"\n\
+[[rule]]\nname = \"static-dns\"\nprotocol = \"udp\"\nremote_ports = \"53\"\naction = \"allow\"\n";
+
+#[test]
+fn static_rules_are_decided_in_the_kernel_and_still_logged_listed_and_blocked() {
+    require_root!();
+    let lab = Lab::new("static");
+    let _web = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let _peek = tcp_echo(&lab.srv, addr("203.0.113.10:8"));
+    let _blocked = tcp_echo(&lab.srv, addr("203.0.113.10:9"));
+    let _other = tcp_echo(&lab.srv, addr("203.0.113.10:10"));
+    let _dns = udp_echo(&lab.srv, addr("203.0.113.10:53"));
+    let d = Daemon::start(&lab, "static", STATIC_CONFIG);
+    let queued_before = queued_packets(&lab.host);
+
+    // Static rules: connections and datagrams pass (or are refused) without one packet queued.
+    for _ in 0..10 {
+        lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7"))).expect("static-web passes");
+        lab.host.in_ns(|| udp_roundtrip(addr("203.0.113.10:53"), "0.0.0.0:0")).expect("static-dns passes");
+    }
+    let (kind, _) = lab.host.in_ns(|| tcp_refused(addr("203.0.113.10:9")));
+    assert_eq!(kind, ErrorKind::ConnectionRefused, "static-block rejects in the kernel");
+    // Each entry names the static rule that decided it and no queue worker: a packet judged in
+    // user space would have left its worker's mark instead (the verdict's mark replaces all of
+    // flowgate's bits).
+    for (proto, port, id) in [("tcp", "7", 1), ("udp", "53", 7)] {
+        let listing = lab.host.run_ok(&["conntrack", "-L", "-p", proto, "--dport", port]);
+        let marks: Vec<u32> = listing
+            .lines()
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("mark=")))
+            .filter_map(|m| m.parse().ok())
+            .collect();
+        assert_eq!(marks.len(), 10, "{listing}");
+        assert!(marks.iter().all(|&m| m == 0x1_0000 | (id << 23)), "{proto}/{port}: {listing}");
+    }
+
+    // Flows an earlier user-space rule could match are queued and judged there.
+    lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:8"))).expect("peek passes");
+    lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:10"))).expect("after-peek passes");
+    let queued = queued_packets(&lab.host) - queued_before;
+    assert!(queued >= 2, "the inspected and the overlapping flow went to user space ({queued} packets)");
+
+    // Every static flow is logged from conntrack: new, verdict with its rule, closed with counts.
+    let to_port_7 = |e: &&Value| e["event"] == "flow.closed" && e["flow"]["remote"] == "203.0.113.10:7";
+    wait_for_event(&d, "10 static-web closes", |_| {
+        let ev = d.events();
+        events_with_rule(&ev, "flow.verdict", "static-web").len() == 10 && ev.iter().filter(to_port_7).count() == 10
+    });
+    wait_for_event(&d, "10 static-dns verdicts", |_| {
+        events_with_rule(&d.events(), "flow.verdict", "static-dns").len() == 10
+    });
+    let ev = d.events();
+    let web = events_with_rule(&ev, "flow.verdict", "static-web");
+    assert!(web.iter().all(|e| e["verdict"] == "allow" && e["flow"]["direction"] == "outbound"), "{web:#?}");
+    let closed: Vec<&Value> =
+        ev.iter().filter(|e| e["event"] == "flow.closed" && e["flow"]["remote_port"] == 7).collect();
+    assert!(closed.iter().all(|c| c["counters"]["packets_out"].as_u64().unwrap_or(0) >= 3), "{closed:#?}");
+    assert_eq!(events_with_rule(&ev, "flow.verdict", "peek").len(), 1);
+    // The flow a static rule dropped has no conntrack entry: the kernel's log of its packet
+    // opened it, with the interface it was to leave by.
+    let blocked = events_with_rule(&ev, "flow.verdict", "static-block");
+    assert_eq!(blocked.len(), 1, "{blocked:#?}");
+    assert_eq!(
+        (blocked[0]["verdict"].as_str(), blocked[0]["flow"]["interface"].as_str()),
+        (Some("drop"), Some("veth1"))
+    );
+    assert_eq!(blocked[0]["flow"]["remote"], "203.0.113.10:9");
+    assert_eq!(events_with_rule(&ev, "flow.verdict", "after-peek").len(), 1);
+
+    // A live static flow is listed and can be blocked like any other.
+    let conn = long_lived(&lab, addr("203.0.113.10:7001"));
+    wait_for_event(&d, "the long-lived static flow", |_| {
+        listed(&d, &["--remote", "203.0.113.10", "--port", "7001"]).iter().any(|f| f["rule"] == "static-web")
+    });
+    let run_dir = d.run_dir();
+    assert_torn_down(
+        conn,
+        || {
+            let out = d.flowgate(&["block", "--remote", "203.0.113.10", "--port", "7001", "--run-dir", &run_dir]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        },
+        "block",
+    );
+
+    // A reload that turns the static allow into a drop stops a live flow and refuses new ones
+    // in the kernel.
+    let conn = long_lived(&lab, addr("203.0.113.10:7002"));
+    wait_for_event(&d, "the second long-lived static flow", |_| {
+        listed(&d, &["--remote", "203.0.113.10", "--port", "7002"]).iter().any(|f| f["rule"] == "static-web")
+    });
+    let conf = d.dir.join("flowgate.toml");
+    let text = std::fs::read_to_string(&conf).expect("config");
+    std::fs::write(&conf, text.replacen("action = \"allow\"", "action = \"drop\"", 1)).expect("rewrite config");
+    assert_torn_down(
+        conn,
+        || {
+            let out = d.flowgate(&["reload", "--run-dir", &run_dir]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        },
+        "reload",
+    );
+    let before = queued_packets(&lab.host);
+    let (kind, _) = lab.host.in_ns(|| tcp_refused(addr("203.0.113.10:7")));
+    assert_eq!(kind, ErrorKind::ConnectionRefused, "the reloaded static rule rejects in the kernel");
+    assert_eq!(queued_packets(&lab.host), before, "and queues nothing");
+    let stats = d.flowgate(&["stats", "--json", "--run-dir", &run_dir]);
+    let stats: Value = serde_json::from_slice(&stats.stdout).expect("stats json");
+    assert!(stats.to_string().contains("kernel_decided"), "{stats}");
+    let _ = d.stop();
+}
+
+#[test]
+fn one_busy_peer_spreads_over_every_queue_worker() {
+    require_root!();
+    let lab = Lab::new("spread");
+    let _echo = tcp_echo(&lab.srv, addr("203.0.113.10:7"));
+    let _dns = udp_echo(&lab.srv, addr("203.0.113.10:53"));
+    // Judged in user space: every new flow is queued; two queue workers (the test default).
+    let d = Daemon::start(&lab, "spread", "kernel_rules = false\n");
+    for _ in 0..40 {
+        lab.host.in_ns(|| tcp_roundtrip(addr("203.0.113.10:7"))).expect("every connection works");
+        lab.host.in_ns(|| udp_roundtrip(addr("203.0.113.10:53"), "0.0.0.0:0")).expect("every exchange works");
+    }
+    let out = d.flowgate(&["stats", "--json", "--run-dir", &d.run_dir()]);
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("stats json");
+    let opened: Vec<u64> =
+        stats["workers"].as_array().expect("workers").iter().map(|w| counter(w, "flows_opened")).collect();
+    // One client address, one server address: the kernel's address hash alone would put every
+    // flow on one worker.
+    assert_eq!(opened.len(), 2);
+    assert!(opened.iter().all(|&n| n >= 16), "flows per worker: {opened:?}");
+    assert!(opened.iter().sum::<u64>() >= 80, "flows per worker: {opened:?}");
+    let _ = d.stop();
 }

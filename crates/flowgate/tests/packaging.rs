@@ -166,7 +166,7 @@ fn the_deb_installs_every_file_where_it_says_and_builds_reproducibly() {
     let fields = text(&ok("dpkg-deb -f", Command::new("dpkg-deb").arg("-f").arg(&deb).args(["Depends", "Package"])));
     assert!(fields.contains("Package: flowgate"), "{fields}");
     let depends = fields.lines().find(|l| l.starts_with("Depends:")).unwrap_or_default();
-    for dep in ["libc6", "iptables"] {
+    for dep in ["libc6", "iptables", "ipset"] {
         assert!(depends.contains(dep), "Depends lacks {dep}: {depends}");
     }
 

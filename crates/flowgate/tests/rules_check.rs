@@ -84,3 +84,31 @@ fn missing_file_is_an_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/flowgate.toml: cannot read config"));
 }
+
+#[test]
+fn says_which_rules_the_kernel_decides_and_why_the_others_need_user_space() {
+    let f = TempFile::new(
+        "kernel",
+        "[[rule]]\nname = \"peek\"\nremote_ports = \"443\"\nprotocol = \"tcp\"\naction = \"inspect\"\npeek = { outbound = 100 }\n\
+         [[rule]]\nname = \"dns\"\nprotocol = \"udp\"\nremote_ports = \"53\"\naction = \"allow\"\n\
+         [[rule]]\nname = \"docs\"\nremote = \"192.0.2.0/24\"\naction = \"drop\"\n",
+    );
+    let out = check(&f, &[]);
+    assert!(out.status.success());
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(so.contains("decided in the kernel: 1 rule\n"), "{so}");
+    assert!(so.contains(":1: rule `peek` is judged in user space: it inspects"), "{so}");
+    assert!(so.contains(":12: rule `docs` is judged in user space: rule 1 before it is judged in user space"), "{so}");
+    let out = check(&f, &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["kernel"]["rules"], serde_json::json!(["dns"]));
+    assert_eq!(v["kernel"]["default"], false);
+    assert_eq!(v["kernel"]["user_space"][1]["rule"], "docs");
+    // Turned off: every rule is judged in user space.
+    let off = TempFile::new(
+        "kernel-off",
+        "kernel_rules = false\n[[rule]]\nname = \"dns\"\nprotocol = \"udp\"\naction = \"allow\"\n",
+    );
+    let so = String::from_utf8_lossy(&check(&off, &[]).stdout).into_owned();
+    assert!(so.contains("decided in the kernel: 0 rules\n") && so.contains("kernel rules are off"), "{so}");
+}

@@ -34,7 +34,8 @@ use super::table::Slot;
 use super::{Engine, Existing};
 use crate::event::CloseReason;
 use crate::flow::{Flow, FlowId, FlowKey, Protocol};
-use crate::handle::{KernelReport, KernelState, KernelSync};
+use crate::handle::{KernelDecided, KernelReport, KernelState, KernelSync};
+use crate::rules::kernel::Hook;
 use crate::rules::matcher::CompiledRules;
 use crate::time::Instant;
 use crate::verdict::FlowVerdict;
@@ -238,7 +239,14 @@ impl Engine {
         if !self.kernel.retired.is_empty() && self.retired_report(now, &key, r) {
             return true;
         }
-        let Some(slot) = self.table.lookup(&key) else { return false };
+        let Some(slot) = self.table.lookup(&key) else {
+            // Only a live entry makes a flow: the end of one never heard of (a previous
+            // instance's, or one whose creation was lost) is not a flow to start now.
+            return match (&r.decided, r.state) {
+                (Some(d), KernelState::Created | KernelState::Alive) => self.kernel_decided(now, r, d),
+                _ => false,
+            };
+        };
         let linger = self.config.timeouts.tcp_closing;
         let generation = self.kernel.generation;
         // While an older flow on this 5-tuple waits for its end, a dump may still show its entry.
@@ -310,6 +318,41 @@ impl Engine {
             let reason = e.closing.unwrap_or(CloseReason::Conntrack);
             self.close(slot, now, reason);
         }
+    }
+
+    /// A flow a static rule decided in the kernel, reported by conntrack before the engine saw
+    /// any of it: judged here by the rules with what the kernel knows (the rule's hook gives its
+    /// direction, the rule's interface its interface), with its `flow.new` and `flow.verdict`
+    /// events; the kernel handles it from then on. When the rules here no longer say what the
+    /// kernel did (a reload raced the report), the flow's verdict here is enforced. Returns
+    /// whether the flow is known now. `r` reports a live entry.
+    fn kernel_decided(&mut self, now: Instant, r: &KernelReport, d: &KernelDecided) -> bool {
+        let (local, remote) = if d.hook == Hook::Input { (r.responder, r.opener) } else { (r.opener, r.responder) };
+        let new = NewFlow {
+            protocol: r.protocol,
+            local,
+            remote,
+            direction: d.hook.direction(),
+            interface: d.interface.as_deref(),
+            existing: false,
+            forwarded: d.hook == Hook::Forward,
+            icmp: None,
+        };
+        self.stats.kernel_decided += 1;
+        let Ok(slot) = self.start_flow(now, &new, None) else { return false };
+        let offload = self.config.kernel_offload;
+        let generation = self.kernel.generation;
+        let Some(e) = self.table.get_mut(slot) else { return false };
+        e.set(bits::ACCEPTED, true);
+        e.set_ct_id(r.id);
+        e.seen_gen = generation;
+        take_counts(e, r, now);
+        if offload && e.settled() && e.verdict() == FlowVerdict::Allow {
+            e.set(bits::KERNEL, true);
+        } else {
+            self.kernel.queue(e);
+        }
+        true
     }
 
     /// Takes in a connection that was open before the engine started: a flow marked `existing`,

@@ -207,6 +207,9 @@ pub struct Stats {
     /// Kernel-handled flows closed because two syncs in a row did not find their conntrack
     /// entry (its end was never reported: a lost event).
     pub kernel_lost: u64,
+    /// Flows a static rule decided in the kernel, first heard of from conntrack (or from the
+    /// log of a kernel drop): never queued to user space.
+    pub kernel_decided: u64,
 }
 
 /// How much the engine holds now; every figure is bounded by the live flows.
@@ -390,6 +393,16 @@ impl Engine {
                 return Decision { action, flow: None, settled: false, silent: false };
             }
         };
+        let slot = match self.flow_of(now, meta, &p) {
+            Ok(s) => s,
+            Err(action) => return Decision { action, flow: None, settled: false, silent: false },
+        };
+        self.on_packet(slot, now, &p)
+    }
+
+    /// The flow a packet belongs to: found, or opened and judged (a pure SYN on a known 4-tuple
+    /// opens a new one). `Err` carries the rules' verdict for a flow the full table could not take.
+    fn flow_of(&mut self, now: Instant, meta: PacketMeta<'_>, p: &ParsedPacket<'_>) -> Result<Slot, PacketAction> {
         let key = FlowKey::new(p.protocol, (p.src, p.src_port), (p.dst, p.dst_port));
         let mut slot = self.table.lookup(&key);
         if let Some(s) = slot {
@@ -407,14 +420,33 @@ impl Engine {
                 slot = None;
             }
         }
-        let slot = match slot {
-            Some(s) => s,
-            None => match self.open(now, meta, &p) {
-                Ok(s) => s,
-                Err(action) => return Decision { action, flow: None, settled: false, silent: false },
-            },
-        };
-        self.on_packet(slot, now, &p)
+        match slot {
+            Some(s) => Ok(s),
+            None => self.open(now, meta, p),
+        }
+    }
+
+    /// A packet a static rule dropped in the kernel, from the kernel's log of it: counted to its
+    /// flow, which is opened and judged like any new flow when this is its first packet (so its
+    /// `flow.new` and `flow.verdict` events name the rule). Nothing is answered: the packet is
+    /// gone. A packet that cannot be read, or whose flow the rules here do not drop (a reload
+    /// raced the log), is only counted as seen.
+    pub fn handle_kernel_drop(&mut self, now: Instant, meta: PacketMeta<'_>, bytes: &[u8]) {
+        self.apply_commands(now, 1);
+        self.kernel_drop(now, meta, bytes);
+    }
+
+    fn kernel_drop(&mut self, now: Instant, meta: PacketMeta<'_>, bytes: &[u8]) {
+        let Ok(p) = packet::parse(bytes) else { return };
+        let known = self.table.len();
+        let Ok(slot) = self.flow_of(now, meta, &p) else { return };
+        if self.table.len() > known {
+            self.stats.kernel_decided += 1;
+        }
+        if self.table.get(slot).is_some_and(|e| e.verdict() == FlowVerdict::Drop) {
+            self.stats.packets += 1;
+            let _ = self.on_packet(slot, now, &p);
+        }
     }
 
     /// Fires due timers (idle flows close), at most [`TIMER_BUDGET`] of them, and runs a slice of
@@ -460,6 +492,7 @@ impl Engine {
             let Some(c) = self.next_command.take().or_else(|| self.commands.try_recv().ok()) else { return };
             spent += match &c {
                 Command::Kernel(reports) => reports.len().max(1),
+                Command::KernelDrops(drops) => drops.len().max(1),
                 _ => 1,
             };
             match c {
@@ -468,6 +501,12 @@ impl Engine {
                 Command::Kernel(reports) => {
                     for r in &reports {
                         self.handle_kernel_report(now, r);
+                    }
+                }
+                Command::KernelDrops(drops) => {
+                    for d in &drops {
+                        let meta = PacketMeta { interface: d.interface.as_deref(), origin: d.origin };
+                        self.kernel_drop(now, meta, &d.packet);
                     }
                 }
                 Command::Sync(s) => self.handle_kernel_sync(now, s),

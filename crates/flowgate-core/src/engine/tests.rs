@@ -1674,6 +1674,7 @@ fn report(proto: Protocol, local: &str, remote: &str, id: u32, out: u64, inn: u6
         from_responder: Some((inn, inn * 100)),
         id: Some(id),
         state,
+        decided: None,
     }
 }
 
@@ -2196,4 +2197,84 @@ fn unparsable_packets_get_the_configured_verdict_and_are_counted() {
         assert_eq!((d.action, d.flow), (want, None));
         assert_eq!((e.stats().unparsable, e.stats().truncated), (1, 1));
     }
+}
+
+/// A report on a flow a static rule decided in the kernel at `hook`.
+fn decided_report(
+    opener: &str,
+    responder: &str,
+    id: u32,
+    state: KernelState,
+    hook: crate::rules::kernel::Hook,
+) -> KernelReport {
+    KernelReport {
+        decided: Some(crate::handle::KernelDecided { hook, interface: Some(Arc::from("tun*")) }),
+        ..report(Protocol::Tcp, opener, responder, id, 3, 2, state)
+    }
+}
+
+#[test]
+fn a_flow_decided_in_the_kernel_is_logged_listed_and_closed_from_conntrack_alone() {
+    use crate::rules::kernel::Hook;
+    let mut r = rule_remote("docs", "203.0.113.0/24", Action::Allow);
+    r.interface = Some(crate::rules::parse_interface("tun*").expect("glob"));
+    let mut e = offload_engine();
+    e.set_rules(compiled(vec![r], Action::Drop));
+    let (l, rm) = ("198.51.100.1:40000", "203.0.113.7:443");
+    assert!(e.handle_kernel_report(secs(1), &decided_report(l, rm, 9, KernelState::Created, Hook::Output)));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let (flow, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((flow.direction, verdict, rule), (Direction::Outbound, FlowVerdict::Allow, Some("docs")));
+    assert_eq!((flow.local, flow.remote, flow.interface.as_deref()), (sa(l), sa(rm), Some("tun*")));
+    // Nothing to enforce: the kernel already decided it as the rules here do.
+    assert!(enforced(&mut e).is_empty());
+    assert_eq!(e.stats().kernel_decided, 1);
+    assert_eq!(e.flows().len(), 1);
+    // Its end comes from conntrack, with the kernel's counts.
+    e.handle_kernel_report(secs(5), &decided_report(l, rm, 9, KernelState::Ended, Hook::Output));
+    let ev = events(&mut e);
+    let closed = closed_events(&ev);
+    assert_eq!(closed.len(), 1);
+    assert_eq!((closed[0].1.counters.packets_out, closed[0].1.counters.packets_in), (3, 2));
+    assert!(e.flows().is_empty());
+
+    // An inbound one: the responder is the local end. The rules here drop it (a reload raced
+    // the report): what the kernel did is undone.
+    e.handle_kernel_report(secs(6), &decided_report("192.0.2.50:1234", l, 10, KernelState::Created, Hook::Input));
+    let ev = events(&mut e);
+    let (flow, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!(
+        (flow.direction, flow.local, verdict, rule),
+        (Direction::Inbound, sa(l), FlowVerdict::Drop, Some("default"))
+    );
+    assert_eq!(
+        enforced(&mut e).iter().map(|x| (x.flow.id, x.action)).collect::<Vec<_>>(),
+        [(flow.id, KernelAction::Drop { silent: false })]
+    );
+    // A report without the static rule's word on an unknown flow is not a flow.
+    assert!(!e.handle_kernel_report(secs(7), &report(Protocol::Udp, L, R, 11, 1, 1, KernelState::Created)));
+}
+
+#[test]
+fn a_packet_a_static_rule_dropped_in_the_kernel_is_logged_as_its_flow() {
+    let mut e = offload_engine();
+    e.set_rules(compiled(vec![rule_remote("blocked", "203.0.113.0/24", Action::Drop)], Action::Allow));
+    let syn = Conn::new("198.51.100.1:40000", "203.0.113.7:443").syn();
+    let tun = PacketMeta { interface: Some("tun0"), origin: Origin::Output };
+    e.handle_kernel_drop(secs(1), tun, &syn);
+    // The SYN's retransmission is the same flow.
+    e.handle_kernel_drop(secs(2), tun, &syn);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let (flow, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule, flow.interface.as_deref()), (FlowVerdict::Drop, Some("blocked"), Some("tun0")));
+    let live = e.flows();
+    assert_eq!((live.len(), live[0].counters.packets_out), (1, 2));
+    assert_eq!(e.stats().kernel_decided, 1);
+    // Nothing is held or released for a packet that is gone, and nothing is enforced.
+    assert!(releases(&mut e).is_empty() && enforced(&mut e).is_empty());
+    // A log of a flow the rules here allow (a reload raced it) opens the flow but counts no drop.
+    e.handle_kernel_drop(secs(3), OUT, &Conn::new("198.51.100.1:40001", "192.0.2.1:80").syn());
+    assert_eq!(e.flows().len(), 2);
 }

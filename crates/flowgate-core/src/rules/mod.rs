@@ -5,6 +5,7 @@
 //! each field's text to the parsers here, adding file and line to their errors. Matching lives in
 //! [`matcher`] (a compiled, immutable index built once per rule set), lints in [`lint`].
 
+pub mod kernel;
 pub mod lint;
 pub mod matcher;
 

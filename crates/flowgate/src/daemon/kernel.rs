@@ -27,12 +27,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
-use flowgate_core::{CloseReason, Handle, KernelReport, KernelState, KernelSync, Protocol};
+use flowgate_core::{CloseReason, Handle, KernelDecided, KernelReport, KernelState, KernelSync, Protocol};
 use flowgate_linux::conntrack::{Conntrack, Entry, EventKind};
 use flowgate_linux::marks;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::clock::Clock;
+use super::statics::{self, Ids};
 
 /// Reports per command sent to an engine.
 const BATCH: usize = flowgate_core::KERNEL_BATCH;
@@ -78,6 +79,7 @@ pub(crate) fn report(e: &Entry, state: KernelState) -> KernelReport {
         from_responder: counts(e.counters_reply),
         id: e.id,
         state,
+        decided: None,
     }
 }
 
@@ -90,9 +92,17 @@ fn live_state(e: &Entry) -> KernelState {
     }
 }
 
-/// The engine that owns an entry, if its mark names one of ours.
-fn owner(e: &Entry, engines: usize) -> Option<usize> {
-    marks::owner_of(e.mark).filter(|&k| k < engines)
+/// The engine that hears of an entry: the owner its mark names, or, for a flow a static rule
+/// decided in the kernel (no owner, a rule id), the one its 5-tuple hashes to, with what the
+/// kernel says of where it was decided.
+fn route(e: &Entry, engines: usize, ids: &[Option<KernelDecided>]) -> Option<(usize, Option<KernelDecided>)> {
+    if let Some(k) = marks::owner_of(e.mark).filter(|&k| k < engines) {
+        return Some((k, None));
+    }
+    let id = marks::rule_of(e.mark)?;
+    let decided = ids.get(usize::from(id)).cloned().flatten();
+    let o = &e.original;
+    Some((statics::engine_for(o.protocol, o.src, o.src_port, o.dst, o.dst_port, engines), decided))
 }
 
 /// The running watcher: its two threads and the way to ask for a sync.
@@ -125,6 +135,7 @@ impl Watcher {
         clock: Clock,
         interval: Duration,
         stop: Arc<AtomicBool>,
+        ids: Arc<Ids>,
     ) -> Result<Watcher, String> {
         let stats = Arc::new(KernelStats::default());
         let events = Conntrack::open_events(true, true, true).map_err(|e| format!("conntrack events: {e}"))?;
@@ -132,10 +143,11 @@ impl Watcher {
         let (requests, incoming) = std::sync::mpsc::channel::<SyncSender<()>>();
         let urgent = Arc::new(AtomicBool::new(false));
         let events = {
-            let (handles, stats, stop, urgent) = (handles.clone(), stats.clone(), stop.clone(), urgent.clone());
+            let (handles, stats, stop, urgent, ids) =
+                (handles.clone(), stats.clone(), stop.clone(), urgent.clone(), ids.clone());
             std::thread::Builder::new()
                 .name("flowgate-ct-events".into())
-                .spawn(move || watch_events(events, &handles, &stats, &stop, &urgent))
+                .spawn(move || watch_events(events, &handles, &stats, &stop, &urgent, &ids))
                 .map_err(|e| format!("cannot start the conntrack event thread: {e}"))?
         };
         let sync = {
@@ -144,7 +156,7 @@ impl Watcher {
                 .name("flowgate-ct-sync".into())
                 .spawn(move || {
                     super::background();
-                    let mut s = Sync { ct: dumper, handles, clock, stats, generation: 0 };
+                    let mut s = Sync { ct: dumper, handles, clock, stats, generation: 0, ids };
                     s.run(&incoming, interval, &stop, &urgent)
                 })
                 .map_err(|e| format!("cannot start the conntrack sync thread: {e}"))?
@@ -177,6 +189,7 @@ fn watch_events(
     stats: &KernelStats,
     stop: &AtomicBool,
     urgent: &AtomicBool,
+    ids: &Ids,
 ) -> Result<(), String> {
     let mut batches: Vec<Vec<KernelReport>> = vec![Vec::new(); handles.len()];
     let mut overruns = 0;
@@ -189,10 +202,11 @@ fn watch_events(
             Err(e) => return Err(format!("conntrack events: poll: {e}")),
         }
         // Drain what is there, then hand each owner its reports in one command.
+        let table = ids.current();
         for _ in 0..64 {
             let n = ct
                 .recv_events(|ev| {
-                    let Some(k) = owner(&ev.entry, handles.len()) else { return };
+                    let Some((k, decided)) = route(&ev.entry, handles.len(), &table) else { return };
                     let state = match ev.kind {
                         EventKind::Destroy => KernelState::Ended,
                         EventKind::New => match live_state(&ev.entry) {
@@ -205,7 +219,7 @@ fn watch_events(
                             s => s,
                         },
                     };
-                    batches[k].push(report(&ev.entry, state));
+                    batches[k].push(KernelReport { decided, ..report(&ev.entry, state) });
                 })
                 .map_err(|e| format!("conntrack events: {e}"))?;
             if n == 0 {
@@ -241,6 +255,7 @@ struct Sync {
     clock: Clock,
     stats: Arc<KernelStats>,
     generation: u16,
+    ids: Arc<Ids>,
 }
 
 impl Sync {
@@ -302,10 +317,11 @@ impl Sync {
                 Err(_) => stats.reports_dropped.fetch_add(len, Ordering::Relaxed),
             };
         };
+        let table = self.ids.current();
         let dumped = self.ct.dump(|e| {
             entries += 1;
-            let Some(k) = owner(e, n) else { return };
-            batches[k].push(report(e, live_state(e)));
+            let Some((k, decided)) = route(e, n, &table) else { return };
+            batches[k].push(KernelReport { decided, ..report(e, live_state(e)) });
             if batches[k].len() >= BATCH {
                 send(k, &mut batches[k]);
             }

@@ -785,6 +785,19 @@ fn kernel(t: &mut Text, s: &Value) {
         "Kernel-handled flows closed because two syncs in a row did not find their conntrack entry (their end was never reported).",
         num(s, "/total/kernel_lost"),
     );
+    t.one(
+        "flowgate_kernel_decided_flows_total",
+        "counter",
+        "Flows a static rule decided in the kernel (never queued to user space), first heard of from conntrack or from the log of a kernel drop.",
+        num(s, "/total/kernel_decided"),
+    );
+    for (key, kind, help) in [
+        ("logged", "counter", "Packets static rules dropped in the kernel whose log reached an engine."),
+        ("dropped", "counter", "Logs of kernel drops lost because an engine's command channel was full."),
+        ("overruns", "counter", "Times the kernel-drop log socket overran (an unknown number of logs lost each time)."),
+    ] {
+        t.one(&format!("flowgate_drop_log_{key}_total"), kind, help, num(s, &format!("/drop_log/{key}")));
+    }
 }
 
 fn packet_stage(t: &mut Text, s: &Value) {

@@ -20,6 +20,7 @@
 mod adopt;
 mod clock;
 pub mod control;
+mod droplog;
 mod enforce;
 mod kernel;
 mod lock;
@@ -29,6 +30,7 @@ mod packet_shard;
 mod registry;
 mod shard;
 mod socket_log;
+mod statics;
 mod tally;
 
 use std::fs::OpenOptions;
@@ -46,6 +48,7 @@ use flowgate_core::{
 };
 use flowgate_linux::netfilter::{self, ChainSpec, PacketChains, PacketInterface, Tools};
 use flowgate_linux::nfqueue::{Queue, QueueConfig};
+use flowgate_linux::static_rules::StaticRules;
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::{Value, json};
 
@@ -241,19 +244,23 @@ impl Running {
         // chains exist: an allowed one never has a packet queued.
         let enforce_stats = Arc::new(enforce::EnforceStats::default());
         let adopted = adopt_existing(config, &mut engines, &clock, &enforce_stats)?;
+        let plan = statics::plan(&config.rules, live.kernel_rules, filters.is_some());
         let spec = ChainSpec {
             queues: live.first_queue..=last,
             fail_open,
             loopback: live.loopback,
             packet: packet_chains(&config.packet, packet_first..=packet_last),
+            statics: statics::static_rules(&config.rules, &plan, 1, statics::LOG_GROUP),
         };
+        let ids = Arc::new(statics::Ids::new(&config.rules, &plan));
+        let kernel_part = statics::describe(&config.rules, &plan);
         let installed = netfilter::install(&spec, &Tools::default())
             .map_err(|e| format!("installing netfilter rules: {e} (nothing was left installed)"))?;
 
         // From here on, whatever fails must remove the chains again.
         let stages = stages(config, &config.packet, packet_queues.len(), providers.packet);
         let packets = (packet_queues, stages, spec.clone());
-        let extras = Extras { enforce: enforce_stats, metrics: metrics_listener };
+        let extras = Extras { enforce: enforce_stats, metrics: metrics_listener, ids, provider: filters.is_some() };
         let started = start(config, queues, engines, packets, clock, group, extras);
         let (workers, writer, socket, registry, reloader, metrics) = match started {
             Ok(x) => x,
@@ -268,7 +275,7 @@ impl Running {
         };
         let covered = spec.packet.interfaces.iter().map(describe_covered).collect::<Vec<_>>();
         log::info!(
-            "ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {}, {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}{}",
+            "ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {} ({kernel_part}), {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}{}",
             live.queues,
             if live.queues == 1 { "" } else { "s" },
             live.first_queue,
@@ -386,6 +393,7 @@ struct Workers {
     shards: Vec<Shard>,
     packet_shards: Vec<PacketShard>,
     watcher: Option<kernel::Watcher>,
+    droplog: Option<droplog::DropLog>,
     links: Option<flowgate_linux::ifname::LinkWatch>,
     enforcer: Option<enforce::Enforcer>,
     stop: Arc<AtomicBool>,
@@ -397,6 +405,9 @@ impl Workers {
         let mut errors: Vec<String> = Vec::new();
         if let Some(w) = self.watcher {
             errors.extend(w.join());
+        }
+        if let Some(d) = self.droplog {
+            errors.extend(d.join());
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
         errors.extend(self.packet_shards.into_iter().filter_map(|s| s.join().err()));
@@ -418,6 +429,10 @@ type Started = (Workers, Writer, std::path::PathBuf, Registry, Arc<Reloader>, Op
 struct Extras {
     enforce: Arc<enforce::EnforceStats>,
     metrics: Option<metrics::Listener>,
+    /// The static rules' ids, for the conntrack watcher and the drop log.
+    ids: Arc<statics::Ids>,
+    /// A product's flow filter judges beside the rules (only drops are then static).
+    provider: bool,
 }
 
 /// The packet stage's queues, one stage per queue, and the chains as installed.
@@ -480,6 +495,8 @@ pub(crate) struct Reloader {
     packet_handles: Vec<PacketHandle>,
     /// The chains as they are now (reloads take turns on it).
     spec: std::sync::Mutex<ChainSpec>,
+    ids: Arc<statics::Ids>,
+    provider: bool,
 }
 
 impl Reloader {
@@ -487,6 +504,10 @@ impl Reloader {
         let c = crate::config::load(&self.path).map_err(|e| e.to_string())?;
         let mut spec = self.spec.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let chains = packet_chains(&c.packet, spec.packet.queues.clone());
+        let plan = statics::plan(&c.rules, c.live.kernel_rules, self.provider);
+        let generation = spec.statics.generation.wrapping_add(1);
+        let static_rules = statics::static_rules(&c.rules, &plan, generation, statics::LOG_GROUP);
+        let rule_set = c.rules.clone();
         let rules = Arc::new(CompiledRules::compile(c.rules));
         let n = rules.rules().len();
         // Packet rules first: packets the new chains queue meet the new rules.
@@ -496,13 +517,17 @@ impl Reloader {
             h.set_filter_coverage(c.packet.filter_interfaces.clone(), c.packet.filter_directions)
                 .map_err(|e| format!("packet stage: {e}"))?;
         }
-        if chains != spec.packet {
-            let new = ChainSpec { packet: chains, ..spec.clone() };
-            netfilter::replace_packet_chains(&new, &Tools::default())
-                .map_err(|e| format!("changing the packet stage's chains: {e}"))?;
+        // The engines first: a flow the new kernel rules decide is judged by the new rules when
+        // the engine hears of it.
+        self.registry.reload(&rules)?;
+        let same_statics = StaticRules { generation: spec.statics.generation, ..static_rules.clone() } == spec.statics;
+        if chains != spec.packet || !same_statics {
+            let new = ChainSpec { packet: chains, statics: static_rules, ..spec.clone() };
+            netfilter::replace_rules(&new, &Tools::default())
+                .map_err(|e| format!("changing the netfilter rules (static rules, packet stage): {e}"))?;
             *spec = new;
         }
-        self.registry.reload(&rules)?;
+        self.ids.set(&rule_set, &plan);
         Ok(n)
     }
 }
@@ -636,6 +661,7 @@ fn start(
         shards: Vec::new(),
         packet_shards: Vec::new(),
         watcher: None,
+        droplog: None,
         links: None,
         enforcer: Some(enforcer),
         stop: stop.clone(),
@@ -679,9 +705,23 @@ fn start(
         }
     }
     let handles: Vec<_> = workers.shards.iter().map(|s| s.handle.clone()).collect();
-    let watcher = match kernel::Watcher::start(handles.clone(), clock, config.engine.kernel_sync_interval, stop) {
+    let watcher = match kernel::Watcher::start(
+        handles.clone(),
+        clock,
+        config.engine.kernel_sync_interval,
+        stop.clone(),
+        extras.ids.clone(),
+    ) {
         Ok(w) => w,
         Err(e) => {
+            let _ = workers.stop();
+            return Err(e);
+        }
+    };
+    workers.droplog = match droplog::DropLog::start(handles.clone(), stop, changes.clone()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            workers.watcher = Some(watcher);
             let _ = workers.stop();
             return Err(e);
         }
@@ -690,6 +730,7 @@ fn start(
     let worker_stats: Vec<_> = workers.shards.iter().map(|s| s.stats.clone()).collect();
     let kernel_stats = watcher.stats.clone();
     workers.watcher = Some(watcher);
+    let drop_log_stats = workers.droplog.as_ref().map(|d| d.stats.clone()).unwrap_or_default();
     let packet_stats: Vec<_> = workers.packet_shards.iter().map(|s| s.stats.clone()).collect();
     let queues = live.first_queue..=spec.packet.queues.end().to_owned().max(live.first_queue + (live.queues - 1));
     let flow_queues = live.first_queue..=live.first_queue + (live.queues - 1);
@@ -708,6 +749,9 @@ fn start(
         let per_worker: Vec<shard::WorkerStats> =
             worker_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         let mut v = stats_json(&per_worker, &kernel_stats, &writer_stats);
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let d = &drop_log_stats;
+        v["drop_log"] = json!({"logged": r(&d.logged), "dropped": r(&d.dropped), "overruns": r(&d.overruns)});
         let per_packet: Vec<PacketWorkerStats> =
             packet_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         v["packet_stage"] = packet_stats_json(&per_packet);
@@ -743,6 +787,8 @@ fn start(
         registry: registry.clone(),
         packet_handles: workers.packet_shards.iter().map(|s| s.handle.clone()).collect(),
         spec: std::sync::Mutex::new(spec),
+        ids: extras.ids.clone(),
+        provider: extras.provider,
     });
     let ctx = control::Context {
         registry: registry.clone(),
