@@ -44,7 +44,9 @@
 //!   sink confirmed every byte (`flowgate_bench::bulk`).
 //!
 //! Also, per workload, the packets every NFQUEUE rule in `host` took (`iptables-save -c`): how
-//! many packets per new flow went to user space. After the network rounds of each round, rule
+//! many packets per new flow went to user space; and during the timed connection and UDP loops
+//! the filter's CPU time (`schedstat` of every thread of the daemon's process, or of the reader's
+//! thread), per connection or request. After the network rounds of each round, rule
 //! classification: flowgate's `CompiledRules::classify` in this process on the generated rule
 //! sets of 100, 10,000 and 1,000,000 rules (`flowgate_bench::ClassifyFixture`, as the criterion
 //! bench `classify`), median ns per lookup of batches, for three lookups.
@@ -325,8 +327,16 @@ enum Filter<'a> {
 }
 
 impl<'a> Filter<'a> {
-    fn start(kind: Kind, lab: &'a Lab, opts: &Opts, round: usize, judged: Arc<AtomicU64>) -> Result<(Filter<'a>, f64)> {
+    /// Starts `kind`'s filter; returns it, the seconds that took, and flowgate's ready line.
+    fn start(
+        kind: Kind,
+        lab: &'a Lab,
+        opts: &Opts,
+        round: usize,
+        judged: Arc<AtomicU64>,
+    ) -> Result<(Filter<'a>, f64, Option<String>)> {
         let t0 = Instant::now();
+        let mut line = None;
         let f = match kind {
             Kind::None => Filter::None,
             Kind::AcceptAll => {
@@ -345,6 +355,7 @@ impl<'a> Filter<'a> {
                 let config = daemon::write_config(&tmp, &flowgate_extra(kind))?;
                 let ready = Daemon::start(&lab.host, &opts.flowgate, &config, &DAEMON)?;
                 let pid = ready.daemon.flowgate_pid(&opts.flowgate)?;
+                line = Some(ready.line);
                 Filter::Flowgate { daemon: ready.daemon, pid, tmp }
             }
             Kind::OpenSnitch => {
@@ -353,7 +364,18 @@ impl<'a> Filter<'a> {
                 Filter::OpenSnitch { snitch, _tmp: tmp }
             }
         };
-        Ok((f, t0.elapsed().as_secs_f64()))
+        Ok((f, t0.elapsed().as_secs_f64(), line))
+    }
+
+    /// CPU time (ns, user and kernel, softirq work done in its context included) of the filter
+    /// so far: every thread of the daemon's process, or the accept-all reader's thread.
+    fn cpu_ns(&self) -> Option<u64> {
+        match self {
+            Filter::None => None,
+            Filter::AcceptAll(r) => schedstat_ns(&format!("/proc/self/task/{}/schedstat", r.tid())),
+            Filter::Flowgate { pid, .. } => process_cpu_ns(*pid),
+            Filter::OpenSnitch { snitch, .. } => process_cpu_ns(snitch.pid()),
+        }
     }
 
     /// The process whose memory is measured.
@@ -364,6 +386,17 @@ impl<'a> Filter<'a> {
             Filter::None | Filter::AcceptAll(_) => None,
         }
     }
+}
+
+/// The first field of a `schedstat` file: time on a CPU, ns.
+fn schedstat_ns(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.split_whitespace().next()?.parse().ok()
+}
+
+/// Time on a CPU of every thread of process `pid` that exists now, ns.
+fn process_cpu_ns(pid: i32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(dir.flatten().filter_map(|t| schedstat_ns(&format!("{}/schedstat", t.path().display()))).sum())
 }
 
 /// How a filter stopped.
@@ -547,6 +580,8 @@ struct Connects {
     queued: u64,
     /// Connections the server accepted, warm-up included.
     accepted: u64,
+    /// The filter's CPU time during the timed loop.
+    filter_cpu_ns: Option<u64>,
 }
 
 impl Connects {
@@ -555,7 +590,7 @@ impl Connects {
     }
 }
 
-fn connects(lab: &Lab, warmup: usize, n: usize, ports: &mut Ports) -> Result<Connects> {
+fn connects(lab: &Lab, filter: &Filter<'_>, warmup: usize, n: usize, ports: &mut Ports) -> Result<Connects> {
     let acceptor = AcceptServer::start(&lab.srv, SocketAddrV4::new(SRV_SERVICE_V4, ACCEPT_PORT))?;
     let warm: Vec<u16> = (0..warmup).map(|_| ports.next()).collect::<Result<_>>()?;
     let timed: Vec<u16> = (0..n).map(|_| ports.next()).collect::<Result<_>>()?;
@@ -567,6 +602,7 @@ fn connects(lab: &Lab, warmup: usize, n: usize, ports: &mut Ports) -> Result<Con
         Ok(())
     })?;
     let (syn0, q0) = (tcp_ext(&lab.host, "TCPSynRetrans")?, queued_packets(&lab.host)?);
+    let cpu0 = filter.cpu_ns();
     let (times, seconds) = lab.host.in_ns(move || -> Result<(Vec<f64>, f64)> {
         let mut v = Vec::with_capacity(timed.len());
         let start = Instant::now();
@@ -576,11 +612,20 @@ fn connects(lab: &Lab, warmup: usize, n: usize, ports: &mut Ports) -> Result<Con
         }
         Ok((v, start.elapsed().as_secs_f64()))
     })?;
+    let cpu1 = filter.cpu_ns();
     let (syn1, q1) = (tcp_ext(&lab.host, "TCPSynRetrans")?, queued_packets(&lab.host)?);
     // Every connect() completed its handshake. The server may count a few less: an accept() of a
     // connection the client's RST already ended fails with ECONNABORTED, which it skips.
     let accepted = acceptor.accepted();
-    Ok(Connects { latencies: Latencies::new(times), seconds, syn_retrans: syn1 - syn0, queued: q1 - q0, accepted })
+    let filter_cpu_ns = cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a));
+    Ok(Connects {
+        latencies: Latencies::new(times),
+        seconds,
+        syn_retrans: syn1 - syn0,
+        queued: q1 - q0,
+        accepted,
+        filter_cpu_ns,
+    })
 }
 
 #[derive(Debug)]
@@ -588,6 +633,8 @@ struct Udp {
     rtts: Latencies,
     seconds: f64,
     queued: u64,
+    /// The filter's CPU time during the timed loop.
+    filter_cpu_ns: Option<u64>,
 }
 
 impl Udp {
@@ -613,7 +660,7 @@ fn udp_request(to: SocketAddrV4, port: u16, i: usize) -> Result<f64> {
     Ok(dt.as_secs_f64() * 1e6)
 }
 
-fn udp(lab: &Lab, warmup: usize, n: usize) -> Result<Udp> {
+fn udp(lab: &Lab, filter: &Filter<'_>, warmup: usize, n: usize) -> Result<Udp> {
     let to = SocketAddrV4::new(SRV_SERVICE_V4, UDP_PORT);
     let echo = lab::udp_echo(&lab.srv, std::net::SocketAddr::V4(to));
     // UDP ports are a space of their own: the range starts again.
@@ -627,6 +674,7 @@ fn udp(lab: &Lab, warmup: usize, n: usize) -> Result<Udp> {
         Ok(())
     })?;
     let q0 = queued_packets(&lab.host)?;
+    let cpu0 = filter.cpu_ns();
     let (rtts, seconds) = lab.host.in_ns(move || -> Result<(Vec<f64>, f64)> {
         let mut v = Vec::with_capacity(timed.len());
         let start = Instant::now();
@@ -635,9 +683,11 @@ fn udp(lab: &Lab, warmup: usize, n: usize) -> Result<Udp> {
         }
         Ok((v, start.elapsed().as_secs_f64()))
     })?;
+    let cpu1 = filter.cpu_ns();
     let q1 = queued_packets(&lab.host)?;
     drop(echo);
-    Ok(Udp { rtts: Latencies::new(rtts), seconds, queued: q1 - q0 })
+    let filter_cpu_ns = cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a));
+    Ok(Udp { rtts: Latencies::new(rtts), seconds, queued: q1 - q0, filter_cpu_ns })
 }
 
 #[derive(Debug)]
@@ -669,6 +719,8 @@ fn bulk(lab: &Lab, seconds: f64) -> Result<Bulk> {
 
 struct Sample {
     setup_seconds: f64,
+    /// flowgate's ready line (what it decides in the kernel).
+    ready_line: Option<String>,
     memory: Memory,
     connects: Connects,
     udp: Udp,
@@ -684,19 +736,20 @@ fn run_one(kind: Kind, opts: &Opts, round: usize) -> Result<Sample> {
     // Drop order (reverse of declaration): the filter, then the lab.
     let lab = Lab::new(kind.tag());
     let judged = Arc::new(AtomicU64::new(0));
-    let (filter, setup_seconds) =
+    let (filter, setup_seconds, ready_line) =
         Filter::start(kind, &lab, opts, round, judged.clone()).map_err(|e| format!("setting it up: {e}"))?;
     let mut ports = Ports::new();
     let memory = memory(&lab, filter.pid(), opts.memory_flows, &mut ports).map_err(|e| format!("memory: {e}"))?;
-    let connects = connects(&lab, opts.warmup, opts.connects, &mut ports).map_err(|e| format!("connects: {e}"))?;
-    let udp = udp(&lab, opts.warmup, opts.udp).map_err(|e| format!("UDP: {e}"))?;
+    let connects =
+        connects(&lab, &filter, opts.warmup, opts.connects, &mut ports).map_err(|e| format!("connects: {e}"))?;
+    let udp = udp(&lab, &filter, opts.warmup, opts.udp).map_err(|e| format!("UDP: {e}"))?;
     let bulk = bulk(&lab, opts.bulk_seconds).map_err(|e| format!("bulk: {e}"))?;
     let stop = stop_filter(filter, &lab).map_err(|e| format!("stopping it: {e}"))?;
     let judged = (kind == Kind::AcceptAll).then(|| judged.load(std::sync::atomic::Ordering::Relaxed));
     if judged == Some(0) {
         return Err("the accept-all reader judged no packet".into());
     }
-    Ok(Sample { setup_seconds, memory, connects, udp, bulk, stop, judged })
+    Ok(Sample { setup_seconds, ready_line, memory, connects, udp, bulk, stop, judged })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -827,6 +880,22 @@ impl Results<'_> {
             digits,
             cells: KINDS.iter().map(|&k| (k, self.values(k, f).map_or_else(left_out, Cell::Values))).collect(),
         };
+        let cpu_row = |label: &str, key: &'static str, f: &dyn Fn(&Sample) -> Option<f64>| Row {
+            label: label.to_string(),
+            key,
+            digits: 1,
+            cells: KINDS
+                .iter()
+                .map(|&k| {
+                    let c = if k == Kind::None {
+                        Cell::Text("n/a (no filter)".into())
+                    } else {
+                        self.values(k, |s| f(s).unwrap_or(f64::NAN)).map_or_else(left_out, Cell::Values)
+                    };
+                    (k, c)
+                })
+                .collect(),
+        };
         let mut rows = vec![
             net_row("new TCP connections/s", "connects_per_s", 0, &|s| s.connects.rate()),
             net_row("connect p50 (µs)", "connect_p50_us", 1, &|s| s.connects.latencies.p(50.0)),
@@ -834,12 +903,18 @@ impl Results<'_> {
             net_row("packets to user space per new connection", "connect_queued_per_conn", 2, &|s| {
                 s.connects.queued as f64 / s.connects.latencies.len() as f64
             }),
+            cpu_row("filter CPU per new connection (µs)", "connect_filter_cpu_us", &|s| {
+                s.connects.filter_cpu_ns.map(|ns| ns as f64 / 1e3 / s.connects.latencies.len() as f64)
+            }),
             net_row("bulk TCP (Gbit/s)", "bulk_gbit_s", 2, &|s| s.bulk.gbit_s()),
             net_row("UDP requests/s (new flow each)", "udp_per_s", 0, &|s| s.udp.rate()),
             net_row("UDP round trip p50 (µs)", "udp_p50_us", 1, &|s| s.udp.rtts.p(50.0)),
             net_row("UDP round trip p99 (µs)", "udp_p99_us", 1, &|s| s.udp.rtts.p(99.0)),
             net_row("packets to user space per UDP request", "udp_queued_per_req", 2, &|s| {
                 s.udp.queued as f64 / s.udp.rtts.len() as f64
+            }),
+            cpu_row("filter CPU per UDP request (µs)", "udp_filter_cpu_us", &|s| {
+                s.udp.filter_cpu_ns.map(|ns| ns as f64 / 1e3 / s.udp.rtts.len() as f64)
             }),
         ];
         let mem_cells = KINDS
@@ -1163,6 +1238,7 @@ fn render(r: &Results<'_>, meta: &Meta) -> (String, Value) {
                 json!({
                     "round": i + 1,
                     "setup_seconds": round(s.setup_seconds, 3),
+                    "flowgate_ready_line": s.ready_line,
                     "stop_seconds": round(s.stop.seconds, 3),
                     "memory": {
                         "flows": s.memory.flows,
@@ -1179,6 +1255,7 @@ fn render(r: &Results<'_>, meta: &Meta) -> (String, Value) {
                         "p99_us": round(s.connects.latencies.p(99.0), 1),
                         "max_us": round(s.connects.latencies.max(), 1),
                         "syn_retransmissions": s.connects.syn_retrans,
+                        "filter_cpu_ns": s.connects.filter_cpu_ns,
                         "server_accepted_with_warmup": s.connects.accepted,
                         "nfqueue_packets": s.connects.queued,
                     },
@@ -1190,6 +1267,7 @@ fn render(r: &Results<'_>, meta: &Meta) -> (String, Value) {
                         "p99_us": round(s.udp.rtts.p(99.0), 1),
                         "max_us": round(s.udp.rtts.max(), 1),
                         "nfqueue_packets": s.udp.queued,
+                        "filter_cpu_ns": s.udp.filter_cpu_ns,
                     },
                     "bulk": {
                         "bytes": s.bulk.bytes,
