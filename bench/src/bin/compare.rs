@@ -1129,10 +1129,11 @@ fn render(r: &Results<'_>, meta: &Meta) -> (String, Value) {
     let _ = writeln!(
         md,
         "Each cell: median (min–max) of {} interleaved rounds; each round sets every configuration up in a fresh lab \
-         and tears it down, in an order rotated by one each round. Per round and configuration: {} long-lived \
+         and tears it down, in an order rotated by one each round. Per round and configuration: {} + {} long-lived \
          connections for memory, {} + {} warm-up new TCP connections, {} + {} warm-up UDP requests, a {} s bulk flow. \
          OpenSnitch: {}. See bench/README.md, \"Side by side\", for the method.\n",
         o.rounds,
+        MEMORY_WARMUP,
         o.memory_flows,
         o.connects,
         o.warmup,
@@ -1220,6 +1221,20 @@ fn render(r: &Results<'_>, meta: &Meta) -> (String, Value) {
                 opensnitch::STOP_TIMEOUT,
                 s.len()
             ));
+        }
+    }
+    for k in KINDS.iter().copied().filter(|k| k.has_process()) {
+        if let Some(s) = r.of(k) {
+            let fell = s.iter().filter(|x| x.memory.per_flow().is_some_and(|b| b < 0.0)).count();
+            if fell > 0 {
+                notes.push(format!(
+                    "`{}`: the process's RSS was lower after the {} connections than before them in {fell} of {} \
+                     rounds (memory returned to the system meanwhile), so its memory figure is noisy.",
+                    k.name(),
+                    o.memory_flows,
+                    s.len()
+                ));
+            }
         }
     }
     notes.push(format!("After the run: {}.", meta.host_checks["summary"].as_str().unwrap_or("?")));
