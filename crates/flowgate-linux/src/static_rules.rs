@@ -104,6 +104,23 @@ pub struct StaticRule {
     pub interface: Option<String>,
 }
 
+impl StaticRule {
+    /// A rule at `hook` that matches every new flow there; narrow it with the fields.
+    pub fn new(id: u16, hook: StaticHook, verdict: StaticVerdict) -> Self {
+        StaticRule {
+            id,
+            hook,
+            verdict,
+            protocol: StaticProtocol::Any,
+            remote: Vec::new(),
+            local: Vec::new(),
+            remote_ports: Vec::new(),
+            local_ports: Vec::new(),
+            interface: None,
+        }
+    }
+}
+
 /// The static rules of one rule set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StaticRules {
@@ -361,17 +378,7 @@ mod tests {
     use super::*;
 
     fn rule(id: u16, hook: StaticHook, verdict: StaticVerdict) -> StaticRule {
-        StaticRule {
-            id,
-            hook,
-            verdict,
-            protocol: StaticProtocol::Any,
-            remote: Vec::new(),
-            local: Vec::new(),
-            remote_ports: Vec::new(),
-            local_ports: Vec::new(),
-            interface: None,
-        }
+        StaticRule::new(id, hook, verdict)
     }
 
     fn net(t: &str) -> IpNet {

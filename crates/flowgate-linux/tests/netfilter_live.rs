@@ -498,15 +498,11 @@ fn static_rules_decide_first_packets_in_the_kernel_and_a_reload_swaps_them() {
             // Several networks per family: the remote end is matched in an ipset.
             let nets = ["127.0.0.0/8", "10.0.0.0/8", "::1/128", "2001:db8::/32"].map(|n| n.parse().expect("net"));
             let rule = |id, verdict, protocol, p: u16| StaticRule {
-                id,
-                hook: StaticHook::Output,
-                verdict,
                 protocol,
                 remote: nets.to_vec(),
-                local: Vec::new(),
                 remote_ports: vec![(p, p)],
-                local_ports: Vec::new(),
                 interface: Some("lo".into()),
+                ..StaticRule::new(id, StaticHook::Output, verdict)
             };
             let statics = |generation, allowed_verdict| StaticRules {
                 rules: vec![

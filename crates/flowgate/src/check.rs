@@ -927,15 +927,10 @@ fn probe_chains(found: &Found) -> Feature {
     use flowgate_linux::static_rules::{StaticHook, StaticProtocol, StaticRule, StaticRules, StaticVerdict};
     let nets = ["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32", "2001:db8:1::/48"];
     let rule = |id, verdict| StaticRule {
-        id,
-        hook: StaticHook::Output,
-        verdict,
         protocol: StaticProtocol::Tcp,
         remote: nets.iter().filter_map(|n| n.parse().ok()).collect(),
-        local: Vec::new(),
         remote_ports: vec![(443, 443)],
-        local_ports: Vec::new(),
-        interface: None,
+        ..StaticRule::new(id, StaticHook::Output, verdict)
     };
     let statics = StaticRules {
         rules: vec![rule(1, StaticVerdict::Allow), rule(2, StaticVerdict::Reject)],

@@ -152,6 +152,19 @@ impl Daemon {
     fn run_dir(&self) -> String {
         self.dir.join("run").display().to_string()
     }
+
+    /// `flowgate block --remote REMOTE --port PORT`, which must succeed.
+    fn block(&self, remote: &str, port: &str) -> std::process::Output {
+        let out = self.flowgate(&["block", "--remote", remote, "--port", port, "--run-dir", &self.run_dir()]);
+        assert!(out.status.success(), "flowgate block: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    /// `flowgate reload`, which must succeed.
+    fn reload(&self) {
+        let out = self.flowgate(&["reload", "--run-dir", &self.run_dir()]);
+        assert!(out.status.success(), "flowgate reload: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 impl Drop for Daemon {
@@ -692,8 +705,7 @@ fn block_a_long_lived_idle_connection_by_cli() {
     assert_torn_down(
         conn,
         || {
-            let out = d.flowgate(&["block", "--remote", "203.0.113.10/32", "--port", "7000", "--run-dir", &run_dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let out = d.block("203.0.113.10/32", "7000");
             assert!(String::from_utf8_lossy(&out.stdout).starts_with("blocked: "));
         },
         "block by CLI",
@@ -729,8 +741,7 @@ fn reload_tears_down_what_the_new_rules_drop() {
     assert_torn_down(
         conn,
         || {
-            let out = d.flowgate(&["reload", "--run-dir", &run_dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            d.reload();
         },
         "reload",
     );
@@ -757,9 +768,7 @@ fn block_a_udp_stream_mid_stream() {
     for _ in 0..3 {
         exchange_udp(&sock);
     }
-    let run_dir = d.run_dir();
-    let out = d.flowgate(&["block", "--remote", "203.0.113.10", "--port", "5353", "--run-dir", &run_dir]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    d.block("203.0.113.10", "5353");
     // The socket is destroyed (an error at once) and nothing of the flow passes any more.
     let t0 = Instant::now();
     let _ = sock.send(b"tock");
@@ -883,9 +892,7 @@ fn block_a_forwarded_flow() {
         c.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
         c
     });
-    let run_dir = d.run_dir();
-    let out = d.flowgate(&["block", "--remote", "203.0.113.10", "--port", "7005", "--run-dir", &run_dir]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    d.block("203.0.113.10", "7005");
     // The next packet from the client is answered with a reset by the filtering host.
     let _ = c.write_all(b"more");
     let mut b = [0u8; 4];
@@ -1007,12 +1014,10 @@ fn block_inside_the_tunnel() {
     // A flow the kernel decides has the interface its rule names (conntrack records none).
     let d = Daemon::start(&lab, "tunblock", "[[rule]]\nname = \"tunnel\"\ninterface = \"tun0\"\naction = \"allow\"\n");
     let conn = long_lived(&lab, addr("192.0.2.2:7008"));
-    let run_dir = d.run_dir();
     assert_torn_down(
         conn,
         || {
-            let out = d.flowgate(&["block", "--remote", "192.0.2.2", "--port", "7008", "--run-dir", &run_dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            d.block("192.0.2.2", "7008");
         },
         "block inside the tunnel",
     );
@@ -1140,8 +1145,7 @@ fn busy_flows_stay_listed_past_their_idle_timeouts_and_can_then_be_blocked() {
     assert_torn_down(
         LongLived { client, server },
         || {
-            let out = d.flowgate(&["block", "--remote", "203.0.113.10/32", "--port", "7100", "--run-dir", &run_dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            d.block("203.0.113.10/32", "7100");
         },
         "block after 4x the TCP timeout",
     );
@@ -1278,12 +1282,10 @@ fn reload_judges_a_kernel_handled_flow_older_than_its_timeout_again() {
     let text = std::fs::read_to_string(&conf).expect("config");
     std::fs::write(&conf, format!("{text}[[rule]]\nname = \"no-7300\"\nremote_ports = \"7300\"\naction = \"drop\"\n"))
         .expect("rewrite config");
-    let run_dir = d.run_dir();
     assert_torn_down(
         LongLived { client, server },
         || {
-            let out = d.flowgate(&["reload", "--run-dir", &run_dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            d.reload();
         },
         "reload of an old kernel-handled flow",
     );
@@ -2562,8 +2564,7 @@ fn static_rules_are_decided_in_the_kernel_and_still_logged_listed_and_blocked() 
     assert_torn_down(
         conn,
         || {
-            let out = d.flowgate(&["block", "--remote", "203.0.113.10", "--port", "7001", "--run-dir", &run_dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            d.block("203.0.113.10", "7001");
         },
         "block",
     );
@@ -2580,8 +2581,7 @@ fn static_rules_are_decided_in_the_kernel_and_still_logged_listed_and_blocked() 
     assert_torn_down(
         conn,
         || {
-            let out = d.flowgate(&["reload", "--run-dir", &run_dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            d.reload();
         },
         "reload",
     );

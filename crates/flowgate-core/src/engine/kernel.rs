@@ -14,6 +14,13 @@
 //!   counters unchanged; one that two syncs in a row did not find has ended unreported (a lost
 //!   event) and is closed (counted as `kernel_lost`).
 //!
+//! - **flows a static rule decided in the kernel** (see [`crate::rules::kernel`]): the engine
+//!   never saw a packet of them. A report on a live entry the engine does not know, carrying
+//!   where the kernel decided it ([`crate::KernelDecided`]: the rule's hook and interface), opens
+//!   the flow, judged by the rules like any new flow, with its events; from then on it is a
+//!   kernel-handled flow like the others. A packet a static rule dropped comes from the kernel's
+//!   log instead ([`Engine::handle_kernel_drop`], in `mod.rs`).
+//!
 //! A kernel-handled flow whose 5-tuple a new connection takes over (a pure SYN) has ended
 //! unseen; it leaves the table but waits a sync interval for its entry's end, so that it closes
 //! with the kernel's final counts, and the reports on the old entry never reach the new flow.

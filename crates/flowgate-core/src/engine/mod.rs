@@ -14,7 +14,10 @@
 //! A driver that lets the kernel handle settled flows ([`EngineConfig::kernel_offload`]) also
 //! feeds what the kernel's connection tracking says ([`Engine::handle_kernel_report`],
 //! [`Engine::handle_kernel_sync`], or the same through a [`Handle`]): such flows' packets no
-//! longer reach the engine, so their counters, their end and their idleness come from there.
+//! longer reach the engine, so their counters, their end and their idleness come from there. A
+//! driver whose kernel decides static rules alone ([`crate::rules::kernel`]) feeds the reports
+//! on those flows the same way, and the kernel's log of the packets they dropped
+//! ([`Engine::handle_kernel_drop`]).
 //!
 //! Methods come in these kinds: getters (`stats`, `flows`, `rules`, `footprint`), `handle_*`
 //! (input), commands (`set_rules`, `update`, `adopt`, `reload`, `close_all`), and `poll_*`

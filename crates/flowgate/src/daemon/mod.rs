@@ -5,10 +5,13 @@
 //! is taken (a second instance stops here), the queues are bound (a live instance holding them
 //! stops us here too), the connections already open are adopted (`adopt`: marked or torn down
 //! by `enforce` before any chain exists), and only then are a dead instance's leftovers removed
-//! and flowgate's chains installed (all or nothing). Workers, the enforcer (verdict changes on
-//! kernel-handled flows), the conntrack watcher, the event writer, the control socket and, if
-//! configured, the metrics listener (bound before anything is installed) start;
-//! SIGHUP or `flowgate reload` re-judges every live flow with the config file's new rules;
+//! and flowgate's chains installed (all or nothing), with the static rules the kernel decides
+//! alone (`statics`: the plan, its ipsets and chains, the ids conntrack's reports carry).
+//! Workers, the enforcer (verdict changes on kernel-handled flows), the conntrack watcher, the
+//! drop log (`droplog`: packets static rules dropped), the event writer, the control socket
+//! and, if configured, the metrics listener (bound before anything is installed) start;
+//! SIGHUP or `flowgate reload` re-judges every live flow with the config file's new rules and
+//! swaps the static rules in the kernel;
 //! SIGUSR1 has the writer reopen its log (logrotate), which it writes in `event_format` to
 //! stdout, a file, or a syslog or journald socket (`socket_log`);
 //! "ready" is printed on stderr. Stop (SIGINT, SIGTERM): the chains go first, so no packet is

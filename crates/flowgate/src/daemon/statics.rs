@@ -44,17 +44,7 @@ pub(crate) fn static_rules(rules: &RuleSet, plan: &KernelPlan, generation: u32, 
                 KernelVerdict::Drop { silent: true } => StaticVerdict::Drop,
                 KernelVerdict::Drop { silent: false } => StaticVerdict::Reject,
             };
-            let mut r = StaticRule {
-                id: e.id,
-                hook,
-                verdict,
-                protocol: StaticProtocol::Any,
-                remote: Vec::new(),
-                local: Vec::new(),
-                remote_ports: Vec::new(),
-                local_ports: Vec::new(),
-                interface: None,
-            };
+            let mut r = StaticRule::new(e.id, hook, verdict);
             if let Some(rule) = e.rule.and_then(|i| rules.rules.get(i)) {
                 r.protocol = match rule.protocol {
                     ProtocolMatch::Any => StaticProtocol::Any,
