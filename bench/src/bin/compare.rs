@@ -38,8 +38,9 @@
 //!   their own (as in live.rs): connections per second over the loop, connect() p50 and p99;
 //! * UDP request/response: each request from a new socket on a new source port (a new flow each
 //!   time, like a DNS lookup, but not on port 53, which OpenSnitch parses as DNS), 32 bytes to
-//!   the lab's UDP echo server and the answer back: requests per second over the loop (socket
-//!   creation included), round trip (send to receive) p50 and p99;
+//!   an echo server and the answer back: requests per second over the loop (socket creation
+//!   included), round trip (send to receive) p50 and p99; the client and the server pinned to one
+//!   CPU (see [`udp`]);
 //! * bulk TCP: one flow of 128 KiB writes to the lab's sink for a few seconds, timed until the
 //!   sink confirmed every byte (`flowgate_bench::bulk`).
 //!
@@ -49,7 +50,8 @@
 //! thread), per connection or request. After the network rounds of each round, rule
 //! classification: flowgate's `CompiledRules::classify` in this process on the generated rule
 //! sets of 100, 10,000 and 1,000,000 rules (`flowgate_bench::ClassifyFixture`, as the criterion
-//! bench `classify`), median ns per lookup of batches, for three lookups.
+//! bench `classify`), median ns per lookup of batches, the sizes alternating batch by batch, for
+//! three lookups.
 //!
 //! Output: `bench/results/compare.md` (a Markdown table, the goals as same-run ratios with pass or
 //! miss, the machine) and `bench/results/compare.json` (the same data, every round, the machine,
@@ -67,10 +69,12 @@ use std::fmt::Write as _;
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::ops::RangeInclusive;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use flowgate_bench::ClassifyFixture;
@@ -86,8 +90,11 @@ use flowgate_bench::lab::{self, Lab, Netns, SRV_SERVICE_V4};
 use flowgate_bench::opensnitch::{self, OpenSnitch};
 use flowgate_bench::process::{raise_nofile, vm_bytes};
 use flowgate_bench::report::{Spread, loadavg, machine, paired_ratio, print_result, round, source_state};
+use flowgate_bench::threads::{allowed_cpus, pin_me, spawn_thread};
 use flowgate_linux::marks;
 use flowgate_linux::nfqueue::Verdict;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::SockaddrIn;
 use serde_json::{Value, json};
 
@@ -643,6 +650,66 @@ impl Udp {
     }
 }
 
+/// The UDP echo server of the workload: one thread pinned to `cpu` (with the client: see
+/// [`udp`]) that answers every datagram to its sender. Stopped (eventfd) and joined on drop.
+struct PinnedEcho {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl PinnedEcho {
+    fn start(ns: &Netns, addr: SocketAddrV4, cpu: Option<usize>) -> Result<PinnedEcho> {
+        let sock = ns.in_ns(move || -> Result<UdpSocket> {
+            let s = UdpSocket::bind(addr).map_err(|e| format!("UDP echo: bind {addr}: {e}"))?;
+            s.set_nonblocking(true).map_err(|e| format!("UDP echo: {e}"))?;
+            Ok(s)
+        })?;
+        let stop = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| format!("eventfd: {e}"))?,
+        );
+        let st = stop.clone();
+        let (thread, _) = spawn_thread("udp-echo", move || -> Result<()> {
+            pin_me(cpu);
+            let mut buf = [0u8; 2048];
+            loop {
+                let mut fds =
+                    [PollFd::new(sock.as_fd(), PollFlags::POLLIN), PollFd::new(st.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(format!("UDP echo: poll: {e}")),
+                }
+                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                    return Ok(());
+                }
+                loop {
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            let _ = sock.send_to(&buf[..n], from);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break, // WouldBlock, or an ICMP error reported on the socket
+                    }
+                }
+            }
+        })?;
+        Ok(PinnedEcho { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for PinnedEcho {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Err(e)) => eprintln!("compare: {e}"),
+                Err(_) => eprintln!("compare: the UDP echo server panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
 /// One request from a new socket bound to `port`: its round trip, µs.
 fn udp_request(to: SocketAddrV4, port: u16, i: usize) -> Result<f64> {
     let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).map_err(|e| format!("bind {port}: {e}"))?;
@@ -660,14 +727,21 @@ fn udp_request(to: SocketAddrV4, port: u16, i: usize) -> Result<f64> {
     Ok(dt.as_secs_f64() * 1e6)
 }
 
+/// The UDP workload. The client and the echo server run on the same CPU (the first this process
+/// may use): on this VM a wake-up of an idle CPU takes tens of µs, and with the two threads left
+/// to the scheduler the no-filter round trip depended on where it put the server (p50 48–88 µs
+/// in one run, 15–20 µs in others). Pinned, a request without a filter wakes no other CPU; what
+/// a filter adds (its threads, wherever the scheduler runs them) is the filter's.
 fn udp(lab: &Lab, filter: &Filter<'_>, warmup: usize, n: usize) -> Result<Udp> {
     let to = SocketAddrV4::new(SRV_SERVICE_V4, UDP_PORT);
-    let echo = lab::udp_echo(&lab.srv, std::net::SocketAddr::V4(to));
+    let cpu = allowed_cpus().first().copied();
+    let echo = PinnedEcho::start(&lab.srv, to, cpu)?;
     // UDP ports are a space of their own: the range starts again.
     let mut ports = Ports::new();
     let warm: Vec<u16> = (0..warmup).map(|_| ports.next()).collect::<Result<_>>()?;
     let timed: Vec<u16> = (0..n).map(|_| ports.next()).collect::<Result<_>>()?;
     lab.host.in_ns(move || -> Result<()> {
+        pin_me(cpu);
         for (i, p) in warm.into_iter().enumerate() {
             udp_request(to, p, i).map_err(|e| format!("warm-up request {}: {e}", i + 1))?;
         }
@@ -676,6 +750,7 @@ fn udp(lab: &Lab, filter: &Filter<'_>, warmup: usize, n: usize) -> Result<Udp> {
     let q0 = queued_packets(&lab.host)?;
     let cpu0 = filter.cpu_ns();
     let (rtts, seconds) = lab.host.in_ns(move || -> Result<(Vec<f64>, f64)> {
+        pin_me(cpu);
         let mut v = Vec::with_capacity(timed.len());
         let start = Instant::now();
         for (i, p) in timed.into_iter().enumerate() {
@@ -756,8 +831,11 @@ fn run_one(kind: Kind, opts: &Opts, round: usize) -> Result<Sample> {
 // Rule classification
 // ---------------------------------------------------------------------------------------------
 
-/// Median ns per `classify` of `flow` over 15 batches of about 2 ms each.
-fn time_lookup(fixture: &ClassifyFixture, flow: &flowgate_core::Flow) -> f64 {
+/// Batches per lookup and rule-set size in a round.
+const CLASSIFY_BATCHES: usize = 15;
+
+/// How many `classify` calls of `flow` take about 2 ms (at least 256).
+fn batch_size(fixture: &ClassifyFixture, flow: &flowgate_core::Flow) -> u64 {
     let rules = &fixture.rules;
     let mut iters = 256u64;
     loop {
@@ -766,28 +844,42 @@ fn time_lookup(fixture: &ClassifyFixture, flow: &flowgate_core::Flow) -> f64 {
             black_box(black_box(rules).classify(black_box(flow)));
         }
         if t.elapsed() >= Duration::from_millis(2) || iters >= 1 << 24 {
-            break;
+            return iters;
         }
         iters *= 2;
     }
-    let mut per: Vec<f64> = (0..15)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                black_box(black_box(rules).classify(black_box(flow)));
-            }
-            t.elapsed().as_secs_f64() * 1e9 / iters as f64
-        })
-        .collect();
-    per.sort_by(f64::total_cmp);
-    per[per.len() / 2]
+}
+
+/// ns per `classify` of `flow` in one batch of `iters` calls.
+fn time_batch(fixture: &ClassifyFixture, flow: &flowgate_core::Flow, iters: u64) -> f64 {
+    let rules = &fixture.rules;
+    let t = Instant::now();
+    for _ in 0..iters {
+        black_box(black_box(rules).classify(black_box(flow)));
+    }
+    t.elapsed().as_secs_f64() * 1e9 / iters as f64
 }
 
 /// Per size, per lookup: ns.
 type ClassifySample = Vec<[f64; 3]>;
 
+/// One round of classification: for each lookup, [`CLASSIFY_BATCHES`] batches of about 2 ms per
+/// rule-set size, the sizes alternating batch by batch (so the sizes compared are measured
+/// moments apart, whatever else the machine does); the median batch of each.
 fn classify_round(fixtures: &[ClassifyFixture]) -> ClassifySample {
-    fixtures.iter().map(|f| f.lookups().map(|(_, flow)| time_lookup(f, flow))).collect()
+    let per_lookup: Vec<Vec<f64>> = (0..3)
+        .map(|li| {
+            let iters: Vec<u64> = fixtures.iter().map(|f| batch_size(f, f.lookups()[li].1)).collect();
+            let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(CLASSIFY_BATCHES); fixtures.len()];
+            for _ in 0..CLASSIFY_BATCHES {
+                for ((f, n), v) in fixtures.iter().zip(&iters).zip(per.iter_mut()) {
+                    v.push(time_batch(f, f.lookups()[li].1, *n));
+                }
+            }
+            per.iter().map(|v| Spread::of(v).median).collect()
+        })
+        .collect();
+    (0..fixtures.len()).map(|si| [per_lookup[0][si], per_lookup[1][si], per_lookup[2][si]]).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
