@@ -389,8 +389,8 @@ mod tests {
 
     #[test]
     fn first_match_wins_across_index_buckets() {
-        // Rule 0 is filed under ports, rule 1 under remote networks, rule 2 in the rest list:
-        // order must still be the file's order.
+        // Rule 0 is filed under the /0 with its port, rule 1 under its network, rule 2 under the
+        // /0 for any port: order must still be the file's order.
         let rules = vec![
             rule("port", Action::Allow, |r| r.remote_ports = Some(parse_ports("443").expect("p"))),
             rule("net", Action::Drop, |r| r.remote = vec![net("203.0.113.0/24")]),
