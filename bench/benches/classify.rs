@@ -5,13 +5,22 @@
 //! (default action) and `ipv6` (hits the last 2001:db8::/32 rule). The 100-rule set is the
 //! baseline: `bench/run.sh` divides each size's time by the baseline's for the same lookup.
 //! The rule sets are generated and compiled outside the timed loop, once per size (see
-//! `flowgate_bench::generate_rules` for their shape).
+//! `flowgate_bench::generate_rules` for their shape). The bench counts live heap bytes
+//! (`flowgate_bench::heap`) so that setup can print what each rule set and its index hold.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use flowgate_bench::ClassifyFixture;
+use flowgate_bench::heap::Counting;
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn mib(bytes: Option<i64>) -> String {
+    bytes.map_or_else(|| "not measured".into(), |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+}
 
 fn classify(c: &mut Criterion) {
     let mut group = c.benchmark_group("classify");
@@ -24,6 +33,22 @@ fn classify(c: &mut Criterion) {
             fixture.generated_in,
             fixture.compiled_in,
             covering.join(", ")
+        );
+        // The names are a shared copy of each rule's name (`Arc<str>`: two counts and the text,
+        // rounded up to the counts' alignment), whatever the index: subtracting them leaves
+        // what the index itself costs.
+        let names: usize = fixture
+            .rules
+            .rules()
+            .iter()
+            .map(|r| size_of::<std::sync::Arc<str>>() + (16 + r.name.len()).next_multiple_of(8))
+            .sum();
+        eprintln!(
+            "classify: {n} rules hold {} of heap; compiling adds {}: {} of shared names, the index the rest ({} by its own count)",
+            mib(fixture.rules_heap),
+            mib(fixture.index_heap),
+            mib(Some(names as i64)),
+            mib(Some(fixture.rules.index_bytes() as i64))
         );
         for (lookup, flow) in fixture.lookups() {
             let rules = &fixture.rules;

@@ -9,7 +9,7 @@
 //! [`counters`], [`report`], [`process`] (file-descriptor limit, another process's memory),
 //! [`threads`] (named, niced, pinned threads), [`accept_all`] (the minimal accept-all NFQUEUE
 //! reader), [`opensnitch`] (OpenSnitch's daemon in a lab namespace), and the integration tests'
-//! namespace [`lab`].
+//! namespace [`lab`]. [`heap`] counts live heap bytes for the `classify` bench's memory figures.
 
 pub mod accept_all;
 pub mod args;
@@ -18,6 +18,7 @@ pub mod connect;
 pub mod counters;
 pub mod daemon;
 pub mod guard;
+pub mod heap;
 // The integration tests' namespace lab, included here once so that the live benchmarks and the
 // modules above share one copy of it (its types, its namespace counter).
 #[path = "../../crates/flowgate/tests/lab/mod.rs"]
@@ -210,15 +211,21 @@ pub struct ClassifyFixture {
     /// Time taken to generate the rules, and to compile them.
     pub generated_in: Duration,
     pub compiled_in: Duration,
+    /// Heap bytes the generated rule set holds, and the bytes compiling adds on top of it (the
+    /// index and the shared names); `None` unless [`heap::Counting`] is the global allocator.
+    pub rules_heap: Option<i64>,
+    pub index_heap: Option<i64>,
 }
 
 impl ClassifyFixture {
     /// Generates and compiles `n` rules and checks each lookup's expected outcome against the
     /// plain first-match loop.
     pub fn build(n: usize) -> Result<Self, String> {
+        let heap_start = heap::live_bytes();
         let start = std::time::Instant::now();
         let (set, last_v6) = generate_rules(n, 0x9e37_79b9_7f4a_7c15)?;
         let generated_in = start.elapsed();
+        let heap_rules = heap::live_bytes();
         let last = set.rules.len() - 1;
         let remote_of = |i: usize| -> Result<SocketAddr, String> {
             let r = &set.rules[i];
@@ -235,6 +242,12 @@ impl ClassifyFixture {
         let start = std::time::Instant::now();
         let rules = CompiledRules::compile(set);
         let compiled_in = start.elapsed();
+        let heap_compiled = heap::live_bytes();
+        let (rules_heap, index_heap) = if heap::counting() {
+            (Some(heap_rules - heap_start), Some(heap_compiled - heap_rules))
+        } else {
+            (None, None)
+        };
         let linear = |f: &Flow| rules.rules().iter().position(|r| rule_matches(r, f));
         for (name, flow, want) in
             [("last_rule", &last_rule, Some(last)), ("no_match", &no_match, None), ("ipv6", &ipv6, Some(v6_index))]
@@ -246,7 +259,7 @@ impl ClassifyFixture {
                 ));
             }
         }
-        Ok(ClassifyFixture { rules, last_rule, no_match, ipv6, generated_in, compiled_in })
+        Ok(ClassifyFixture { rules, last_rule, no_match, ipv6, generated_in, compiled_in, rules_heap, index_heap })
     }
 
     /// How many rules have a remote network containing `flow`'s remote address: the rules the
