@@ -1306,10 +1306,12 @@ fn render(r: &Results<'_>, meta: &Meta) -> (String, Value) {
     }
     if let Some(s) = r.of(Kind::OpenSnitch) {
         let killed = s.iter().filter(|x| x.stop.exited_on_term == Some(false)).count();
+        let left: usize = s.iter().filter_map(|x| x.stop.rules_left).sum();
         if killed > 0 {
             notes.push(format!(
-                "opensnitchd did not exit within {:?} of SIGTERM in {killed} of {} rounds and was killed (SIGKILL); its \
-                 rules went with the lab's namespace.",
+                "opensnitchd did not exit within {:?} of SIGTERM in {killed} of {} rounds and was killed (SIGKILL). \
+                 NFQUEUE rules of it still in the lab's namespace once it was gone: {left} over all rounds (the \
+                 namespace was deleted right after).",
                 opensnitch::STOP_TIMEOUT,
                 s.len()
             ));
