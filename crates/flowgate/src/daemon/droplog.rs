@@ -108,7 +108,7 @@ fn run(
     let mut overruns = 0;
     while !stop.load(Ordering::Acquire) {
         // Bounded wait so a stop request is seen within a quarter second.
-        log.recv(&mut logged, 250).map_err(|e| format!("the log of kernel drops: {e}"))?;
+        let logged_any = log.recv(&mut logged, 250).map_err(|e| format!("the log of kernel drops: {e}"))? > 0;
         for l in logged.drain(..) {
             if let Some((k, d)) = route(l, handles.len(), &mut names) {
                 batches[k].push(d);
@@ -128,6 +128,12 @@ fn run(
             stats.overruns.fetch_add(log.overruns() - overruns, Ordering::Relaxed);
             overruns = log.overruns();
         }
+        // As the conntrack event thread does: let the next logs gather (a flood of drops then
+        // costs one wake-up per batch, not per packet).
+        if !logged_any {
+            continue;
+        }
+        std::thread::sleep(super::kernel::COALESCE);
     }
     Ok(())
 }
