@@ -26,12 +26,25 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use flowgate_linux::netfilter::{self, CHAIN_FWD, CHAIN_IN, CHAIN_OUT, PACKET_FWD, PACKET_IN, PACKET_OUT, Tools};
+use flowgate_linux::netfilter::{
+    self, CHAIN_FWD, CHAIN_IN, CHAIN_OUT, PACKET_FWD, PACKET_IN, PACKET_OUT, SPREAD, SPREAD_BY_SPORT, Tools,
+};
+use flowgate_linux::static_rules::{STATIC_FWD, STATIC_IN, STATIC_OUT};
 use libfuzzer_sys::fuzz_target;
 
 /// The tables flowgate installs chains in, and its chains there.
 const TABLES: [(&str, [&str; 3]); 2] =
     [("filter", [CHAIN_OUT, CHAIN_IN, CHAIN_FWD]), ("mangle", [PACKET_OUT, PACKET_IN, PACKET_FWD])];
+
+/// Every chain of flowgate's in a table: the hook chains and those only they jump to.
+fn all_ours(t: usize) -> Vec<&'static str> {
+    let mut v = TABLES[t].1.to_vec();
+    if t == 0 {
+        v.extend([STATIC_OUT, STATIC_IN, STATIC_FWD, SPREAD]);
+        v.extend(SPREAD_BY_SPORT);
+    }
+    v
+}
 
 struct Fake {
     dir: PathBuf,
@@ -75,31 +88,26 @@ fn fake() -> &'static Fake {
     })
 }
 
-/// Whether `line` of a removal may be fed to iptables-restore in the section of `table` (whose
-/// flowgate chains are `ours`), given that table's listing.
-fn allowed(line: &str, ours: &[&str; 3], listing: &str) -> bool {
+/// Whether `line` of a removal may be fed to iptables-restore in the section of a table (whose
+/// flowgate chains are `ours`), given that table's listing: a flush or delete of one of ours, or
+/// the deletion of a listed rule of a built-in chain whose target (as iptables-restore reads the
+/// words) is one of ours.
+fn allowed(line: &str, ours: &[&str], listing: &str) -> bool {
     if let Some(chain) = line.strip_prefix("-F ").or_else(|| line.strip_prefix("-X ")) {
         return ours.contains(&chain);
     }
     let Some(rule) = line.strip_prefix("-D ") else { return false };
-    // The chain is the rule's first word, as iptables-restore reads it: blanks separate words,
-    // `"` toggles quoting (the quotes themselves are dropped), `\` escapes inside quotes.
-    let builtin = first_word(rule).is_some_and(|c| ["OUTPUT", "INPUT", "FORWARD"].contains(&c.as_str()));
+    let words = words(rule);
+    let builtin = words.first().is_some_and(|c| ["OUTPUT", "INPUT", "FORWARD"].contains(&c.as_str()));
     let listed = listing.lines().any(|l| l.trim().strip_prefix("-A ") == Some(rule));
-    if !(builtin && listed && ours.iter().any(|c| rule.contains(c))) {
-        return false;
-    }
-    // Without quotes a rule's words are plain: its last -j/-g target must be one of ours.
-    if rule.contains(['"', '\\']) {
-        return true;
-    }
-    let words: Vec<&str> = rule.split_whitespace().collect();
-    let target = words.windows(2).rev().find(|w| matches!(w[0], "-j" | "--jump" | "-g" | "--goto")).map(|w| w[1]);
-    target.is_some_and(|t| ours.contains(&t))
+    let target = words.windows(2).rev().find(|w| matches!(w[0].as_str(), "-j" | "--jump" | "-g" | "--goto"));
+    builtin && listed && target.is_some_and(|w| ours.contains(&w[1].as_str()))
 }
 
-fn first_word(rule: &str) -> Option<String> {
-    let (mut word, mut started, mut quoted) = (String::new(), false, false);
+/// A rule's words as iptables-restore reads them: blanks separate words, `"` toggles quoting
+/// (the quotes themselves are dropped), `\` escapes inside quotes.
+fn words(rule: &str) -> Vec<String> {
+    let (mut out, mut word, mut started, mut quoted) = (Vec::new(), String::new(), false, false);
     let mut chars = rule.chars();
     while let Some(c) = chars.next() {
         match c {
@@ -107,7 +115,8 @@ fn first_word(rule: &str) -> Option<String> {
             '\\' if quoted => word.extend(chars.next()),
             c if c.is_whitespace() && !quoted => {
                 if started {
-                    break;
+                    out.push(std::mem::take(&mut word));
+                    started = false;
                 }
             }
             c => {
@@ -116,7 +125,10 @@ fn first_word(rule: &str) -> Option<String> {
             }
         }
     }
-    started.then_some(word)
+    if started {
+        out.push(word);
+    }
+    out
 }
 
 /// Checks what was fed to iptables-restore against the listings (filter, mangle).
@@ -140,9 +152,9 @@ fn check(fed: &str, listings: [&str; 2]) {
             table = None;
             continue;
         }
-        let (name, ours) = &TABLES[t];
+        let (name, _) = &TABLES[t];
         assert!(
-            allowed(line, ours, listings[t]),
+            allowed(line, &all_ours(t), listings[t]),
             "cleanup would feed iptables-restore {line:?} in the {name} table\n{}",
             show()
         );
@@ -153,8 +165,8 @@ fn check(fed: &str, listings: [&str; 2]) {
         }
     }
     assert!(table.is_none(), "a section without COMMIT\n{}", show());
-    for (t, (name, ours)) in TABLES.iter().enumerate() {
-        for chain in ours {
+    for (t, (name, _)) in TABLES.iter().enumerate() {
+        for chain in &all_ours(t) {
             let declared = listings[t].lines().any(|l| l.trim().strip_prefix("-N ").map(str::trim) == Some(*chain));
             if declared {
                 assert!(

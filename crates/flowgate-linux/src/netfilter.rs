@@ -107,7 +107,7 @@ pub const PACKET_FWD: &str = "FLOWGATE-PKT-FWD";
 /// "Balancing" in the module documentation).
 pub const SPREAD: &str = "FLOWGATE-SPREAD";
 /// Its second level, one chain per value of the source port's low bits.
-const SPREAD_BY_SPORT: [&str; 16] = [
+pub const SPREAD_BY_SPORT: [&str; 16] = [
     "FLOWGATE-SPREAD-0",
     "FLOWGATE-SPREAD-1",
     "FLOWGATE-SPREAD-2",

@@ -446,7 +446,10 @@ impl Engine {
         if self.table.len() > known {
             self.stats.kernel_decided += 1;
         }
-        if self.table.get(slot).is_some_and(|e| e.verdict() == FlowVerdict::Drop) {
+        // Only a flow dropped both ways is counted: it holds nothing, so the packet cannot end
+        // up held here (it is gone already).
+        let dropped = |e: &Entry| e.mode(Direction::Outbound) == Mode::Drop && e.mode(Direction::Inbound) == Mode::Drop;
+        if self.table.get(slot).is_some_and(dropped) {
             self.stats.packets += 1;
             let _ = self.on_packet(slot, now, &p);
         }
