@@ -140,18 +140,23 @@ const DAEMON: daemon::Options = daemon::Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     None,
+    /// No filter, but conntrack tracking every connection (one rule that asks for it): what any
+    /// stateful filter pays before it decides anything.
+    Conntrack,
     AcceptAll,
     FlowgateKernel,
     FlowgateUser,
     OpenSnitch,
 }
 
-const KINDS: [Kind; 5] = [Kind::None, Kind::AcceptAll, Kind::FlowgateKernel, Kind::FlowgateUser, Kind::OpenSnitch];
+const KINDS: [Kind; 6] =
+    [Kind::None, Kind::Conntrack, Kind::AcceptAll, Kind::FlowgateKernel, Kind::FlowgateUser, Kind::OpenSnitch];
 
 impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::None => "none",
+            Kind::Conntrack => "conntrack",
             Kind::AcceptAll => "accept-all",
             Kind::FlowgateKernel => "flowgate-kernel",
             Kind::FlowgateUser => "flowgate-user",
@@ -163,6 +168,7 @@ impl Kind {
     fn tag(self) -> &'static str {
         match self {
             Kind::None => "cmpnone",
+            Kind::Conntrack => "cmpct",
             Kind::AcceptAll => "cmpfloor",
             Kind::FlowgateKernel => "cmpfgk",
             Kind::FlowgateUser => "cmpfgu",
@@ -346,6 +352,31 @@ impl<'a> Filter<'a> {
         let mut line = None;
         let f = match kind {
             Kind::None => Filter::None,
+            Kind::Conntrack => {
+                for tool in ["iptables", "ip6tables"] {
+                    for chain in ["OUTPUT", "INPUT"] {
+                        let out = lab.host.run(&[
+                            tool,
+                            "-w",
+                            "-A",
+                            chain,
+                            "-m",
+                            "conntrack",
+                            "--ctstate",
+                            "NEW",
+                            "-j",
+                            "ACCEPT",
+                        ]);
+                        if !out.status.success() {
+                            return Err(format!(
+                                "conntrack: {tool} -A {chain}: {}",
+                                String::from_utf8_lossy(&out.stderr)
+                            ));
+                        }
+                    }
+                }
+                Filter::None
+            }
             Kind::AcceptAll => {
                 let o = accept_all::Options {
                     queue: FLOOR_QUEUE,
@@ -979,7 +1010,7 @@ impl Results<'_> {
             cells: KINDS
                 .iter()
                 .map(|&k| {
-                    let c = if k == Kind::None {
+                    let c = if matches!(k, Kind::None | Kind::Conntrack) {
                         Cell::Text("n/a (no filter)".into())
                     } else {
                         self.values(k, |s| f(s).unwrap_or(f64::NAN)).map_or_else(left_out, Cell::Values)
@@ -1033,7 +1064,7 @@ impl Results<'_> {
                     .iter()
                     .map(|&k| {
                         let c = match k {
-                            Kind::None | Kind::AcceptAll => Cell::Text("n/a (no rules)".into()),
+                            Kind::None | Kind::Conntrack | Kind::AcceptAll => Cell::Text("n/a (no rules)".into()),
                             Kind::FlowgateKernel => Cell::Text("as flowgate-user[^matcher]".into()),
                             Kind::FlowgateUser if self.classify.is_empty() => {
                                 Cell::Text("not measured: --no-classify".into())
@@ -1147,6 +1178,14 @@ fn other_ratios(r: &Results<'_>) -> Vec<(String, Option<(f64, Spread)>)> {
     let rate = |s: &Sample| s.connects.rate();
     let udp = |s: &Sample| s.udp.rate();
     vec![
+        (
+            "new TCP connections/s, conntrack / none".into(),
+            ratio(r.values(Kind::Conntrack, rate), r.values(Kind::None, rate)),
+        ),
+        (
+            "new TCP connections/s, flowgate-kernel / conntrack".into(),
+            ratio(r.values(Kind::FlowgateKernel, rate), r.values(Kind::Conntrack, rate)),
+        ),
         (
             "new TCP connections/s, accept-all / none".into(),
             ratio(r.values(Kind::AcceptAll, rate), r.values(Kind::None, rate)),
