@@ -336,37 +336,30 @@ pub(crate) fn load_sets(tools: &Tools, statics: &StaticRules) -> Result<(), Netf
 
 /// Destroys flowgate's sets except those of generation `keep`. No `ipset` tool: nothing to do.
 pub(crate) fn destroy_sets(tools: &Tools, keep: Option<u32>, step: Step) -> Result<(), NetfilterError> {
+    let keep = keep.map(|g| format!("{SET_PREFIX}{g}-"));
+    destroy_where(tools, step, |name| !keep.as_deref().is_some_and(|k| name.starts_with(k)))
+}
+
+/// Destroys the sets of one generation (a reload that failed after loading them).
+pub(crate) fn destroy_generation(tools: &Tools, generation: u32) -> Result<(), NetfilterError> {
+    let prefix = format!("{SET_PREFIX}{generation}-");
+    destroy_where(tools, Step::RemovingSets, |name| name.starts_with(&prefix))
+}
+
+/// Destroys, in one `ipset restore`, each of flowgate's sets whose name `doomed` picks.
+fn destroy_where(tools: &Tools, step: Step, doomed: impl Fn(&str) -> bool) -> Result<(), NetfilterError> {
     if !is_program(&tools.ipset) {
         return Ok(());
     }
     let listing = run("ipset", &tools.ipset, &["list", "-n"], None, Family::Ipv4, step)?;
-    let keep = keep.map(|g| format!("{SET_PREFIX}{g}-"));
     let mut text = String::new();
-    for name in listing.lines().map(str::trim).filter(|n| n.starts_with(SET_PREFIX)) {
-        if keep.as_deref().is_some_and(|k| name.starts_with(k)) {
-            continue;
-        }
+    for name in listing.lines().map(str::trim).filter(|n| n.starts_with(SET_PREFIX) && doomed(n)) {
         let _ = writeln!(text, "destroy {name}");
     }
     if text.is_empty() {
         return Ok(());
     }
     run("ipset", &tools.ipset, &["restore"], Some(&text), Family::Ipv4, step).map(drop)
-}
-
-/// Destroys the sets of one generation (a reload that failed after loading them).
-pub(crate) fn destroy_generation(tools: &Tools, generation: u32) -> Result<(), NetfilterError> {
-    if !is_program(&tools.ipset) {
-        return Ok(());
-    }
-    let listing = run("ipset", &tools.ipset, &["list", "-n"], None, Family::Ipv4, Step::RemovingSets)?;
-    let prefix = format!("{SET_PREFIX}{generation}-");
-    let text: String =
-        listing.lines().map(str::trim).filter(|n| n.starts_with(&prefix)).map(|n| format!("destroy {n}\n")).collect();
-    if text.is_empty() {
-        return Ok(());
-    }
-    run("ipset", &tools.ipset, &["restore"], Some(&text), Family::Ipv4, Step::RemovingSets).map(drop)
 }
 
 fn is_program(p: &Path) -> bool {

@@ -188,7 +188,8 @@ impl DaemonTarget {
 #[derive(Subcommand, Debug)]
 pub enum RulesCommand {
     /// Validate and lint a config file: errors name file, line and field; warnings flag rules
-    /// that match every address or can never match.
+    /// that match every address or can never match; it also says which rules `flowgate run` would
+    /// decide in the kernel and why the others are judged in user space.
     Check {
         file: PathBuf,
         /// Print the result as JSON.

@@ -17,16 +17,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use flowgate_core::packet;
-use flowgate_core::{Handle, KernelDrop, Origin, Protocol};
+use flowgate_core::{Handle, KernelDrop, Protocol};
 use flowgate_linux::ifname::IfNames;
 use flowgate_linux::nflog::{Logged, Nflog};
 
 use super::statics;
-
-// The netfilter hooks of `enum nf_inet_hooks`.
-const HOOK_LOCAL_IN: u8 = 1;
-const HOOK_FORWARD: u8 = 2;
-const HOOK_LOCAL_OUT: u8 = 3;
 
 /// Packets taken per wake-up before they are handed over.
 const BATCH: usize = 256;
@@ -76,12 +71,7 @@ impl DropLog {
 
 /// The engine a logged packet goes to, and the packet in the engine's terms.
 fn route(l: Logged, engines: usize, names: &mut IfNames) -> Option<(usize, KernelDrop)> {
-    let (origin, ifindex) = match l.hook {
-        HOOK_LOCAL_OUT => (Origin::Output, l.outdev),
-        HOOK_LOCAL_IN => (Origin::Input, l.indev),
-        HOOK_FORWARD => (Origin::Forward, l.indev),
-        _ => (Origin::Unknown, l.indev.or(l.outdev)),
-    };
+    let (origin, ifindex) = super::shard::origin_of(l.hook, l.indev, l.outdev);
     let p = packet::parse(&l.payload).ok()?;
     let protocol = match p.protocol {
         Protocol::Tcp => 6,
@@ -133,7 +123,7 @@ fn run(
         if !logged_any {
             continue;
         }
-        std::thread::sleep(super::kernel::COALESCE);
+        std::thread::sleep(super::GATHER);
     }
     Ok(())
 }

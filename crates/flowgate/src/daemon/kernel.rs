@@ -255,21 +255,17 @@ fn watch_events(
             urgent.store(true, Ordering::Release);
         }
         // Let the next events gather: one wake-up of this thread, of each engine and of the
-        // writer per COALESCE instead of per connection (each costs microseconds of CPU that,
+        // writer per GATHER instead of per connection (each costs microseconds of CPU that,
         // on a busy host, the connections themselves are waiting for). The socket's buffer
         // holds what comes meanwhile.
-        std::thread::sleep(COALESCE);
+        std::thread::sleep(super::GATHER);
     }
     Ok(())
 }
 
-/// Most datagrams (one event each) the event thread reads per wake-up: with [`COALESCE`],
+/// Most datagrams (one event each) the event thread reads per wake-up: with [`super::GATHER`],
 /// about 2 million events a second at most, far beyond what a host's connections make.
 const DRAIN: usize = 4096;
-
-/// How long the event thread lets conntrack's events gather after handing a batch over: the
-/// most a report waits beyond its arrival.
-pub(crate) const COALESCE: Duration = Duration::from_millis(2);
 
 struct Sync {
     ct: Conntrack,

@@ -1083,16 +1083,16 @@ fn write_events(
         // Let the next events gather: one wake-up and one write per few milliseconds rather
         // than per flow (on a busy host each costs CPU the connections are waiting for); the
         // channel holds what comes meanwhile.
-        std::thread::sleep(WRITE_COALESCE);
+        std::thread::sleep(GATHER);
     }
     if let Err(err) = flush(&mut sink, &mut stdout) {
         failed(err, stats);
     }
 }
 
-/// How long the writer lets events gather after a write: the most an event waits beyond its
-/// turn in the channel.
-const WRITE_COALESCE: Duration = Duration::from_millis(2);
+/// How long the threads off the packet path (the conntrack event thread, the drop log, the
+/// writer) let work gather after handling a batch: the most an item waits beyond its turn.
+pub(crate) const GATHER: Duration = Duration::from_millis(2);
 
 fn flush(sink: &mut Sink, stdout: &mut BufWriter<std::io::Stdout>) -> std::io::Result<()> {
     match sink {

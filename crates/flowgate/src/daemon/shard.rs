@@ -45,6 +45,17 @@ const HOOK_LOCAL_IN: u8 = 1;
 const HOOK_FORWARD: u8 = 2;
 const HOOK_LOCAL_OUT: u8 = 3;
 
+/// Where a packet seen at netfilter hook `hook` was, and the index of the interface that names
+/// its flow: the one it leaves by (output), else the one it came in on.
+pub(crate) fn origin_of(hook: u8, indev: Option<u32>, outdev: Option<u32>) -> (Origin, Option<u32>) {
+    match hook {
+        HOOK_LOCAL_OUT => (Origin::Output, outdev),
+        HOOK_LOCAL_IN => (Origin::Input, indev),
+        HOOK_FORWARD => (Origin::Forward, indev),
+        _ => (Origin::Unknown, indev.or(outdev)),
+    }
+}
+
 /// Most datagrams read per wake-up before timers and commands get a turn.
 const RECV_ROUNDS: usize = 64;
 
@@ -260,12 +271,7 @@ impl Worker {
                     .queue
                     .recv(|p| {
                         let at = StdInstant::now();
-                        let (origin, ifindex) = match p.hook {
-                            HOOK_LOCAL_OUT => (Origin::Output, p.outdev),
-                            HOOK_LOCAL_IN => (Origin::Input, p.indev),
-                            HOOK_FORWARD => (Origin::Forward, p.indev),
-                            _ => (Origin::Unknown, p.indev.or(p.outdev)),
-                        };
+                        let (origin, ifindex) = origin_of(p.hook, p.indev, p.outdev);
                         let interface = ifindex.and_then(|i| names.name(i)).map(|n| &**n);
                         let d = engine.handle_packet(now, PacketMeta { interface, origin }, p.payload);
                         match verdict_for(&d, p.mark.unwrap_or(0), owner) {
