@@ -657,7 +657,9 @@ fn filter_rules_text(spec: &ChainSpec, ipv6: bool) -> String {
 }
 
 /// The spreading chains' rules: a new TCP or UDP flow goes to queue `first + (s + d) mod n`,
-/// where `s` and `d` are the low bits of its source and destination ports. The sum is the same
+/// where `s` and `d` are the low bits of its source and destination ports above the lowest one
+/// (Linux gives `connect()` even source ports, so the lowest bit would put every connection to
+/// one server port on one queue). The sum is the same
 /// for both directions of a flow, so a flow's packets all reach one worker while connections of
 /// one busy peer (same addresses, other ports) spread over all of them.
 fn spread_rules_text(spec: &ChainSpec, ipv6: bool) -> String {
@@ -674,13 +676,13 @@ fn spread_rules_text(spec: &ChainSpec, ipv6: bool) -> String {
     let bypass = if spec.fail_open { " --queue-bypass" } else { "" };
     let mut text = String::new();
     for (i, chain) in SPREAD_BY_SPORT.iter().enumerate().take(m) {
-        text.push_str(&format!("-A {SPREAD} -m u32 --u32 \"{ports}>>0x10&{mask:#x}={i:#x}\" -j {chain}\n"));
+        text.push_str(&format!("-A {SPREAD} -m u32 --u32 \"{ports}>>0x11&{mask:#x}={i:#x}\" -j {chain}\n"));
     }
     for (i, chain) in SPREAD_BY_SPORT.iter().enumerate().take(m) {
         for j in 0..m {
             let queue = usize::from(first) + (i + j) % n;
             text.push_str(&format!(
-                "-A {chain} -m u32 --u32 \"{ports}&{mask:#x}={j:#x}\" -j NFQUEUE --queue-num {queue}{bypass}\n"
+                "-A {chain} -m u32 --u32 \"{ports}>>0x1&{mask:#x}={j:#x}\" -j NFQUEUE --queue-num {queue}{bypass}\n"
             ));
         }
     }
@@ -1139,12 +1141,12 @@ mod tests {
 -A FLOWGATE-FWD -p tcp -j FLOWGATE-SPREAD
 -A FLOWGATE-FWD -p udp -j FLOWGATE-SPREAD
 -A FLOWGATE-FWD -j NFQUEUE --queue-balance 0:1 --queue-bypass
--A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x10&0x1=0x0\" -j FLOWGATE-SPREAD-0
--A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x10&0x1=0x1\" -j FLOWGATE-SPREAD-1
--A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x0\" -j NFQUEUE --queue-num 0 --queue-bypass
--A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x1\" -j NFQUEUE --queue-num 1 --queue-bypass
--A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x0\" -j NFQUEUE --queue-num 1 --queue-bypass
--A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0&0x1=0x1\" -j NFQUEUE --queue-num 0 --queue-bypass
+-A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x11&0x1=0x0\" -j FLOWGATE-SPREAD-0
+-A FLOWGATE-SPREAD -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x11&0x1=0x1\" -j FLOWGATE-SPREAD-1
+-A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x1&0x1=0x0\" -j NFQUEUE --queue-num 0 --queue-bypass
+-A FLOWGATE-SPREAD-0 -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x1&0x1=0x1\" -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x1&0x1=0x0\" -j NFQUEUE --queue-num 1 --queue-bypass
+-A FLOWGATE-SPREAD-1 -m u32 --u32 \"0x0>>0x16&0x3c@0x0>>0x1&0x1=0x1\" -j NFQUEUE --queue-num 0 --queue-bypass
 -I OUTPUT 1 -j FLOWGATE-OUT
 -I INPUT 1 -j FLOWGATE-IN
 -I FORWARD 1 -j FLOWGATE-FWD

@@ -328,7 +328,9 @@ pub(crate) fn load_sets(tools: &Tools, statics: &StaticRules) -> Result<(), Netf
     for family in Family::BOTH {
         let text = sets_text(statics, family);
         if !text.is_empty() {
-            run("ipset", &tools.ipset, &["restore"], Some(&text), family, Step::LoadingSets)?;
+            // -exist: a generation loaded again (the old rules put back after a failed reload) is no
+            // error.
+            run("ipset", &tools.ipset, &["restore", "-exist"], Some(&text), family, Step::LoadingSets)?;
         }
     }
     Ok(())

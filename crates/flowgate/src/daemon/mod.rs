@@ -520,17 +520,25 @@ impl Reloader {
             h.set_filter_coverage(c.packet.filter_interfaces.clone(), c.packet.filter_directions)
                 .map_err(|e| format!("packet stage: {e}"))?;
         }
-        // The engines first: a flow the new kernel rules decide is judged by the new rules when
-        // the engine hears of it.
-        self.registry.reload(&rules)?;
+        // The kernel first, so that a failure leaves everything as it was: the engines keep
+        // their rules, and a family already changed is put back. (A flow the new kernel rules
+        // decide in the moment before the engines take the new rules is judged by the old ones;
+        // where they disagree the engine's verdict is enforced, and the re-judging below then
+        // applies the new rules to it.)
         let same_statics = StaticRules { generation: spec.statics.generation, ..static_rules.clone() } == spec.statics;
         if chains != spec.packet || !same_statics {
             let new = ChainSpec { packet: chains, statics: static_rules, ..spec.clone() };
-            netfilter::replace_rules(&new, &Tools::default())
-                .map_err(|e| format!("changing the netfilter rules (static rules, packet stage): {e}"))?;
+            if let Err(e) = netfilter::replace_rules(&new, &Tools::default()) {
+                let back = netfilter::replace_rules(&spec, &Tools::default())
+                    .err()
+                    .map(|b| format!("; putting the old rules back failed too: {b}"))
+                    .unwrap_or_default();
+                return Err(format!("changing the netfilter rules (static rules, packet stage): {e}{back}"));
+            }
             *spec = new;
         }
         self.ids.set(&rule_set, &plan);
+        self.registry.reload(&rules)?;
         Ok(n)
     }
 }
