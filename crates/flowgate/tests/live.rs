@@ -1763,11 +1763,14 @@ fn metrics_on_a_unix_socket_count_what_a_full_fail_open_queue_let_through() {
     let bypassed = metric(&samples, "flowgate_fail_open_bypassed_packets", &[]);
     let matched = metric(&samples, "flowgate_queue_rule_packets_total", &[("stage", "flow")]);
     eprintln!("sent {SENT}, {waiting} waited, rules matched {matched}, bypassed estimate {bypassed}");
-    assert!(matched >= SENT as f64);
+    // The namespace's own packets (IPv6 neighbour discovery, say) may match the rule too, while
+    // the daemon is stopped (then they wait or pass unjudged like the datagrams) or after.
+    assert!((SENT as f64..=SENT as f64 + 3.0).contains(&matched), "{matched} matched, {SENT} sent");
     // What did not fit passed unjudged. The counters are read one after another, the kernel's
-    // first, so a stray packet of the namespace judged meanwhile makes the estimate low by one.
-    let expected = (SENT - waiting) as f64;
+    // first, so a stray packet judged meanwhile makes the estimate low by one.
+    let expected = matched - waiting as f64;
     assert!((expected - 3.0..=expected).contains(&bypassed), "{bypassed} bypassed, {expected} expected");
+    assert!(bypassed >= (SENT - waiting) as f64 - 3.0, "{bypassed} bypassed of {SENT} sent, {waiting} waited");
     let _ = d.stop();
     assert!(!sock.exists(), "the socket file is removed at stop");
 }
