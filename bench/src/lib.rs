@@ -196,6 +196,7 @@ pub fn lookup_flow(remote: SocketAddr) -> Flow {
         forwarded: false,
         started: Instant::ZERO,
         icmp: None,
+        owner: None,
     }
 }
 

@@ -59,6 +59,7 @@ mod tests {
             forwarded: false,
             started: Instant::ZERO,
             icmp,
+            owner: None,
         }
     }
 

@@ -156,6 +156,7 @@ mod tests {
             forwarded: false,
             started: Instant::ZERO,
             icmp: None,
+            owner: None,
         }
     }
 

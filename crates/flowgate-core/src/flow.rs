@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::owner::Owner;
+
 use crate::time::Instant;
 
 /// A flow's id: unique for the life of the process, never reused.
@@ -95,6 +97,10 @@ pub struct Flow {
     /// formats name them; `None` for other protocols or an unreadable ICMP header.
     #[serde(skip)]
     pub icmp: Option<(u8, u8)>,
+    /// The process that owns the local socket, once known (see [`crate::owner`]); for an
+    /// engine that asks, known before the flow's first event.
+    #[serde(rename = "process", skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Arc<Owner>>,
 }
 
 impl Flow {
@@ -204,6 +210,7 @@ mod tests {
             forwarded: false,
             started: Instant::ZERO,
             icmp: None,
+            owner: None,
         };
         let v = serde_json::to_value(&f).expect("json");
         assert_eq!(v["local"], "[2001:db8::1]:40000");

@@ -57,6 +57,8 @@ pub struct Selector {
     /// This remote port.
     pub remote_port: Option<u16>,
     pub protocol: Option<Protocol>,
+    /// The owning process, user, unit, cgroup (a flow whose owner is unknown matches none).
+    pub owner: Box<crate::owner::OwnerMatch>,
 }
 
 impl Selector {
@@ -67,11 +69,22 @@ impl Selector {
 
     /// Whether only ids are given (the engine then looks them up instead of scanning).
     pub(crate) fn ids_only(&self) -> bool {
-        !self.ids.is_empty() && self.remote.is_none() && self.remote_port.is_none() && self.protocol.is_none()
+        !self.ids.is_empty()
+            && self.remote.is_none()
+            && self.remote_port.is_none()
+            && self.protocol.is_none()
+            && self.owner.is_empty()
     }
 
-    pub(crate) fn matches(&self, id: FlowId, protocol: Protocol, remote: SocketAddr) -> bool {
+    pub(crate) fn matches(
+        &self,
+        id: FlowId,
+        protocol: Protocol,
+        remote: SocketAddr,
+        owner: Option<&crate::owner::Owner>,
+    ) -> bool {
         (self.ids.is_empty() || self.ids.contains(&id))
+            && self.owner.matches(owner)
             && self.remote.is_none_or(|n| n.contains(&remote.ip()))
             && self.remote_port.is_none_or(|p| p == remote.port())
             && self.protocol.is_none_or(|p| p == protocol)
@@ -93,6 +106,10 @@ pub(crate) enum Command {
     KernelDrops(Vec<KernelDrop>),
     Sync(KernelSync),
     Reload(Arc<crate::rules::matcher::CompiledRules>),
+    Owner {
+        flow: FlowId,
+        owner: Option<Arc<crate::owner::Owner>>,
+    },
     /// List (`verdict: None`) or change the verdict of the selected flows, streaming their
     /// statuses (after the change) to `sink`; emptied chunks come back through `recycle`.
     Select {
@@ -255,6 +272,17 @@ impl Handle {
     /// channel is full.
     pub fn kernel_sync(&self, sync: KernelSync, wait: Duration) -> Result<(), HandleError> {
         self.send(Command::Sync(sync), wait)
+    }
+
+    /// Answers the engine's question about a flow's owner ([`crate::Engine::poll_owner_request`]);
+    /// `None` when it could not be found. Waits up to `wait` while the channel is full.
+    pub fn owner(
+        &self,
+        flow: FlowId,
+        owner: Option<Arc<crate::owner::Owner>>,
+        wait: Duration,
+    ) -> Result<(), HandleError> {
+        self.send(Command::Owner { flow, owner }, wait)
     }
 
     /// Replaces the engine's rules and judges every live flow again ([`crate::Engine::reload`]).

@@ -8,7 +8,8 @@
 //! ## Rooms
 //!
 //! - [`packet`]: IP packet → 5-tuple, TCP flags, payload (via `etherparse`).
-//! - [`flow`]: flow identity and what providers see of a flow.
+//! - [`flow`]: flow identity and what providers see of a flow; [`owner`]: the process that
+//!   owns it, and the matching of rules on it.
 //! - [`rules`]: rules and their text forms, the compiled matcher, lints.
 //! - [`verdict`], [`provider`]: the content-filter model a product implements.
 //! - [`engine`]: the state machine that ties them together (flow table, timers, kernel-handled
@@ -48,6 +49,7 @@ pub mod event;
 pub mod flow;
 pub mod formats;
 pub mod handle;
+pub mod owner;
 pub mod packet;
 pub mod packet_stage;
 pub mod provider;

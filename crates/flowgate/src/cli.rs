@@ -75,7 +75,8 @@ pub enum Command {
     },
     /// Stop live flows now, also ones allowed long ago and handled in the kernel since: a local
     /// application's socket gets an error at once, a TCP peer a reset, and no further packet of
-    /// the flow passes either way. Name flows by id, or by --remote and/or --port.
+    /// the flow passes either way. Name flows by id, or by --remote, --port, --protocol,
+    /// --process (every live flow of that program) and/or --user (of that user).
     Block {
         #[command(flatten)]
         select: FlowSelect,
@@ -144,11 +145,21 @@ pub struct FlowFilterArgs {
     /// Flows of this protocol (tcp, udp, icmp, any).
     #[arg(long)]
     pub protocol: Option<String>,
+    /// Flows of this program: a glob on its executable's path (`/usr/bin/curl`, `*/python3*`).
+    #[arg(long, value_name = "PATH")]
+    pub process: Option<String>,
+    /// Flows of this user, by name or uid.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 impl FlowFilterArgs {
     fn is_empty(&self) -> bool {
-        self.remote.is_none() && self.port.is_none() && self.protocol.is_none()
+        self.remote.is_none()
+            && self.port.is_none()
+            && self.protocol.is_none()
+            && self.process.is_none()
+            && self.user.is_none()
     }
 }
 
@@ -256,6 +267,8 @@ fn flows_cmd(filter: &FlowFilterArgs, target: &DaemonTarget, json: bool, fresh: 
         remote: filter.remote.clone(),
         port: filter.port,
         protocol: filter.protocol.clone(),
+        process: filter.process.clone(),
+        user: filter.user.clone(),
         fresh,
         ..Select::default()
     }));
@@ -473,7 +486,9 @@ fn print_flow_row(out: &mut dyn Write, f: &serde_json::Value) -> io::Result<()> 
 
 fn verdict_cmd(cmd: &str, select: &FlowSelect, target: &DaemonTarget) -> ExitCode {
     if select.ids.is_empty() && select.filter.is_empty() {
-        return fail(format!("flowgate {cmd}: name flows by id, or by --remote, --port and/or --protocol"));
+        return fail(format!(
+            "flowgate {cmd}: name flows by id, or by --remote, --port, --protocol, --process and/or --user"
+        ));
     }
     let run_dir = match target.run_dir() {
         Ok(d) => d,
@@ -485,6 +500,8 @@ fn verdict_cmd(cmd: &str, select: &FlowSelect, target: &DaemonTarget) -> ExitCod
         remote: f.remote.clone(),
         port: f.port,
         protocol: f.protocol.clone(),
+        process: f.process.clone(),
+        user: f.user.clone(),
         ..Select::default()
     };
     let req = Request::new(if cmd == "block" { Ask::Block(sel) } else { Ask::Allow(sel) });

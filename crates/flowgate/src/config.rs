@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flowgate_core::owner::{Glob, UserMatch};
 use flowgate_core::packet_stage::{Directions, PacketDirection, PacketRule, PacketRuleAction, PacketRules};
 use flowgate_core::rules::{self, Action, InterfaceGlob, Rule, RuleSet, lint};
 use flowgate_core::{EngineConfig, EventFormat, Timeouts};
@@ -50,6 +51,25 @@ pub struct Live {
     /// Events in flight between the queue workers and the writer; past it events are dropped
     /// and counted rather than slow the packet path.
     pub event_buffer: usize,
+    /// How flows' owning processes are found (`attribution`).
+    pub attribution: Attribution,
+    /// Longest a new flow that an owner rule may decide waits for its owner (`attribution_wait`);
+    /// then its owner counts as unknown.
+    pub attribution_wait: Duration,
+}
+
+/// How the daemon finds the process that owns a flow (`attribution`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Attribution {
+    /// Kernel capture (BPF) where this kernel allows it, else `/proc` (`"auto"`, the default).
+    #[default]
+    Auto,
+    /// Kernel capture only; the daemon does not start without it (`"kernel"`).
+    Kernel,
+    /// The socket by its ends (sock_diag), its process through `/proc` (`"proc"`).
+    Proc,
+    /// No attribution: no owner in events, rules that name one are refused (`"off"`).
+    Off,
 }
 
 impl Default for Live {
@@ -66,6 +86,8 @@ impl Default for Live {
             metrics: None,
             log: LogTarget::Stdout,
             event_buffer: 65_536,
+            attribution: Attribution::Auto,
+            attribution_wait: Duration::from_millis(250),
         }
     }
 }
@@ -268,6 +290,8 @@ struct RawConfig {
     log: Option<Spanned<String>>,
     event_format: Option<Spanned<String>>,
     event_buffer: Option<Spanned<i64>>,
+    attribution: Option<Spanned<String>>,
+    attribution_wait: Option<Spanned<String>>,
     timeouts: Option<RawTimeouts>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
@@ -321,6 +345,10 @@ struct RawRule {
     direction: Option<Spanned<String>>,
     interface: Option<Spanned<String>>,
     host: Option<Spanned<String>>,
+    process: Option<Spanned<String>>,
+    user: Option<Spanned<toml::Value>>,
+    unit: Option<Spanned<String>>,
+    cgroup: Option<Spanned<String>>,
     action: Option<Spanned<String>>,
     silent: Option<Spanned<bool>>,
     peek: Option<Spanned<RawPeek>>,
@@ -478,6 +506,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 format!("rule name `{}` is already used by the rule at line {first}", rule.name),
             ));
         }
+        if live.attribution == Attribution::Off && !rule.owner.is_empty() {
+            return Err(src.error(
+                Some(r.span()),
+                None,
+                format!("rule `{}` names a process, user, unit or cgroup, but attribution = \"off\"", rule.name),
+            ));
+        }
         rule_lines.push(line);
         rule_list.push(rule);
     }
@@ -536,6 +571,26 @@ fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
     live.kernel_rules = raw.kernel_rules.unwrap_or(true);
     if let Some(v) = &raw.event_buffer {
         live.event_buffer = usize::try_from(int(v, "event_buffer", 1, 1 << 24)?).unwrap_or(65_536);
+    }
+    if let Some(v) = &raw.attribution {
+        live.attribution = match v.get_ref().trim() {
+            "auto" => Attribution::Auto,
+            "kernel" => Attribution::Kernel,
+            "proc" => Attribution::Proc,
+            "off" => Attribution::Off,
+            other => {
+                return Err(src.at(v, "attribution", format!("`{other}`: expected auto, kernel, proc or off")));
+            }
+        };
+    }
+    if let Some(v) = &raw.attribution_wait {
+        let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
+            src.at(v, "attribution_wait", format!("`{}` is not a duration ({e}); write e.g. \"250ms\"", v.get_ref()))
+        })?;
+        if d.is_zero() || d > Duration::from_secs(10) {
+            return Err(src.at(v, "attribution_wait", "must be more than zero and at most 10s"));
+        }
+        live.attribution_wait = d;
     }
     if let Some(v) = &raw.run_dir {
         if !Path::new(v.get_ref()).is_absolute() {
@@ -844,6 +899,28 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
     }
     if let Some(v) = &r.interface {
         rule.interface = Some(rules::parse_interface(v.get_ref()).map_err(|e| src.at(v, "interface", e.0))?);
+    }
+    for (field, raw, out) in [
+        ("process", &r.process, &mut rule.owner.process),
+        ("unit", &r.unit, &mut rule.owner.unit),
+        ("cgroup", &r.cgroup, &mut rule.owner.cgroup),
+    ] {
+        if let Some(v) = raw {
+            *out = Some(Glob::new(v.get_ref()).map_err(|e| src.at(v, field, e.0))?);
+        }
+    }
+    if let Some(v) = &r.process
+        && !v.get_ref().trim().starts_with(['/', '*'])
+    {
+        return Err(src.at(v, "process", "give the executable's path (a glob like \"/usr/bin/curl\" or \"*/curl\")"));
+    }
+    if let Some(v) = &r.user {
+        let text = match v.get_ref() {
+            toml::Value::String(t) => t.clone(),
+            toml::Value::Integer(n) if u32::try_from(*n).is_ok() => n.to_string(),
+            _ => return Err(src.at(v, "user", "give a user name or a uid, e.g. \"www-data\" or 33")),
+        };
+        rule.owner.user = Some(UserMatch::parse(&text).map_err(|e| src.at(v, "user", e.0))?);
     }
     Ok(rule)
 }

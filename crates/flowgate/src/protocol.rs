@@ -78,6 +78,12 @@ pub struct Select {
     pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// A glob on the owning program's executable path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    /// The owning user, by name or uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// `flows` only: sync with conntrack first, so kernel-handled flows' counters are current.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh: bool,
@@ -85,7 +91,12 @@ pub struct Select {
 
 impl Select {
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty() && self.remote.is_none() && self.port.is_none() && self.protocol.is_none()
+        self.ids.is_empty()
+            && self.remote.is_none()
+            && self.port.is_none()
+            && self.protocol.is_none()
+            && self.process.is_none()
+            && self.user.is_none()
     }
 }
 

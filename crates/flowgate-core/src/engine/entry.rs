@@ -10,11 +10,13 @@
 //! This room holds the per-flow data and its accessors; the engine's other rooms decide.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use super::table::Interfaces;
 use crate::event::{CloseReason, RuleName};
 use crate::flow::{Counters, Direction, Flow, FlowId, FlowKey, Protocol};
 use crate::handle::FlowStatus;
+use crate::owner::Owner;
 use crate::time::Instant;
 use crate::verdict::{FlowVerdict, PacketId};
 
@@ -134,6 +136,8 @@ pub(crate) struct Entry {
     pub(crate) timer_at: Instant,
     pub(crate) counters: Counters,
     pub(crate) rule: Option<RuleName>,
+    /// The process that owns the local socket, once the driver said (see `owners.rs`).
+    pub(crate) owner: Option<Arc<Owner>>,
     extra: Option<Box<Extra>>,
 }
 
@@ -180,6 +184,7 @@ impl Entry {
             timer_at: now,
             counters: Counters::default(),
             rule: None,
+            owner: flow.owner.clone(),
             extra: None,
         }
         .with_icmp(flow.icmp)
@@ -242,6 +247,7 @@ impl Entry {
             forwarded: self.has(bits::FORWARDED),
             started: self.started,
             icmp: self.icmp(),
+            owner: self.owner.clone(),
         }
     }
 
@@ -368,6 +374,7 @@ pub(crate) mod tests {
             forwarded: false,
             started: Instant::ZERO,
             icmp: None,
+            owner: None,
         };
         Entry::new(&flow, 0, Instant::ZERO)
     }
@@ -402,6 +409,7 @@ pub(crate) mod tests {
                 forwarded: false,
                 started: Instant::from_micros(5),
                 icmp,
+                owner: None,
             };
             let e = Entry::new(&flow, tun, Instant::ZERO);
             assert_eq!(e.flow(&names), flow);

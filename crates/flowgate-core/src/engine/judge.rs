@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use super::entry::{Entry, Mode, bits};
 use super::table::Slot;
 use super::{Engine, Origin, PacketMeta};
-use crate::event::{Event, EventKind, Peek, UpdateSource};
+use crate::event::{Event, EventKind, Peek, RuleName, UpdateSource};
 use crate::flow::{Direction, Flow, FlowId, Protocol};
 use crate::packet::ParsedPacket;
 use crate::rules::Action;
@@ -27,6 +27,27 @@ pub(super) struct NewFlow<'a> {
     pub(super) forwarded: bool,
     /// ICMP type and code of the opener's message (see [`Flow::icmp`]).
     pub(super) icmp: Option<(u8, u8)>,
+}
+
+/// A new flow's first verdict and where it came from.
+pub(super) struct First {
+    pub(super) verdict: NewFlowVerdict,
+    pub(super) rule: RuleName,
+    pub(super) silent: bool,
+    pub(super) filter_inspects: bool,
+}
+
+/// The modes of both directions (and the inspect window) a first verdict sets.
+pub(super) fn modes_of(verdict: NewFlowVerdict) -> (Mode, Mode, Option<Peek>) {
+    match verdict {
+        NewFlowVerdict::Allow => (Mode::Allow, Mode::Allow, None),
+        NewFlowVerdict::Drop => (Mode::Drop, Mode::Drop, None),
+        NewFlowVerdict::Pause => (Mode::Pause, Mode::Pause, None),
+        NewFlowVerdict::Inspect { peek_outbound, peek_inbound } => {
+            let m = |n: u32| if n == 0 { Mode::Allow } else { Mode::Inspect { pass_end: 0, peek_end: u64::from(n) } };
+            (m(peek_outbound), m(peek_inbound), Some(Peek { outbound: peek_outbound, inbound: peek_inbound }))
+        }
+    }
 }
 
 pub(super) fn severity(v: NewFlowVerdict) -> u8 {
@@ -115,6 +136,7 @@ impl Engine {
             forwarded: new.forwarded,
             started: now,
             icmp: new.icmp,
+            owner: None,
         };
         let class = self.rules.classify(&flow);
         if self.table.is_full() {
@@ -133,6 +155,66 @@ impl Engine {
         self.next_flow_id += self.config.flow_id_step.max(1);
         self.stats.flows_opened += 1;
 
+        let fail = if self.config.fail_open { NewFlowVerdict::Allow } else { NewFlowVerdict::Drop };
+        let filter_verdict = match kept {
+            Some(_) => None,
+            None => self.call_filter("new_flow", flow.id, |f| f.new_flow(&flow)).map(|r| r.unwrap_or(fail)),
+        };
+        let first = match kept {
+            // A previous instance decided this flow for good: keep its word, ask no one.
+            Some(v) => First {
+                verdict: if v == FlowVerdict::Drop { NewFlowVerdict::Drop } else { NewFlowVerdict::Allow },
+                rule: self.names.kept.clone(),
+                silent: false,
+                filter_inspects: false,
+            },
+            None => self.first_verdict(class, filter_verdict),
+        };
+        // Who owns the flow? Asked of every new flow when the driver can tell; a flow whose
+        // verdict the answer could change waits for it (paused, its packets held).
+        let ask = self.config.owner_wait.is_some() && flow.owner.is_none();
+        let hold = ask && kept.is_none() && self.rules.owner_decides(&flow);
+        let (out, inn, peek) = if hold { (Mode::Pause, Mode::Pause, None) } else { modes_of(first.verdict) };
+        let interface = self.interfaces.acquire(new.interface);
+        let mut entry = Entry::new(&flow, interface, now);
+        entry.set_mode(Direction::Outbound, out);
+        entry.set_mode(Direction::Inbound, inn);
+        entry.set(bits::FILTER_INSPECTS, first.filter_inspects);
+        entry.set(bits::SILENT, first.silent);
+        entry.rule = Some(first.rule.clone());
+        entry.timer_at = now + self.config.timeouts.idle(flow.protocol);
+        let verdict = entry.verdict();
+        let timer_at = entry.timer_at;
+        let slot = match self.table.insert(entry) {
+            Ok(s) => s,
+            Err(_) => {
+                self.interfaces.release(interface);
+                return Err(PacketAction::Accept);
+            }
+        };
+        self.timers.set(slot, timer_at);
+        let events = [
+            Event { time: now, kind: EventKind::FlowNew { flow: flow.clone() } },
+            Event {
+                time: now,
+                kind: EventKind::FlowVerdict { flow: flow.clone(), verdict, rule: Some(first.rule), peek },
+            },
+        ];
+        if ask {
+            self.ask_owner(now, slot, &flow, hold.then_some(filter_verdict), events);
+        } else {
+            self.events.extend(events);
+        }
+        Ok(slot)
+    }
+
+    /// A new flow's verdict from its rule (`class`) and the product filter's answer, the most
+    /// restrictive winning, with the name of the rule that gave it.
+    pub(super) fn first_verdict(
+        &self,
+        class: crate::rules::matcher::Classification,
+        filter_verdict: Option<NewFlowVerdict>,
+    ) -> First {
         let rule_verdict = match class.action {
             Action::Allow => NewFlowVerdict::Allow,
             Action::Drop => NewFlowVerdict::Drop,
@@ -140,19 +222,6 @@ impl Engine {
         };
         let mut rule = class.rule.and_then(|i| self.rules.name(i)).unwrap_or(&self.names.default).clone();
         let silent = class.rule.is_some_and(|i| self.rules.rules()[i].silent);
-        let (rule_verdict, filter_verdict) = match kept {
-            // A previous instance decided this flow for good: keep its word, ask no one.
-            Some(v) => {
-                rule = self.names.kept.clone();
-                let v = if v == FlowVerdict::Drop { NewFlowVerdict::Drop } else { NewFlowVerdict::Allow };
-                (v, None)
-            }
-            None => {
-                let fail = if self.config.fail_open { NewFlowVerdict::Allow } else { NewFlowVerdict::Drop };
-                let fv = self.call_filter("new_flow", flow.id, |f| f.new_flow(&flow)).map(|r| r.unwrap_or(fail));
-                (rule_verdict, fv)
-            }
-        };
         let (verdict, filter_inspects) = match filter_verdict {
             None => (rule_verdict, false),
             Some(fv) => {
@@ -169,39 +238,7 @@ impl Engine {
                 }
             }
         };
-        let (out, inn, peek) = match verdict {
-            NewFlowVerdict::Allow => (Mode::Allow, Mode::Allow, None),
-            NewFlowVerdict::Drop => (Mode::Drop, Mode::Drop, None),
-            NewFlowVerdict::Pause => (Mode::Pause, Mode::Pause, None),
-            NewFlowVerdict::Inspect { peek_outbound, peek_inbound } => {
-                let m = |n: u32| {
-                    if n == 0 { Mode::Allow } else { Mode::Inspect { pass_end: 0, peek_end: u64::from(n) } }
-                };
-                (m(peek_outbound), m(peek_inbound), Some(Peek { outbound: peek_outbound, inbound: peek_inbound }))
-            }
-        };
-        let interface = self.interfaces.acquire(new.interface);
-        let mut entry = Entry::new(&flow, interface, now);
-        entry.set_mode(Direction::Outbound, out);
-        entry.set_mode(Direction::Inbound, inn);
-        entry.set(bits::FILTER_INSPECTS, filter_inspects);
-        entry.set(bits::SILENT, silent);
-        entry.rule = Some(rule.clone());
-        entry.timer_at = now + self.config.timeouts.idle(flow.protocol);
-        let verdict = entry.verdict();
-        let timer_at = entry.timer_at;
-        let slot = match self.table.insert(entry) {
-            Ok(s) => s,
-            Err(_) => {
-                self.interfaces.release(interface);
-                return Err(PacketAction::Accept);
-            }
-        };
-        self.timers.set(slot, timer_at);
-        self.events.push_back(Event { time: now, kind: EventKind::FlowNew { flow: flow.clone() } });
-        self.events
-            .push_back(Event { time: now, kind: EventKind::FlowVerdict { flow, verdict, rule: Some(rule), peek } });
-        Ok(slot)
+        First { verdict, rule, silent, filter_inspects }
     }
 
     /// Judges a live flow again with the current rules: a flow they drop is dropped now; one

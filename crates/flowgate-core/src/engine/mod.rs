@@ -35,10 +35,12 @@
 //! - `kernel`: flows the kernel handles alone: kernel reports, syncs, adoption, and the verdicts
 //!   the data plane must enforce.
 //! - `sweep`: work over every flow, done a slice at a time (listings, re-judging, reconciling).
+//! - `owners`: asking the driver who owns each new flow; what waits for the answer.
 
 mod entry;
 mod judge;
 mod kernel;
+mod owners;
 mod providers;
 mod stream;
 mod sweep;
@@ -147,6 +149,11 @@ pub struct EngineConfig {
     /// Longest a provider call may take (timed with the driver's stopwatch, see
     /// [`Engine::set_stopwatch`]); a slower one counts as a fault.
     pub provider_budget: Duration,
+    /// The driver can tell who owns a flow ([`Engine::poll_owner_request`]): every new flow is
+    /// asked about, its first events wait for the answer, and a flow whose verdict an owner rule
+    /// could decide is paused for it, at most this long (then its owner counts as unknown).
+    /// `None`: owners are not asked for, and rules that name one never match.
+    pub owner_wait: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -163,6 +170,7 @@ impl Default for EngineConfig {
             fail_open: true,
             drop_unparsable: false,
             provider_budget: Duration::from_millis(100),
+            owner_wait: None,
         }
     }
 }
@@ -213,6 +221,12 @@ pub struct Stats {
     /// Flows a static rule decided in the kernel, first heard of from conntrack (or from the
     /// log of a kernel drop): never queued to user space.
     pub kernel_decided: u64,
+    /// New flows paused until their owner was known (an owner rule could decide them).
+    pub owner_held: u64,
+    /// Owners asked for and not answered within `owner_wait`.
+    pub owner_timeouts: u64,
+    /// Flows whose owner was found.
+    pub owners_known: u64,
 }
 
 /// How much the engine holds now; every figure is bounded by the live flows.
@@ -229,6 +243,9 @@ pub struct Footprint {
     /// Kernel-handled flows that ended (a new connection reused their 5-tuple) and wait for
     /// the kernel's last counts.
     pub retired: usize,
+    /// Flows waiting for their owner, and questions not yet taken by the driver.
+    pub owner_waiting: usize,
+    pub owner_requests: usize,
 }
 
 /// A connection that was open before the engine started, as the data plane found it (socket
@@ -285,6 +302,7 @@ pub struct Engine {
     sweeps: sweep::Sweeps,
     stopwatch: Option<providers::Stopwatch>,
     faults: VecDeque<ProviderFault>,
+    owners: owners::Owners,
 }
 
 impl std::fmt::Debug for Engine {
@@ -322,6 +340,7 @@ impl Engine {
             sweeps: sweep::Sweeps::default(),
             stopwatch: None,
             faults: VecDeque::new(),
+            owners: owners::Owners::default(),
         }
     }
 
@@ -358,6 +377,8 @@ impl Engine {
             pending_events: self.events.len(),
             pending_faults: self.faults.len(),
             sweeps: self.sweeps.len(),
+            owner_waiting: self.owners.waiting(),
+            owner_requests: self.owners.requests(),
         }
     }
 
@@ -467,13 +488,17 @@ impl Engine {
             self.on_timer(slot, now);
         }
         self.end_retired(now);
+        self.expire_owner_waits(now);
         self.run_sweeps(now);
     }
 
     /// The next time `handle_timeout` has work to do (in the past when a sweep can go on now).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let commands = self.next_command.as_ref().map(|_| Instant::ZERO);
-        [self.timers.next(), self.sweeps.due(), self.kernel.next_retired(), commands].into_iter().flatten().min()
+        [self.timers.next(), self.sweeps.due(), self.kernel.next_retired(), commands, self.owners.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next event, oldest first.
@@ -516,6 +541,7 @@ impl Engine {
                     }
                 }
                 Command::Sync(s) => self.handle_kernel_sync(now, s),
+                Command::Owner { flow, owner } => self.set_owner(flow, owner),
                 Command::Select { selector, verdict, sink, recycle } => {
                     self.sweeps.select(selector, verdict, sink, recycle)
                 }
@@ -655,8 +681,12 @@ impl Engine {
         }
     }
 
-    /// Takes a flow out of the table and its timer out of the timers.
+    /// Takes a flow out of the table and its timer out of the timers (its first events out of
+    /// waiting for its owner, first).
     fn remove(&mut self, slot: Slot) -> Option<Entry> {
+        if let Some(id) = self.table.get(slot).map(|e| e.id) {
+            self.flush_owner_wait(id);
+        }
         let e = self.table.remove(slot)?;
         self.timers.cancel(slot, e.timer_at);
         Some(e)

@@ -198,7 +198,7 @@ impl Engine {
                 }
                 Job::Select { selector, verdict, out } => {
                     let Some(e) = self.table.get(slot) else { continue };
-                    if !selector.matches(e.id, e.protocol, e.remote()) {
+                    if !selector.matches(e.id, e.protocol, e.remote(), e.owner.as_deref()) {
                         continue;
                     }
                     if let Some(v) = *verdict {

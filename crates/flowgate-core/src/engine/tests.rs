@@ -2278,3 +2278,166 @@ fn a_packet_a_static_rule_dropped_in_the_kernel_is_logged_as_its_flow() {
     e.handle_kernel_drop(secs(3), OUT, &Conn::new("198.51.100.1:40001", "192.0.2.1:80").syn());
     assert_eq!(e.flows().len(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Owners
+// ---------------------------------------------------------------------------------------------
+
+fn owner(pid: u32, exe: &str, uid: u32, user: &str) -> Arc<crate::owner::Owner> {
+    Arc::new(crate::owner::Owner {
+        pid,
+        exe: Some(exe.into()),
+        cmdline: Some(exe.into()),
+        uid,
+        user: Some(user.into()),
+        parents: Vec::new(),
+        cgroup: None,
+        unit: None,
+        source: crate::owner::OwnerSource::Kernel,
+    })
+}
+
+fn owner_engine(rules: Vec<Rule>) -> Engine {
+    let config = EngineConfig { owner_wait: Some(Duration::from_millis(200)), ..EngineConfig::default() };
+    Engine::new(config, compiled(rules, Action::Allow))
+}
+
+fn process_rule(name: &str, glob: &str, action: Action) -> Rule {
+    let mut r = Rule::new(name, action);
+    r.owner.process = Some(crate::owner::Glob::new(glob).expect("glob"));
+    r
+}
+
+#[test]
+fn a_flow_an_owner_rule_may_decide_waits_for_its_owner_then_gets_that_rules_verdict() {
+    let mut e = owner_engine(vec![process_rule("no-curl", "/usr/bin/curl", Action::Drop)]);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    let id = d.flow.expect("tracked");
+    let syn = hold_id(d);
+    // A retransmitted SYN waits too.
+    let again = hold_id(e.handle_packet(ms(1), OUT, &tcp(c.c, c.s, 1_000, 0, "S", b"")));
+    let req = e.poll_owner_request().expect("asked");
+    assert_eq!((req.flow, req.local, req.remote, req.direction), (id, c.c, c.s, Direction::Outbound));
+    assert!(e.poll_owner_request().is_none());
+    assert!(events(&mut e).is_empty(), "the first events wait for the owner");
+    e.handle().owner(id, Some(owner(4242, "/usr/bin/curl", 1000, "alice")), Duration::ZERO).expect("sent");
+    e.handle_commands(ms(2));
+    let r = releases(&mut e);
+    assert_eq!(r, vec![Release { packet: syn, accept: false }, Release { packet: again, accept: false }]);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    assert_eq!(new_flow(&ev[0]).owner.as_ref().map(|o| o.pid), Some(4242));
+    let (flow, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Drop, Some("no-curl")));
+    assert_eq!(flow.owner.as_ref().and_then(|o| o.exe.as_deref()), Some("/usr/bin/curl"));
+    let json = serde_json::to_value(flow).expect("json");
+    assert_eq!(json["process"]["exe"], "/usr/bin/curl");
+    assert_eq!(json["process"]["user"], "alice");
+    // Later packets follow the verdict; the listing shows the owner.
+    assert_eq!(e.handle_packet(ms(3), OUT, &c.ack()).action, PacketAction::Drop);
+    assert_eq!(e.flows()[0].flow.owner.as_ref().map(|o| o.pid), Some(4242));
+    assert_eq!(e.stats().owner_held, 1);
+}
+
+#[test]
+fn another_programs_flow_to_the_same_place_passes_once_its_owner_is_known() {
+    let mut e = owner_engine(vec![process_rule("no-curl", "/usr/bin/curl", Action::Drop)]);
+    let mut c = Conn::new("198.51.100.1:40001", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    let (id, syn) = (d.flow.expect("tracked"), hold_id(d));
+    e.set_owner(id, Some(owner(77, "/usr/bin/python3.11", 0, "root")));
+    assert_eq!(releases(&mut e), vec![Release { packet: syn, accept: true }]);
+    let ev = events(&mut e);
+    let (_, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule), (FlowVerdict::Allow, Some("default")));
+}
+
+#[test]
+fn flows_no_owner_rule_can_decide_are_not_held_but_their_events_carry_the_owner() {
+    let mut rules = vec![rule_remote("web", "203.0.113.0/24", Action::Allow)];
+    rules.push(process_rule("no-curl", "/usr/bin/curl", Action::Drop));
+    let mut e = owner_engine(rules);
+    let mut c = Conn::new("198.51.100.1:40002", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    assert_eq!(d.action, PacketAction::Accept, "the allow rule before the owner rule decides");
+    let id = d.flow.expect("tracked");
+    assert!(e.poll_owner_request().is_some());
+    assert!(events(&mut e).is_empty());
+    e.set_owner(id, Some(owner(5, "/usr/bin/curl", 0, "root")));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    let (flow, verdict, rule, _) = verdict_of(&ev[1]);
+    assert_eq!((verdict, rule, flow.owner.as_ref().map(|o| o.pid)), (FlowVerdict::Allow, Some("web"), Some(5)));
+    assert_eq!(e.stats().owner_held, 0);
+}
+
+#[test]
+fn an_owner_that_never_comes_counts_as_unknown_after_the_wait() {
+    let mut e = owner_engine(vec![process_rule("no-curl", "/usr/bin/*", Action::Drop)]);
+    let mut c = Conn::new("198.51.100.1:40003", "203.0.113.7:443");
+    let syn = hold_id(e.handle_packet(ms(0), OUT, &c.syn()));
+    assert_eq!(e.poll_timeout(), Some(ms(200)));
+    e.handle_timeout(ms(199));
+    assert!(releases(&mut e).is_empty());
+    e.handle_timeout(ms(200));
+    assert_eq!(releases(&mut e), vec![Release { packet: syn, accept: true }], "unknown: the owner rule does not match");
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict"]);
+    assert!(new_flow(&ev[0]).owner.is_none());
+    assert_eq!(e.stats().owner_timeouts, 1);
+    // A late answer changes nothing.
+    let id = new_flow(&ev[0]).id;
+    e.set_owner(id, Some(owner(5, "/usr/bin/curl", 0, "root")));
+    assert!(events(&mut e).is_empty() && releases(&mut e).is_empty());
+}
+
+#[test]
+fn a_flow_that_closes_while_waiting_still_says_new_before_closed() {
+    let config = EngineConfig { owner_wait: Some(Duration::from_secs(120)), ..short_timeouts() };
+    let mut e = Engine::new(config, compiled(Vec::new(), Action::Allow));
+    let d = e.handle_packet(ms(0), OUT, &udp(sa("198.51.100.1:5000"), sa("203.0.113.7:53"), b"q"));
+    assert_eq!(d.action, PacketAction::Accept);
+    let ev = run_timers(&mut e, secs(100));
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict", "flow.closed"]);
+}
+
+#[test]
+fn block_by_process_or_user_selects_only_that_owners_flows() {
+    let mut e = owner_engine(Vec::new());
+    let mut a = Conn::new("198.51.100.1:40010", "203.0.113.7:443");
+    let mut b = Conn::new("198.51.100.1:40011", "203.0.113.7:443");
+    let fa = e.handle_packet(ms(0), OUT, &a.syn()).flow.expect("a");
+    let fb = e.handle_packet(ms(0), OUT, &b.syn()).flow.expect("b");
+    e.set_owner(fa, Some(owner(10, "/usr/bin/curl", 1000, "alice")));
+    e.set_owner(fb, Some(owner(11, "/usr/bin/wget", 33, "www-data")));
+    let _ = events(&mut e);
+    let sel = |p: Option<&str>, u: Option<&str>| Selector {
+        owner: Box::new(crate::owner::OwnerMatch {
+            process: p.map(|t| crate::owner::Glob::new(t).expect("glob")),
+            user: u.map(|t| crate::owner::UserMatch::parse(t).expect("user")),
+            ..Default::default()
+        }),
+        ..Selector::default()
+    };
+    let h = e.handle();
+    let listing = std::thread::spawn(move || {
+        let ids = |l: crate::handle::Listing| -> Vec<FlowId> {
+            l.flat_map(|c| c.expect("chunk").into_iter().map(|s| s.flow.id)).collect()
+        };
+        let changed = ids(h.apply(sel(Some("/usr/bin/curl"), None), DataVerdict::Drop).expect("apply"));
+        let by_user = ids(h.list(sel(None, Some("www-data"))).expect("list"));
+        (changed, by_user)
+    });
+    let (changed, by_user) = loop {
+        e.handle_timeout(ms(1));
+        if listing.is_finished() {
+            break listing.join().expect("thread");
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(changed, vec![fa]);
+    assert_eq!(by_user, vec![fb]);
+    assert_eq!(e.handle_packet(ms(2), OUT, &a.ack()).action, PacketAction::Drop);
+    assert_eq!(e.handle_packet(ms(2), OUT, &b.ack()).action, PacketAction::Accept);
+}

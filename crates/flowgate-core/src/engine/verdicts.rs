@@ -84,6 +84,9 @@ impl Engine {
         direction: Option<Direction>,
         source: UpdateSource,
     ) {
+        if let Some(id) = self.table.get(slot).map(|e| e.id) {
+            self.flush_owner_wait(id);
+        }
         let Some(e) = self.table.get_mut(slot) else { return };
         let verdict = e.verdict();
         let (out, inn) = e.modes();

@@ -214,6 +214,7 @@ mod tests {
             forwarded: false,
             started: Instant::from_unix(1_700_000_000, 500_000_000),
             icmp: (protocol == Protocol::Icmp).then_some((8, 0)),
+            owner: None,
         }
     }
 

@@ -144,6 +144,7 @@ mod tests {
                     forwarded: false,
                     started: Instant::ZERO,
                     icmp: None,
+                    owner: None,
                 },
             },
         }

@@ -208,6 +208,7 @@ mod tests {
             forwarded: false,
             started: Instant::from_micros(1_700_000_000_123_456),
             icmp: None,
+            owner: None,
         }
     }
 

@@ -95,6 +95,8 @@ pub enum UserSpaceReason {
     ProviderJudges,
     /// Its interface glob has a wildcard iptables cannot express (`?`, or `*` not at the end).
     InterfaceGlob,
+    /// It names the owning process, user, unit or cgroup, which only user space learns.
+    Owner,
     /// An earlier rule judged in user space could match the same flows.
     Overlaps { earlier: usize },
     /// All ids are taken, or too many user-space rules come before it to check.
@@ -108,6 +110,7 @@ impl std::fmt::Display for UserSpaceReason {
             UserSpaceReason::Inspects => f.write_str("it inspects"),
             UserSpaceReason::ProviderJudges => f.write_str("it allows while a product's filter judges too"),
             UserSpaceReason::InterfaceGlob => f.write_str("its interface glob has a wildcard iptables cannot match"),
+            UserSpaceReason::Owner => f.write_str("it names the owning process, user, unit or cgroup"),
             UserSpaceReason::Overlaps { earlier } => {
                 write!(f, "rule {} before it is judged in user space and may match the same flows", earlier + 1)
             }
@@ -214,6 +217,9 @@ fn hooks_of(d: DirectionMatch) -> &'static [Hook] {
 
 /// The kernel's verdict for a rule, or why it needs user space.
 fn static_verdict(rule: &Rule, provider: bool) -> Result<KernelVerdict, UserSpaceReason> {
+    if !rule.owner.is_empty() {
+        return Err(UserSpaceReason::Owner);
+    }
     let verdict = match rule.action {
         Action::Inspect { .. } => return Err(UserSpaceReason::Inspects),
         Action::Allow if provider => return Err(UserSpaceReason::ProviderJudges),

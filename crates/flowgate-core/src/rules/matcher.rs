@@ -28,6 +28,7 @@ use ipnet::IpNet;
 use self::table::{MAX_ENTRIES, MAX_RULE, Table, TableBuilder, V6};
 use super::{Action, DirectionMatch, PortSet, ProtocolMatch, Rule, RuleSet};
 use crate::flow::{Direction, Flow, Protocol};
+use crate::owner::OwnerView;
 
 /// Rules with at most this many ports in their port set are keyed by port; wider ones are filed
 /// for any port and their ports checked on the rule.
@@ -90,6 +91,7 @@ fn check_word(rule: &Rule, keyed: Keyed) -> u8 {
         DirectionMatch::Only(Direction::Inbound) => INBOUND,
     };
     let unkeyed = rule.interface.is_some()
+        || !rule.owner.is_empty()
         || (!rule.remote.is_empty() && !keyed.remote_nets)
         || (!rule.local.is_empty() && !keyed.local_nets)
         || (rule.remote_ports.is_some() && !keyed.remote_ports)
@@ -185,6 +187,8 @@ pub struct CompiledRules {
     /// can address, far beyond any rule set that fits in memory) and are checked in order when
     /// no indexed rule matches.
     unindexed_from: usize,
+    /// Some rule names an owner.
+    any_owner_rules: bool,
 }
 
 impl std::fmt::Debug for CompiledRules {
@@ -220,6 +224,7 @@ impl CompiledRules {
         }
         CompiledRules {
             names: set.rules.iter().map(|r| r.name.as_str().into()).collect(),
+            any_owner_rules: set.rules.iter().any(|r| !r.owner.is_empty()),
             rules: set.rules,
             default_action: set.default_action,
             remote: remote.build(),
@@ -246,12 +251,33 @@ impl CompiledRules {
         self.remote.heap_bytes() + self.local.heap_bytes()
     }
 
-    /// The first rule that matches `flow`, or the default action.
+    /// The first rule that matches `flow` (with its owner, where known), or the default action.
     pub fn classify(&self, flow: &Flow) -> Classification {
+        let view = match &flow.owner {
+            Some(o) => OwnerView::Known(o),
+            None => OwnerView::Unknown,
+        };
+        self.classify_as(flow, view)
+    }
+
+    /// Whether knowing the flow's owner could change its verdict: the first rule that matches
+    /// while every owner rule counts as matching names an owner. Until the owner is known, a
+    /// flow for which this is false is judged as [`CompiledRules::classify`] judges it.
+    pub fn owner_decides(&self, flow: &Flow) -> bool {
+        self.any_owner_rules
+            && self.classify_as(flow, OwnerView::Pending).rule.is_some_and(|i| !self.rules[i].owner.is_empty())
+    }
+
+    /// Some rule names an owner (process, user, unit, cgroup).
+    pub fn has_owner_rules(&self) -> bool {
+        self.any_owner_rules
+    }
+
+    fn classify_as(&self, flow: &Flow, view: OwnerView<'_>) -> Classification {
         let want = flow_bits(flow);
         let accept = |rule: u32, check: u8| {
             check & want == want
-                && (check & FULL == 0 || self.rules.get(rule as usize).is_some_and(|r| rule_matches(r, flow)))
+                && (check & FULL == 0 || self.rules.get(rule as usize).is_some_and(|r| matches_as(r, flow, view)))
         };
         let ports = has_ports(flow.protocol);
         let mut best = u32::MAX;
@@ -261,7 +287,7 @@ impl CompiledRules {
             u32::MAX => self
                 .rules
                 .get(self.unindexed_from..)
-                .and_then(|tail| tail.iter().position(|r| rule_matches(r, flow)).map(|i| self.unindexed_from + i)),
+                .and_then(|tail| tail.iter().position(|r| matches_as(r, flow, view)).map(|i| self.unindexed_from + i)),
             i => Some(i as usize),
         };
         match first.and_then(|i| Some((i, self.rules.get(i)?.action))) {
@@ -309,8 +335,17 @@ fn has_ports(p: Protocol) -> bool {
 }
 
 /// Whether every field of `rule` matches `flow`. Port fields never match protocols without
-/// ports; an interface glob never matches a flow whose interface is unknown.
+/// ports; an interface glob never matches a flow whose interface is unknown, owner fields never
+/// one whose owner is unknown.
 pub fn rule_matches(rule: &Rule, flow: &Flow) -> bool {
+    let view = match &flow.owner {
+        Some(o) => OwnerView::Known(o),
+        None => OwnerView::Unknown,
+    };
+    matches_as(rule, flow, view)
+}
+
+fn matches_as(rule: &Rule, flow: &Flow, view: OwnerView<'_>) -> bool {
     let ports_ok = |set: &Option<super::PortSet>, port: u16| match set {
         None => true,
         Some(s) => has_ports(flow.protocol) && s.contains(port),
@@ -325,6 +360,7 @@ pub fn rule_matches(rule: &Rule, flow: &Flow) -> bool {
             None => true,
             Some(g) => flow.interface.as_deref().is_some_and(|i| g.matches(i)),
         }
+        && view.admits(&rule.owner)
 }
 
 #[cfg(test)]
@@ -347,6 +383,7 @@ mod tests {
             forwarded: false,
             started: Instant::ZERO,
             icmp: None,
+            owner: None,
         }
     }
 
@@ -615,6 +652,7 @@ mod tests {
             forwarded: false,
             started: Instant::ZERO,
             icmp: None,
+            owner: None,
         }
     }
 

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use wildmatch::WildMatch;
 
 use crate::flow::{Direction, Protocol};
+use crate::owner::OwnerMatch;
 
 /// What a rule, or the default, does with a flow it matches.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -172,6 +173,8 @@ pub struct Rule {
     pub protocol: ProtocolMatch,
     pub direction: DirectionMatch,
     pub interface: Option<InterfaceGlob>,
+    /// The owning process, user, unit and cgroup (empty: any flow, owned or not).
+    pub owner: OwnerMatch,
     pub action: Action,
     /// With `Action::Drop`: drop without telling the sender (no TCP reset, no ICMP unreachable).
     pub silent: bool,
@@ -189,6 +192,7 @@ impl Rule {
             protocol: ProtocolMatch::Any,
             direction: DirectionMatch::Any,
             interface: None,
+            owner: OwnerMatch::default(),
             action,
             silent: false,
         }

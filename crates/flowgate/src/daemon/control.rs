@@ -41,6 +41,7 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn selector(sel: &Select) -> Result<Selector, String> {
+    use flowgate_core::owner::{Glob, OwnerMatch, UserMatch};
     let remote = match &sel.remote {
         None => None,
         Some(t) => Some(flowgate_core::rules::parse_network(t).map_err(|e| format!("remote: {e}"))?),
@@ -52,7 +53,20 @@ fn selector(sel: &Select) -> Result<Selector, String> {
         Some("icmp") => Some(Protocol::Icmp),
         Some(other) => return Err(format!("protocol: `{other}` is not tcp, udp, icmp or any")),
     };
-    Ok(Selector { ids: sel.ids.iter().map(|&i| FlowId(i)).collect(), remote, remote_port: sel.port, protocol })
+    let mut owner = OwnerMatch::default();
+    if let Some(t) = &sel.process {
+        owner.process = Some(Glob::new(t).map_err(|e| format!("process: {e}"))?);
+    }
+    if let Some(t) = &sel.user {
+        owner.user = Some(UserMatch::parse(t).map_err(|e| format!("user: {e}"))?);
+    }
+    Ok(Selector {
+        ids: sel.ids.iter().map(|&i| FlowId(i)).collect(),
+        remote,
+        remote_port: sel.port,
+        protocol,
+        owner: Box::new(owner),
+    })
 }
 
 /// What the control server needs of the daemon.

@@ -200,6 +200,7 @@ mod tests {
             forwarded: false,
             started: Instant::ZERO,
             icmp: None,
+            owner: None,
         };
         Event {
             time: Instant::ZERO,

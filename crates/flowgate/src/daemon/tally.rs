@@ -416,6 +416,7 @@ mod tests {
             existing: false,
             forwarded: false,
             icmp: None,
+            owner: None,
             started: flowgate_core::Instant::ZERO,
         }
     }

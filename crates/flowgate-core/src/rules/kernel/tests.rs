@@ -115,6 +115,24 @@ fn with_a_product_filter_only_drops_are_decided_in_the_kernel() {
 }
 
 #[test]
+fn owner_rules_stay_in_user_space_and_keep_later_rules_there() {
+    let curl = crate::owner::OwnerMatch {
+        process: Some(crate::owner::Glob::new("/usr/bin/curl").expect("glob")),
+        ..Default::default()
+    };
+    let rules = set(
+        vec![
+            rule("curl", Action::Drop, |r| r.owner = curl.clone()),
+            rule("tcp", Action::Allow, |r| r.protocol = ProtocolMatch::Only(Protocol::Tcp)),
+        ],
+        Action::Allow,
+    );
+    let plan = KernelPlan::new(&rules, false);
+    assert!(plan.entries.is_empty(), "the allow after it may match curl's flows");
+    assert_eq!(plan.user_space, vec![(0, UserSpaceReason::Owner), (1, UserSpaceReason::Overlaps { earlier: 0 })]);
+}
+
+#[test]
 fn interface_globs_iptables_cannot_express_stay_in_user_space() {
     let g = |t: &str| parse_interface(t).expect("glob");
     assert_eq!(iptables_prefix(&g("eth0")).as_deref(), Some("eth0"));
@@ -238,6 +256,7 @@ fn random_flow(rng: &mut Rng, hook: Hook) -> Flow {
         forwarded: hook == Hook::Forward,
         started: Instant::from_micros(0),
         icmp: None,
+        owner: None,
     }
 }
 

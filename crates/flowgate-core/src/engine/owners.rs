@@ -1,0 +1,172 @@
+//! Owners: asking the driver who owns each new flow, and what waits for the answer.
+//!
+//! When the driver can tell owners ([`crate::EngineConfig::owner_wait`] is set), every new flow
+//! is asked about ([`Engine::poll_owner_request`]) and its first events (`flow.new`,
+//! `flow.verdict`) wait for the answer, so they carry the owner. A flow whose verdict the answer
+//! could change (a rule naming a process, user, unit or cgroup may be the first to match it) is
+//! also paused: its packets are held until the answer comes and the rules are asked again with
+//! it. An answer that does not come by `owner_wait` counts as "unknown": rules that name an
+//! owner then do not match. Nothing here blocks: the driver answers through a handle.
+//!
+//! This room keeps the waiting flows and settles them; it emits the deferred events and moves
+//! held packets. It never closes a flow.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::entry::bits;
+use super::judge::{First, modes_of};
+use super::table::Slot;
+use super::{Engine, Release};
+use crate::event::{Event, EventKind};
+use crate::flow::{Flow, FlowId};
+use crate::owner::{Owner, OwnerRequest};
+use crate::time::Instant;
+use crate::verdict::{FlowVerdict, NewFlowVerdict};
+
+/// A flow waiting for its owner.
+struct Waiting {
+    slot: Slot,
+    /// Its first verdict waits too: the product filter's answer, kept to be combined with the
+    /// rules' once they can be asked with the owner.
+    hold: Option<Option<NewFlowVerdict>>,
+    events: Vec<Event>,
+}
+
+#[derive(Default)]
+pub(super) struct Owners {
+    waiting: HashMap<FlowId, Waiting>,
+    /// Deadlines in the order they were set: one wait for all, so the oldest is first.
+    deadlines: VecDeque<(Instant, FlowId)>,
+    requests: VecDeque<OwnerRequest>,
+}
+
+impl Owners {
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.front().map(|&(t, _)| t)
+    }
+
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub(super) fn requests(&self) -> usize {
+        self.requests.len()
+    }
+}
+
+impl Engine {
+    /// The next flow whose owner the engine wants to know; answer with
+    /// [`crate::Handle::owner`] (or [`Engine::set_owner`]), also when it cannot be found.
+    pub fn poll_owner_request(&mut self) -> Option<OwnerRequest> {
+        self.owners.requests.pop_front()
+    }
+
+    /// The owner of a flow the engine asked about (`None`: it could not be found). Settles the
+    /// flow: its deferred events go out, and a paused first verdict is given.
+    pub fn set_owner(&mut self, flow: FlowId, owner: Option<Arc<Owner>>) {
+        let Some(w) = self.owners.waiting.remove(&flow) else { return };
+        self.settle(flow, w, owner);
+    }
+
+    /// Queues the question about a flow just opened, and keeps its first events until the
+    /// answer. `hold`: its verdict waits too (with the product filter's answer).
+    pub(super) fn ask_owner(
+        &mut self,
+        now: Instant,
+        slot: Slot,
+        flow: &Flow,
+        hold: Option<Option<NewFlowVerdict>>,
+        events: [Event; 2],
+    ) {
+        let Some(wait) = self.config.owner_wait else {
+            self.events.extend(events);
+            return;
+        };
+        self.owners.requests.push_back(OwnerRequest {
+            flow: flow.id,
+            protocol: flow.protocol,
+            direction: flow.direction,
+            local: flow.local,
+            remote: flow.remote,
+            forwarded: flow.forwarded,
+        });
+        self.owners.deadlines.push_back((now + wait, flow.id));
+        self.owners.waiting.insert(flow.id, Waiting { slot, hold, events: events.into() });
+        if hold.is_some() {
+            self.stats.owner_held += 1;
+        }
+    }
+
+    /// Settles the flows whose answer did not come in time: their owner is unknown.
+    pub(super) fn expire_owner_waits(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.owners.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.owners.deadlines.pop_front();
+            if let Some(w) = self.owners.waiting.remove(&id) {
+                self.stats.owner_timeouts += 1;
+                self.settle(id, w, None);
+            }
+        }
+        // Answered flows leave their deadline behind; keep the queue bounded by the waiting.
+        if self.owners.waiting.is_empty() {
+            self.owners.deadlines.clear();
+        }
+    }
+
+    /// Something else is about to be said of a waiting flow (it changes verdict or closes):
+    /// its first events must go out before, owner or not.
+    pub(super) fn flush_owner_wait(&mut self, flow: FlowId) {
+        if let Some(w) = self.owners.waiting.remove(&flow) {
+            self.settle(flow, w, None);
+        }
+    }
+
+    fn settle(&mut self, id: FlowId, w: Waiting, owner: Option<Arc<Owner>>) {
+        let Some(e) = self.table.get_mut(w.slot).filter(|e| e.id == id) else { return };
+        if owner.is_some() {
+            self.stats.owners_known += 1;
+        }
+        e.owner = owner.clone();
+        let mut first: Option<(FlowVerdict, First)> = None;
+        if let Some(filter_verdict) = w.hold {
+            let flow = e.flow(&self.interfaces);
+            let class = self.rules.classify(&flow);
+            let f = self.first_verdict(class, filter_verdict);
+            let (out, inn, _) = modes_of(f.verdict);
+            let Some(e) = self.table.get_mut(w.slot) else { return };
+            e.set_mode(crate::flow::Direction::Outbound, out);
+            e.set_mode(crate::flow::Direction::Inbound, inn);
+            e.set(bits::FILTER_INSPECTS, f.filter_inspects);
+            e.set(bits::SILENT, f.silent);
+            e.rule = Some(f.rule.clone());
+            let verdict = e.verdict();
+            if verdict != FlowVerdict::Pause {
+                let accept = verdict != FlowVerdict::Drop;
+                for packet in e.take_held() {
+                    if self.held.remove(&packet).is_some() {
+                        self.releases.push_back(Release { packet, accept });
+                    }
+                }
+            }
+            first = Some((verdict, f));
+        }
+        for mut ev in w.events {
+            match &mut ev.kind {
+                EventKind::FlowNew { flow } => flow.owner = owner.clone(),
+                EventKind::FlowVerdict { flow, verdict, rule, peek } => {
+                    flow.owner = owner.clone();
+                    if let Some((v, f)) = &first {
+                        *verdict = *v;
+                        *rule = Some(f.rule.clone());
+                        *peek = modes_of(f.verdict).2;
+                    }
+                }
+                _ => {}
+            }
+            self.events.push_back(ev);
+        }
+    }
+}
