@@ -25,26 +25,32 @@
 //! server that forks workers hands them its listener, the workers being the ones that accept.
 //!
 //! The index is built by a scan and trusted on a hit only after a check that the link still
-//! names the socket (one `readlink`). A miss rescans, but at most once per [`RESCAN_INTERVAL`]
-//! (50 ms): misses come in bursts (a new program's first flows, sockets without a process), and a
-//! scan reads every open file of the host. A miss within the interval is a miss (`pid: None`);
-//! the next one after it scans again. Measured on the 2-CPU VM this was written on (6.18 kernel,
-//! release build): a scan of ~70 processes and ~700 open files takes about 1 ms, one of ~9,800
-//! files (9,000 of them sockets, in 11 processes) about 12 ms: some 1.2 µs per file, so the rate
-//! limit bounds the scans to at most a quarter of a CPU on a host with 10,000 open files, and in
-//! practice far less since only misses scan. A warm lookup (the socket's lookup by ends and the
-//! index hit's check) takes some 10 to 20 µs.
+//! names the socket (one `readlink`). A miss rescans, but not sooner than [`RESCAN_INTERVAL`]
+//! (50 ms) after the last scan, nor sooner than ten times as long as the last scan took: misses
+//! come in bursts (a new program's first flows, sockets without a process), and a scan reads
+//! every open file of the host, so the limit keeps scanning under a tenth of a CPU whatever the
+//! host's size. A miss within the limit is a miss (`pid: None`); the next one after it scans.
+//!
+//! Measured on the 2-CPU VM this was written on (Linux 6.18, release build, best of five): a scan
+//! of this host's ~75 processes and ~400 open files takes 1.7 ms; with 9,000 more sockets in ten
+//! more processes (9,470 files) 40 ms: about 4 µs per open file, nearly all of it the kernel's
+//! `readlink` of `/proc/<pid>/fd/<n>`. So on a busy host (tens of thousands of open files) a
+//! scan costs a tenth of a second or more, which is why it is rate-limited and why the index is
+//! kept between misses. A warm lookup (the socket's lookup by its ends, the index hit and its
+//! check) takes about 8 µs, up to 20 µs with other tests running beside it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::sockdiag::{DiagError, SockDiag, SocketInfo, TCP, state};
 
-/// The shortest time between two scans of `/proc` (see the module doc).
+/// The shortest time between two scans of `/proc` a miss makes; longer after a scan that took
+/// more than a tenth of it (see the module doc).
 pub const RESCAN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The socket of a flow and its process.
@@ -134,7 +140,8 @@ impl SocketOwners {
     }
 
     /// The process that holds the socket with this inode: from the index if it is there and
-    /// still true, else from a new scan if the last one is older than [`RESCAN_INTERVAL`].
+    /// still true, else from a new scan if the last one is older than [`RESCAN_INTERVAL`] and ten
+    /// times its own duration.
     pub fn pid_of(&mut self, inode: u32) -> Option<u32> {
         if let Some(holder) = self.index.get(&inode).copied() {
             if holds(&self.proc_root, holder, inode) {
@@ -142,7 +149,8 @@ impl SocketOwners {
             }
             self.index.remove(&inode);
         }
-        if self.last_scan.is_some_and(|at| at.elapsed() < RESCAN_INTERVAL) {
+        let took = self.stats.map_or(Duration::ZERO, |s| s.took);
+        if self.last_scan.is_some_and(|at| at.elapsed() < RESCAN_INTERVAL.max(took * 10)) {
             return None;
         }
         self.rescan();
@@ -182,7 +190,6 @@ fn socket_inode(target: &[u8]) -> Option<u32> {
 }
 
 fn link_inode(path: &Path) -> Option<u32> {
-    use std::os::unix::ffi::OsStrExt;
     socket_inode(fs::read_link(path).ok()?.as_os_str().as_bytes())
 }
 
@@ -204,12 +211,16 @@ fn scan(proc_root: &Path) -> (HashMap<u32, Holder>, ScanStats) {
     let Ok(processes) = fs::read_dir(proc_root) else { return (index, stats) };
     for process in processes.flatten() {
         let Some(pid) = process.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = fs::read_dir(process.path().join("fd")) else { continue };
+        let fd_dir = process.path().join("fd");
+        // The links are read relative to the directory: no path walk from / for each.
+        let (Ok(dir), Ok(fds)) = (fs::File::open(&fd_dir), fs::read_dir(&fd_dir)) else { continue };
         stats.processes += 1;
         for entry in fds.flatten() {
             stats.fds += 1;
-            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            let Some(inode) = link_inode(&entry.path()) else { continue };
+            let name = entry.file_name();
+            let Some(fd) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(target) = nix::fcntl::readlinkat(&dir, name.as_os_str()) else { continue };
+            let Some(inode) = socket_inode(target.as_bytes()) else { continue };
             stats.sockets += 1;
             let holder = Holder { pid, fd };
             match index.entry(inode) {
@@ -270,8 +281,11 @@ mod tests {
         assert_eq!(start_ticks("42 (a) S 7"), None);
     }
 
+    /// A process of a fake `/proc`: pid, start time, (fd, link target) pairs.
+    type FakeProcess<'a> = (u32, u64, &'a [(u32, &'a str)]);
+
     /// A fake `/proc` with processes that hold links to given targets.
-    fn fake_proc(name: &str, processes: &[(u32, u64, &[(u32, &str)])]) -> PathBuf {
+    fn fake_proc(name: &str, processes: &[FakeProcess<'_>]) -> PathBuf {
         let root = std::env::temp_dir().join(format!("flowgate-socket-owner-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         for &(pid, start, fds) in processes {
