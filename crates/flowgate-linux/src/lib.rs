@@ -14,6 +14,10 @@
 //! - [`conntrack`]: conntrack over netlink: end-of-flow events with counters, dumps, mark
 //!   updates and deletion of entries.
 //! - [`sockdiag`]: local TCP and UDP sockets: list them, destroy one to cut its connection at once.
+//! - [`procinfo`]: a process's identity from `/proc` (executable, command line, parent, owner,
+//!   start time, cgroup and systemd unit), user names from `/etc/passwd`.
+//! - [`socket_owner`]: the process that holds a flow's socket, found through sock_diag and
+//!   `/proc/*/fd`: how a flow is attributed when the kernel-side capture is not there.
 //! - [`static_rules`]: the rules the kernel decides alone: flowgate's static chains and ipsets.
 //! - [`ifname`]: interface index → name, cached.
 //! - [`bpf`]: the `bpf()` syscall, as far as `flowgate check` probes it (load a no-op program,
@@ -28,7 +32,9 @@ pub mod netfilter;
 mod netlink;
 pub mod nflog;
 pub mod nfqueue;
+pub mod procinfo;
 pub mod sockdiag;
+pub mod socket_owner;
 pub mod static_rules;
 
 /// The mark bits flowgate owns, on packets and on conntrack entries. A decided flow carries its

@@ -242,15 +242,21 @@ impl SockDiag {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> Result<Option<SocketInfo>, DiagError> {
+        let found = self.lookup(family, protocol, local, remote)?;
+        Ok(found.filter(|s| s.local == local && s.remote == remote && in_states(states, s.state)))
+    }
+
+    /// What the kernel answers to a lookup by these ends, unchecked: the connection with these
+    /// ends, else what its lookup falls back to (see [`SockDiag::find_receiver`]).
+    fn lookup(
+        &mut self,
+        family: u8,
+        protocol: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<Option<SocketInfo>, DiagError> {
         let seq = self.sock.next_seq();
-        let mut req = Vec::with_capacity(netlink::NLMSG_HDRLEN + REQ_V2_LEN);
-        // The answer is one message; the ACK after it tells that nothing more is coming.
-        let start = netlink::begin_msg(&mut req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_ACK, seq);
-        put_req_v2(&mut req, family, protocol, u32::MAX);
-        let addrs = (raw_addr(family, local.ip()), raw_addr(family, remote.ip()));
-        // INET_DIAG_NOCOOKIE: any socket with these ends.
-        put_sockid(&mut req, (local.port(), remote.port()), addrs, 0, u64::MAX);
-        netlink::end_msg(&mut req, start);
+        let req = lookup_request(seq, family, protocol, local, remote);
         let mut found = None;
         let answer = self.sock.request(&req, seq, |msg| {
             if msg.ty == SOCK_DIAG_BY_FAMILY {
@@ -258,13 +264,69 @@ impl SockDiag {
             }
         });
         match answer {
-            Ok(()) => {}
-            Err(Failure::Kernel(libc::ENOENT)) => return Ok(None),
-            Err(e) => return Err(failed(format!("look up {} socket {local} -> {remote}", protocol_name(protocol)), e)),
+            Ok(()) => Ok(found),
+            Err(Failure::Kernel(libc::ENOENT)) => Ok(None),
+            Err(e) => Err(failed(format!("look up {} socket {local} -> {remote}", protocol_name(protocol)), e)),
         }
-        // A state the kernel does not have (32 or more) is in no mask.
-        let in_states = |state: u8| 1u32.checked_shl(u32::from(state)).is_some_and(|bit| states & bit != 0);
-        Ok(found.filter(|s| s.local == local && s.remote == remote && in_states(s.state)))
+    }
+
+    /// The socket of `protocol` with exactly this local end (this host's) and remote end, in one
+    /// of `states` (a mask of [`state`] bits), or `None`. Addresses compare as [`SocketInfo`]
+    /// gives them (IPv4-mapped as IPv4), with no wildcard, as in [`SockDiag::destroy_matching`]:
+    /// an unconnected UDP socket or a listener is found only with the unspecified remote address
+    /// and port 0 and its own local address (the unspecified one if it is bound to that).
+    ///
+    /// A lookup by ends, IPv4 and then the IPv6 table (dual-stack sockets) for an IPv4 local
+    /// end: microseconds, whatever the size of the socket table. A socket bound to a device
+    /// (`SO_BINDTODEVICE`) is not found; [`SockDiag::dump`] lists it.
+    pub fn find(
+        &mut self,
+        protocol: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+        states: u32,
+    ) -> Result<Option<SocketInfo>, DiagError> {
+        check_protocol(protocol)?;
+        let (local, remote) = (canonical(local), canonical(remote));
+        for &family in families(local) {
+            if let Some(s) = self.find_exact(family, protocol, states, local, remote)? {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The socket the kernel would give a packet from `remote` to `local` of `protocol`: the
+    /// connection with these ends (any state, `TIME_WAIT` included, whose inode is 0), else for
+    /// TCP the listener on the local port, else for UDP the unconnected socket bound to the local
+    /// port, on the local address or the unspecified one (IPv4 or a dual-stack IPv6 one). This is
+    /// the kernel's own choice (`SO_REUSEPORT` groups included: one of the group), so it is the
+    /// socket a flow belongs to even when the flow has no socket of its own yet (a TCP SYN that is
+    /// still queued) or never gets one (datagrams to or from an unconnected UDP socket).
+    ///
+    /// The answer is checked: its local port is `local`'s, its local address `local`'s or
+    /// unspecified, and its remote end `remote` or unspecified with port 0; else `None`. The
+    /// remote end is how the caller tells a connection from a fallback. As [`SockDiag::find`],
+    /// a lookup by ends that does not see sockets bound to a device.
+    pub fn find_receiver(
+        &mut self,
+        protocol: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<Option<SocketInfo>, DiagError> {
+        check_protocol(protocol)?;
+        let (local, remote) = (canonical(local), canonical(remote));
+        let fits = |s: &SocketInfo| {
+            s.local.port() == local.port()
+                && (s.local.ip() == local.ip() || s.local.ip().is_unspecified())
+                && (s.remote == remote || (s.remote.port() == 0 && s.remote.ip().is_unspecified()))
+        };
+        for &family in families(local) {
+            if let Some(s) = self.lookup(family, protocol, local, remote)?.filter(fits) {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
     }
 
     /// Destroys every socket of `protocol` with this local end (this host's) and this remote end,
@@ -286,9 +348,7 @@ impl SockDiag {
         check_protocol(protocol)?;
         let (local, remote) = (canonical(local), canonical(remote));
         let states = if protocol == TCP { state::TCP_CONNECTIONS } else { state::UDP_ALL };
-        // A true IPv6 address is never on an IPv4 socket; an IPv4 one can be on either.
-        let families: &[u8] = if local.is_ipv4() { &[AF_INET, AF_INET6] } else { &[AF_INET6] };
-        for &family in families {
+        for &family in families(local) {
             if let Some(s) = self.find_exact(family, protocol, states, local, remote)? {
                 return match self.destroy(&s) {
                     Ok(()) => Ok(1),
@@ -298,7 +358,7 @@ impl SockDiag {
             }
         }
         let mut found = Vec::new();
-        for &family in families {
+        for &family in families(local) {
             self.dump_family(family, protocol, states, local.port(), remote.port(), &mut |s: &SocketInfo| {
                 if s.local == local && s.remote == remote {
                     found.push(*s);
@@ -317,11 +377,23 @@ impl SockDiag {
     }
 }
 
+/// Whether `state` is in the mask `states`; a state the kernel does not have (32 or more) is in
+/// none.
+fn in_states(states: u32, state: u8) -> bool {
+    1u32.checked_shl(u32::from(state)).is_some_and(|bit| states & bit != 0)
+}
+
 fn check_protocol(protocol: u8) -> Result<(), DiagError> {
     match protocol {
         TCP | UDP => Ok(()),
         _ => Err(DiagError::Protocol { protocol }),
     }
+}
+
+/// The socket tables a local end can be in: a true IPv6 address is never on an IPv4 socket; an
+/// IPv4 one can be on either (an IPv6 socket that is not `IPV6_V6ONLY` takes IPv4 too).
+fn families(local: SocketAddr) -> &'static [u8] {
+    if local.is_ipv4() { &[AF_INET, AF_INET6] } else { &[AF_INET6] }
 }
 
 /// IPv4-mapped addresses as IPv4; no flow label or scope, which the kernel does not report.
@@ -347,6 +419,27 @@ fn put_sockid(buf: &mut Vec<u8>, ports: (u16, u16), addrs: ([u8; 16], [u8; 16]),
     buf.extend_from_slice(&ifindex.to_ne_bytes());
     buf.extend_from_slice(&(cookie as u32).to_ne_bytes());
     buf.extend_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+}
+
+/// A lookup by ends (`SOCK_DIAG_BY_FAMILY` without `NLM_F_DUMP`): the answer is one message,
+/// and the ACK after it tells that nothing more is coming. The cookie is `INET_DIAG_NOCOOKIE`:
+/// any socket with these ends.
+///
+/// The kernel reads the ends of a UDP lookup the other way round from a TCP one: TCP takes
+/// `idiag_src` as the socket's local end (as its answers and `SOCK_DESTROY` do), while UDP's
+/// lookup (`udp_dump_one`) passes `idiag_src` to the receive path's lookup as the packet's
+/// source, that is the remote end. Asked with the local end first, the kernel finds the socket
+/// bound to the remote end instead (seen on 6.18: the lookup for a connected UDP socket answered
+/// with the peer's unconnected one). So a UDP lookup puts the remote end first.
+fn lookup_request(seq: u32, family: u8, protocol: u8, local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    let (first, second) = if protocol == UDP { (remote, local) } else { (local, remote) };
+    let mut req = Vec::with_capacity(netlink::NLMSG_HDRLEN + REQ_V2_LEN);
+    let start = netlink::begin_msg(&mut req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_ACK, seq);
+    put_req_v2(&mut req, family, protocol, u32::MAX);
+    let addrs = (raw_addr(family, first.ip()), raw_addr(family, second.ip()));
+    put_sockid(&mut req, (first.port(), second.port()), addrs, 0, u64::MAX);
+    netlink::end_msg(&mut req, start);
+    req
 }
 
 /// The exact request that names `s`: the family the kernel reported, its addresses as the kernel
@@ -476,6 +569,26 @@ mod tests {
         let req = destroy_request(1, &s6);
         assert_eq!(&req[28..44], &"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
         assert_eq!(&req[44..60], &[0; 16]);
+    }
+
+    #[test]
+    fn lookup_requests_put_the_remote_end_first_for_udp_only() {
+        let (local, remote) = ("192.0.2.1:40000".parse().unwrap(), "198.51.100.2:53".parse().unwrap());
+        let tcp = lookup_request(3, AF_INET, TCP, local, remote);
+        let udp = lookup_request(3, AF_INET, UDP, local, remote);
+        assert_eq!(tcp.len(), netlink::NLMSG_HDRLEN + REQ_V2_LEN);
+        assert_eq!((&tcp[4..6], &tcp[6..8]), (&20u16.to_ne_bytes()[..], &0x5u16.to_ne_bytes()[..]));
+        assert_eq!((tcp[16], tcp[17], &tcp[20..24]), (AF_INET, TCP, &u32::MAX.to_ne_bytes()[..]));
+        assert_eq!(&tcp[24..28], &[0x9c, 0x40, 0x00, 0x35]);
+        assert_eq!(&tcp[28..32], &[192, 0, 2, 1]);
+        assert_eq!(&tcp[44..48], &[198, 51, 100, 2]);
+        assert_eq!(&udp[24..28], &[0x00, 0x35, 0x9c, 0x40]);
+        assert_eq!(&udp[28..32], &[198, 51, 100, 2]);
+        assert_eq!(&udp[44..48], &[192, 0, 2, 1]);
+        // No interface; the cookie INET_DIAG_NOCOOKIE.
+        assert_eq!(&tcp[60..], &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let v6 = lookup_request(1, AF_INET6, TCP, local, remote);
+        assert_eq!(&v6[28..44], &Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets());
     }
 
     /// A dump answer for `s` as the kernel builds it: inet_diag_msg, then attributes.

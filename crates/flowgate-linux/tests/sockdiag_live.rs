@@ -267,3 +267,69 @@ fn destroy_matching_never_takes_a_listener_or_an_unconnected_socket_for_a_connec
         assert_eq!(server.recv(&mut b).expect("the unconnected socket still receives"), 11);
     });
 }
+
+#[test]
+fn find_looks_up_exact_ends_of_tcp_and_udp_sockets() {
+    in_namespace(|diag| {
+        for ip in [LO4, LO6] {
+            let (client, server) = tcp_pair(SocketAddr::new(ip, 0), ip);
+            let (c, s) = (client.local_addr().unwrap(), server.local_addr().unwrap());
+            let got = diag.find(TCP, c, s, state::TCP_CONNECTIONS).expect("find").expect("the client socket");
+            assert_eq!((got.local, got.remote, got.inode), (c, s, inode(&client)));
+            assert_eq!(diag.find(TCP, c, s, 1 << state::LISTEN).expect("find"), None, "state filter");
+
+            // UDP: the kernel's lookup reads the ends the other way round; find sees through it.
+            let peer = UdpSocket::bind((ip, 0)).unwrap();
+            let app = UdpSocket::bind((ip, 0)).unwrap();
+            app.connect(peer.local_addr().unwrap()).unwrap();
+            let (local, remote) = (app.local_addr().unwrap(), peer.local_addr().unwrap());
+            let got = diag.find(UDP, local, remote, state::UDP_ALL).expect("find").expect("the connected socket");
+            assert_eq!((got.local, got.remote, got.state, got.inode), (local, remote, state::ESTABLISHED, inode(&app)));
+            let unspecified = SocketAddr::new(
+                if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() },
+                0,
+            );
+            let got =
+                diag.find(UDP, remote, unspecified, state::UDP_ALL).expect("find").expect("the unconnected socket");
+            assert_eq!((got.state, got.inode), (state::CLOSE, inode(&peer)));
+            // No wildcard: the unconnected socket is not found under a remote end.
+            assert_eq!(diag.find(UDP, remote, SocketAddr::new(ip, 9), state::UDP_ALL).expect("find"), None);
+        }
+    });
+}
+
+#[test]
+fn find_receiver_falls_back_to_the_listener_and_the_bound_udp_socket() {
+    in_namespace(|diag| {
+        let ghost = SocketAddr::new(LO4, 40_999);
+        // A dual-stack listener, not yet accepting: a connection in its accept queue has no file
+        // (inode 0) until accept().
+        let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let local = SocketAddr::new(LO4, port);
+        let got = diag.find_receiver(TCP, local, ghost).expect("find_receiver").expect("the listener");
+        assert_eq!((got.state, got.inode), (state::LISTEN, inode(&listener)));
+        assert_eq!(got.local, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port));
+        assert_eq!(diag.find(TCP, local, ghost, u32::MAX).expect("find"), None);
+
+        let client = TcpStream::connect(local).unwrap();
+        let queued = diag.find_receiver(TCP, local, client.local_addr().unwrap()).expect("find_receiver").unwrap();
+        eprintln!("sockdiag_live: a connection in the accept queue: {queued:?}");
+        assert_eq!((queued.state, queued.remote, queued.inode), (state::ESTABLISHED, client.local_addr().unwrap(), 0));
+        let (server, _) = listener.accept().unwrap();
+        let accepted = diag.find_receiver(TCP, local, client.local_addr().unwrap()).expect("find_receiver").unwrap();
+        assert_eq!(accepted.inode, inode(&server));
+
+        // UDP: the unconnected socket bound to the unspecified address, for any remote end.
+        let bound = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let local = SocketAddr::new(LO4, bound.local_addr().unwrap().port());
+        let got = diag.find_receiver(UDP, local, ghost).expect("find_receiver").expect("the bound socket");
+        assert_eq!(
+            (got.state, got.inode, got.local.ip()),
+            (state::CLOSE, inode(&bound), IpAddr::from(Ipv4Addr::UNSPECIFIED))
+        );
+        // Nothing on a port no socket has.
+        assert_eq!(diag.find_receiver(UDP, SocketAddr::new(LO4, 9), ghost).expect("find_receiver"), None);
+        assert_eq!(diag.find_receiver(TCP, SocketAddr::new(LO4, 9), ghost).expect("find_receiver"), None);
+    });
+}
