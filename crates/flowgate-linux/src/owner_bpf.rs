@@ -43,6 +43,9 @@
 //!   `tp_btf/sched_process_fork` copies the parent's record to a new process (not a thread),
 //!   which then has its parent's exe and argv until it exec's itself.
 //!
+//! Every program returns "allow" and none writes a reply: for the sockops callbacks that ask for
+//! one (initial RTO, receive window, ECN), a reply of 0 leaves the kernel's defaults in place.
+//!
 //! Entries are not deleted when a process exits (user space may look up right after); the maps
 //! are LRU hashes, bounded in size: 65536 flows, 16384 listeners, 16384 processes.
 //!
@@ -82,8 +85,9 @@ pub struct KernelOwner {
     pub tgid: u32,
     /// The thread id.
     pub tid: u32,
-    /// The real uid and gid, in the initial user namespace.
+    /// The real uid, in the initial user namespace.
     pub uid: u32,
+    /// The real gid, in the initial user namespace.
     pub gid: u32,
     /// The cgroup v2 id of the thread (the inode number of its cgroup's directory).
     pub cgroup_id: u64,
@@ -113,49 +117,38 @@ pub struct KernelProcess {
     pub args: Vec<String>,
 }
 
-/// What failed in [`OwnerCapture::start`], and where.
+/// What failed in [`OwnerCapture::start`], and where. The message carries the whole cause (aya's
+/// error and the OS error under it, or the verifier's log), so the errors have no separate source.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {0}")]
-    Btf(#[source] BtfError),
-    #[error("loading the BPF object owner.bpf.o (maps, relocations): {0}")]
-    Object(#[source] EbpfError),
+    #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {}", chain(.0))]
+    Btf(BtfError),
+    #[error("loading the BPF object owner.bpf.o (maps, relocations): {}", chain(.0))]
+    Object(EbpfError),
     #[error("the BPF object has no {kind} named {name}")]
     Missing { kind: &'static str, name: &'static str },
-    #[error("BPF program {program} ({hook}): the program's type does not match: {source}")]
-    Kind {
-        program: &'static str,
-        hook: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("BPF program {program} ({hook}): loading it into the kernel: {source}")]
-    Load {
-        program: &'static str,
-        hook: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("BPF program {program} ({hook}): attaching it: {source}")]
-    Attach {
-        program: &'static str,
-        hook: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("BPF map {map}: {source}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("cgroup v2 root: {what} {path}: {source}")]
-    Cgroup {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("BPF program {program} ({hook}): the program's type does not match: {}", chain(.error))]
+    Kind { program: &'static str, hook: &'static str, error: ProgramError },
+    #[error("BPF program {program} ({hook}): loading it into the kernel: {}", chain(.error))]
+    Load { program: &'static str, hook: &'static str, error: ProgramError },
+    #[error("BPF program {program} ({hook}): attaching it: {}", chain(.error))]
+    Attach { program: &'static str, hook: &'static str, error: ProgramError },
+    #[error("BPF map {map}: {}", chain(.error))]
+    Map { map: &'static str, error: MapError },
+    #[error("cgroup v2 root: {what} {path}: {error}")]
+    Cgroup { what: &'static str, path: PathBuf, error: io::Error },
+}
+
+/// An error's message and its causes', joined by ": ".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// `struct owner` in owner.bpf.c.
@@ -316,25 +309,25 @@ impl OwnerCapture {
         // useful once the route lookup that completes it is watched.
         for (program, hook) in TRACEPOINTS {
             let p: &mut BtfTracePoint = program_mut(&mut ebpf, program, hook)?;
-            p.load(hook, &btf).map_err(|source| CaptureError::Load { program, hook, source })?;
-            p.attach().map_err(|source| CaptureError::Attach { program, hook, source })?;
+            p.load(hook, &btf).map_err(|error| CaptureError::Load { program, hook, error })?;
+            p.attach().map_err(|error| CaptureError::Attach { program, hook, error })?;
         }
 
         let cgroup = open_cgroup2_root()?;
         let hook = "sockops";
         let program = "fg_sockops";
         let p: &mut SockOps = program_mut(&mut ebpf, program, hook)?;
-        p.load().map_err(|source| CaptureError::Load { program, hook, source })?;
-        p.attach(cgroup.as_fd(), LINK_MODE).map_err(|source| CaptureError::Attach { program, hook, source })?;
+        p.load().map_err(|error| CaptureError::Load { program, hook, error })?;
+        p.attach(cgroup.as_fd(), LINK_MODE).map_err(|error| CaptureError::Attach { program, hook, error })?;
         for (program, hook) in SOCK_ADDR {
             let p: &mut CgroupSockAddr = program_mut(&mut ebpf, program, hook)?;
-            p.load().map_err(|source| CaptureError::Load { program, hook, source })?;
-            p.attach(cgroup.as_fd(), LINK_MODE).map_err(|source| CaptureError::Attach { program, hook, source })?;
+            p.load().map_err(|error| CaptureError::Load { program, hook, error })?;
+            p.attach(cgroup.as_fd(), LINK_MODE).map_err(|error| CaptureError::Attach { program, hook, error })?;
         }
         for (program, hook) in SOCK {
             let p: &mut CgroupSock = program_mut(&mut ebpf, program, hook)?;
-            p.load().map_err(|source| CaptureError::Load { program, hook, source })?;
-            p.attach(cgroup.as_fd(), LINK_MODE).map_err(|source| CaptureError::Attach { program, hook, source })?;
+            p.load().map_err(|error| CaptureError::Load { program, hook, error })?;
+            p.attach(cgroup.as_fd(), LINK_MODE).map_err(|error| CaptureError::Attach { program, hook, error })?;
         }
         // The links hold the cgroup now.
         drop(cgroup);
@@ -398,12 +391,12 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
     let p = ebpf.program_mut(program).ok_or(CaptureError::Missing { kind: "program", name: program })?;
-    p.try_into().map_err(|source| CaptureError::Kind { program, hook, source })
+    p.try_into().map_err(|error| CaptureError::Kind { program, hook, error })
 }
 
 fn take_map<K: Pod, V: Pod>(ebpf: &mut Ebpf, map: &'static str) -> Result<HashMap<MapData, K, V>, CaptureError> {
     let m = ebpf.take_map(map).ok_or(CaptureError::Missing { kind: "map", name: map })?;
-    HashMap::try_from(m).map_err(|source| CaptureError::Map { map, source })
+    HashMap::try_from(m).map_err(|error| CaptureError::Map { map, error })
 }
 
 fn open_dir(path: &Path) -> io::Result<OwnedFd> {
@@ -467,7 +460,7 @@ fn mount_cgroup2_root() -> Result<OwnedFd, CaptureError> {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
-    let err = |what, source| CaptureError::Cgroup { what, path: dir.clone(), source };
+    let err = |what, error| CaptureError::Cgroup { what, path: dir.clone(), error };
     std::fs::create_dir(&dir).map_err(|e| err("creating", e))?;
     let result = mount_open_unmount(&dir);
     let removed = std::fs::remove_dir(&dir);
@@ -477,7 +470,7 @@ fn mount_cgroup2_root() -> Result<OwnedFd, CaptureError> {
 }
 
 fn mount_open_unmount(dir: &Path) -> Result<OwnedFd, CaptureError> {
-    let err = |what, source| CaptureError::Cgroup { what, path: dir.to_path_buf(), source };
+    let err = |what, error| CaptureError::Cgroup { what, path: dir.to_path_buf(), error };
     let target = CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| err("naming", io::Error::from(io::ErrorKind::InvalidInput)))?;
     // SAFETY: NUL-terminated strings that outlive the call; no data argument.
@@ -540,6 +533,16 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/mnt/a\040b\134c"), r"/mnt/a b\c");
         assert_eq!(unescape_mountinfo(r"/mnt/x\04"), r"/mnt/x\04", "cut short: kept");
         assert_eq!(unescape_mountinfo(r"/mnt/é\0"), r"/mnt/é\0");
+    }
+
+    #[test]
+    fn errors_name_the_program_the_hook_and_the_os_error() {
+        let io_error = io::Error::from_raw_os_error(libc::EINVAL);
+        let os = io_error.to_string();
+        let error = ProgramError::SyscallError(aya::sys::SyscallError { call: "bpf_link_create", io_error });
+        let text = CaptureError::Attach { program: "fg_sockops", hook: "sockops", error }.to_string();
+        assert!(text.starts_with("BPF program fg_sockops (sockops): attaching it: "), "{text}");
+        assert!(text.contains("bpf_link_create") && text.ends_with(&os), "{text}");
     }
 
     /// Where a build tool is, if installed.
