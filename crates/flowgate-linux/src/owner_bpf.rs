@@ -57,7 +57,8 @@
 //! `execve`, not resolved (relative, or `/dev/fd/N` for `fexecve`). The owner of a flow is the
 //! thread that made it; a socket passed to another process afterwards keeps its maker as owner,
 //! except unconnected UDP, which is attributed per datagram. A connected UDP socket whose
-//! `connect()` is rerouted by another cgroup program is not recorded.
+//! `connect()` is rerouted by another cgroup program is not recorded. Inside a cgroup namespace
+//! (a container) the root opened is the namespace's, so only its processes are seen.
 
 use std::ffi::CString;
 use std::fs::File;

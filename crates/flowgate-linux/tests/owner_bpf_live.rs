@@ -278,6 +278,35 @@ fn bound_sockets_are_attributed_to_their_process() {
     assert!(capture.listener(TCP, elsewhere).is_none_or(|o| o.tgid != made.pid));
 }
 
+/// A script run directly: the record names the interpreter the kernel ran, and argv has the
+/// script's path after it.
+#[test]
+fn a_script_is_recorded_with_its_interpreter() {
+    if !root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let capture = capture();
+    let ns = netns();
+    let listener = ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let remote = listener.local_addr().unwrap();
+    let script = std::env::temp_dir().join(format!("flowgate-owner-script-{}.sh", std::process::id()));
+    std::fs::write(&script, "#!/bin/bash\nexec 3<>/dev/tcp/127.0.0.1/\"$1\"\n").expect("writing the script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let port = remote.port().to_string();
+    let (pid, status) = ns.run(|| {
+        let mut child = Command::new(&script).arg(&port).spawn().expect("starting the script");
+        (child.id(), child.wait().expect("waiting for the script"))
+    });
+    let _ = std::fs::remove_file(&script);
+    assert!(status.success(), "script: {status}");
+    let (_, peer) = listener.accept().expect("accept");
+    assert_eq!(capture.outbound(TCP, peer, remote).map(|o| o.tgid), Some(pid));
+    let process = capture.process(pid).expect("the script's record");
+    assert_eq!(process.exe, "/bin/bash", "{process:?}");
+    assert_eq!(process.args, ["/bin/bash", script.to_str().expect("script path"), port.as_str()], "{process:?}");
+}
+
 /// 500 short-lived processes, one after the other, each connecting once and exiting at once:
 /// every flow must have its process.
 #[test]
