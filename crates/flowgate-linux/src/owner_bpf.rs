@@ -546,6 +546,33 @@ mod tests {
         assert!(text.contains("bpf_link_create") && text.ends_with(&os), "{text}");
     }
 
+    /// Both ways to the cgroup2 root (a mount of the host's, or a private mount made and undone
+    /// at once) give the same directory, and the private one leaves no mount and no directory.
+    #[test]
+    fn the_cgroup2_root_is_found_or_mounted_privately() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "the_cgroup2_root_is_found_or_mounted_privately: needs root");
+            eprintln!("flowgate_linux: the_cgroup2_root_is_found_or_mounted_privately: skipped, needs root");
+            return;
+        }
+        const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+        let mounts = || std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let before = mounts();
+        let private = mount_cgroup2_root().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mounts(), before, "the private mount is gone");
+        let leftover = std::fs::read_dir(std::env::temp_dir())
+            .expect("temp dir")
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&format!("flowgate-cgroup2-{}-", std::process::id())));
+        assert!(!leftover, "the private mount's directory is gone");
+        let fs = nix::sys::statfs::fstatfs(&private).expect("fstatfs");
+        assert_eq!(fs.filesystem_type().0 as i64, CGROUP2_SUPER_MAGIC);
+        let found = open_cgroup2_root().unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (nix::sys::stat::fstat(&private).expect("fstat"), nix::sys::stat::fstat(&found).expect("fstat"));
+        assert_eq!((a.st_dev, a.st_ino), (b.st_dev, b.st_ino), "the same cgroup (the root)");
+        eprintln!("flowgate_linux: cgroup2 root mounted at {:?}", mounted_cgroup2_root());
+    }
+
     /// Where a build tool is, if installed.
     fn tool(name: &str) -> Option<std::path::PathBuf> {
         let path = std::env::var_os("PATH").unwrap_or_default();

@@ -12,6 +12,7 @@
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use flowgate_linux::owner_bpf::{KernelOwner, OwnerCapture};
@@ -94,14 +95,27 @@ fn python() -> PathBuf {
         .expect("python3 (in /usr/bin, /usr/local/bin or /bin)")
 }
 
-/// The child program, written once per test process.
-fn script() -> &'static Path {
-    static SCRIPT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    SCRIPT.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("flowgate-owner-child-{}.py", std::process::id()));
+/// The child program in a file of the test's own, removed when this is dropped.
+struct Script(PathBuf);
+
+impl Script {
+    fn new() -> Script {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("flowgate-owner-child-{}-{}.py", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let path = std::env::temp_dir().join(name);
         std::fs::write(&path, CHILD).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        path
-    })
+        Script(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// What one child run printed: the process that made the socket, and its local port.
@@ -113,11 +127,11 @@ struct Made {
 }
 
 /// Runs the child program in `ns` and waits for it to exit.
-fn run_child(ns: &Netns, mode: &str, host: &str, port: u16) -> Made {
+fn run_child(ns: &Netns, script: &Script, mode: &str, host: &str, port: u16) -> Made {
     let port = port.to_string();
     let (spawned, out) = ns.run(|| {
         let child = Command::new(python())
-            .arg(script())
+            .arg(script.path())
             .args([mode, host, &port])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -142,6 +156,7 @@ fn any_local(port: u16) -> SocketAddr {
 /// python3 the test ran with these arguments.
 fn assert_outbound(
     capture: &OwnerCapture,
+    script: &Script,
     protocol: u8,
     made: &Made,
     remote: SocketAddr,
@@ -158,7 +173,7 @@ fn assert_outbound(
     let canonical = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|e| panic!("resolving {p}: {e}"));
     assert_eq!(canonical(&process.exe), canonical(&python().to_string_lossy()), "{process:?}");
     let python = python();
-    let mut expected = vec![python.to_str().expect("python path"), script().to_str().expect("script path")];
+    let mut expected = vec![python.to_str().expect("python path"), script.path().to_str().expect("script path")];
     expected.extend_from_slice(args);
     assert_eq!(process.args, expected, "{process:?}");
     assert_eq!(process.tgid, made.pid);
@@ -172,6 +187,7 @@ fn tcp_connects_are_attributed_to_their_process() {
     }
     let capture = capture();
     let ns = netns();
+    let script = Script::new();
     let (v4, v6) = ns.run(|| (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("[::1]:0").unwrap()));
     let p4 = v4.local_addr().unwrap().port();
     let p6 = v6.local_addr().unwrap().port();
@@ -181,9 +197,9 @@ fn tcp_connects_are_attributed_to_their_process() {
         // A dual-stack socket to an IPv4 listener.
         ("::ffff:127.0.0.1", p4, SocketAddr::from(([127, 0, 0, 1], p4))),
     ] {
-        let made = run_child(&ns, "tcp", host, port);
+        let made = run_child(&ns, &script, "tcp", host, port);
         assert_eq!(made.pid, made.spawned);
-        let owner = assert_outbound(&capture, TCP, &made, remote, &["tcp", host, &port.to_string()]);
+        let owner = assert_outbound(&capture, &script, TCP, &made, remote, &["tcp", host, &port.to_string()]);
         assert_eq!((owner.uid, owner.gid), (0, 0), "{owner:?}");
         let process = capture.process(made.pid).expect("process");
         assert_eq!(process.ppid, std::process::id(), "{process:?}");
@@ -203,6 +219,7 @@ fn udp_sends_and_connects_are_attributed_to_their_process() {
     }
     let capture = capture();
     let ns = netns();
+    let script = Script::new();
     // udp-connect-nosend: recorded at connect(), before any datagram.
     for mode in ["udp-sendto", "udp-connect", "udp-connect-nosend"] {
         for (host, remote) in [
@@ -211,8 +228,8 @@ fn udp_sends_and_connects_are_attributed_to_their_process() {
             ("::ffff:198.51.100.1", SocketAddr::from(([198, 51, 100, 1], 53))),
             ("127.0.0.1", SocketAddr::from(([127, 0, 0, 1], 53))),
         ] {
-            let made = run_child(&ns, mode, host, 53);
-            let owner = assert_outbound(&capture, UDP, &made, remote, &[mode, host, "53"]);
+            let made = run_child(&ns, &script, mode, host, 53);
+            let owner = assert_outbound(&capture, &script, UDP, &made, remote, &[mode, host, "53"]);
             assert_eq!((owner.uid, owner.gid), (0, 0), "{mode} {host}: {owner:?}");
             assert_eq!(capture.outbound(TCP, any_local(made.port), remote), None, "{mode} {host}: TCP");
         }
@@ -226,11 +243,12 @@ fn a_forked_child_and_a_non_root_process_are_told_apart() {
     }
     let capture = capture();
     let ns = netns();
+    let script = Script::new();
     let listener = ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
     let remote = listener.local_addr().unwrap();
     let port = remote.port().to_string();
 
-    let made = run_child(&ns, "fork-tcp", "127.0.0.1", remote.port());
+    let made = run_child(&ns, &script, "fork-tcp", "127.0.0.1", remote.port());
     assert_ne!(made.pid, made.spawned, "the connect is the forked child's");
     let owner = capture.outbound(TCP, any_local(made.port), remote).expect("the forked child's flow");
     assert_eq!(owner.tgid, made.pid, "{owner:?}");
@@ -241,8 +259,8 @@ fn a_forked_child_and_a_non_root_process_are_told_apart() {
     assert_eq!(parent.args[2..], ["fork-tcp", "127.0.0.1", port.as_str()]);
     assert!(child.start_ns >= parent.start_ns, "{child:?} {parent:?}");
 
-    let made = run_child(&ns, "tcp-nobody", "127.0.0.1", remote.port());
-    let owner = assert_outbound(&capture, TCP, &made, remote, &["tcp-nobody", "127.0.0.1", &port]);
+    let made = run_child(&ns, &script, "tcp-nobody", "127.0.0.1", remote.port());
+    let owner = assert_outbound(&capture, &script, TCP, &made, remote, &["tcp-nobody", "127.0.0.1", &port]);
     assert_eq!((owner.uid, owner.gid), (65534, 65534), "{owner:?}");
 }
 
@@ -253,6 +271,7 @@ fn bound_sockets_are_attributed_to_their_process() {
     }
     let capture = capture();
     let ns = netns();
+    let script = Script::new();
     // (mode, bound host, protocol, the local ends asked for)
     let cases: [(&str, &str, u8, &[&str]); 4] = [
         ("bind-tcp", "127.0.0.1", TCP, &["127.0.0.1"]),
@@ -261,7 +280,7 @@ fn bound_sockets_are_attributed_to_their_process() {
         ("bind-udp", "2001:db8::1", UDP, &["2001:db8::1"]),
     ];
     for (mode, host, protocol, asked) in cases {
-        let made = run_child(&ns, mode, host, 0);
+        let made = run_child(&ns, &script, mode, host, 0);
         for ip in asked {
             let local = SocketAddr::new(ip.parse().unwrap(), made.port);
             let owner = capture.listener(protocol, local).unwrap_or_else(|| panic!("{mode} {host}: none for {local}"));
@@ -273,7 +292,7 @@ fn bound_sockets_are_attributed_to_their_process() {
         assert!(capture.listener(other, local).is_none_or(|o| o.tgid != made.pid), "{mode} {host}: other protocol");
     }
     // A specific IPv4 address does not answer for another one.
-    let made = run_child(&ns, "bind-tcp", "127.0.0.1", 0);
+    let made = run_child(&ns, &script, "bind-tcp", "127.0.0.1", 0);
     let elsewhere = SocketAddr::from(([198, 51, 100, 1], made.port));
     assert!(capture.listener(TCP, elsewhere).is_none_or(|o| o.tgid != made.pid));
 }
@@ -366,6 +385,7 @@ fn measure_cost_and_lookup() {
     const N: usize = 2000;
     const ROUNDS: usize = 5;
     let ns = netns();
+    let script = Script::new();
     connects(&ns, 200); // warm up
     // Rounds without and with a capture, alternating; the fastest of each counts.
     let (mut without, mut with) = (Vec::new(), Vec::new());
@@ -403,7 +423,7 @@ fn measure_cost_and_lookup() {
         total.as_secs_f64() * 1e6 / N as f64
     );
 
-    let made = run_child(&ns, "udp-sendto", "198.51.100.1", 53);
+    let made = run_child(&ns, &script, "udp-sendto", "198.51.100.1", 53);
     let remote = SocketAddr::from(([198, 51, 100, 1], 53));
     assert!(capture.outbound(UDP, any_local(made.port), remote).is_some());
     const LOOKUPS: u32 = 100_000;
