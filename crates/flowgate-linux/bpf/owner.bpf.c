@@ -290,8 +290,7 @@ int fg_connect6(struct bpf_sock_addr *ctx)
 
 // A route lookup for output (iif is loopback then) of a UDP flow, by a thread with a pending
 // connect() to that destination: the flow's local port is the flowi's sport.
-static __always_inline void route_looked_up(int iif, __u8 proto, const struct addr16 *daddr, __u16 dport,
-					    __u16 sport)
+static __always_inline void route_looked_up(__u8 proto, const struct addr16 *daddr, __u16 dport, __u16 sport)
 {
 	__u64 pid_tgid;
 	struct pending *p;
@@ -324,7 +323,7 @@ int fg_fib4(__u64 *ctx)
 	if (sport == 0)
 		return 0;
 	map_v4(&daddr, flp->daddr);
-	route_looked_up(LOOPBACK_IFINDEX, PROTO_UDP, &daddr, bpf_ntohs(flp->uli.ports.dport), sport);
+	route_looked_up(PROTO_UDP, &daddr, bpf_ntohs(flp->uli.ports.dport), sport);
 	return 0;
 }
 
@@ -344,7 +343,7 @@ int fg_fib6(__u64 *ctx)
 	daddr.w[1] = flp->daddr.in6_u.u6_addr32[1];
 	daddr.w[2] = flp->daddr.in6_u.u6_addr32[2];
 	daddr.w[3] = flp->daddr.in6_u.u6_addr32[3];
-	route_looked_up(LOOPBACK_IFINDEX, PROTO_UDP, &daddr, bpf_ntohs(flp->uli.ports.dport), sport);
+	route_looked_up(PROTO_UDP, &daddr, bpf_ntohs(flp->uli.ports.dport), sport);
 	return 0;
 }
 
