@@ -1,6 +1,7 @@
 //! The `bpf()` system call, only as far as `flowgate check` probes it: can this kernel load a
-//! BPF program, and attach one to a raw tracepoint? Nothing in flowgate uses BPF yet; kernel-side
-//! process attribution will, and the probe tells beforehand whether a host can have it.
+//! BPF program, and attach one to a raw tracepoint? Kernel-side process attribution
+//! ([`crate::owner_bpf`], loaded with aya) needs more (cgroup hooks, BTF tracepoints); this probe
+//! tells beforehand whether a host can load BPF at all.
 //!
 //! This room loads one program that does nothing (`r0 = 0; exit`) and attaches it for as long as
 //! the caller keeps the returned descriptors. BPF objects are not per network namespace: they

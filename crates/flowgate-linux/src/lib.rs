@@ -21,7 +21,10 @@
 //! - [`static_rules`]: the rules the kernel decides alone: flowgate's static chains and ipsets.
 //! - [`ifname`]: interface index → name, cached.
 //! - [`bpf`]: the `bpf()` syscall, as far as `flowgate check` probes it (load a no-op program,
-//!   attach it to a raw tracepoint); nothing uses BPF yet.
+//!   attach it to a raw tracepoint).
+//! - [`owner_bpf`]: kernel-side process attribution: BPF programs (C, `bpf/owner.bpf.c`, loaded
+//!   with aya) record the owning process of every new outbound TCP/UDP flow and bound socket, and
+//!   exec'd processes, before the first packet leaves; lookups by flow, local end or pid.
 //! - `netlink` (private): the netlink framing of nfqueue, nflog, conntrack and sockdiag, written
 //!   by hand.
 
@@ -32,6 +35,7 @@ pub mod netfilter;
 mod netlink;
 pub mod nflog;
 pub mod nfqueue;
+pub mod owner_bpf;
 pub mod procinfo;
 pub mod sockdiag;
 pub mod socket_owner;
