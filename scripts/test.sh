@@ -24,6 +24,14 @@ command -v ipset >/dev/null || need+=(ipset)
 /usr/bin/python3 -c 'import prometheus_client.parser' 2>/dev/null || need+=(python3-prometheus-client)
 # ping: the packet stage's live test counts echoes inside the tunnel.
 command -v ping >/dev/null || need+=(iputils-ping)
+# Process attribution's live tests drive curl and setpriv (util-linux); the kernel capture's
+# object is checked against its source by rebuilding it with clang-14, llvm-strip-14 and
+# libbpf-dev's BPF headers (crates/flowgate-linux/bpf/build.sh).
+command -v curl >/dev/null || need+=(curl)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v clang-14 >/dev/null || need+=(clang-14)
+command -v llvm-strip-14 >/dev/null || need+=(llvm-14)
+[[ -e /usr/include/bpf/bpf_helpers.h ]] || need+=(libbpf-dev)
 # A C++ compiler: libfuzzer-sys builds libFuzzer for the fuzz smoke run (fuzz/README.md).
 command -v c++ >/dev/null || need+=(g++)
 # Event formats (crates/flowgate/tests/event_formats.rs): a JSON Schema validator, and pip for

@@ -2626,3 +2626,194 @@ fn one_busy_peer_spreads_over_every_queue_worker() {
     assert!(all.iter().zip(&tcp).all(|(a, t)| a - t >= 10), "UDP flows per worker: {all:?} after {tcp:?}");
     let _ = d.stop();
 }
+
+// ---- owners: which program is it (process attribution, per-program rules)
+
+/// A Python client run in `ns` as `user` (None: root): connects over TCP to `addr`, sends a line
+/// and waits for it back (`proto = "tcp"`), or sends one datagram (`"udp"`: unconnected
+/// `sendto`; `"udp-connected"`: `connect` then `send`). Exits 0 when the exchange worked.
+/// Returns its pid and exit status.
+fn python_client(ns: &Netns, proto: &str, addr: SocketAddr, user: Option<&str>) -> (i32, bool) {
+    let script = format!(
+        r#"
+import socket, sys
+a = ("{ip}", {port})
+fam = socket.AF_INET6 if ":" in a[0] else socket.AF_INET
+try:
+    if "{proto}" == "tcp":
+        s = socket.create_connection(a, timeout=3)
+        s.sendall(b"hello\n")
+        sys.exit(0 if s.recv(16) else 1)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if "{proto}" == "udp":
+        s.sendto(b"x", a)
+    else:
+        s.connect(a)
+        s.send(b"x")
+except OSError:
+    sys.exit(1)
+"#,
+        ip = addr.ip(),
+        port = addr.port()
+    );
+    let mut args: Vec<String> = Vec::new();
+    if let Some(u) = user {
+        args.extend(["/usr/bin/setpriv", "--reuid", u, "--regid", u, "--clear-groups"].map(String::from));
+    }
+    args.extend(["/usr/bin/python3".to_string(), "-c".to_string(), script]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = ns.spawn(&argv);
+    let pid = child.pid();
+    let status = child.wait_timeout(Duration::from_secs(10)).expect("the client finished");
+    (pid, status.success())
+}
+
+fn canonical(path: &str) -> String {
+    std::fs::canonicalize(path).expect("canonicalize").display().to_string()
+}
+
+/// Waits until the event log has a `flow.verdict` for each predicate, or fails after 10 s.
+fn wait_events(d: &Daemon, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = d.events();
+        if ev.iter().filter(|e| pred(e)).count() >= n {
+            return ev;
+        }
+        assert!(Instant::now() < deadline, "fewer than {n} matching events within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn programs_and_users_own_their_flows_and_rules_judge_by_them() {
+    require_root!();
+    let lab = Lab::new("owners");
+    let web = SocketAddr::new(SRV_SERVICE_V4.into(), 8080);
+    let _echo = tcp_echo(&lab.srv, web);
+    let _udp = udp_echo(&lab.srv, SocketAddr::new(SRV_SERVICE_V4.into(), 5353));
+    let _udp6 = udp_echo(&lab.srv, SocketAddr::new(SRV_SERVICE_V6.into(), 5353));
+    let d = Daemon::start(
+        &lab,
+        "owners",
+        r#"
+kernel_rules = true
+[[rule]]
+name = "no-curl"
+process = "/usr/bin/curl"
+remote = "203.0.113.10"
+action = "drop"
+[[rule]]
+name = "not-nobody"
+user = "nobody"
+remote_ports = "8080"
+action = "drop"
+[[rule]]
+name = "web"
+remote_ports = "8080"
+action = "allow"
+"#,
+    );
+    // curl is dropped by its program; Python reaches the same server; Python as nobody is
+    // dropped by its user.
+    let mut curl = lab.host.spawn(&["/usr/bin/curl", "-sS", "--max-time", "3", "http://203.0.113.10:8080/"]);
+    let curl_pid = curl.pid();
+    let curl_ok = curl.wait_timeout(Duration::from_secs(10)).expect("curl finished").success();
+    assert!(!curl_ok, "curl must not get through");
+    let (py_pid, py_ok) = python_client(&lab.host, "tcp", web, None);
+    assert!(py_ok, "python reaches the server curl may not reach");
+    let (nobody_pid, nobody_ok) = python_client(&lab.host, "tcp", web, Some("65534"));
+    assert!(!nobody_ok, "nobody's connection is dropped");
+    // UDP: unconnected sendto and connected, IPv4 and IPv6, each a process that exits at once.
+    let (udp_pid, _) = python_client(&lab.host, "udp", SocketAddr::new(SRV_SERVICE_V4.into(), 5353), None);
+    let (udpc_pid, _) =
+        python_client(&lab.host, "udp-connected", SocketAddr::new(SRV_SERVICE_V6.into(), 5353), Some("65534"));
+    // A process in another network namespace whose traffic the host forwards.
+    let (cli_pid, cli_ok) = python_client(&lab.cli, "tcp", web, None);
+    assert!(cli_ok);
+
+    let by_pid = |ev: &[Value], pid: i32| -> Option<Value> {
+        ev.iter().find(|e| e["event"] == "flow.verdict" && e["flow"]["process"]["pid"] == pid).cloned()
+    };
+    let ev = wait_events(&d, 6, |e| e["event"] == "flow.verdict" && e["flow"]["process"]["pid"].is_u64());
+    let python = canonical("/usr/bin/python3");
+    let curl_ev = by_pid(&ev, curl_pid).unwrap_or_else(|| panic!("no verdict owned by curl ({curl_pid}): {ev:#?}"));
+    assert_eq!(curl_ev["rule"], "no-curl");
+    assert_eq!(curl_ev["verdict"], "drop");
+    assert_eq!(curl_ev["flow"]["process"]["exe"], "/usr/bin/curl");
+    assert_eq!(curl_ev["flow"]["process"]["uid"], 0);
+    assert_eq!(curl_ev["flow"]["process"]["user"], "root");
+    assert!(curl_ev["flow"]["process"]["cmdline"].as_str().is_some_and(|c| c.contains("203.0.113.10:8080")));
+    let py_ev = by_pid(&ev, py_pid).expect("python's flow");
+    assert_eq!((py_ev["rule"].as_str(), py_ev["verdict"].as_str()), (Some("web"), Some("allow")));
+    assert_eq!(py_ev["flow"]["process"]["exe"], python.as_str());
+    let nb = by_pid(&ev, nobody_pid).expect("nobody's flow");
+    assert_eq!((nb["rule"].as_str(), nb["flow"]["process"]["uid"].as_u64()), (Some("not-nobody"), Some(65534)));
+    assert_eq!(nb["flow"]["process"]["user"], "nobody");
+    let udp = by_pid(&ev, udp_pid).expect("the UDP sender's flow");
+    assert_eq!(udp["flow"]["protocol"], "udp");
+    assert_eq!(udp["flow"]["process"]["exe"], python.as_str());
+    let udpc = by_pid(&ev, udpc_pid).expect("the connected UDP sender's flow (IPv6)");
+    assert_eq!(udpc["flow"]["remote"], "[2001:db8:2::10]:5353");
+    assert_eq!(udpc["flow"]["process"]["uid"], 65534);
+    let fwd = by_pid(&ev, cli_pid).expect("the forwarded flow of the other namespace's process");
+    assert_eq!(fwd["flow"]["forwarded"], true);
+    // Every process-owned flow names its parent (this test's process started them all).
+    assert!(py_ev["flow"]["process"]["parents"][0]["pid"].is_u64());
+    // flow.new carries the owner too, from the first event on.
+    assert!(ev.iter().any(|e| e["event"] == "flow.new" && e["flow"]["process"]["pid"] == py_pid));
+    // And `flowgate flows` lists it.
+    let _ = d.stop();
+}
+
+#[test]
+fn an_inbound_connection_belongs_to_its_listener_and_block_by_user_cuts_only_theirs() {
+    require_root!();
+    let lab = Lab::new("ownersin");
+    let d = Daemon::start(&lab, "ownersin", "kernel_rules = false\n");
+    // A listener on the filtered host, as nobody.
+    let listener = lab.host.spawn(&[
+        "/usr/bin/setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('198.51.100.1', 9000))\ns.listen()\nconns = []\nwhile True:\n    c, _ = s.accept()\n    conns.append(c)\n",
+    ]);
+    wait_tcp_listening(&lab.host, SocketAddr::new(HOST_SRV_SIDE_V4.into(), 9000));
+    // srv connects in: an inbound flow of the listener's. A second, outbound connection from the
+    // host as root stays open beside it.
+    let inbound = lab.srv.in_ns(|| TcpStream::connect("198.51.100.1:9000").expect("connect in"));
+    let _echo = tcp_echo(&lab.srv, SocketAddr::new(SRV_SERVICE_V4.into(), 7));
+    let mut root_conn = lab.host.in_ns(|| TcpStream::connect("203.0.113.10:7").expect("connect out"));
+    let ev = wait_events(&d, 2, |e| e["event"] == "flow.verdict" && e["flow"]["process"]["pid"].is_u64());
+    let inb = ev
+        .iter()
+        .find(|e| e["event"] == "flow.verdict" && e["flow"]["direction"] == "inbound")
+        .expect("the inbound flow");
+    assert_eq!(inb["flow"]["process"]["pid"], listener.pid());
+    assert_eq!(inb["flow"]["process"]["user"], "nobody");
+    // The listing shows owners; block --user nobody cuts the inbound connection only.
+    let out = d.flowgate(&["flows", "--user", "nobody", "--json", "--run-dir", &d.run_dir()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(listed.contains("\"user\":\"nobody\"") && !listed.contains("203.0.113.10:7"), "{listed}");
+    let out = d.flowgate(&["block", "--user", "nobody", "--run-dir", &d.run_dir()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut inbound = inbound;
+    inbound.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut buf = [0u8; 8];
+    let cut = matches!(inbound.read(&mut buf), Ok(0) | Err(_));
+    assert!(cut, "the blocked user's connection ends");
+    root_conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    root_conn.write_all(b"still\n").expect("root's connection still works");
+    let mut back = [0u8; 6];
+    root_conn.read_exact(&mut back).expect("echo");
+    assert_eq!(&back, b"still\n");
+    let out = d.flowgate(&["block", "--process", "/usr/bin/python3*", "--run-dir", &d.run_dir()]);
+    assert!(out.status.success());
+    let _ = d.stop();
+}

@@ -29,6 +29,7 @@ mod kernel;
 mod lock;
 mod metrics;
 pub mod notify;
+mod owners;
 mod packet_shard;
 mod registry;
 mod shard;
@@ -237,7 +238,11 @@ impl Running {
         let accounting_was = flowgate_linux::conntrack::enable_accounting()
             .map_err(|e| format!("enabling conntrack accounting: {e}"))?;
         let clock = Clock::new();
-        let mut engines = engines(config, queues.len());
+        // Before any flow is judged: the kernel capture must see the sockets of flows that the
+        // engines are about to ask about.
+        let resolver = owners::Resolver::open(live.attribution)?;
+        let attribution = resolver.as_ref().map_or("off", owners::Resolver::mechanism);
+        let mut engines = engines(config, queues.len(), resolver.is_some());
         if let Some(make) = filters {
             for (k, e) in engines.iter_mut().enumerate() {
                 e.set_flow_filter(make(k));
@@ -263,7 +268,13 @@ impl Running {
         // From here on, whatever fails must remove the chains again.
         let stages = stages(config, &config.packet, packet_queues.len(), providers.packet);
         let packets = (packet_queues, stages, spec.clone());
-        let extras = Extras { enforce: enforce_stats, metrics: metrics_listener, ids, provider: filters.is_some() };
+        let extras = Extras {
+            enforce: enforce_stats,
+            metrics: metrics_listener,
+            ids,
+            provider: filters.is_some(),
+            owners: resolver,
+        };
         let started = start(config, queues, engines, packets, clock, group, extras);
         let (workers, writer, socket, registry, reloader, metrics) = match started {
             Ok(x) => x,
@@ -278,7 +289,7 @@ impl Running {
         };
         let covered = spec.packet.interfaces.iter().map(describe_covered).collect::<Vec<_>>();
         log::info!(
-            "ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {} ({kernel_part}), {adopted} existing connection{} adopted, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}{}",
+            "ready: {} queue{} ({}-{}), fail-{}, {} rule{}, default {} ({kernel_part}), {adopted} existing connection{} adopted, owners by {attribution}, packet stage on {} ({} queue{} {}-{}, {} packet rule{}{}), control socket {}{}",
             live.queues,
             if live.queues == 1 { "" } else { "s" },
             live.first_queue,
@@ -399,6 +410,7 @@ struct Workers {
     droplog: Option<droplog::DropLog>,
     links: Option<flowgate_linux::ifname::LinkWatch>,
     enforcer: Option<enforce::Enforcer>,
+    owners: Option<owners::Attributor>,
     stop: Arc<AtomicBool>,
 }
 
@@ -413,6 +425,10 @@ impl Workers {
             errors.extend(d.join());
         }
         errors.extend(self.shards.into_iter().filter_map(|s| s.join().err()));
+        // After the workers: none asks any more.
+        if let Some(o) = self.owners {
+            errors.extend(o.join());
+        }
         errors.extend(self.packet_shards.into_iter().filter_map(|s| s.join().err()));
         if let Some(l) = self.links {
             l.join();
@@ -436,6 +452,8 @@ struct Extras {
     ids: Arc<statics::Ids>,
     /// A product's flow filter judges beside the rules (only drops are then static).
     provider: bool,
+    /// How flows' owners are looked up (`None`: they are not).
+    owners: Option<owners::Resolver>,
 }
 
 /// The packet stage's queues, one stage per queue, and the chains as installed.
@@ -555,7 +573,7 @@ struct Writer {
 /// One engine per queue. Ids never collide across them: engine k hands out k+1, k+1+n, ...
 /// `max_flows` is shared out evenly. The kernel handles settled flows, so their liveness comes
 /// from conntrack.
-fn engines(config: &Config, n: usize) -> Vec<Engine> {
+fn engines(config: &Config, n: usize, owners: bool) -> Vec<Engine> {
     let rules = Arc::new(CompiledRules::compile(config.rules.clone()));
     (0..n)
         .map(|k| {
@@ -564,6 +582,7 @@ fn engines(config: &Config, n: usize) -> Vec<Engine> {
                 flow_id_step: n as u64,
                 kernel_offload: true,
                 max_flows: config.engine.max_flows.div_ceil(n),
+                owner_wait: owners.then_some(config.live.attribution_wait),
                 ..config.engine.clone()
             };
             Engine::new(c, rules.clone())
@@ -675,10 +694,14 @@ fn start(
         droplog: None,
         links: None,
         enforcer: Some(enforcer),
+        owners: None,
         stop: stop.clone(),
     };
     let changes = link_watch.changes();
     workers.links = Some(link_watch);
+    let owner_stats = Arc::new(owners::OwnerStats::default());
+    let (owner_tx, owner_rx) = mpsc::sync_channel::<owners::Question>(owners::QUEUE);
+    let resolver = extras.owners;
     for (index, (queue, engine)) in queues.into_iter().zip(engines).enumerate() {
         let Some(enforce) = workers.enforcer.as_ref().map(|e| e.tx.clone()) else { break };
         let links = Links {
@@ -689,6 +712,7 @@ fn start(
             stop: stop.clone(),
             fail_open: config.fail == FailMode::Open,
             link_changes: changes.clone(),
+            owners: resolver.is_some().then(|| owners::Links { tx: owner_tx.clone(), stats: owner_stats.clone() }),
         };
         match Shard::start(queue, engine, links) {
             Ok(shard) => workers.shards.push(shard),
@@ -716,6 +740,16 @@ fn start(
         }
     }
     let handles: Vec<_> = workers.shards.iter().map(|s| s.handle.clone()).collect();
+    drop(owner_tx);
+    if let Some(r) = resolver {
+        match owners::Attributor::start(r, owner_rx, handles.clone(), owner_stats.clone(), stop.clone()) {
+            Ok(a) => workers.owners = Some(a),
+            Err(e) => {
+                let _ = workers.stop();
+                return Err(format!("cannot start the owner lookup thread: {e}"));
+            }
+        }
+    }
     let watcher = match kernel::Watcher::start(
         handles.clone(),
         clock,
@@ -763,6 +797,7 @@ fn start(
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let d = &drop_log_stats;
         v["drop_log"] = json!({"logged": r(&d.logged), "dropped": r(&d.dropped), "overruns": r(&d.overruns)});
+        v["owners"] = owners::stats_json(&owner_stats);
         let per_packet: Vec<PacketWorkerStats> =
             packet_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         v["packet_stage"] = packet_stats_json(&per_packet);

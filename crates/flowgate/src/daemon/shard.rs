@@ -180,6 +180,8 @@ pub(crate) struct Links {
     pub(crate) fail_open: bool,
     /// Link changes (see [`flowgate_linux::ifname::LinkWatch`]): the name cache follows them.
     pub(crate) link_changes: Arc<std::sync::atomic::AtomicU64>,
+    /// Where the engine's owner questions go (see [`super::owners`]), when owners are looked up.
+    pub(crate) owners: Option<super::owners::Links>,
 }
 
 impl Shard {
@@ -332,6 +334,9 @@ impl Worker {
     /// Gives events to the writer and verdicts to the enforcer. `last`: the worker is stopping,
     /// so waiting for room is fine and nothing may stay behind.
     fn hand_off(&mut self, last: bool) {
+        if let Some(o) = &self.links.owners {
+            super::owners::hand_over(&mut self.engine, self.links.index, &o.tx, &o.stats);
+        }
         // At the end, the writer gets a little while to take what is left; a writer that is
         // stuck (a reader that stopped reading) must not keep the daemon from stopping.
         let deadline = StdInstant::now() + LAST_EVENTS_WAIT;
