@@ -118,10 +118,11 @@ pub enum Id {
     Bpf,
     Btf,
     BpfTracepoint,
+    OwnerCapture,
 }
 
 impl Id {
-    pub const ALL: [Id; 16] = [
+    pub const ALL: [Id; 17] = [
         Id::Root,
         Id::RunDir,
         Id::Iptables,
@@ -138,6 +139,7 @@ impl Id {
         Id::Bpf,
         Id::Btf,
         Id::BpfTracepoint,
+        Id::OwnerCapture,
     ];
 
     /// The features probed inside the private network namespace.
@@ -173,6 +175,7 @@ impl Id {
             Id::Bpf => "bpf",
             Id::Btf => "btf",
             Id::BpfTracepoint => "bpf_tracepoint",
+            Id::OwnerCapture => "owner_capture",
         }
     }
 
@@ -183,7 +186,8 @@ impl Id {
     pub fn need(self) -> Need {
         match self {
             Id::SockDestroy => Need::Recommended,
-            Id::NftQueue | Id::Bpf | Id::Btf | Id::BpfTracepoint => Need::Optional,
+            Id::Bpf | Id::Btf | Id::BpfTracepoint | Id::OwnerCapture => Need::Recommended,
+            Id::NftQueue => Need::Optional,
             _ => Need::Required,
         }
     }
@@ -228,8 +232,8 @@ impl Id {
             Id::NftQueue => {
                 "nothing today: flowgate queues through iptables' NFQUEUE target; only a native nftables data plane would use it"
             }
-            Id::Bpf | Id::Btf | Id::BpfTracepoint => {
-                "nothing today: no BPF is used yet; kernel-side process attribution will need it (and fall back to /proc without it)"
+            Id::Bpf | Id::Btf | Id::BpfTracepoint | Id::OwnerCapture => {
+                "flows' owners are found through /proc instead of the kernel capture: a process that exits right after it sent (a short UDP exchange) is often not named, and rules on process, user, unit or cgroup then do not match its flows"
             }
         }
     }
@@ -449,6 +453,7 @@ pub fn probe(options: &Options) -> Report {
             Err(e) => features.extend(Id::IN_NAMESPACE.map(|id| Feature::unknown(id, format!("not probed: {e}")))),
         }
         features.extend(probe_bpf());
+        features.push(probe_owner_capture());
     } else {
         let why = "not probed: needs root";
         features.push(Feature::unknown(Id::RunDir, format!("{why} (flowgate run creates it as root)")));
@@ -463,7 +468,7 @@ pub fn probe(options: &Options) -> Report {
                 None => Feature::unknown(id, format!("{why} (the probes run in a private network namespace)")),
             });
         }
-        for id in [Id::Bpf, Id::BpfTracepoint] {
+        for id in [Id::Bpf, Id::BpfTracepoint, Id::OwnerCapture] {
             features.push(Feature::unknown(id, why));
         }
     }
@@ -633,6 +638,18 @@ fn probe_bpf() -> [Feature; 2] {
         }
     };
     [loaded, attached]
+}
+
+/// `owner_capture`: the kernel capture of flows' owners starts (its programs load and attach),
+/// and is taken down at once.
+fn probe_owner_capture() -> Feature {
+    match flowgate_linux::owner_bpf::OwnerCapture::start() {
+        Ok(c) => {
+            drop(c);
+            Feature::ok(Id::OwnerCapture, "the kernel capture of flow owners loads and attaches (and was detached)")
+        }
+        Err(e) => Feature::missing(Id::OwnerCapture, format!("the kernel capture of flow owners cannot run: {e}")),
+    }
 }
 
 // ---- the private network namespace ----
@@ -1363,12 +1380,12 @@ mod tests {
         assert_eq!(r.exit_code(), 0);
         assert_eq!(r.verdict(), "flowgate run can filter on this host; without sock_destroy, see its cost");
         assert!(r.text().contains("without it: blocking a live connection cannot tear down the local socket"));
-        for id in [Id::NftQueue, Id::Bpf, Id::Btf, Id::BpfTracepoint] {
+        for id in [Id::NftQueue, Id::Bpf, Id::Btf, Id::BpfTracepoint, Id::OwnerCapture] {
             let r = with(id, Status::Missing);
             assert_eq!(r.exit_code(), 0, "{id:?}");
             let f = r.features.iter().find(|f| f.id == id).expect("feature");
-            assert_eq!(f.status_name(), "optional-missing");
-            assert!(r.text().contains(&format!("optional-missing  {:<14}", id.name())));
+            let kind = if id == Id::NftQueue { "optional-missing" } else { "missing" };
+            assert_eq!(f.status_name(), kind);
         }
         assert_eq!(with(Id::Btf, Status::Unknown).exit_code(), 0);
     }

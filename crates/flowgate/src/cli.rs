@@ -453,7 +453,7 @@ fn print_flow_counts(out: &mut String, stats: &serde_json::Value) {
 fn print_flow_header(out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>8}",
+        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>8}  PROCESS",
         "ID", "PROTO", "DIR", "LOCAL", "REMOTE", "IFACE", "VERDICT", "RULE", "PKTS OUT/IN", "BYTES OUT/IN", "AGE"
     )
 }
@@ -467,9 +467,17 @@ fn print_flow_row(out: &mut dyn Write, f: &serde_json::Value) -> io::Result<()> 
     } else {
         s(&flow, "direction")
     };
+    // The owner, as `pid user exe` (what is known of it).
+    let process = match flow.get("process") {
+        Some(p) if p.is_object() => {
+            let user = p.get("user").and_then(|u| u.as_str()).map_or_else(|| n(p, "uid").to_string(), String::from);
+            format!("{} {user} {}", n(p, "pid"), s(p, "exe"))
+        }
+        _ => "-".to_string(),
+    };
     writeln!(
         out,
-        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s",
+        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s  {process}",
         n(&flow, "id"),
         s(&flow, "protocol"),
         dir,

@@ -12,6 +12,7 @@ use prefix_trie::PrefixMap;
 
 use super::{DirectionMatch, InterfaceGlob, PortSet, ProtocolMatch, Rule, RuleSet};
 use crate::flow::Protocol;
+use crate::owner::{Glob, OwnerMatch};
 
 /// A warning about one rule (indexes are positions in the rule set).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +150,26 @@ pub fn covers(a: &Rule, b: &Rule) -> bool {
         && ports_cover(&a.remote_ports, &b.remote_ports, b.protocol)
         && ports_cover(&a.local_ports, &b.local_ports, b.protocol)
         && interface_covers(a.interface.as_ref(), b.interface.as_ref())
+        && owner_covers(&a.owner, &b.owner)
+}
+
+/// `a`'s owner fields match every owner `b`'s do: none given, or each the same as `b`'s (a glob
+/// also covers a literal it matches). An owner field never covers a rule without one: that
+/// rule also matches flows whose owner is unknown.
+fn owner_covers(a: &OwnerMatch, b: &OwnerMatch) -> bool {
+    let glob = |a: &Option<Glob>, b: &Option<Glob>| match (a, b) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => a == b || (!b.as_str().contains(['*', '?', '[']) && a.matches(b.as_str())),
+    };
+    glob(&a.process, &b.process)
+        && glob(&a.unit, &b.unit)
+        && glob(&a.cgroup, &b.cgroup)
+        && match (&a.user, &b.user) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(x), Some(y)) => x == y,
+        }
 }
 
 fn nets_cover(a: &[IpNet], b: &[IpNet]) -> bool {
@@ -253,6 +274,16 @@ mod tests {
             r("udp", |r| r.protocol = ProtocolMatch::Only(Protocol::Udp)),
         ]);
         assert_eq!(l, vec![Lint::Shadowed { rule: 1, by: 0 }, Lint::Shadowed { rule: 2, by: 0 }]);
+    }
+
+    #[test]
+    fn owner_rules_cover_only_rules_of_the_same_or_a_narrower_owner() {
+        let owned = |p: &str| r(p, |r| r.owner.process = Some(crate::owner::Glob::new(p).expect("glob")));
+        let any = r("any", |_| {});
+        assert!(!covers(&owned("/usr/bin/*"), &any), "a program's rule does not shadow a rule for everyone");
+        assert!(covers(&any, &owned("/usr/bin/curl")));
+        assert!(covers(&owned("/usr/bin/*"), &owned("/usr/bin/curl")));
+        assert!(!covers(&owned("/usr/bin/curl"), &owned("/usr/bin/*")));
     }
 
     #[test]
