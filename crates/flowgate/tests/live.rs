@@ -2817,3 +2817,33 @@ fn an_inbound_connection_belongs_to_its_listener_and_block_by_user_cuts_only_the
     assert!(out.status.success());
     let _ = d.stop();
 }
+
+#[test]
+fn without_the_kernel_capture_owners_are_found_through_proc() {
+    require_root!();
+    let lab = Lab::new("ownersproc");
+    let web = SocketAddr::new(SRV_SERVICE_V4.into(), 8080);
+    let _echo = tcp_echo(&lab.srv, web);
+    let d = Daemon::start(
+        &lab,
+        "ownersproc",
+        "attribution = \"proc\"\n[[rule]]\nname = \"no-curl\"\nprocess = \"*/curl\"\naction = \"drop\"\n",
+    );
+    let mut curl = lab.host.spawn(&["/usr/bin/curl", "-sS", "--max-time", "3", "http://203.0.113.10:8080/"]);
+    let curl_pid = curl.pid();
+    assert!(!curl.wait_timeout(Duration::from_secs(10)).expect("curl finished").success(), "curl is dropped");
+    let (py_pid, py_ok) = python_client(&lab.host, "tcp", web, None);
+    assert!(py_ok);
+    let ev = wait_events(&d, 2, |e| e["event"] == "flow.verdict" && e["flow"]["process"]["pid"].is_u64());
+    let owned = |pid: i32| {
+        ev.iter()
+            .find(|e| e["event"] == "flow.verdict" && e["flow"]["process"]["pid"] == pid)
+            .unwrap_or_else(|| panic!("no verdict owned by {pid}: {ev:#?}"))
+    };
+    let c = owned(curl_pid);
+    assert_eq!((c["rule"].as_str(), c["flow"]["process"]["source"].as_str()), (Some("no-curl"), Some("proc")));
+    assert_eq!(c["flow"]["process"]["exe"], "/usr/bin/curl");
+    let p = owned(py_pid);
+    assert_eq!((p["verdict"].as_str(), p["flow"]["process"]["source"].as_str()), (Some("allow"), Some("proc")));
+    let _ = d.stop();
+}
