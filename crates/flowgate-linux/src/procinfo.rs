@@ -70,7 +70,25 @@ pub fn read_process_at(proc_root: &Path, pid: u32) -> io::Result<ProcessInfo> {
     let exe = fs::read_link(dir.join("exe")).ok().map(|p| p.to_string_lossy().into_owned());
     let cmdline = fs::read(dir.join("cmdline")).map(|raw| split_cmdline(&raw)).unwrap_or_default();
     let cgroup = fs::read_to_string(dir.join("cgroup")).ok().and_then(|text| cgroup_path(&text));
-    Ok(ProcessInfo {
+    Ok(assemble(stat, status, exe, cmdline, cgroup))
+}
+
+/// A process from the texts of its `stat`, `status`, `cmdline` and `cgroup` files (`exe` is a
+/// link, not text: `None` here). `None` when `stat` or `status` is not in the kernel's format.
+/// What [`read_process_at`] does after reading the files; public for the fuzz target, since a
+/// process names itself (`comm`, arguments) and so writes part of what this parses.
+pub fn parse_process(stat: &str, status: &str, cmdline: &[u8], cgroup: &str) -> Option<ProcessInfo> {
+    Some(assemble(parse_stat(stat)?, parse_status(status)?, None, split_cmdline(cmdline), cgroup_path(cgroup)))
+}
+
+fn assemble(
+    stat: Stat,
+    status: Status,
+    exe: Option<String>,
+    cmdline: Vec<String>,
+    cgroup: Option<String>,
+) -> ProcessInfo {
+    ProcessInfo {
         pid: status.tgid,
         ppid: stat.ppid,
         uid: status.uid,
@@ -80,7 +98,7 @@ pub fn read_process_at(proc_root: &Path, pid: u32) -> io::Result<ProcessInfo> {
         comm: stat.comm,
         start_ticks: stat.start_ticks,
         cgroup,
-    })
+    }
 }
 
 /// A file of `/proc` as text; the error names the file and keeps the kind (`NotFound` when the
@@ -300,7 +318,7 @@ impl Users {
 
 /// The (name, uid) pairs of passwd text (`name:password:uid:gid:gecos:home:shell`). Comments,
 /// blank lines, NIS `+`/`-` entries and lines without a numeric uid are skipped.
-fn parse_passwd(text: &str) -> impl Iterator<Item = (&str, u32)> {
+pub fn parse_passwd(text: &str) -> impl Iterator<Item = (&str, u32)> {
     text.lines().filter_map(|line| {
         let mut fields = line.split(':');
         let name = fields.next()?.trim();
