@@ -2731,6 +2731,14 @@ action = "allow"
     // A process in another network namespace whose traffic the host forwards.
     let (cli_pid, cli_ok) = python_client(&lab.cli, "tcp", web, None);
     assert!(cli_ok);
+    // A forked child connects (and says its pid); its parent only waits.
+    let mut forked = lab.host.spawn(&[
+        "/usr/bin/python3",
+        "-c",
+        "import os, socket, sys\npid = os.fork()\nif pid == 0:\n    print(os.getpid(), flush=True)\n    socket.create_connection(('203.0.113.10', 8080), timeout=3).close()\n    os._exit(0)\nos.waitpid(pid, 0)\n",
+    ]);
+    assert!(forked.wait_timeout(Duration::from_secs(10)).expect("forked client finished").success());
+    let child_pid: i32 = forked.log().trim().parse().expect("the child's pid");
 
     let by_pid = |ev: &[Value], pid: i32| -> Option<Value> {
         ev.iter().find(|e| e["event"] == "flow.verdict" && e["flow"]["process"]["pid"] == pid).cloned()
@@ -2758,6 +2766,9 @@ action = "allow"
     assert_eq!(udpc["flow"]["process"]["uid"], 65534);
     let fwd = by_pid(&ev, cli_pid).expect("the forwarded flow of the other namespace's process");
     assert_eq!(fwd["flow"]["forwarded"], true);
+    let child = by_pid(&ev, child_pid).expect("the forked child's flow");
+    assert_eq!(child["flow"]["process"]["parents"][0]["pid"], forked.pid(), "its parent is the forking process");
+    assert_eq!(child["flow"]["process"]["exe"], python.as_str());
     // Every process-owned flow names its parent (this test's process started them all).
     assert!(py_ev["flow"]["process"]["parents"][0]["pid"].is_u64());
     // flow.new carries the owner too, from the first event on.
@@ -2813,8 +2824,14 @@ fn an_inbound_connection_belongs_to_its_listener_and_block_by_user_cuts_only_the
     let mut back = [0u8; 6];
     root_conn.read_exact(&mut back).expect("echo");
     assert_eq!(&back, b"still\n");
-    let out = d.flowgate(&["block", "--process", "/usr/bin/python3*", "--run-dir", &d.run_dir()]);
-    assert!(out.status.success());
+    // block --process: this test's own program holds the outbound connection.
+    let me = std::fs::canonicalize(std::env::current_exe().expect("test binary")).expect("canonical");
+    let out = d.flowgate(&["block", "--process", &me.display().to_string(), "--run-dir", &d.run_dir()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let blocked = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(blocked.starts_with("blocked: ") && blocked.trim().len() > "blocked:".len(), "{blocked}");
+    let gone = root_conn.write_all(b"again\n").is_err() || matches!(root_conn.read(&mut back), Ok(0) | Err(_));
+    assert!(gone, "the program's connection is cut");
     let _ = d.stop();
 }
 
