@@ -2773,7 +2773,13 @@ action = "allow"
     assert!(py_ev["flow"]["process"]["parents"][0]["pid"].is_u64());
     // flow.new carries the owner too, from the first event on.
     assert!(ev.iter().any(|e| e["event"] == "flow.new" && e["flow"]["process"]["pid"] == py_pid));
-    // And `flowgate flows` lists it.
+    // The lookups are counted: found by the kernel capture, and flows held for their owner.
+    let out = d.flowgate(&["stats", "--json", "--run-dir", &d.run_dir()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    assert!(stats["owners"]["kernel"].as_u64().is_some_and(|n| n >= 7), "{}", stats["owners"]);
+    assert!(stats["total"]["owner_held"].as_u64().is_some_and(|n| n >= 3), "{}", stats["total"]);
+    assert_eq!(stats["owners"]["dropped"], 0);
     let _ = d.stop();
 }
 

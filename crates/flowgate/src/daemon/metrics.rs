@@ -798,6 +798,20 @@ fn kernel(t: &mut Text, s: &Value) {
     ] {
         t.one(&format!("flowgate_drop_log_{key}_total"), kind, help, num(s, &format!("/drop_log/{key}")));
     }
+    for (key, help) in [
+        ("kernel", "Flow owners found by the kernel capture."),
+        ("proc", "Flow owners found through /proc."),
+        ("unknown", "Flows whose owner could not be found."),
+        ("dropped", "Owner questions the lookup thread's full channel could not take (answered unknown)."),
+    ] {
+        t.one(&format!("flowgate_owner_lookups_{key}_total"), "counter", help, num(s, &format!("/owners/{key}")));
+    }
+    for (key, help) in [
+        ("owner_held", "New flows held until their owner was known (a rule naming an owner could decide them)."),
+        ("owner_timeouts", "Owners not known within attribution_wait (then unknown)."),
+    ] {
+        t.one(&format!("flowgate_{key}_total"), "counter", help, num(s, &format!("/total/{key}")));
+    }
 }
 
 fn packet_stage(t: &mut Text, s: &Value) {

@@ -168,8 +168,10 @@ impl Resolver {
         let record = self.capture.as_ref().and_then(|c| c.process(pid));
         // /proc describes this process only if it is the one the record is about (a pid can be
         // reused once the process is gone).
+        // (The capture has the task's start on the monotonic clock, /proc on the boot clock in
+        // ticks: they agree to a tick unless the host was suspended since.)
         let live = procinfo::read_process(pid).ok().filter(|p| match &record {
-            Some(r) => r.start_ns / (1_000_000_000 / USER_HZ) == p.start_ticks,
+            Some(r) => (r.start_ns / (1_000_000_000 / USER_HZ)).abs_diff(p.start_ticks) <= 1,
             None => true,
         });
         let (exe, cmdline, uid, ppid) = match (&live, &record) {
