@@ -211,16 +211,26 @@ pub enum HandleError {
 
 impl Handle {
     fn try_send(&self, c: Command) -> Result<(), (HandleError, Command)> {
+        self.try_send_quietly(c)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Queues `c` without waking the driver: it is applied at the driver's next wake-up.
+    fn try_send_quietly(&self, c: Command) -> Result<(), (HandleError, Command)> {
         match self.tx.try_send(c) {
-            Ok(()) => {}
-            Err(TrySendError::Full(c)) => return Err((HandleError::Busy, c)),
-            Err(TrySendError::Disconnected(c)) => return Err((HandleError::Gone, c)),
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(c)) => Err((HandleError::Busy, c)),
+            Err(TrySendError::Disconnected(c)) => Err((HandleError::Gone, c)),
         }
+    }
+
+    /// Wakes the driver, so it applies what was sent ([`Handle::owner_quietly`]).
+    pub fn wake(&self) {
         let waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner).clone();
         if let Some(w) = waker {
             w();
         }
-        Ok(())
     }
 
     /// Sends `c`, retrying while the channel is full for up to `wait`.
@@ -283,6 +293,18 @@ impl Handle {
         wait: Duration,
     ) -> Result<(), HandleError> {
         self.send(Command::Owner { flow, owner }, wait)
+    }
+
+    /// [`Handle::owner`] without waking the driver, for an answer nothing waits for but the
+    /// flow's first events (its verdict was given already, see [`crate::owner::OwnerRequest::hold`]):
+    /// answers gather until the driver's next wake-up, or until [`Handle::wake`].
+    pub fn owner_quietly(&self, flow: FlowId, owner: Option<Arc<crate::owner::Owner>>) -> Result<(), HandleError> {
+        self.try_send_quietly(Command::Owner { flow, owner }).map_err(|(e, _)| {
+            if e == HandleError::Busy {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            e
+        })
     }
 
     /// Replaces the engine's rules and judges every live flow again ([`crate::Engine::reload`]).

@@ -69,6 +69,9 @@ pub struct OwnerRequest {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub forwarded: bool,
+    /// The flow's first verdict waits for the answer (its packets are held): answer at once.
+    /// Otherwise only its first events wait (at most the engine's `owner_wait`).
+    pub hold: bool,
 }
 
 /// A glob (`*`, `?`) on an owner's text field, kept with its source text.

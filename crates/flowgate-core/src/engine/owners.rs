@@ -90,6 +90,7 @@ impl Engine {
             local: flow.local,
             remote: flow.remote,
             forwarded: flow.forwarded,
+            hold: hold.is_some(),
         });
         self.owners.deadlines.push_back((now + wait, flow.id));
         self.owners.waiting.insert(flow.id, Waiting { slot, hold, events: events.into() });

@@ -43,6 +43,9 @@ const PARENTS: usize = 4;
 /// How long a process's details are reused.
 const CACHE_FOR: Duration = Duration::from_secs(1);
 const CACHE_MAX: usize = 4096;
+/// Longest an answer that only events wait for sits before its worker is woken (it is applied
+/// at the worker's next wake-up in any case: a packet, a timer).
+const GATHER: Duration = Duration::from_millis(2);
 /// Clock ticks per second of `/proc/<pid>/stat`'s start time (USER_HZ, 100 on Linux).
 const USER_HZ: u64 = 100;
 
@@ -68,6 +71,8 @@ pub(crate) struct Resolver {
     sockets: Option<SocketOwners>,
     users: Users,
     cache: HashMap<u32, (Instant, Arc<Owner>, u64)>,
+    /// Ancestors read lately: pid → (when, exe, parent).
+    ancestors: HashMap<u32, (Instant, Option<Arc<str>>, u32)>,
 }
 
 impl Resolver {
@@ -98,7 +103,7 @@ impl Resolver {
             }
             Err(e) => return Err(format!("attribution: cannot open sock_diag for /proc lookups: {e}")),
         };
-        Ok(Some(Resolver { capture, sockets, users: Users::new(), cache: HashMap::new() }))
+        Ok(Some(Resolver { capture, sockets, users: Users::new(), cache: HashMap::new(), ancestors: HashMap::new() }))
     }
 
     /// The mechanism in use, for the ready line.
@@ -155,59 +160,94 @@ impl Resolver {
     /// capture's records), cached.
     fn describe(&mut self, pid: u32, k: Option<&KernelOwner>, uid: Option<u32>, source: OwnerSource) -> Arc<Owner> {
         let now = Instant::now();
-        let kernel_start = self.capture.as_ref().and_then(|c| c.process(pid)).map(|p| p.start_ns);
-        if let Some((at, o, start)) = self.cache.get(&pid)
-            && now.duration_since(*at) < CACHE_FOR
-            && kernel_start.is_none_or(|s| s == *start)
-        {
-            return o.clone();
+        let record = self.capture.as_ref().and_then(|c| c.process(pid));
+        let start = record.as_ref().map_or(0, |r| r.start_ns);
+        if let Some(o) = self.cached(pid, start, now) {
+            return o;
         }
         if self.cache.len() >= CACHE_MAX {
             self.cache.retain(|_, (at, _, _)| now.duration_since(*at) < CACHE_FOR);
         }
-        let record = self.capture.as_ref().and_then(|c| c.process(pid));
+        if self.ancestors.len() >= CACHE_MAX {
+            self.ancestors.retain(|_, (at, _, _)| now.duration_since(*at) < CACHE_FOR);
+        }
         // /proc describes this process only if it is the one the record is about (a pid can be
-        // reused once the process is gone).
-        // (The capture has the task's start on the monotonic clock, /proc on the boot clock in
-        // ticks: they agree to a tick unless the host was suspended since.)
-        let live = procinfo::read_process(pid).ok().filter(|p| match &record {
-            Some(r) => (r.start_ns / (1_000_000_000 / USER_HZ)).abs_diff(p.start_ticks) <= 1,
-            None => true,
+        // reused once the process is gone; the capture has the task's start on the monotonic
+        // clock, /proc on the boot clock in ticks: they agree to a tick unless the host was
+        // suspended since), and only while it runs: an exiting process (or a zombie) still has
+        // its stat and status, but no exe, an empty or cut command line and the root cgroup.
+        let live = procinfo::read_process(pid).ok().filter(|p| {
+            p.exe.is_some()
+                && record.as_ref().is_none_or(|r| (r.start_ns / (1_000_000_000 / USER_HZ)).abs_diff(p.start_ticks) <= 1)
         });
-        let (exe, cmdline, uid, ppid) = match (&live, &record) {
-            (Some(p), _) => (p.exe.clone(), join(&p.cmdline), p.uid, p.ppid),
-            (None, Some(r)) => (Some(resolve_path(&r.exe)), join(&r.args), r.uid, r.ppid),
-            (None, None) => (None, None, k.map(|k| k.uid).or(uid).unwrap_or(u32::MAX), 0),
+        // The exec'd path and arguments come from the capture's record where there is one: /proc
+        // reads can race the process's exit; a program that rewrites its arguments later shows
+        // them as it was started.
+        let exe = live.as_ref().and_then(|p| p.exe.clone()).or_else(|| record.as_ref().map(|r| resolve_path(&r.exe)));
+        let cmdline = match (&record, &live) {
+            (Some(r), _) if !r.args.is_empty() => join(&r.args),
+            (_, Some(p)) => join(&p.cmdline),
+            _ => None,
         };
-        let uid = k.map_or(uid, |k| k.uid);
-        let cgroup = live.as_ref().and_then(|p| p.cgroup.clone()).or_else(|| self.ancestor_cgroup(ppid));
+        let ppid = live.as_ref().map(|p| p.ppid).or(record.as_ref().map(|r| r.ppid)).unwrap_or(0);
+        let uid = k
+            .map(|k| k.uid)
+            .or(live.as_ref().map(|p| p.uid))
+            .or(record.as_ref().map(|r| r.uid))
+            .or(uid)
+            .unwrap_or(u32::MAX);
+        let cgroup =
+            live.as_ref().and_then(|p| p.cgroup.clone()).filter(|c| c != "/").or_else(|| self.ancestor_cgroup(ppid));
         let owner = Arc::new(Owner {
             pid,
             exe: exe.map(Into::into),
             cmdline: cmdline.map(Into::into),
             uid,
             user: self.users.name(uid),
-            parents: self.parents(ppid),
+            parents: self.parents(ppid, now),
             unit: cgroup.as_deref().and_then(procinfo::unit_of).map(Into::into),
             cgroup: cgroup.map(Into::into),
             source,
         });
-        self.cache.insert(pid, (now, owner.clone(), kernel_start.unwrap_or(0)));
+        self.cache.insert(pid, (now, owner.clone(), start));
         owner
     }
 
-    /// Ancestors from `ppid` up: `/proc` where they live, else the kernel capture's records.
-    fn parents(&self, mut ppid: u32) -> Vec<Ancestor> {
+    /// A description of `pid` made within [`CACHE_FOR`], of the process that started at `start`
+    /// (0: the start is not known).
+    fn cached(&self, pid: u32, start: u64, now: Instant) -> Option<Arc<Owner>> {
+        let (at, o, s) = self.cache.get(&pid)?;
+        (now.duration_since(*at) < CACHE_FOR && *s == start).then(|| o.clone())
+    }
+
+    /// Ancestors from `ppid` up: `/proc` where they live, else the kernel capture's records; an
+    /// ancestor described within [`CACHE_FOR`] (a shell or service starting many programs)
+    /// brings its own ancestors.
+    fn parents(&mut self, mut ppid: u32, now: Instant) -> Vec<Ancestor> {
         let mut out = Vec::new();
         while ppid > 0 && out.len() < PARENTS {
-            let (exe, next) = match procinfo::read_process(ppid) {
-                Ok(p) => (p.exe, p.ppid),
-                Err(_) => match self.capture.as_ref().and_then(|c| c.process(ppid)) {
-                    Some(r) => (Some(resolve_path(&r.exe)), r.ppid),
-                    None => (None, 0),
-                },
+            if let Some((at, o, _)) = self.cache.get(&ppid)
+                && now.duration_since(*at) < CACHE_FOR
+            {
+                out.push(Ancestor { pid: ppid, exe: o.exe.clone() });
+                out.extend(o.parents.iter().take(PARENTS - out.len()).cloned());
+                break;
+            }
+            let (exe, next) = match self.ancestors.get(&ppid) {
+                Some((at, exe, next)) if now.duration_since(*at) < CACHE_FOR => (exe.clone(), *next),
+                _ => {
+                    let (exe, next) = match procinfo::read_process(ppid) {
+                        Ok(p) => (p.exe.map(Arc::from), p.ppid),
+                        Err(_) => match self.capture.as_ref().and_then(|c| c.process(ppid)) {
+                            Some(r) => (Some(Arc::from(resolve_path(&r.exe))), r.ppid),
+                            None => (None, 0),
+                        },
+                    };
+                    self.ancestors.insert(ppid, (now, exe.clone(), next));
+                    (exe, next)
+                }
             };
-            out.push(Ancestor { pid: ppid, exe: exe.map(Into::into) });
+            out.push(Ancestor { pid: ppid, exe });
             if ppid == 1 {
                 break;
             }
@@ -263,16 +303,35 @@ impl Attributor {
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<Attributor> {
         let thread = std::thread::Builder::new().name("flowgate-owners".into()).spawn(move || {
+            // Workers owed a wake-up for answers sent quietly, and since when.
+            let mut owed: Vec<Option<Instant>> = vec![None; handles.len()];
             while !stop.load(Ordering::Acquire) {
-                let (worker, q) = match rx.recv_timeout(Duration::from_millis(100)) {
+                let wait =
+                    owed.iter().flatten().min().map_or(Duration::from_millis(100), |t| {
+                        (*t + GATHER).saturating_duration_since(Instant::now())
+                    });
+                let got = rx.recv_timeout(wait);
+                let now = Instant::now();
+                for (h, since) in handles.iter().zip(owed.iter_mut()) {
+                    if since.is_some_and(|t| now >= t + GATHER) {
+                        h.wake();
+                        *since = None;
+                    }
+                }
+                let (worker, q) = match got {
                     Ok(x) => x,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => break,
                 };
                 let owner = resolver.resolve(&q, &stats);
-                if let Some(h) = handles.get(worker) {
-                    // A full engine channel: the flow's wait runs out instead.
+                let Some(h) = handles.get(worker) else { continue };
+                // A held flow's packets wait: it is answered (and its worker woken) at once. The
+                // others' answers gather for a while, so a worker is not woken once per flow
+                // for events alone. A full engine channel: the flow's wait runs out instead.
+                if q.hold {
                     let _ = h.owner(q.flow, owner, Duration::from_millis(5));
+                } else if h.owner_quietly(q.flow, owner).is_ok() {
+                    owed[worker].get_or_insert(now);
                 }
             }
         })?;
