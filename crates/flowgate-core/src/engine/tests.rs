@@ -2441,3 +2441,25 @@ fn block_by_process_or_user_selects_only_that_owners_flows() {
     assert_eq!(e.handle_packet(ms(2), OUT, &a.ack()).action, PacketAction::Drop);
     assert_eq!(e.handle_packet(ms(2), OUT, &b.ack()).action, PacketAction::Accept);
 }
+
+#[test]
+fn a_verdict_given_while_a_flow_waits_for_its_owner_is_the_one_that_holds() {
+    // The product filter pauses every flow; an owner rule makes the flow wait for its owner too.
+    let mut e = owner_engine(vec![process_rule("no-curl", "/usr/bin/curl", Action::Drop)]);
+    let (f, _log) = scripted(NewFlowVerdict::Pause, []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40020", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    let (id, syn) = (d.flow.expect("tracked"), hold_id(d));
+    // Resumed before the owner is known: the flow's first verdict (the filter's pause, owner
+    // unknown) goes out first, then the resume, which releases the SYN.
+    e.update(ms(1), id, DataVerdict::Allow, None);
+    assert_eq!(releases(&mut e), vec![Release { packet: syn, accept: true }]);
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict", "flow.update"]);
+    assert_eq!(verdict_of(&ev[1]).1, FlowVerdict::Pause);
+    // The owner's late answer changes nothing.
+    e.set_owner(id, Some(owner(9, "/usr/bin/curl", 0, "root")));
+    assert!(events(&mut e).is_empty());
+    assert_eq!(e.handle_packet(ms(2), OUT, &c.ack()).action, PacketAction::Accept);
+}

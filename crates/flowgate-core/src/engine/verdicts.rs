@@ -45,6 +45,7 @@ impl Engine {
         source: UpdateSource,
     ) {
         let provider = self.names.provider.clone();
+        self.settle_first(slot);
         let Some(e) = self.table.get_mut(slot) else { return };
         let dirs: &[Direction] = match direction {
             Some(Direction::Outbound) => &[Direction::Outbound],
@@ -67,6 +68,7 @@ impl Engine {
     }
 
     pub(super) fn apply_side(&mut self, slot: Slot, now: Instant, dir: Direction, mode: Mode, source: UpdateSource) {
+        self.settle_first(slot);
         let Some(e) = self.table.get_mut(slot) else { return };
         let before = (e.modes(), e.verdict());
         e.set_mode(dir, mode);
@@ -84,9 +86,6 @@ impl Engine {
         direction: Option<Direction>,
         source: UpdateSource,
     ) {
-        if let Some(id) = self.table.get(slot).map(|e| e.id) {
-            self.flush_owner_wait(id);
-        }
         let Some(e) = self.table.get_mut(slot) else { return };
         let verdict = e.verdict();
         let (out, inn) = e.modes();
@@ -112,6 +111,15 @@ impl Engine {
             if self.held.remove(&packet).is_some() {
                 self.releases.push_back(Release { packet, accept });
             }
+        }
+    }
+
+    /// A flow still waiting for its owner gets its first verdict and events now (owner unknown),
+    /// before a change is made to it: the change must apply to that verdict, not be overwritten
+    /// by it.
+    fn settle_first(&mut self, slot: Slot) {
+        if let Some(id) = self.table.get(slot).map(|e| e.id) {
+            self.flush_owner_wait(id);
         }
     }
 
