@@ -26,6 +26,9 @@ pub trait FlowFilter: Send {
     }
 
     /// A flow was seen for the first time (its full 5-tuple, interface and direction are known).
+    /// Where the driver tells owners ([`crate::EngineConfig::owner_wait`]), this is called once
+    /// the owner is known (or the wait ran out): `flow.owner` names the process; meanwhile the
+    /// flow's packets are held.
     fn new_flow(&mut self, flow: &Flow) -> NewFlowVerdict;
 
     /// Payload bytes of `direction`, starting at byte `offset` of that direction's stream. Called

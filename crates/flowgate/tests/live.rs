@@ -360,6 +360,11 @@ fn tunnel_traffic_and_its_carrier_are_both_flows() {
         lab.host.in_ns(|| (tcp_refused(addr("192.0.2.2:7")).0, tcp_roundtrip(addr("192.0.2.2:8")).is_ok()));
     assert_eq!(blocked, ErrorKind::ConnectionRefused);
     assert!(ok, "other traffic inside the tunnel passes");
+    // Flows decided in the kernel are logged from conntrack's reports, a few milliseconds later.
+    wait_events(&d, 3, |e| {
+        e["event"] == "flow.verdict"
+            && ["192.0.2.2:7", "192.0.2.2:8", "198.51.100.2:5555"].iter().any(|r| e["flow"]["remote"] == *r)
+    });
     let ev = d.stop();
     let inner = verdict_for(&ev, "192.0.2.2:7");
     assert_eq!((inner["flow"]["interface"].as_str(), inner["rule"].as_str()), (Some("tun0"), Some("tunnel-port-7")));

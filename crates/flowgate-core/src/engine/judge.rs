@@ -155,9 +155,14 @@ impl Engine {
         self.next_flow_id += self.config.flow_id_step.max(1);
         self.stats.flows_opened += 1;
 
+        // Who owns the flow? Asked of every new flow when the driver can tell. A product's filter
+        // judges a flow knowing its owner: with one, every new flow waits for the answer.
+        let ask = self.config.owner_wait.is_some() && flow.owner.is_none();
+        let filter_waits = ask && kept.is_none() && self.filter.is_some();
         let fail = if self.config.fail_open { NewFlowVerdict::Allow } else { NewFlowVerdict::Drop };
         let filter_verdict = match kept {
             Some(_) => None,
+            None if filter_waits => None,
             None => self.call_filter("new_flow", flow.id, |f| f.new_flow(&flow)).map(|r| r.unwrap_or(fail)),
         };
         let first = match kept {
@@ -170,10 +175,8 @@ impl Engine {
             },
             None => self.first_verdict(class, filter_verdict),
         };
-        // Who owns the flow? Asked of every new flow when the driver can tell; a flow whose
-        // verdict the answer could change waits for it (paused, its packets held).
-        let ask = self.config.owner_wait.is_some() && flow.owner.is_none();
-        let hold = ask && kept.is_none() && self.rules.owner_decides(&flow);
+        // A flow whose verdict the answer could change waits for it (paused, its packets held).
+        let hold = ask && kept.is_none() && (filter_waits || self.rules.owner_decides(&flow));
         let (out, inn, peek) = if hold { (Mode::Pause, Mode::Pause, None) } else { modes_of(first.verdict) };
         let interface = self.interfaces.acquire(new.interface);
         let mut entry = Entry::new(&flow, interface, now);
@@ -201,7 +204,12 @@ impl Engine {
             },
         ];
         if ask {
-            self.ask_owner(now, slot, &flow, hold.then_some(filter_verdict), events);
+            let held = match (hold, filter_waits) {
+                (false, _) => None,
+                (true, true) => Some(super::owners::Held::AskFilter),
+                (true, false) => Some(super::owners::Held::Filtered(filter_verdict)),
+            };
+            self.ask_owner(now, slot, &flow, held, events);
         } else {
             self.events.extend(events);
         }

@@ -5,8 +5,9 @@
 //! `flow.verdict`) wait for the answer, so they carry the owner. A flow whose verdict the answer
 //! could change (a rule naming a process, user, unit or cgroup may be the first to match it) is
 //! also paused: its packets are held until the answer comes and the rules are asked again with
-//! it. An answer that does not come by `owner_wait` counts as "unknown": rules that name an
-//! owner then do not match. Nothing here blocks: the driver answers through a handle.
+//! it. So is every new flow when a product's filter judges beside the rules: the filter's
+//! `new_flow` is called once the owner is known, with it in the flow. An answer that does not
+//! come by `owner_wait` counts as "unknown": rules that name an owner then do not match. Nothing here blocks: the driver answers through a handle.
 //!
 //! This room keeps the waiting flows and settles them; it emits the deferred events and moves
 //! held packets. It never closes a flow.
@@ -27,10 +28,19 @@ use crate::verdict::{FlowVerdict, NewFlowVerdict};
 /// A flow waiting for its owner.
 struct Waiting {
     slot: Slot,
-    /// Its first verdict waits too: the product filter's answer, kept to be combined with the
-    /// rules' once they can be asked with the owner.
-    hold: Option<Option<NewFlowVerdict>>,
+    /// Its first verdict waits too.
+    hold: Option<Held>,
     events: Vec<Event>,
+}
+
+/// What a held flow's first verdict still needs besides the rules.
+#[derive(Copy, Clone, Debug)]
+pub(super) enum Held {
+    /// The product filter's answer, given already (or `None`: no filter), to be combined with
+    /// the rules' once they can be asked with the owner.
+    Filtered(Option<NewFlowVerdict>),
+    /// The product filter is asked once the owner is known.
+    AskFilter,
 }
 
 #[derive(Default)]
@@ -71,14 +81,7 @@ impl Engine {
 
     /// Queues the question about a flow just opened, and keeps its first events until the
     /// answer. `hold`: its verdict waits too (with the product filter's answer).
-    pub(super) fn ask_owner(
-        &mut self,
-        now: Instant,
-        slot: Slot,
-        flow: &Flow,
-        hold: Option<Option<NewFlowVerdict>>,
-        events: [Event; 2],
-    ) {
+    pub(super) fn ask_owner(&mut self, now: Instant, slot: Slot, flow: &Flow, hold: Option<Held>, events: [Event; 2]) {
         let Some(wait) = self.config.owner_wait else {
             self.events.extend(events);
             return;
@@ -132,8 +135,15 @@ impl Engine {
         }
         e.owner = owner.clone();
         let mut first: Option<(FlowVerdict, First)> = None;
-        if let Some(filter_verdict) = w.hold {
+        if let Some(held) = w.hold {
             let flow = e.flow(&self.interfaces);
+            let filter_verdict = match held {
+                Held::Filtered(v) => v,
+                Held::AskFilter => {
+                    let fail = if self.config.fail_open { NewFlowVerdict::Allow } else { NewFlowVerdict::Drop };
+                    self.call_filter("new_flow", flow.id, |f| f.new_flow(&flow)).map(|r| r.unwrap_or(fail))
+                }
+            };
             let class = self.rules.classify(&flow);
             let f = self.first_verdict(class, filter_verdict);
             let (out, inn, _) = modes_of(f.verdict);

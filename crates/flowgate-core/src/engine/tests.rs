@@ -2463,3 +2463,22 @@ fn a_verdict_given_while_a_flow_waits_for_its_owner_is_the_one_that_holds() {
     assert!(events(&mut e).is_empty());
     assert_eq!(e.handle_packet(ms(2), OUT, &c.ack()).action, PacketAction::Accept);
 }
+
+#[test]
+fn a_product_filter_judges_each_new_flow_knowing_its_owner() {
+    let mut e = owner_engine(Vec::new());
+    let (f, log) = scripted(NewFlowVerdict::Drop, []);
+    e.set_flow_filter(f);
+    let mut c = Conn::new("198.51.100.1:40030", "203.0.113.7:443");
+    let d = e.handle_packet(ms(0), OUT, &c.syn());
+    let (id, syn) = (d.flow.expect("tracked"), hold_id(d));
+    assert!(log.lock().expect("log").new_flows.is_empty(), "the filter waits for the owner");
+    e.set_owner(id, Some(owner(4242, "/usr/bin/curl", 1000, "alice")));
+    let asked = log.lock().expect("log").new_flows.clone();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].owner.as_ref().and_then(|o| o.exe.as_deref()), Some("/usr/bin/curl"));
+    assert_eq!(releases(&mut e), vec![Release { packet: syn, accept: false }]);
+    let ev = events(&mut e);
+    assert_eq!(verdict_of(&ev[1]).1, FlowVerdict::Drop);
+    assert_eq!(verdict_of(&ev[1]).2, Some("provider"));
+}
