@@ -78,6 +78,19 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Writes a run's results as `<name>.md` (`md`) and `<name>.json` (`json`, pretty) in `out`,
+/// creating it, and says so on stderr. Errors name the file.
+pub fn write_results(out: &Path, name: &str, md: &str, json: &Value) -> Result<(), String> {
+    fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let md_path = out.join(format!("{name}.md"));
+    let json_path = out.join(format!("{name}.json"));
+    fs::write(&md_path, md).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    let pretty = serde_json::to_string_pretty(json).map_err(|e| e.to_string())?;
+    fs::write(&json_path, format!("{pretty}\n")).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    eprintln!("{name}: wrote {} and {}", md_path.display(), json_path.display());
+    Ok(())
+}
+
 /// The end of a run: writes `json` as one line to `json_file` (if given), then prints `text` and
 /// that line to stdout. Prints nothing if the file cannot be written; the error names the file.
 pub fn print_result(text: &str, json: &Value, json_file: Option<&Path>) -> Result<(), String> {

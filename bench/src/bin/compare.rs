@@ -89,7 +89,9 @@ use flowgate_bench::guard::{TempDir, begin};
 use flowgate_bench::lab::{self, Lab, Netns, SRV_SERVICE_V4};
 use flowgate_bench::opensnitch::{self, OpenSnitch};
 use flowgate_bench::process::{raise_nofile, vm_bytes};
-use flowgate_bench::report::{Spread, loadavg, machine, paired_ratio, print_result, round, source_state};
+use flowgate_bench::report::{
+    Spread, loadavg, machine, paired_ratio, print_result, round, source_state, write_results,
+};
 use flowgate_bench::threads::{allowed_cpus, pin_me, spawn_thread};
 use flowgate_linux::marks;
 use flowgate_linux::nfqueue::Verdict;
@@ -1600,13 +1602,7 @@ fn run(opts: &Opts, command: &str) -> Result<()> {
         host_checks,
     };
     let (md, json) = render(&results, &meta);
-    std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
-    let md_path = opts.out.join("compare.md");
-    let json_path = opts.out.join("compare.json");
-    std::fs::write(&md_path, &md).map_err(|e| format!("{}: {e}", md_path.display()))?;
-    let pretty = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
-    std::fs::write(&json_path, format!("{pretty}\n")).map_err(|e| format!("{}: {e}", json_path.display()))?;
-    eprintln!("compare: wrote {} and {}", md_path.display(), json_path.display());
+    write_results(&opts.out, "compare", &md, &json)?;
     print_result(&md, &json, opts.json.as_deref())
 }
 

@@ -54,7 +54,9 @@ use flowgate_bench::counters::tcp_ext;
 use flowgate_bench::daemon::{self, Daemon, check_nothing_left, check_stopped_alone, read_events};
 use flowgate_bench::guard::{TempDir, begin};
 use flowgate_bench::lab::{HOST_SRV_SIDE_V4, Lab, Netns, SRV_SERVICE_V4};
-use flowgate_bench::report::{Spread, loadavg, machine, paired_ratio, print_result, round, source_state};
+use flowgate_bench::report::{
+    Spread, loadavg, machine, paired_ratio, print_result, round, source_state, write_results,
+};
 use nix::sys::socket::SockaddrIn;
 use serde_json::{Value, json};
 
@@ -1056,13 +1058,7 @@ fn run(opts: &Opts, command: &str) -> Result<()> {
         host_checks,
     };
     let (md, json) = render(opts, &acc, &lat, &meta);
-    std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
-    let md_path = opts.out.join("owners.md");
-    let json_path = opts.out.join("owners.json");
-    std::fs::write(&md_path, &md).map_err(|e| format!("{}: {e}", md_path.display()))?;
-    let pretty = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
-    std::fs::write(&json_path, format!("{pretty}\n")).map_err(|e| format!("{}: {e}", json_path.display()))?;
-    eprintln!("owners: wrote {} and {}", md_path.display(), json_path.display());
+    write_results(&opts.out, "owners", &md, &json)?;
     print_result(&md, &json, opts.json.as_deref())
 }
 
