@@ -5,9 +5,14 @@
 #   bench/live.sh --json /tmp/live.json     # also write the JSON result to a file
 #   bench/live.sh --connects 1000           # fewer connections (default 3000)
 # The last line of stdout is the result as one JSON object. BENCH_BIN=verdicts runs the verdict
-# and adoption benchmark instead (that is what bench/verdicts.sh does).
+# and adoption benchmark instead (that is what bench/verdicts.sh does); BENCH_EXTRA_BINS names
+# more benchmark binaries to build beside it (bench/owners.sh: its short-lived program).
 set -euo pipefail
 bin=${BENCH_BIN:-live}
+extra=()
+for b in ${BENCH_EXTRA_BINS:-}; do
+    extra+=(--bin "$b")
+done
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "bench/$bin.sh: must run as root (it creates network namespaces and runs flowgate, which" >&2
@@ -33,7 +38,7 @@ cargo build --release -p flowgate
 # The benchmark: release optimisations with unwinding panics (as the workspace's release profile
 # has them too), so that a failure unwinds through the lab's Drop guards. A profile of its own
 # keeps target/release untouched.
-cargo build -p flowgate-bench --bin "$bin" --profile live-bench \
+cargo build -p flowgate-bench --bin "$bin" "${extra[@]}" --profile live-bench \
     --config 'profile.live-bench.inherits="release"' \
     --config 'profile.live-bench.panic="unwind"'
 

@@ -1181,4 +1181,40 @@ action = "drop"
         assert!(c.warnings[0].message.contains("every packet of every interface"), "{}", c.warnings[0]);
         assert_eq!(c.packet.covered(), [(None, Directions::ALL)]);
     }
+
+    #[test]
+    fn owner_fields_and_attribution_load_and_bad_ones_name_the_field() {
+        let c = load_str(
+            "attribution = \"proc\"\nattribution_wait = \"40ms\"\n[[rule]]\nname = \"a\"\nprocess = \"/usr/bin/curl\"\n\
+             user = 33\nunit = \"nginx.*\"\ncgroup = \"/system.slice/*\"\naction = \"drop\"\n\
+             [[rule]]\nname = \"b\"\nuser = \"www-data\"\naction = \"allow\"\n",
+        )
+        .expect("owner rules");
+        assert_eq!((c.live.attribution, c.live.attribution_wait), (Attribution::Proc, Duration::from_millis(40)));
+        let o = &c.rules.rules[0].owner;
+        assert_eq!(o.process.as_ref().map(Glob::as_str), Some("/usr/bin/curl"));
+        assert_eq!(o.user, Some(UserMatch::Uid(33)));
+        assert_eq!(o.unit.as_ref().map(Glob::as_str), Some("nginx.*"));
+        assert_eq!(o.cgroup.as_ref().map(Glob::as_str), Some("/system.slice/*"));
+        assert_eq!(c.rules.rules[1].owner.user, Some(UserMatch::Name("www-data".into())));
+        let d = load_str("").expect("defaults");
+        assert_eq!((d.live.attribution, d.live.attribution_wait), (Attribution::Auto, Duration::from_millis(250)));
+        for (text, field, line) in [
+            ("\n[[rule]]\nprocess = \"curl\"\naction = \"drop\"\n", "process", 3),
+            ("\n[[rule]]\nprocess = \"\"\naction = \"drop\"\n", "process", 3),
+            ("\n[[rule]]\nuser = \"a:b\"\naction = \"drop\"\n", "user", 3),
+            ("\n[[rule]]\nuser = -1\naction = \"drop\"\n", "user", 3),
+            ("\n[[rule]]\nunit = \" \"\naction = \"drop\"\n", "unit", 3),
+            ("\nattribution = \"bpf\"\n", "attribution", 2),
+            ("\nattribution_wait = \"soon\"\n", "attribution_wait", 2),
+            ("\nattribution_wait = \"11s\"\n", "attribution_wait", 2),
+        ] {
+            let e = err(text);
+            assert_eq!((e.field.as_deref(), e.line), (Some(field), Some(line)), "{text}: {e}");
+        }
+        // A rule naming an owner cannot be honoured without attribution: refused, not ignored.
+        let e = err("attribution = \"off\"\n[[rule]]\nname = \"x\"\nuser = \"nobody\"\naction = \"drop\"\n");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("attribution = \"off\""), "{e}");
+    }
 }

@@ -377,3 +377,22 @@ pub fn request_stream(
     }
     Err(format!("{}: the reply ended without its last line", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_take_owners_and_bad_ones_name_the_field() {
+        let sel = |process: Option<&str>, user: Option<&str>| Select {
+            process: process.map(String::from),
+            user: user.map(String::from),
+            ..Select::default()
+        };
+        let s = selector(&sel(Some("/usr/bin/*"), Some("33"))).expect("owner selector");
+        assert_eq!(s.owner.process.as_ref().map(|g| g.as_str()), Some("/usr/bin/*"));
+        assert_eq!(s.owner.user, Some(flowgate_core::owner::UserMatch::Uid(33)));
+        assert!(selector(&sel(Some(" "), None)).is_err_and(|e| e.starts_with("process: ")));
+        assert!(selector(&sel(None, Some("a:b"))).is_err_and(|e| e.starts_with("user: ")));
+    }
+}

@@ -7,6 +7,9 @@
 //! by `enforce` before any chain exists), and only then are a dead instance's leftovers removed
 //! and flowgate's chains installed (all or nothing), with the static rules the kernel decides
 //! alone (`statics`: the plan, its ipsets and chains, the ids conntrack's reports carry).
+//! Before any flow is judged, the lookup of flows' owners is set up (`owners`: the kernel
+//! capture, or `/proc`), so it sees the sockets of the flows the engines will ask about; its
+//! thread starts with the workers and answers their questions.
 //! Workers, the enforcer (verdict changes on kernel-handled flows), the conntrack watcher, the
 //! drop log (`droplog`: packets static rules dropped), the event writer, the control socket
 //! and, if configured, the metrics listener (bound before anything is installed) start;
@@ -797,7 +800,7 @@ fn start(
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let d = &drop_log_stats;
         v["drop_log"] = json!({"logged": r(&d.logged), "dropped": r(&d.dropped), "overruns": r(&d.overruns)});
-        v["owners"] = owners::stats_json(&owner_stats);
+        v["owners"] = serde_json::to_value(&*owner_stats).unwrap_or(Value::Null);
         let per_packet: Vec<PacketWorkerStats> =
             packet_stats.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).collect();
         v["packet_stage"] = packet_stats_json(&per_packet);

@@ -367,12 +367,3 @@ pub(crate) struct Links {
     pub(crate) stats: Arc<OwnerStats>,
 }
 
-/// For `flowgate stats`.
-pub(crate) fn stats_json(s: &OwnerStats) -> serde_json::Value {
-    serde_json::json!({
-        "kernel": s.kernel.load(Ordering::Relaxed),
-        "proc": s.proc.load(Ordering::Relaxed),
-        "unknown": s.unknown.load(Ordering::Relaxed),
-        "dropped": s.dropped.load(Ordering::Relaxed),
-    })
-}
