@@ -366,4 +366,3 @@ pub(crate) struct Links {
     pub(crate) tx: SyncSender<Question>,
     pub(crate) stats: Arc<OwnerStats>,
 }
-
