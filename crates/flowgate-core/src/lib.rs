@@ -12,6 +12,8 @@
 //!   owns it, and the matching of rules on it.
 //! - [`rules`]: rules and their text forms, the compiled matcher, lints.
 //! - [`verdict`], [`provider`]: the content-filter model a product implements.
+//! - [`sniff`]: protocol sniffers (TLS ClientHello, QUIC Initial, HTTP request head, DNS) that
+//!   name a flow's host from its first bytes; public, for products' own providers too.
 //! - [`engine`]: the state machine that ties them together (flow table, timers, kernel-handled
 //!   flows, sweeps); [`handle`]: its remote control from other threads (verdicts, kernel
 //!   reports, streamed listings).
@@ -54,6 +56,7 @@ pub mod packet;
 pub mod packet_stage;
 pub mod provider;
 pub mod rules;
+pub mod sniff;
 pub mod time;
 pub mod verdict;
 

@@ -1,0 +1,1 @@
+//! dns sniffer (to be written).

@@ -1,0 +1,1 @@
+//! http sniffer (to be written).

@@ -1,0 +1,1 @@
+//! quic sniffer (to be written).

@@ -1,0 +1,1 @@
+//! tls sniffer (to be written).
