@@ -46,15 +46,18 @@
 //! thread, through a [`Handle`] or a [`PacketHandle`].
 
 pub mod community_id;
+pub mod dns_names;
 pub mod engine;
 pub mod event;
 pub mod flow;
 pub mod formats;
 pub mod handle;
+pub mod hosts;
 pub mod owner;
 pub mod packet;
 pub mod packet_stage;
 pub mod provider;
+pub mod reassembly;
 pub mod rules;
 pub mod sniff;
 pub mod time;

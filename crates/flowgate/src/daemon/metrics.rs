@@ -516,7 +516,7 @@ fn flows(t: &mut Text, s: &Value) {
     t.family(
         "flowgate_flow_updates_total",
         "counter",
-        "Later changes of a flow's verdict, by new verdict and source (provider: a product's filter on data; handle: the library, CLI or control socket; peek: an inspect window ended; rules: a reload).",
+        "Later changes of a flow's verdict, by new verdict and source (provider: a product's filter on data; handle: the library, CLI or control socket; peek: an inspect window ended; rules: a reload; host: the rules again once the host name was known; overlap: overlapping segments with different bytes; timeout: held bytes waited past hold_timeout).",
     );
     for verdict in VERDICTS {
         for (source, n) in at(s, &format!("/updates/{verdict}")).and_then(Value::as_object).into_iter().flatten() {
