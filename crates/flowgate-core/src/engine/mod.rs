@@ -702,8 +702,7 @@ impl Engine {
                         self.read_dns(slot, now, dir, r.0, p.payload);
                     }
                     let e = self.table.get(slot);
-                    if e.is_some_and(|e| stream::inspected(e, dir) && !matches!(e.mode(dir), Mode::Drop | Mode::Pause))
-                    {
+                    if e.is_some_and(|e| stream::inspected(e, dir)) {
                         action = Some(if p.tcp.is_some() {
                             self.inspect_packet(slot, now, dir, r, p, raw)
                         } else {

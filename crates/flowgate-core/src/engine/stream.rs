@@ -156,10 +156,15 @@ fn line(e: &Entry, dir: Direction) -> u64 {
     }
 }
 
-/// Whether packets of `dir` carrying bytes go through inspection.
+/// Whether packets of `dir` carrying bytes go through inspection: its bytes are being judged,
+/// or were when a pause came (their copy is still compared with what comes).
 pub(super) fn inspected(e: &Entry, dir: Direction) -> bool {
-    matches!(e.mode(dir), Mode::Inspect { .. })
-        || e.inspection().and_then(|i| i.sniff.as_ref()).is_some_and(|s| s.dir == dir)
+    match e.mode(dir) {
+        Mode::Inspect { .. } => true,
+        Mode::Allow => e.inspection().and_then(|i| i.sniff.as_ref()).is_some_and(|s| s.dir == dir),
+        Mode::Pause => e.inspection().is_some_and(|i| i.sides[index(dir)].buf.is_some() || i.sniff.is_some()),
+        Mode::Drop => false,
+    }
 }
 
 /// How far `dir`'s bytes must be kept to judge them.
@@ -261,6 +266,10 @@ impl Engine {
         }
         if end <= line_now {
             return PacketAction::Accept;
+        }
+        if ins.stored == 0 && buf.has(start, end) && p.tcp.is_some() {
+            // A copy of bytes a held packet carries already: that one delivers them.
+            return PacketAction::Drop;
         }
         let kept_from = buf.start();
         if start >= kept_from + span as u64 || (span_end > 0 && start >= span_end.max(line_now) + span as u64) {
