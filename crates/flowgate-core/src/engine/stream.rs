@@ -267,6 +267,11 @@ impl Engine {
         if end <= line_now {
             return PacketAction::Accept;
         }
+        if ins.refused {
+            // Too many gaps already: this piece comes again once the ones before it are in.
+            self.stats.out_of_window += 1;
+            return PacketAction::Drop;
+        }
         if ins.stored == 0 && buf.has(start, end) && p.tcp.is_some() {
             // A copy of bytes a held packet carries already: that one delivers them.
             return PacketAction::Drop;
@@ -583,15 +588,22 @@ impl Engine {
                 None => kept.push(h),
             }
         }
-        // What passes moves each direction's judged mark.
+        // What passes moves each direction's judged mark; bytes well behind it are forgotten
+        // (the recent ones are kept to compare retransmissions with), so a window far into the
+        // stream still fits the span.
+        let half_span = self.config.max_inspect_span as u64 / 2;
         for d in [Direction::Outbound, Direction::Inbound] {
             let l = line(e, d);
             if e.mode(d) != Mode::Drop
+                && l != u64::MAX
                 && let Some(i) = e.inspection_mut()
             {
                 let side = &mut i.sides[index(d)];
-                if l != u64::MAX {
-                    side.allowed = side.allowed.max(l);
+                side.allowed = side.allowed.max(l);
+                if let Some(buf) = side.buf.as_mut()
+                    && l > buf.start() + half_span
+                {
+                    buf.forget_before(l - half_span);
                 }
             }
         }

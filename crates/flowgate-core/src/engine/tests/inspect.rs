@@ -144,3 +144,18 @@ fn a_segment_far_past_what_is_kept_is_dropped() {
     assert_eq!(e.stats().out_of_window, 1);
     assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, b"0123456789")), accepted(id, true));
 }
+
+#[test]
+fn a_window_far_into_the_stream_is_shown_and_what_passes_before_it_is_not_kept() {
+    let (mut e, log) = inspecting(10, [DataVerdict::Pass { pass: 200_000, peek: 10 }, DataVerdict::Allow]);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:80");
+    let id = handshake(&mut e, &mut c, ms(0));
+    assert_eq!(e.handle_packet(ms(3), OUT, &c.send(b"0123456789")), accepted(id, false));
+    let chunk = vec![b'x'; 1000];
+    for k in 0..200 {
+        assert_eq!(e.handle_packet(ms(4 + k), OUT, &c.send(&chunk)), accepted(id, false), "chunk {k}");
+    }
+    assert_eq!(e.handle_packet(ms(300), OUT, &c.send(b"ABCDEFGHIJKL")), accepted(id, true));
+    let shown = log.lock().expect("log").data.clone();
+    assert_eq!(shown[1], (id, Direction::Outbound, 200_010, b"ABCDEFGHIJ".to_vec()));
+}
