@@ -274,6 +274,12 @@ impl Engine {
         let waits = window.filter(|&w| w > 0 && !matches!(first.verdict, NewFlowVerdict::Drop | NewFlowVerdict::Pause));
         let Some(w) = waits else { return FirstModes { first, out, inn, peek, sniff: None } };
         if first.filter_inspects {
+            // The filter's windows stand; a direction it does not look at is read by the rules.
+            let (out, inn) = match flow.direction {
+                Direction::Outbound if out == Mode::Allow => (super::stream::RULES_READ, inn),
+                Direction::Inbound if inn == Mode::Allow => (out, super::stream::RULES_READ),
+                _ => (out, inn),
+            };
             return FirstModes { first, out, inn, peek, sniff: Some(w) };
         }
         // The rules read the opener's bytes; the other way passes meanwhile (its bytes answer

@@ -68,7 +68,16 @@ impl Inspection {
     pub(crate) fn sniffing(&self) -> bool {
         self.sniff.is_some()
     }
+
+    pub(super) fn stop_sniffing(&mut self) {
+        self.sniff = None;
+    }
 }
+
+/// The mode of a direction the rules read for a host name while a product's filter, which did
+/// not ask to see it, judges the flow: nothing is shown to the filter (all of it lies before
+/// `pass_end`), and it becomes `Allow` once the rules are done.
+pub(super) const RULES_READ: Mode = Mode::Inspect { pass_end: u64::MAX, peek_end: u64::MAX };
 
 #[derive(Default)]
 struct Side {
@@ -456,6 +465,11 @@ impl Engine {
             if verdict == DataVerdict::Drop {
                 self.apply(slot, now, DataVerdict::Drop, None, UpdateSource::Host);
             } else {
+                for d in [Direction::Outbound, Direction::Inbound] {
+                    if e.mode(d) == RULES_READ {
+                        e.set_mode(d, Mode::Allow);
+                    }
+                }
                 self.note_host(slot, now, before);
             }
         } else {

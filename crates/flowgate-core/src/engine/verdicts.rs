@@ -57,6 +57,15 @@ impl Engine {
             let m = mode_of(verdict, e.offset(d));
             e.set_mode(d, m);
         }
+        // A verdict on the whole flow from a handle or the product ends the rules' wait for its
+        // host name: it is the latest word on the flow.
+        if direction.is_none()
+            && matches!(verdict, DataVerdict::Allow | DataVerdict::Drop)
+            && matches!(source, UpdateSource::Handle | UpdateSource::Provider)
+            && let Some(i) = e.inspection_mut()
+        {
+            i.stop_sniffing();
+        }
         if let DataVerdict::Pass { .. } = verdict {
             e.set(bits::FILTER_INSPECTS, true);
         }
