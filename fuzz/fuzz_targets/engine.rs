@@ -654,7 +654,13 @@ impl Harness {
         while let Some(r) = self.engine.poll_release() {
             assert!(self.held.remove(&r.packet.0).is_some(), "release of a packet not held: {r:?}");
             assert!(self.released.insert(r.packet.0), "second release of {r:?}");
+            // A packet let through cut is still a packet, with a shorter payload.
+            if let Some(cut) = self.engine.take_rewrite(r.packet) {
+                assert!(r.accept, "a dropped packet has no new bytes: {r:?}");
+                assert!(flowgate_core::packet::parse(&cut).is_ok(), "a cut packet that does not parse: {cut:?}");
+            }
         }
+        assert_eq!(self.engine.footprint().rewrites, 0, "new bytes of packets never released");
         while self.engine.poll_enforce().is_some() {}
         while self.engine.poll_fault().is_some() {}
     }
