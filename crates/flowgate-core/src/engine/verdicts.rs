@@ -103,7 +103,12 @@ impl Engine {
         if changed {
             // Verdicts given away from a packet (a handle call, a reload) may concern a flow the
             // kernel handles alone: the data plane must carry them out.
-            if matches!(source, UpdateSource::Handle | UpdateSource::Rules) && verdict != before.1 {
+            // A drop decided on a packet's bytes (a provider, the host, an evasion, a timeout) of a
+            // connection that is up must tear it down at both ends too, not only answer the
+            // packet's sender.
+            let away = matches!(source, UpdateSource::Handle | UpdateSource::Rules) && verdict != before.1;
+            let torn = verdict == FlowVerdict::Drop && before.1 != FlowVerdict::Drop && e.has(bits::ACCEPTED);
+            if away || torn {
                 self.kernel.queue(e);
             }
             if verdict != before.1 || direction.is_some() {
