@@ -22,6 +22,8 @@
 //! - [`event`]: the JSON-lines event format; [`formats`]: events as flowgate JSON lines,
 //!   Suricata EVE or OCSF records; [`community_id`]: the Community ID flow hash;
 //!   [`time`]: the core's clock type.
+//! - [`hosts`]: host-name patterns (`*.example.com`), compact sets of many names, blocklist files.
+//! - [`dns_names`]: names learned from DNS answers (address → name until the TTL), shared by engines.
 //!
 //! ## Driving the engine
 //!
@@ -46,11 +48,13 @@
 //! thread, through a [`Handle`] or a [`PacketHandle`].
 
 pub mod community_id;
+pub mod dns_names;
 pub mod engine;
 pub mod event;
 pub mod flow;
 pub mod formats;
 pub mod handle;
+pub mod hosts;
 pub mod owner;
 pub mod packet;
 pub mod packet_stage;
