@@ -1331,8 +1331,11 @@ action = "drop"
     fn host_rules_take_names_lists_and_the_inspection_settings() {
         let dir = std::env::temp_dir().join(format!("flowgate-config-hosts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("block.txt"), "# ads\n0.0.0.0 ads.example tracker.example\nevil.example\nnot_a name!\n")
-            .expect("list");
+        std::fs::write(
+            dir.join("block.txt"),
+            "# ads\n0.0.0.0 ads.example tracker.example\nevil.example\nnot_a name!\n",
+        )
+        .expect("list");
         let config = dir.join("flowgate.toml");
         let text = "hosts_file = \"block.txt\"\nhold_timeout = \"3s\"\nhold_timeout_action = \"allow\"\n\
                     overlap_conflict = \"ignore\"\n[[rule]]\nname = \"one\"\nhost = \"*.example.com\"\naction = \"drop\"\n\
