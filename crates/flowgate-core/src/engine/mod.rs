@@ -196,7 +196,7 @@ impl Default for EngineConfig {
             overlap_drop: true,
             sniff_window: 16 * 1024,
             max_inspect_span: 64 * 1024,
-            max_held_per_flow: 64,
+            max_held_per_flow: 512,
         }
     }
 }
@@ -342,8 +342,9 @@ pub struct Engine {
     stopwatch: Option<providers::Stopwatch>,
     faults: VecDeque<ProviderFault>,
     owners: owners::Owners,
-    /// Names learnt from DNS answers, shared with the other engines of a driver.
-    dns_names: Arc<DnsNames>,
+    /// Names learnt from DNS answers, shared with the other engines of a driver; made at the
+    /// first answer when no driver gave one.
+    dns_names: Option<Arc<DnsNames>>,
     /// When held packets of a flow must have a verdict, in the order set (one timeout for all).
     hold_deadlines: VecDeque<(Instant, FlowId)>,
     /// Accepted held packets that go out with these bytes instead.
@@ -390,7 +391,7 @@ impl Engine {
             stopwatch: None,
             faults: VecDeque::new(),
             owners: owners::Owners::default(),
-            dns_names: Arc::new(DnsNames::new(DNS_NAMES)),
+            dns_names: None,
             hold_deadlines: VecDeque::new(),
             rewrites: HashMap::new(),
             reviewing: false,
@@ -401,7 +402,7 @@ impl Engine {
     /// Shares a table of names learnt from DNS answers with other engines (one per queue): an
     /// answer one engine reads names the flows all of them judge.
     pub fn set_dns_names(&mut self, names: Arc<DnsNames>) {
-        self.dns_names = names;
+        self.dns_names = Some(names);
     }
 
     /// The bytes a released (accepted) held packet must go out with instead of its own, if it

@@ -768,14 +768,16 @@ impl Engine {
         if let Sniff::Found(m) = message
             && m.response
         {
-            let n = self.dns_names.learn(&m, now);
+            let names =
+                self.dns_names.get_or_insert_with(|| Arc::new(crate::dns_names::DnsNames::new(super::DNS_NAMES)));
+            let n = names.learn(&m, now);
             self.stats.dns_learnt += n as u64;
         }
     }
 
     /// The name a DNS answer gave `remote`, as a host for a new flow.
     pub(super) fn dns_host(&self, remote: IpAddr, now: Instant) -> Option<Arc<Host>> {
-        let name = self.dns_names.lookup(remote, now)?;
+        let name = self.dns_names.as_ref()?.lookup(remote, now)?;
         Some(Arc::new(Host { name: Some(name), source: Some(HostSource::Dns), ..Host::default() }))
     }
 }

@@ -120,6 +120,9 @@ fn a_client_hello_split_anywhere_or_sent_backwards_byte_by_byte_names_the_same_h
             assert!(matches!(first.action, PacketAction::Hold(_)), "cut {cut}: {first:?}");
             assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, cut, &hello[cut..])), dropped(id, true), "cut {cut}");
         }
+        if hello.len() > EngineConfig::default().max_held_per_flow {
+            continue;
+        }
         let mut e = blocking();
         let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
         let id = handshake(&mut e, &mut c, ms(0));
@@ -131,6 +134,24 @@ fn a_client_hello_split_anywhere_or_sent_backwards_byte_by_byte_names_the_same_h
         assert!(releases(&mut e).iter().all(|r| !r.accept));
         assert_eq!(host_of(&events(&mut e), id).and_then(|h| h.name).as_deref(), Some("a.blocked.example"));
     }
+}
+
+#[test]
+fn past_the_packets_one_flow_may_hold_the_rest_is_dropped_not_passed() {
+    let mut e = blocking();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let hello = client_hello("a.blocked.example", &["h2"], 1300, false);
+    let most = EngineConfig::default().max_held_per_flow;
+    for k in 0..most {
+        assert!(matches!(e.handle_packet(ms(3), OUT, &at(&c, k, &hello[k..k + 1])).action, PacketAction::Hold(_)));
+    }
+    assert_eq!(
+        e.handle_packet(ms(4), OUT, &at(&c, most, &hello[most..most + 1])),
+        Expect { action: PacketAction::Drop, flow: Some(id), settled: false }
+    );
+    assert!(releases(&mut e).is_empty());
+    assert_eq!(e.stats().held_overflow, 1);
 }
 
 #[test]
