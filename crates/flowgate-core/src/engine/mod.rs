@@ -157,9 +157,9 @@ pub struct EngineConfig {
     /// could decide is paused for it, at most this long (then its owner counts as unknown).
     /// `None`: owners are not asked for, and rules that name one never match.
     pub owner_wait: Option<Duration>,
-    /// Longest packets may be held without a verdict (bytes under inspection, a pause): then the
-    /// rules' wait for a host name ends with what is known, and what is still undecided gets
-    /// `hold_timeout_drop`'s verdict.
+    /// Longest packets may be held without a verdict (bytes under inspection, a pause): then
+    /// the flow gets `hold_timeout_drop`'s verdict (allowing, the rules' wait for a host name
+    /// ends first with what is known).
     pub hold_timeout: Duration,
     /// Held bytes still undecided at the hold timeout are dropped (else allowed).
     pub hold_timeout_drop: bool,

@@ -710,8 +710,8 @@ impl Engine {
         self.review_held(slot, now);
     }
 
-    /// Held bytes that waited past the hold timeout: the rules' wait ends with what is known;
-    /// a filter's undecided bytes, or a pause, get the configured verdict.
+    /// Held bytes that waited past the hold timeout get the configured verdict: drop, or allow
+    /// (then the rules' wait for a name ends with what is known, and they judge first).
     pub(super) fn expire_holds(&mut self, now: Instant) {
         while let Some(&(at, id)) = self.hold_deadlines.front() {
             if at > now {
@@ -734,7 +734,15 @@ impl Engine {
                 i.deadline = None;
             }
             if self.table.get(slot).and_then(|e| e.inspection()).is_some_and(Inspection::sniffing) {
-                self.end_sniffing(slot, now, None);
+                if self.config.hold_timeout_drop {
+                    // Bytes that looked like the start of a name and never finished (a hello sent
+                    // a byte at a time, slower than the timeout) must not pass as nameless.
+                    if let Some(i) = self.table.get_mut(slot).and_then(|e| e.inspection_mut()) {
+                        i.stop_sniffing();
+                    }
+                } else {
+                    self.end_sniffing(slot, now, None);
+                }
             }
             let undecided = self.table.get(slot).is_some_and(|e| !e.held().is_empty());
             if undecided {
