@@ -197,6 +197,7 @@ pub fn lookup_flow(remote: SocketAddr) -> Flow {
         started: Instant::ZERO,
         icmp: None,
         owner: None,
+        host: None,
     }
 }
 

@@ -108,6 +108,7 @@ fn classify_agrees_with_a_linear_scan(c: &CompiledRules) {
                                 started: Instant::ZERO,
                                 icmp: None,
                                 owner: None,
+                                host: None,
                             };
                             let got = c.classify(&flow);
                             let want = rules.iter().position(|r| rule_matches(r, &flow));

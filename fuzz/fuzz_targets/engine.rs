@@ -12,12 +12,12 @@
 //!
 //! Checked after every operation (documented invariants):
 //! - every live flow has exactly one timer (`engine/timers.rs`): `timers == flows`;
-//! - held packets (those of a paused direction): every `PacketAction::Hold` names its flow, its
+//! - held packets (those of a paused direction, or carrying bytes not judged yet): every `PacketAction::Hold` names its flow, its
 //!   id is new, it is released exactly once (never a packet that was not held) and until then
 //!   is counted in `footprint().held_packets`; held packets never exceed `max_held_packets`; a
-//!   held packet's flow is live and paused (or dropped in its other direction: the flow's
-//!   verdict is `pause` or `drop`); when a flow closes, its held packets are released; when a
-//!   whole flow is resumed or updated to a verdict other than pause, its held packets are
+//!   held packet's flow is live and paused or inspected (or dropped in its other direction: the
+//!   flow's verdict is `pause`, `inspect` or `drop`); when a flow closes, its held packets are
+//!   released; when a whole flow is resumed or updated to allow or drop, its held packets are
 //!   released;
 //! - live flows never exceed `max_flows`; a flow's events begin with `flow.new`, end with one
 //!   `flow.closed`, and a closed flow is no longer listed; a decision names a live flow;
@@ -431,7 +431,8 @@ impl Harness {
                     } else {
                         (self.handle.update(flow.id, verdict, direction(d)).is_ok(), direction(d).is_none())
                     };
-                    if applied && whole && verdict != DataVerdict::Pause {
+                    // (A `Pass` holds what it has not judged, like a pause.)
+                    if applied && whole && matches!(verdict, DataVerdict::Allow | DataVerdict::Drop) {
                         resumed = Some(flow.id);
                     }
                 }
@@ -653,7 +654,13 @@ impl Harness {
         while let Some(r) = self.engine.poll_release() {
             assert!(self.held.remove(&r.packet.0).is_some(), "release of a packet not held: {r:?}");
             assert!(self.released.insert(r.packet.0), "second release of {r:?}");
+            // A packet let through cut is still a packet, with a shorter payload.
+            if let Some(cut) = self.engine.take_rewrite(r.packet) {
+                assert!(r.accept, "a dropped packet has no new bytes: {r:?}");
+                assert!(flowgate_core::packet::parse(&cut).is_ok(), "a cut packet that does not parse: {cut:?}");
+            }
         }
+        assert_eq!(self.engine.footprint().rewrites, 0, "new bytes of packets never released");
         while self.engine.poll_enforce().is_some() {}
         while self.engine.poll_fault().is_some() {}
     }
@@ -673,14 +680,15 @@ impl Harness {
             assert!(self.opened.contains(&s.flow.id.0), "live flow without flow.new: {:?}", s.flow);
             assert!(!self.closed.contains(&s.flow.id.0), "closed flow still live: {:?}", s.flow);
         }
-        // A held packet waits for its flow's pause to end: the flow is live, and paused in at
-        // least one direction (its verdict, the most restrictive of the two, is pause or drop).
+        // A held packet waits for its flow's pause to end, or for its bytes to be judged: the
+        // flow is live, and paused or inspected in at least one direction (its verdict, the most
+        // restrictive of the two, is pause, inspect or drop).
         for (packet, flow) in &self.held {
             assert!(!self.closed.contains(&flow.0), "packet {packet} still held after {flow:?} closed");
             let status = live.iter().find(|s| s.flow.id == *flow);
             let status = status.unwrap_or_else(|| panic!("packet {packet} held by {flow:?}, which is not live"));
             assert!(
-                matches!(status.verdict, FlowVerdict::Pause | FlowVerdict::Drop),
+                matches!(status.verdict, FlowVerdict::Pause | FlowVerdict::Inspect | FlowVerdict::Drop),
                 "packet {packet} held by {flow:?}, whose verdict is {:?}",
                 status.verdict
             );

@@ -60,6 +60,7 @@ mod tests {
             started: Instant::ZERO,
             icmp,
             owner: None,
+            host: None,
         }
     }
 

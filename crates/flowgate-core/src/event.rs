@@ -51,6 +51,27 @@ pub enum UpdateSource {
     Peek,
     /// A reload: the new rules drop the flow.
     Rules,
+    /// The rules judged the flow again once its host name was known (or known not to come),
+    /// or once an inspect rule's look at its first bytes ended.
+    Host,
+    /// Overlapping segments carried different bytes (an evasion attempt).
+    Overlap,
+    /// Held bytes waited longer than the hold timeout for a verdict.
+    Timeout,
+}
+
+impl UpdateSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            UpdateSource::Provider => "provider",
+            UpdateSource::Handle => "handle",
+            UpdateSource::Peek => "peek",
+            UpdateSource::Rules => "rules",
+            UpdateSource::Host => "host",
+            UpdateSource::Overlap => "overlap",
+            UpdateSource::Timeout => "timeout",
+        }
+    }
 }
 
 /// Why a flow ended.
@@ -157,6 +178,7 @@ mod tests {
             started: Instant::ZERO,
             icmp: None,
             owner: None,
+            host: None,
         }
     }
 

@@ -101,6 +101,52 @@ pub struct Flow {
     /// engine that asks, known before the flow's first event.
     #[serde(rename = "process", skip_serializing_if = "Option::is_none")]
     pub owner: Option<Arc<Owner>>,
+    /// The host name the flow is for, once known (see [`Host`]): from a DNS answer when the flow
+    /// starts, from its own first bytes once they were read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<Arc<Host>>,
+}
+
+/// Where a flow's host name came from, most trusted first.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostSource {
+    /// The TLS ClientHello's server name.
+    Sni,
+    /// The server name of the ClientHello in a QUIC Initial.
+    Quic,
+    /// The HTTP/1.x request's Host (or absolute target).
+    Http,
+    /// A DNS answer this filter saw for the flow's remote address, within its TTL.
+    Dns,
+}
+
+impl HostSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostSource::Sni => "sni",
+            HostSource::Quic => "quic",
+            HostSource::Http => "http",
+            HostSource::Dns => "dns",
+        }
+    }
+}
+
+/// What a flow says, or what DNS said, about the host it is for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Host {
+    /// The name rules judge the flow by: the flow's own (SNI, QUIC SNI, HTTP Host), else the
+    /// name a DNS answer gave its remote address. `None` when neither is known.
+    pub name: Option<Arc<str>>,
+    pub source: Option<HostSource>,
+    /// The ALPN protocols a ClientHello offered, in its order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// The ClientHello carried Encrypted Client Hello: its server name is only the outer,
+    /// public one ([`Host::outer_sni`]), not trusted as the flow's name.
+    pub ech: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_sni: Option<String>,
 }
 
 impl Flow {
@@ -211,6 +257,7 @@ mod tests {
             started: Instant::ZERO,
             icmp: None,
             owner: None,
+            host: None,
         };
         let v = serde_json::to_value(&f).expect("json");
         assert_eq!(v["local"], "[2001:db8::1]:40000");

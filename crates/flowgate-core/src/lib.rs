@@ -8,6 +8,8 @@
 //! ## Rooms
 //!
 //! - [`packet`]: IP packet → 5-tuple, TCP flags, payload (via `etherparse`).
+//! - [`defrag`]: IP fragments → whole datagrams, bounded, refusing conflicting overlaps.
+//! - [`reassembly`]: one direction's stream bytes in order within a bounded span, conflicts reported.
 //! - [`flow`]: flow identity and what providers see of a flow; [`owner`]: the process that
 //!   owns it, and the matching of rules on it.
 //! - [`rules`]: rules and their text forms, the compiled matcher, lints.
@@ -46,15 +48,19 @@
 //! thread, through a [`Handle`] or a [`PacketHandle`].
 
 pub mod community_id;
+pub mod defrag;
+pub mod dns_names;
 pub mod engine;
 pub mod event;
 pub mod flow;
 pub mod formats;
 pub mod handle;
+pub mod hosts;
 pub mod owner;
 pub mod packet;
 pub mod packet_stage;
 pub mod provider;
+pub mod reassembly;
 pub mod rules;
 pub mod sniff;
 pub mod time;

@@ -364,10 +364,11 @@ impl Queue {
         }
         // From here on a failure drops `queue`, which unbinds.
         queue.request(Operation::SetParams, |buf, seq| encode_params(buf, seq, num, cfg.copy_range, cfg.max_len))?;
-        let flags = NFQA_CFG_F_CONNTRACK
-            | NFQA_CFG_F_GSO
-            | NFQA_CFG_F_UID_GID
-            | if cfg.fail_open { NFQA_CFG_F_FAIL_OPEN } else { 0 };
+        // No NFQA_CFG_F_GSO: the kernel cuts GSO packets into segments before queueing them, so
+        // a held packet carries at most one segment's bytes and can be let through cut (a
+        // verdict with a new payload on a GSO packet would go out with a wrong checksum).
+        // Only packets of undecided flows are queued, so the cutting costs little.
+        let flags = NFQA_CFG_F_CONNTRACK | NFQA_CFG_F_UID_GID | if cfg.fail_open { NFQA_CFG_F_FAIL_OPEN } else { 0 };
         let mask = NFQA_CFG_F_CONNTRACK | NFQA_CFG_F_GSO | NFQA_CFG_F_UID_GID | NFQA_CFG_F_FAIL_OPEN;
         let set_flags = |queue: &mut Queue, flags| {
             let r = queue.request(Operation::SetFlags, |buf, seq| encode_flags(buf, seq, num, flags, mask));
@@ -434,7 +435,15 @@ impl Queue {
     /// Appends a verdict to the batch; nothing is sent until [`Queue::flush`].
     pub fn verdict(&mut self, id: u32, verdict: Verdict, mark: Option<Mark>) {
         let seq = self.next_seq();
-        encode_verdict(&mut self.tx, seq, self.num, id, verdict, mark);
+        encode_verdict(&mut self.tx, seq, self.num, id, verdict, mark, None);
+        self.pending += 1;
+    }
+
+    /// Appends an accept of packet `id` that goes out as `packet` instead (the whole IP packet,
+    /// checksums right: the kernel takes it as it is).
+    pub fn accept_changed(&mut self, id: u32, packet: &[u8]) {
+        let seq = self.next_seq();
+        encode_verdict(&mut self.tx, seq, self.num, id, Verdict::Accept, None, Some(packet));
         self.pending += 1;
     }
 
@@ -557,7 +566,7 @@ impl Queue {
                 Event::Ack { .. } => {}
                 Event::Packet(p) => {
                     *next = next.wrapping_add(1);
-                    encode_verdict(tx, *next, num, p.id, Verdict::Repeat, None);
+                    encode_verdict(tx, *next, num, p.id, Verdict::Repeat, None, None);
                     *pending += 1;
                 }
                 Event::Malformed => *malformed += 1,
@@ -689,7 +698,15 @@ fn encode_flags(buf: &mut Vec<u8>, seq: u32, queue: u16, flags: u32, mask: u32) 
 
 /// A single-packet verdict (NFQNL_MSG_VERDICT). NFQNL_MSG_VERDICT_BATCH is not used: it gives
 /// one verdict to every id up to a bound and cannot carry NFQA_CT.
-fn encode_verdict(buf: &mut Vec<u8>, seq: u32, queue: u16, id: u32, verdict: Verdict, mark: Option<Mark>) {
+fn encode_verdict(
+    buf: &mut Vec<u8>,
+    seq: u32,
+    queue: u16,
+    id: u32,
+    verdict: Verdict,
+    mark: Option<Mark>,
+    payload: Option<&[u8]>,
+) {
     let start = begin_msg(buf, NFQNL_MSG_VERDICT, NLM_F_REQUEST, seq, queue);
     let code = verdict.code().to_be_bytes();
     let id = id.to_be_bytes();
@@ -700,6 +717,9 @@ fn encode_verdict(buf: &mut Vec<u8>, seq: u32, queue: u16, id: u32, verdict: Ver
         put_be32(buf, CTA_MARK, mark.value & mark.mask);
         put_be32(buf, CTA_MARK_MASK, mark.mask);
         end_nest(buf, nest);
+    }
+    if let Some(p) = payload {
+        put_attr(buf, NFQA_PAYLOAD, p);
     }
     end_msg(buf, start);
 }
@@ -867,7 +887,7 @@ mod tests {
     #[test]
     fn verdict_without_mark_bytes() {
         let mut buf = Vec::new();
-        encode_verdict(&mut buf, 0x11, 3, 0x0a0b0c0d, Verdict::Accept, None);
+        encode_verdict(&mut buf, 0x11, 3, 0x0a0b0c0d, Verdict::Accept, None, None);
         let mut want = nlmsghdr(32, 0x0301, 0x0001, 0x11);
         want.extend_from_slice(&[0, 0, 0, 3]);
         want.extend(attr_hdr(12, 2));
@@ -876,7 +896,7 @@ mod tests {
 
         for (v, code) in [(Verdict::Drop, 0u8), (Verdict::Repeat, 4)] {
             let mut buf = Vec::new();
-            encode_verdict(&mut buf, 1, 0, 1, v, None);
+            encode_verdict(&mut buf, 1, 0, 1, v, None, None);
             assert_eq!(&buf[24..28], &[0, 0, 0, code]);
         }
     }
@@ -886,7 +906,7 @@ mod tests {
         let mut buf = Vec::new();
         // Bit 0 is outside the mask: it goes to the packet mark but not to the conntrack mark.
         let mark = Mark { value: 0x0001_0001, mask: 0x0003_0000 };
-        encode_verdict(&mut buf, 2, 3, 42, Verdict::Accept, Some(mark));
+        encode_verdict(&mut buf, 2, 3, 42, Verdict::Accept, Some(mark), None);
         let mut want = nlmsghdr(60, 0x0301, 0x0001, 2);
         want.extend_from_slice(&[0, 0, 0, 3]);
         want.extend(attr_hdr(12, 2));
@@ -960,9 +980,9 @@ mod tests {
         let d = &datagrams[0];
         assert_eq!(d.len(), 60 + 32 + 60);
         let mut expected = Vec::new();
-        encode_verdict(&mut expected, 1, 3, 1, Verdict::Accept, Some(allow));
-        encode_verdict(&mut expected, 2, 3, 2, Verdict::Drop, None);
-        encode_verdict(&mut expected, 3, 3, 3, Verdict::Repeat, Some(allow));
+        encode_verdict(&mut expected, 1, 3, 1, Verdict::Accept, Some(allow), None);
+        encode_verdict(&mut expected, 2, 3, 2, Verdict::Drop, None, None);
+        encode_verdict(&mut expected, 3, 3, 3, Verdict::Repeat, Some(allow), None);
         assert_eq!(d, &expected);
 
         q.flush().expect("second flush");
@@ -1197,7 +1217,15 @@ mod tests {
     fn chunking_never_splits_a_message() {
         let mut buf = Vec::new();
         for id in 0..10 {
-            encode_verdict(&mut buf, id, 0, id, Verdict::Accept, (id % 2 == 0).then_some(Mark { value: 1, mask: 1 }));
+            encode_verdict(
+                &mut buf,
+                id,
+                0,
+                id,
+                Verdict::Accept,
+                (id % 2 == 0).then_some(Mark { value: 1, mask: 1 }),
+                None,
+            );
         }
         assert_eq!(count_messages(&buf), 10);
         for max in [1, 31, 32, 60, 61, 92, 200, 10_000] {

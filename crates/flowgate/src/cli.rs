@@ -453,8 +453,19 @@ fn print_flow_counts(out: &mut String, stats: &serde_json::Value) {
 fn print_flow_header(out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>8}  PROCESS",
-        "ID", "PROTO", "DIR", "LOCAL", "REMOTE", "IFACE", "VERDICT", "RULE", "PKTS OUT/IN", "BYTES OUT/IN", "AGE"
+        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>8}  {:<32} PROCESS",
+        "ID",
+        "PROTO",
+        "DIR",
+        "LOCAL",
+        "REMOTE",
+        "IFACE",
+        "VERDICT",
+        "RULE",
+        "PKTS OUT/IN",
+        "BYTES OUT/IN",
+        "AGE",
+        "HOST"
     )
 }
 
@@ -475,9 +486,23 @@ fn print_flow_row(out: &mut dyn Write, f: &serde_json::Value) -> io::Result<()> 
         }
         _ => "-".to_string(),
     };
+    // The host, as `name (source)`; an Encrypted Client Hello's outer name is marked as such.
+    let host = match flow.get("host") {
+        Some(h) if h.is_object() => {
+            let name = match (h.get("name").and_then(|x| x.as_str()), h.get("source").and_then(|x| x.as_str())) {
+                (Some(name), Some(src)) => format!("{name} ({src})"),
+                _ => "-".to_string(),
+            };
+            match h.get("outer_sni").and_then(|x| x.as_str()) {
+                Some(outer) => format!("{name} ech:{outer}"),
+                None => name,
+            }
+        }
+        _ => "-".to_string(),
+    };
     writeln!(
         out,
-        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s  {process}",
+        "{:>8} {:<5} {:<8} {:<42} {:<42} {:<10} {:<7} {:<16} {:>13} {:>17} {:>7}s  {host:<32} {process}",
         n(&flow, "id"),
         s(&flow, "protocol"),
         dir,

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flowgate_core::hosts::{HostPattern, HostSet, parse_hosts_file};
 use flowgate_core::owner::{Glob, UserMatch};
 use flowgate_core::packet_stage::{Directions, PacketDirection, PacketRule, PacketRuleAction, PacketRules};
 use flowgate_core::rules::{self, Action, InterfaceGlob, Rule, RuleSet, lint};
@@ -292,6 +293,10 @@ struct RawConfig {
     event_buffer: Option<Spanned<i64>>,
     attribution: Option<Spanned<String>>,
     attribution_wait: Option<Spanned<String>>,
+    hosts_file: Option<Spanned<String>>,
+    hold_timeout: Option<Spanned<String>>,
+    hold_timeout_action: Option<Spanned<String>>,
+    overlap_conflict: Option<Spanned<String>>,
     timeouts: Option<RawTimeouts>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
@@ -344,7 +349,8 @@ struct RawRule {
     protocol: Option<Spanned<String>>,
     direction: Option<Spanned<String>>,
     interface: Option<Spanned<String>>,
-    host: Option<Spanned<String>>,
+    host: Option<Spanned<toml::Value>>,
+    hosts_file: Option<Spanned<String>>,
     process: Option<Spanned<String>>,
     user: Option<Spanned<toml::Value>>,
     unit: Option<Spanned<String>>,
@@ -516,8 +522,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         rule_lines.push(line);
         rule_list.push(rule);
     }
+    if let Some(v) = &raw.hosts_file {
+        // A blocklist: checked before the rules (a rule's own `hosts_file` gives a list any
+        // place and action).
+        let mut rule = Rule::new("hosts_file", Action::Drop);
+        rule.host = rules::HostMatch::new(&[], vec![hosts_list(&src, v, "hosts_file", &mut warnings)?]);
+        if names.contains_key("hosts_file") {
+            return Err(src.at(
+                v,
+                "hosts_file",
+                "a rule is already named `hosts_file`, the name of the blocklist's rule",
+            ));
+        }
+        rule_list.insert(0, rule);
+        rule_lines.insert(0, src.line(&v.span()));
+    }
     let set = RuleSet { rules: rule_list, default_action };
     engine.fail_open = fail == FailMode::Open;
+    inspection(&src, &raw, &mut engine)?;
     // A packet no rule can see must not slip past rules that drop: by default it is dropped as
     // soon as anything could be.
     engine.drop_unparsable = match &raw.unparsable {
@@ -544,6 +566,34 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         })?,
     };
     Ok(Config { path: path.to_path_buf(), rules: set, rule_lines, engine, fail, live, packet, warnings, event_format })
+}
+
+/// The settings of content inspection: holding undecided bytes, and overlapping segments.
+fn inspection(src: &Source<'_>, raw: &RawConfig, engine: &mut EngineConfig) -> Result<(), ConfigError> {
+    if let Some(v) = &raw.hold_timeout {
+        let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
+            src.at(v, "hold_timeout", format!("`{}` is not a duration ({e}); write e.g. \"5s\"", v.get_ref()))
+        })?;
+        if d < Duration::from_millis(10) || d > Duration::from_secs(600) {
+            return Err(src.at(v, "hold_timeout", "must be between 10ms and 10min"));
+        }
+        engine.hold_timeout = d;
+    }
+    if let Some(v) = &raw.hold_timeout_action {
+        engine.hold_timeout_drop = match v.get_ref().trim() {
+            "drop" => true,
+            "allow" => false,
+            other => return Err(src.at(v, "hold_timeout_action", format!("`{other}`: expected drop or allow"))),
+        };
+    }
+    if let Some(v) = &raw.overlap_conflict {
+        engine.overlap_drop = match v.get_ref().trim() {
+            "drop" => true,
+            "ignore" => false,
+            other => return Err(src.at(v, "overlap_conflict", format!("`{other}`: expected drop or ignore"))),
+        };
+    }
+    Ok(())
 }
 
 fn live(src: &Source<'_>, raw: &RawConfig) -> Result<Live, ConfigError> {
@@ -865,9 +915,6 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
         (Some(v), Action::Drop) => *v.get_ref(),
         (Some(v), _) => return Err(src.at(v, "silent", "`silent` only goes with action = \"drop\"")),
     };
-    if let Some(h) = &r.host {
-        return Err(src.at(h, "host", "host-name rules need the protocol sniffers (TLS SNI, HTTP Host, DNS), which this version does not have yet"));
-    }
     let mut rule = Rule::new(name, action);
     rule.silent = silent;
     for (field, raw, out) in [("remote", &r.remote, &mut rule.remote), ("local", &r.local, &mut rule.local)] {
@@ -922,7 +969,57 @@ fn rule(src: &Source<'_>, index: usize, r: &RawRule, warnings: &mut Vec<Warning>
         };
         rule.owner.user = Some(UserMatch::parse(&text).map_err(|e| src.at(v, "user", e.0))?);
     }
+    let mut patterns = Vec::new();
+    if let Some(v) = &r.host {
+        let texts: Vec<&str> = match v.get_ref() {
+            toml::Value::String(t) => vec![t.as_str()],
+            toml::Value::Array(a) if !a.is_empty() => {
+                a.iter().map(|x| x.as_str()).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                    src.at(v, "host", "give host names as strings, e.g. [\"example.com\", \"*.example.org\"]")
+                })?
+            }
+            _ => return Err(src.at(v, "host", "give a host name or a list of them, e.g. \"*.example.com\"")),
+        };
+        for t in texts {
+            patterns.push(HostPattern::parse(t).map_err(|e| src.at(v, "host", e.to_string()))?);
+        }
+    }
+    let mut lists = Vec::new();
+    if let Some(v) = &r.hosts_file {
+        lists.push(hosts_list(src, v, "hosts_file", warnings)?);
+    }
+    rule.host = rules::HostMatch::new(&patterns, lists);
     Ok(rule)
+}
+
+/// Reads a hosts list a config names (relative paths from the config's directory).
+fn hosts_list(
+    src: &Source<'_>,
+    v: &Spanned<String>,
+    field: &str,
+    warnings: &mut Vec<Warning>,
+) -> Result<(String, std::sync::Arc<HostSet>), ConfigError> {
+    let given = Path::new(v.get_ref().trim());
+    if given.as_os_str().is_empty() {
+        return Err(src.at(v, field, "give the path of a hosts file or a list of domains"));
+    }
+    let path = match src.path.parent() {
+        Some(dir) if given.is_relative() => dir.join(given),
+        _ => given.to_path_buf(),
+    };
+    let text = std::fs::read(&path).map_err(|e| src.at(v, field, format!("cannot read {}: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&text);
+    let mut set = HostSet::new();
+    let report = parse_hosts_file(&text, &mut set).map_err(|e| src.at(v, field, format!("{}: {e}", path.display())))?;
+    if set.is_empty() {
+        warnings.push(Warning {
+            path: src.path.to_path_buf(),
+            line: src.line(&v.span()),
+            message: format!("{field} {} holds no host names", path.display()),
+        });
+    }
+    let _ = report;
+    Ok((path.display().to_string(), std::sync::Arc::new(set)))
 }
 
 #[cfg(test)]
@@ -1048,7 +1145,6 @@ peek = { outbound = 2048, inbound = 0 }
         assert_eq!(err("[[rule]]\nname = \"x\"\n").field.as_deref(), Some("action"));
         assert_eq!(err("[[rule]]\naction = \"inspect\"\n").field.as_deref(), Some("peek"));
         assert_eq!(err("[[rule]]\naction = \"drop\"\npeek = { outbound = 1 }\n").field.as_deref(), Some("peek"));
-        assert_eq!(err("[[rule]]\naction = \"drop\"\nhost = \"*.example.com\"\n").field.as_deref(), Some("host"));
         let dup = err("[[rule]]\nname = \"a\"\naction = \"drop\"\n[[rule]]\nname = \"a\"\naction = \"allow\"\n");
         assert_eq!((dup.line, dup.field.as_deref()), (Some(5), Some("name")));
         assert_eq!(err("[timeouts]\nudp = \"soon\"\n").field.as_deref(), Some("timeouts.udp"));
@@ -1216,5 +1312,46 @@ action = "drop"
         let e = err("attribution = \"off\"\n[[rule]]\nname = \"x\"\nuser = \"nobody\"\naction = \"drop\"\n");
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("attribution = \"off\""), "{e}");
+    }
+
+    #[test]
+    fn host_rules_take_names_lists_and_the_inspection_settings() {
+        let dir = std::env::temp_dir().join(format!("flowgate-config-hosts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("block.txt"), "# ads\n0.0.0.0 ads.example tracker.example\nevil.example\n")
+            .expect("list");
+        let config = dir.join("flowgate.toml");
+        let text = "hosts_file = \"block.txt\"\nhold_timeout = \"3s\"\nhold_timeout_action = \"allow\"\n\
+                    overlap_conflict = \"ignore\"\n[[rule]]\nname = \"one\"\nhost = \"*.example.com\"\naction = \"drop\"\n\
+                    [[rule]]\nname = \"two\"\nhost = [\"a.example\", \"B.Example.\"]\naction = \"allow\"\n";
+        let c = parse(&config, text).expect("valid config");
+        let names: Vec<&str> = c.rules.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["hosts_file", "one", "two"], "the blocklist comes first");
+        assert_eq!(c.rule_lines, vec![1, 5, 9]);
+        let list = &c.rules.rules[0].host;
+        assert!(list.matches("ads.example") && list.matches("tracker.example") && list.matches("evil.example"));
+        assert!(list.matches("www.evil.example"), "a one-domain line covers the names below it");
+        assert!(!list.matches("other.example"));
+        assert!(c.rules.rules[1].host.matches("example.com") && c.rules.rules[1].host.matches("a.b.example.com"));
+        assert!(!c.rules.rules[1].host.matches("notexample.com"));
+        assert!(c.rules.rules[2].host.matches("b.example") && !c.rules.rules[2].host.matches("x.a.example"));
+        assert_eq!(c.engine.hold_timeout, Duration::from_secs(3));
+        assert!(!c.engine.hold_timeout_drop && !c.engine.overlap_drop);
+        let _ = std::fs::remove_dir_all(&dir);
+        for (text, field, line) in [
+            ("[[rule]]\naction = \"drop\"\nhost = \"exa mple.com\"\n", "host", 3),
+            ("[[rule]]\naction = \"drop\"\nhost = \"\"\n", "host", 3),
+            ("[[rule]]\naction = \"drop\"\nhost = []\n", "host", 3),
+            ("[[rule]]\naction = \"drop\"\nhost = [1]\n", "host", 3),
+            ("[[rule]]\naction = \"drop\"\nhosts_file = \"/nonexistent/flowgate-list\"\n", "hosts_file", 3),
+            ("hosts_file = \"/nonexistent/flowgate-list\"\n", "hosts_file", 1),
+            ("hold_timeout = \"soon\"\n", "hold_timeout", 1),
+            ("hold_timeout = \"1ms\"\n", "hold_timeout", 1),
+            ("hold_timeout_action = \"pause\"\n", "hold_timeout_action", 1),
+            ("overlap_conflict = \"first\"\n", "overlap_conflict", 1),
+        ] {
+            let e = err(text);
+            assert_eq!((e.field.as_deref(), e.line), (Some(field), Some(line)), "{text}: {e}");
+        }
     }
 }

@@ -145,7 +145,10 @@ pub fn replay_as(
             summary.events += 1;
         }
         // Held packets have nowhere to go in a replay; their release is only counted by the engine.
-        while engine.poll_release().is_some() {}
+        while let Some(r) = engine.poll_release() {
+            // Nothing goes out in replay: a cut packet's new bytes are not needed.
+            let _ = engine.take_rewrite(r.packet);
+        }
         Ok(())
     };
     for_each_frame(path, |frame| {

@@ -91,6 +91,7 @@ fn flow(id: u64, protocol: Protocol, direction: Direction, local: SocketAddr, re
         started: Instant::from_unix(1_700_000_000, 250_000_000),
         icmp: None,
         owner: None,
+        host: None,
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::table::Interfaces;
 use crate::event::{CloseReason, RuleName};
-use crate::flow::{Counters, Direction, Flow, FlowId, FlowKey, Protocol};
+use crate::flow::{Counters, Direction, Flow, FlowId, FlowKey, Host, Protocol};
 use crate::handle::FlowStatus;
 use crate::owner::Owner;
 use crate::time::Instant;
@@ -100,6 +100,24 @@ pub(crate) mod bits {
     pub(crate) const ENFORCE_QUEUED: u16 = 1 << 13;
     /// A packet of this flow has been let through: the kernel has a conntrack entry for it.
     pub(crate) const ACCEPTED: u16 = 1 << 14;
+    /// The engine reads this flow's packets though its verdict is settled (a DNS flow whose
+    /// answers name hosts): the kernel must not handle it alone.
+    pub(crate) const WATCH: u16 = 1 << 15;
+}
+
+/// A packet the engine holds for a flow (paused, or carrying bytes not judged yet).
+#[derive(Debug)]
+pub(crate) struct HeldPacket {
+    pub(crate) id: PacketId,
+    pub(crate) dir: Direction,
+    /// The stream range of its payload (empty for a packet without one).
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    /// The whole IP packet when it has a payload: inspection reads it later (a packet held
+    /// while paused), and a drop may let a prefix of it through.
+    pub(crate) bytes: Option<Box<[u8]>>,
+    /// Its payload went into the flow's inspection already.
+    pub(crate) ingested: bool,
 }
 
 /// What only some flows need.
@@ -107,8 +125,12 @@ pub(crate) mod bits {
 pub(crate) struct Extra {
     /// `(pass_end, peek_end)` per direction, for directions in [`Mode::Inspect`].
     windows: [(u64, u64); 2],
-    /// Packets held while the flow is paused.
-    pub(crate) held: Vec<PacketId>,
+    /// Packets held while the flow is paused or its bytes are judged, in arrival order.
+    pub(crate) held: Vec<HeldPacket>,
+    /// What the flow's bytes or DNS said about its host.
+    pub(crate) host: Option<Arc<Host>>,
+    /// The state of inspecting its bytes (see `stream.rs`).
+    pub(crate) inspection: Option<Box<super::stream::Inspection>>,
 }
 
 /// One live flow.
@@ -188,6 +210,7 @@ impl Entry {
             extra: None,
         }
         .with_icmp(flow.icmp)
+        .with_host(flow.host.clone())
     }
 
     /// An ICMP flow keeps its opener's type and code in `syn_seq`, which only TCP flows use
@@ -197,6 +220,11 @@ impl Entry {
         if let (Protocol::Icmp, Some((t, c))) = (self.protocol, icmp) {
             self.syn_seq = 1 << 16 | u32::from(t) << 8 | u32::from(c);
         }
+        self
+    }
+
+    fn with_host(mut self, host: Option<Arc<Host>>) -> Entry {
+        self.set_host(host);
         self
     }
 
@@ -248,6 +276,31 @@ impl Entry {
             started: self.started,
             icmp: self.icmp(),
             owner: self.owner.clone(),
+            host: self.host(),
+        }
+    }
+
+    pub(crate) fn host(&self) -> Option<Arc<Host>> {
+        self.extra.as_ref().and_then(|x| x.host.clone())
+    }
+
+    pub(crate) fn set_host(&mut self, host: Option<Arc<Host>>) {
+        if host.is_some() || self.extra.is_some() {
+            self.extra_mut().host = host;
+        }
+    }
+
+    pub(crate) fn inspection(&self) -> Option<&super::stream::Inspection> {
+        self.extra.as_ref().and_then(|x| x.inspection.as_deref())
+    }
+
+    pub(crate) fn inspection_mut(&mut self) -> Option<&mut super::stream::Inspection> {
+        self.extra.as_mut().and_then(|x| x.inspection.as_deref_mut())
+    }
+
+    pub(crate) fn set_inspection(&mut self, i: Option<Box<super::stream::Inspection>>) {
+        if i.is_some() || self.extra.is_some() {
+            self.extra_mut().inspection = i;
         }
     }
 
@@ -297,9 +350,11 @@ impl Entry {
         if a.severity() >= b.severity() { a } else { b }
     }
 
-    /// Decided for good in both directions: the kernel may handle the rest.
+    /// Decided for good in both directions, and nothing more to read: the kernel may handle
+    /// the rest.
     pub(crate) fn settled(&self) -> bool {
         matches!(self.modes, [ModeTag::Allow, ModeTag::Allow] | [ModeTag::Drop, ModeTag::Drop])
+            && (!self.has(bits::WATCH) || self.modes[0] == ModeTag::Drop)
     }
 
     pub(crate) fn offset(&self, d: Direction) -> u64 {
@@ -344,16 +399,26 @@ impl Entry {
     }
 
     /// Packets this flow holds.
-    pub(crate) fn held(&self) -> &[PacketId] {
+    pub(crate) fn held(&self) -> &[HeldPacket] {
         self.extra.as_ref().map_or(&[], |x| &x.held)
     }
 
-    pub(crate) fn hold(&mut self, p: PacketId) {
+    pub(crate) fn hold(&mut self, p: HeldPacket) {
         self.extra_mut().held.push(p);
     }
 
-    pub(crate) fn take_held(&mut self) -> Vec<PacketId> {
+    pub(crate) fn take_held(&mut self) -> Vec<HeldPacket> {
         self.extra.as_mut().map(|x| std::mem::take(&mut x.held)).unwrap_or_default()
+    }
+
+    /// Puts back packets taken with `take_held` that stay held (before any held since).
+    pub(crate) fn keep_held(&mut self, mut kept: Vec<HeldPacket>) {
+        if kept.is_empty() {
+            return;
+        }
+        let x = self.extra_mut();
+        kept.append(&mut x.held);
+        x.held = kept;
     }
 }
 
@@ -375,6 +440,7 @@ pub(crate) mod tests {
             started: Instant::ZERO,
             icmp: None,
             owner: None,
+            host: None,
         };
         Entry::new(&flow, 0, Instant::ZERO)
     }
@@ -410,6 +476,7 @@ pub(crate) mod tests {
                 started: Instant::from_micros(5),
                 icmp,
                 owner: None,
+                host: None,
             };
             let e = Entry::new(&flow, tun, Instant::ZERO);
             assert_eq!(e.flow(&names), flow);

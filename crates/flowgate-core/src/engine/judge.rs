@@ -37,6 +37,16 @@ pub(super) struct First {
     pub(super) filter_inspects: bool,
 }
 
+/// A new flow's first verdict as the modes of its directions, and whether the rules wait for
+/// its host name (the window of the opener's bytes they read for it).
+pub(super) struct FirstModes {
+    pub(super) first: First,
+    pub(super) out: Mode,
+    pub(super) inn: Mode,
+    pub(super) peek: Option<Peek>,
+    pub(super) sniff: Option<u64>,
+}
+
 /// The modes of both directions (and the inspect window) a first verdict sets.
 pub(super) fn modes_of(verdict: NewFlowVerdict) -> (Mode, Mode, Option<Peek>) {
     match verdict {
@@ -137,7 +147,11 @@ impl Engine {
             started: now,
             icmp: new.icmp,
             owner: None,
+            host: None,
         };
+        if self.rules.has_host_rules() && kept.is_none() {
+            flow.host = self.dns_host(flow.remote.ip(), now);
+        }
         let class = self.rules.classify(&flow);
         if self.table.is_full() {
             // A flood of new flows (spoofed sources, say) must not grow memory or push out the
@@ -165,25 +179,33 @@ impl Engine {
             None if filter_waits => None,
             None => self.call_filter("new_flow", flow.id, |f| f.new_flow(&flow)).map(|r| r.unwrap_or(fail)),
         };
-        let first = match kept {
+        let fm = match kept {
             // A previous instance decided this flow for good: keep its word, ask no one.
-            Some(v) => First {
-                verdict: if v == FlowVerdict::Drop { NewFlowVerdict::Drop } else { NewFlowVerdict::Allow },
-                rule: self.names.kept.clone(),
-                silent: false,
-                filter_inspects: false,
-            },
-            None => self.first_verdict(class, filter_verdict),
+            Some(v) => {
+                let verdict = if v == FlowVerdict::Drop { NewFlowVerdict::Drop } else { NewFlowVerdict::Allow };
+                let (out, inn, peek) = modes_of(verdict);
+                let first = First { verdict, rule: self.names.kept.clone(), silent: false, filter_inspects: false };
+                FirstModes { first, out, inn, peek, sniff: None }
+            }
+            None => self.first_modes(&flow, class, filter_verdict),
         };
         // A flow whose verdict the answer could change waits for it (paused, its packets held).
         let hold = ask && kept.is_none() && (filter_waits || self.rules.owner_decides(&flow));
-        let (out, inn, peek) = if hold { (Mode::Pause, Mode::Pause, None) } else { modes_of(first.verdict) };
+        let (out, inn, peek) = if hold { (Mode::Pause, Mode::Pause, None) } else { (fm.out, fm.inn, fm.peek) };
+        let sniff = if hold { None } else { fm.sniff };
+        let first = fm.first;
         let interface = self.interfaces.acquire(new.interface);
         let mut entry = Entry::new(&flow, interface, now);
         entry.set_mode(Direction::Outbound, out);
         entry.set_mode(Direction::Inbound, inn);
         entry.set(bits::FILTER_INSPECTS, first.filter_inspects);
         entry.set(bits::SILENT, first.silent);
+        // A DNS flow this host opened: its answers name hosts for the host rules.
+        let dns = self.rules.has_host_rules()
+            && matches!(flow.protocol, Protocol::Tcp | Protocol::Udp)
+            && flow.direction == Direction::Outbound
+            && flow.remote.port() == 53;
+        entry.set(bits::WATCH, dns);
         entry.rule = Some(first.rule.clone());
         entry.timer_at = now + self.config.timeouts.idle(flow.protocol);
         let verdict = entry.verdict();
@@ -196,6 +218,9 @@ impl Engine {
             }
         };
         self.timers.set(slot, timer_at);
+        if let Some(w) = sniff {
+            self.start_sniffing(slot, w);
+        }
         let events = [
             Event { time: now, kind: EventKind::FlowNew { flow: flow.clone() } },
             Event {
@@ -214,6 +239,62 @@ impl Engine {
             self.events.extend(events);
         }
         Ok(slot)
+    }
+
+    /// A new flow's first verdict and modes (see [`FirstModes`]): from its rule (`class`) and the
+    /// product filter's answer, or, when the host name its first bytes may carry could change
+    /// the rules' verdict (or an inspect rule matched), the rules' wait for it.
+    pub(super) fn first_modes(
+        &self,
+        flow: &Flow,
+        mut class: crate::rules::matcher::Classification,
+        filter_verdict: Option<NewFlowVerdict>,
+    ) -> FirstModes {
+        let sniffable = matches!(flow.protocol, Protocol::Tcp | Protocol::Udp);
+        let pending = if sniffable { self.rules.host_rule_pending(flow) } else { None };
+        let opener_peek = match class.action {
+            Action::Inspect { peek_outbound, peek_inbound } => Some(match flow.direction {
+                Direction::Outbound => peek_outbound,
+                Direction::Inbound => peek_inbound,
+            }),
+            _ => None,
+        };
+        let window = match (pending, opener_peek) {
+            (Some(_), p) => Some(u64::from(p.unwrap_or(0)).max(u64::from(self.config.sniff_window))),
+            (None, Some(p)) if sniffable => Some(u64::from(p)),
+            // An inspect rule on a flow without a byte stream has nothing to look at.
+            (None, Some(_)) => Some(0),
+            (None, None) => None,
+        };
+        if window == Some(0) {
+            class = self.rules.classify_inspected(flow);
+        }
+        let first = self.first_verdict(class, filter_verdict);
+        let (out, inn, peek) = modes_of(first.verdict);
+        let waits = window.filter(|&w| w > 0 && !matches!(first.verdict, NewFlowVerdict::Drop | NewFlowVerdict::Pause));
+        let Some(w) = waits else { return FirstModes { first, out, inn, peek, sniff: None } };
+        if first.filter_inspects {
+            // The filter's windows stand; a direction it does not look at is read by the rules.
+            let (out, inn) = match flow.direction {
+                Direction::Outbound if out == Mode::Allow => (super::stream::RULES_READ, inn),
+                Direction::Inbound if inn == Mode::Allow => (out, super::stream::RULES_READ),
+                _ => (out, inn),
+            };
+            return FirstModes { first, out, inn, peek, sniff: Some(w) };
+        }
+        // The rules read the opener's bytes; the other way passes meanwhile (its bytes answer
+        // a request not let through yet).
+        let reading = Mode::Inspect { pass_end: 0, peek_end: w };
+        let (out, inn) = match flow.direction {
+            Direction::Outbound => (reading, Mode::Allow),
+            Direction::Inbound => (Mode::Allow, reading),
+        };
+        let mut first = first;
+        if let Some(name) = pending.and_then(|i| self.rules.name(i)) {
+            first.rule = name.clone();
+            first.verdict = NewFlowVerdict::Inspect { peek_outbound: 0, peek_inbound: 0 };
+        }
+        FirstModes { first, out, inn, peek: if pending.is_some() { None } else { peek }, sniff: Some(w) }
     }
 
     /// A new flow's verdict from its rule (`class`) and the product filter's answer, the most

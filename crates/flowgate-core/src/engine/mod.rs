@@ -58,6 +58,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::dns_names::DnsNames;
 use crate::event::{CloseReason, Event, EventKind, FlowReport, RuleName};
 use crate::flow::{Direction, FlowId, FlowKey, Protocol};
 use crate::handle::{COMMAND_CAPACITY, Command, FlowStatus, Handle, Waker};
@@ -82,6 +83,8 @@ pub const COMMAND_BUDGET: usize = 512;
 pub const TIMER_BUDGET: usize = 1024;
 /// Kernel reports a driver should put in one command.
 pub const KERNEL_BATCH: usize = 128;
+/// Addresses an engine's own table of DNS-learnt names holds (see [`Engine::set_dns_names`]).
+pub const DNS_NAMES: usize = 65_536;
 
 /// Idle timeouts per protocol, and how long a TCP flow lingers after FIN/RST so that its last
 /// ACKs and retransmissions are counted to it instead of opening a new flow.
@@ -154,6 +157,23 @@ pub struct EngineConfig {
     /// could decide is paused for it, at most this long (then its owner counts as unknown).
     /// `None`: owners are not asked for, and rules that name one never match.
     pub owner_wait: Option<Duration>,
+    /// Longest packets may be held without a verdict (bytes under inspection, a pause): then the
+    /// rules' wait for a host name ends with what is known, and what is still undecided gets
+    /// `hold_timeout_drop`'s verdict.
+    pub hold_timeout: Duration,
+    /// Held bytes still undecided at the hold timeout are dropped (else allowed).
+    pub hold_timeout_drop: bool,
+    /// Overlapping TCP segments that carry different bytes (an evasion attempt) drop the flow;
+    /// off, only the conflicting packet is dropped (the receiver then gets the bytes judged).
+    pub overlap_drop: bool,
+    /// How many of the opener's first bytes the rules read for a host name (TLS ClientHello,
+    /// HTTP request head) before they judge without one.
+    pub sniff_window: u32,
+    /// Most bytes of one direction kept for inspection, from the first undecided byte on; a
+    /// segment starting past it is dropped until the flow is decided (its sender repeats it).
+    pub max_inspect_span: usize,
+    /// Most packets one flow may hold; past it its new packets are dropped (TCP repeats them).
+    pub max_held_per_flow: usize,
 }
 
 impl Default for EngineConfig {
@@ -171,6 +191,12 @@ impl Default for EngineConfig {
             drop_unparsable: false,
             provider_budget: Duration::from_millis(100),
             owner_wait: None,
+            hold_timeout: Duration::from_secs(10),
+            hold_timeout_drop: true,
+            overlap_drop: true,
+            sniff_window: 16 * 1024,
+            max_inspect_span: 64 * 1024,
+            max_held_per_flow: 64,
         }
     }
 }
@@ -227,6 +253,16 @@ pub struct Stats {
     pub owner_timeouts: u64,
     /// Flows whose owner was found.
     pub owners_known: u64,
+    /// Flows whose own bytes named their host (SNI, QUIC SNI, HTTP Host).
+    pub hosts_found: u64,
+    /// Addresses learnt from DNS answers.
+    pub dns_learnt: u64,
+    /// Overlapping segments whose bytes differed from the first copy (evasion attempts).
+    pub overlap_conflicts: u64,
+    /// Segments of an inspected direction that started past the span kept, dropped.
+    pub out_of_window: u64,
+    /// Flows whose held packets waited past the hold timeout.
+    pub hold_timeouts: u64,
 }
 
 /// How much the engine holds now; every figure is bounded by the live flows.
@@ -246,6 +282,8 @@ pub struct Footprint {
     /// Flows waiting for their owner, and questions not yet taken by the driver.
     pub owner_waiting: usize,
     pub owner_requests: usize,
+    /// Held packets whose released form (a cut payload) the driver has not taken yet.
+    pub rewrites: usize,
 }
 
 /// A connection that was open before the engine started, as the data plane found it (socket
@@ -264,7 +302,8 @@ pub struct Existing<'a> {
     pub conntrack_id: Option<u32>,
 }
 
-/// A held packet's fate, decided later.
+/// A held packet's fate, decided later. An accepted packet may have to go out changed (a drop
+/// inside it lets only its judged first bytes through): ask [`Engine::take_rewrite`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Release {
     pub packet: PacketId,
@@ -303,6 +342,16 @@ pub struct Engine {
     stopwatch: Option<providers::Stopwatch>,
     faults: VecDeque<ProviderFault>,
     owners: owners::Owners,
+    /// Names learnt from DNS answers, shared with the other engines of a driver.
+    dns_names: Arc<DnsNames>,
+    /// When held packets of a flow must have a verdict, in the order set (one timeout for all).
+    hold_deadlines: VecDeque<(Instant, FlowId)>,
+    /// Accepted held packets that go out with these bytes instead.
+    rewrites: HashMap<PacketId, Vec<u8>>,
+    /// A held-packet review is running (a verdict change inside it does not start another).
+    reviewing: bool,
+    /// The latest time the driver gave.
+    last_now: Instant,
 }
 
 impl std::fmt::Debug for Engine {
@@ -341,7 +390,24 @@ impl Engine {
             stopwatch: None,
             faults: VecDeque::new(),
             owners: owners::Owners::default(),
+            dns_names: Arc::new(DnsNames::new(DNS_NAMES)),
+            hold_deadlines: VecDeque::new(),
+            rewrites: HashMap::new(),
+            reviewing: false,
+            last_now: Instant::ZERO,
         }
+    }
+
+    /// Shares a table of names learnt from DNS answers with other engines (one per queue): an
+    /// answer one engine reads names the flows all of them judge.
+    pub fn set_dns_names(&mut self, names: Arc<DnsNames>) {
+        self.dns_names = names;
+    }
+
+    /// The bytes a released (accepted) held packet must go out with instead of its own, if it
+    /// was cut (see [`Release`]). Call once per release; `None` for the rest.
+    pub fn take_rewrite(&mut self, packet: PacketId) -> Option<Vec<u8>> {
+        self.rewrites.remove(&packet)
     }
 
     /// Installs a product's flow filter beside the rules.
@@ -374,6 +440,7 @@ impl Engine {
             held_packets: self.held.len(),
             pending_enforce: self.kernel.pending(),
             retired: self.kernel.retired(),
+            rewrites: self.rewrites.len(),
             pending_events: self.events.len(),
             pending_faults: self.faults.len(),
             sweeps: self.sweeps.len(),
@@ -399,6 +466,7 @@ impl Engine {
     /// Judges one IP packet (starting at its IP header) seen at `now`. A waiting handle command
     /// is applied first (one, so a packet never waits behind many).
     pub fn handle_packet(&mut self, now: Instant, meta: PacketMeta<'_>, bytes: &[u8]) -> Decision {
+        self.last_now = self.last_now.max(now);
         self.apply_commands(now, 1);
         self.stats.packets += 1;
         let p = match packet::parse(bytes) {
@@ -421,7 +489,7 @@ impl Engine {
             Ok(s) => s,
             Err(action) => return Decision { action, flow: None, settled: false, silent: false },
         };
-        self.on_packet(slot, now, &p)
+        self.on_packet(slot, now, &p, bytes)
     }
 
     /// The flow a packet belongs to: found, or opened and judged (a pure SYN on a known 4-tuple
@@ -472,7 +540,7 @@ impl Engine {
         let dropped = |e: &Entry| e.mode(Direction::Outbound) == Mode::Drop && e.mode(Direction::Inbound) == Mode::Drop;
         if self.table.get(slot).is_some_and(dropped) {
             self.stats.packets += 1;
-            let _ = self.on_packet(slot, now, &p);
+            let _ = self.on_packet(slot, now, &p, bytes);
         }
     }
 
@@ -480,6 +548,7 @@ impl Engine {
     /// pending sweeps. Call when [`Engine::poll_timeout`] is reached (calling earlier or more
     /// often is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
         self.handle_commands(now);
         // Many flows can fall due together (after an outage, say): a call takes a slice of them,
         // and `poll_timeout` says the rest are due at once.
@@ -489,16 +558,25 @@ impl Engine {
         }
         self.end_retired(now);
         self.expire_owner_waits(now);
+        self.expire_holds(now);
         self.run_sweeps(now);
     }
 
     /// The next time `handle_timeout` has work to do (in the past when a sweep can go on now).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let commands = self.next_command.as_ref().map(|_| Instant::ZERO);
-        [self.timers.next(), self.sweeps.due(), self.kernel.next_retired(), commands, self.owners.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        let holds = self.hold_deadlines.front().map(|&(t, _)| t);
+        [
+            self.timers.next(),
+            self.sweeps.due(),
+            self.kernel.next_retired(),
+            commands,
+            self.owners.next_deadline(),
+            holds,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next event, oldest first.
@@ -514,6 +592,7 @@ impl Engine {
     /// Applies commands sent through handles, at most [`COMMAND_BUDGET`] per call; if more wait,
     /// [`Engine::poll_timeout`] says so (due at once).
     pub fn handle_commands(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
         self.apply_commands(now, COMMAND_BUDGET);
     }
 
@@ -564,7 +643,7 @@ impl Engine {
         self.end_all_retired(now);
     }
 
-    fn on_packet(&mut self, slot: Slot, now: Instant, p: &ParsedPacket<'_>) -> Decision {
+    fn on_packet(&mut self, slot: Slot, now: Instant, p: &ParsedPacket<'_>, raw: &[u8]) -> Decision {
         let closing_linger = self.config.timeouts.tcp_closing;
         let Some(e) = self.table.get_mut(slot) else { return ignored() };
         let id = e.id;
@@ -595,6 +674,7 @@ impl Engine {
                 }
             }
             if f.syn {
+                // `parse` counts the SYN's own sequence number: this is the first byte's.
                 e.set_next_seq(dir, p.seq);
                 if !f.ack && !e.has(bits::SYN_SEQ) {
                     e.set(bits::SYN_SEQ, true);
@@ -610,22 +690,39 @@ impl Engine {
             }
         }
 
+        let mut range = (0, 0);
+        let mut action = None;
         if !p.payload.is_empty() {
             // Track the stream position always: a window opened later (an update with `Pass`)
             // must be placed at the right offset.
-            if let Some((start, new_bytes)) = stream::advance(e, dir, p)
-                && matches!(e.mode(dir), Mode::Inspect { .. })
-            {
-                self.inspect(slot, now, dir, start, new_bytes);
+            match stream::place(e, dir, p) {
+                Some(r) => {
+                    range = r;
+                    if e.has(bits::WATCH) {
+                        self.read_dns(slot, now, dir, r.0, p.payload);
+                    }
+                    let e = self.table.get(slot);
+                    if e.is_some_and(|e| stream::inspected(e, dir)) {
+                        action = Some(if p.tcp.is_some() {
+                            self.inspect_packet(slot, now, dir, r, p, raw)
+                        } else {
+                            self.inspect_datagram(slot, now, dir, r, p, raw)
+                        });
+                    }
+                }
+                // Bytes far from anything this connection sent: not for an inspected stream.
+                None if e.has(bits::FILTER_INSPECTS) || e.inspection().is_some() => action = Some(PacketAction::Drop),
+                None => {}
             }
         }
         if fin_now {
             self.complete(slot, now, dir);
         }
 
-        let action = match self.table.get(slot).map(|e| e.mode(dir)) {
-            Some(Mode::Drop) => PacketAction::Drop,
-            Some(Mode::Pause) => self.hold(Some(slot)),
+        let action = match (action, self.table.get(slot).map(|e| e.mode(dir))) {
+            (Some(a), _) => a,
+            (None, Some(Mode::Drop)) => PacketAction::Drop,
+            (None, Some(Mode::Pause)) => self.hold_packet(slot, now, dir, range, raw, false),
             _ => PacketAction::Accept,
         };
         let offload = self.config.kernel_offload;
@@ -695,9 +792,9 @@ impl Engine {
     /// A flow is over: releases what it held and emits its close event.
     fn finish(&mut self, e: Entry, now: Instant, reason: CloseReason) {
         self.stats.flows_closed += 1;
-        for packet in e.held() {
-            if self.held.remove(packet).is_some() {
-                self.releases.push_back(Release { packet: *packet, accept: false });
+        for h in e.held() {
+            if self.held.remove(&h.id).is_some() {
+                self.releases.push_back(Release { packet: h.id, accept: false });
             }
         }
         let flow = e.flow(&self.interfaces);

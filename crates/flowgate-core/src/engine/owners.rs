@@ -15,10 +15,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::Engine;
 use super::entry::bits;
-use super::judge::{First, modes_of};
+use super::judge::First;
 use super::table::Slot;
-use super::{Engine, Release};
 use crate::event::{Event, EventKind};
 use crate::flow::{Flow, FlowId};
 use crate::owner::{Owner, OwnerRequest};
@@ -134,7 +134,7 @@ impl Engine {
             self.stats.owners_known += 1;
         }
         e.owner = owner.clone();
-        let mut first: Option<(FlowVerdict, First)> = None;
+        let mut first: Option<(FlowVerdict, First, Option<crate::event::Peek>)> = None;
         if let Some(held) = w.hold {
             let flow = e.flow(&self.interfaces);
             let filter_verdict = match held {
@@ -145,34 +145,32 @@ impl Engine {
                 }
             };
             let class = self.rules.classify(&flow);
-            let f = self.first_verdict(class, filter_verdict);
-            let (out, inn, _) = modes_of(f.verdict);
+            let fm = self.first_modes(&flow, class, filter_verdict);
+            let f = fm.first;
+            let peek = fm.peek;
             let Some(e) = self.table.get_mut(w.slot) else { return };
-            e.set_mode(crate::flow::Direction::Outbound, out);
-            e.set_mode(crate::flow::Direction::Inbound, inn);
+            e.set_mode(crate::flow::Direction::Outbound, fm.out);
+            e.set_mode(crate::flow::Direction::Inbound, fm.inn);
             e.set(bits::FILTER_INSPECTS, f.filter_inspects);
             e.set(bits::SILENT, f.silent);
             e.rule = Some(f.rule.clone());
             let verdict = e.verdict();
-            if verdict != FlowVerdict::Pause {
-                let accept = verdict != FlowVerdict::Drop;
-                for packet in e.take_held() {
-                    if self.held.remove(&packet).is_some() {
-                        self.releases.push_back(Release { packet, accept });
-                    }
-                }
+            if let Some(window) = fm.sniff {
+                self.start_sniffing(w.slot, window);
             }
-            first = Some((verdict, f));
+            // The packets held meanwhile meet the verdict now (bytes among them are read first).
+            self.review_held(w.slot, self.last_now);
+            first = Some((verdict, f, peek));
         }
         for mut ev in w.events {
             match &mut ev.kind {
                 EventKind::FlowNew { flow } => flow.owner = owner.clone(),
                 EventKind::FlowVerdict { flow, verdict, rule, peek } => {
                     flow.owner = owner.clone();
-                    if let Some((v, f)) = &first {
+                    if let Some((v, f, p)) = &first {
                         *verdict = *v;
                         *rule = Some(f.rule.clone());
-                        *peek = modes_of(f.verdict).2;
+                        *peek = *p;
                     }
                 }
                 _ => {}

@@ -2482,3 +2482,5 @@ fn a_product_filter_judges_each_new_flow_knowing_its_owner() {
     assert_eq!(verdict_of(&ev[1]).1, FlowVerdict::Drop);
     assert_eq!(verdict_of(&ev[1]).2, Some("provider"));
 }
+
+mod inspect;

@@ -9,14 +9,14 @@
 //!
 //! This room changes modes, emits updates and moves held packets; it never closes a flow.
 
+use super::Engine;
 use super::entry::{Mode, bits};
 use super::stream::mode_of;
 use super::table::Slot;
-use super::{Engine, Release};
 use crate::event::{Event, EventKind, UpdateSource};
 use crate::flow::{Direction, FlowId};
 use crate::time::Instant;
-use crate::verdict::{DataVerdict, FlowVerdict, PacketAction, PacketId};
+use crate::verdict::{DataVerdict, FlowVerdict};
 
 impl Engine {
     /// Changes a live flow's verdict (what [`crate::Handle::update`] does, for single-threaded
@@ -57,6 +57,15 @@ impl Engine {
             let m = mode_of(verdict, e.offset(d));
             e.set_mode(d, m);
         }
+        // A verdict on the whole flow from a handle or the product ends the rules' wait for its
+        // host name: it is the latest word on the flow.
+        if direction.is_none()
+            && matches!(verdict, DataVerdict::Allow | DataVerdict::Drop)
+            && matches!(source, UpdateSource::Handle | UpdateSource::Provider)
+            && let Some(i) = e.inspection_mut()
+        {
+            i.stop_sniffing();
+        }
         if let DataVerdict::Pass { .. } = verdict {
             e.set(bits::FILTER_INSPECTS, true);
         }
@@ -76,9 +85,9 @@ impl Engine {
         self.after_change(slot, now, before, if out == inn { None } else { Some(dir) }, source);
     }
 
-    /// Emits the update event, queues the change for the data plane, and releases held packets
-    /// if a pause ended.
-    fn after_change(
+    /// Emits the update event, queues the change for the data plane, and lets the held packets
+    /// meet the new verdict.
+    pub(super) fn after_change(
         &mut self,
         slot: Slot,
         now: Instant,
@@ -91,27 +100,32 @@ impl Engine {
         let (out, inn) = e.modes();
         // Moving an inspect window is not news; a direction changing its verdict is.
         let changed = (out.verdict(), inn.verdict()) != (before.0.0.verdict(), before.0.1.verdict());
-        if !changed {
-            return;
-        }
-        // Verdicts given away from a packet (a handle call, a reload) may concern a flow the
-        // kernel handles alone: the data plane must carry them out.
-        if matches!(source, UpdateSource::Handle | UpdateSource::Rules) && verdict != before.1 {
-            self.kernel.queue(e);
-        }
-        let held = if verdict != FlowVerdict::Pause { e.take_held() } else { Vec::new() };
-        if verdict != before.1 || direction.is_some() {
-            let flow = e.flow(&self.interfaces);
-            let rule = e.rule.clone();
-            self.events
-                .push_back(Event { time: now, kind: EventKind::FlowUpdate { flow, verdict, rule, direction, source } });
-        }
-        let accept = verdict != FlowVerdict::Drop;
-        for packet in held {
-            if self.held.remove(&packet).is_some() {
-                self.releases.push_back(Release { packet, accept });
+        if changed {
+            // Verdicts given away from a packet (a handle call, a reload) may concern a flow the
+            // kernel handles alone: the data plane must carry them out.
+            // A drop decided on a packet's bytes (a provider, the host, an evasion, a timeout) of a
+            // connection that is up must tear it down at both ends too, not only answer the
+            // packet's sender.
+            let away = matches!(source, UpdateSource::Handle | UpdateSource::Rules) && verdict != before.1;
+            let torn = verdict == FlowVerdict::Drop && before.1 != FlowVerdict::Drop && e.has(bits::ACCEPTED);
+            if away || torn {
+                self.kernel.queue(e);
+            }
+            if verdict != before.1 || direction.is_some() {
+                let flow = e.flow(&self.interfaces);
+                let rule = e.rule.clone();
+                self.events.push_back(Event {
+                    time: now,
+                    kind: EventKind::FlowUpdate { flow, verdict, rule, direction, source },
+                });
             }
         }
+        if self.reviewing {
+            return;
+        }
+        self.reviewing = true;
+        self.review_held(slot, now);
+        self.reviewing = false;
     }
 
     /// A flow still waiting for its owner gets its first verdict and events now (owner unknown),
@@ -121,21 +135,5 @@ impl Engine {
         if let Some(id) = self.table.get(slot).map(|e| e.id) {
             self.flush_owner_wait(id);
         }
-    }
-
-    /// Holds the packet being judged, for flow `slot` (or, `None`, for the packet filter).
-    pub(super) fn hold(&mut self, slot: Option<Slot>) -> PacketAction {
-        if self.held.len() >= self.config.max_held_packets {
-            self.stats.held_overflow += 1;
-            return PacketAction::Drop;
-        }
-        let id = PacketId(self.next_packet_id);
-        self.next_packet_id += 1;
-        let flow = slot.and_then(|s| self.table.get_mut(s)).map(|e| {
-            e.hold(id);
-            e.id
-        });
-        self.held.insert(id, flow);
-        PacketAction::Hold(id)
     }
 }

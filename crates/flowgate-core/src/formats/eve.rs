@@ -90,8 +90,11 @@ pub fn records(e: &Event) -> Vec<Value> {
         }
         EventKind::FlowUpdate { flow, verdict: FlowVerdict::Drop, rule, source, .. } => {
             let why = match source {
-                UpdateSource::Rules => "firewall rules",
-                UpdateSource::Handle | UpdateSource::Provider | UpdateSource::Peek => "firewall flow drop",
+                UpdateSource::Rules | UpdateSource::Host => "firewall rules",
+                UpdateSource::Overlap => "firewall stream evasion",
+                UpdateSource::Handle | UpdateSource::Provider | UpdateSource::Peek | UpdateSource::Timeout => {
+                    "firewall flow drop"
+                }
             };
             vec![drop_record(e.time, flow, rule.as_ref(), Some(*source), why)]
         }
@@ -100,12 +103,7 @@ pub fn records(e: &Event) -> Vec<Value> {
 }
 
 fn drop_record(time: Instant, flow: &Flow, rule: Option<&RuleName>, source: Option<UpdateSource>, why: &str) -> Value {
-    let source_name = source.map(|s| match s {
-        UpdateSource::Provider => "provider",
-        UpdateSource::Handle => "handle",
-        UpdateSource::Peek => "peek",
-        UpdateSource::Rules => "rules",
-    });
+    let source_name = source.map(UpdateSource::name);
     let signature =
         rule.map(|r| r.to_string()).or(source_name.map(str::to_string)).unwrap_or_else(|| "flowgate".into());
     let category = match source_name {
@@ -215,6 +213,7 @@ mod tests {
             started: Instant::from_unix(1_700_000_000, 500_000_000),
             icmp: (protocol == Protocol::Icmp).then_some((8, 0)),
             owner: None,
+            host: None,
         }
     }
 

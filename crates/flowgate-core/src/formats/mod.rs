@@ -145,6 +145,7 @@ mod tests {
                     started: Instant::ZERO,
                     icmp: None,
                     owner: None,
+                    host: None,
                 },
             },
         }

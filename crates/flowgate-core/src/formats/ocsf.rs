@@ -31,7 +31,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::event::{Event, EventKind, UpdateSource};
+use crate::event::{Event, EventKind};
 use crate::flow::{Flow, Protocol};
 use crate::verdict::FlowVerdict;
 
@@ -52,15 +52,7 @@ pub fn record(e: &Event) -> Value {
             (a, Some(*verdict))
         }
         EventKind::FlowUpdate { verdict, direction, source, .. } => {
-            unmapped.insert(
-                "source".into(),
-                json!(match source {
-                    UpdateSource::Provider => "provider",
-                    UpdateSource::Handle => "handle",
-                    UpdateSource::Peek => "peek",
-                    UpdateSource::Rules => "rules",
-                }),
-            );
+            unmapped.insert("source".into(), json!(source.name()));
             if let Some(d) = direction {
                 unmapped.insert("direction".into(), json!(d.name()));
             }
@@ -192,6 +184,7 @@ fn connection_info(flow: &Flow) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::UpdateSource;
     use crate::event::{CloseReason, FlowReport};
     use crate::flow::{Counters, Direction, FlowId};
     use crate::time::Instant;
@@ -209,6 +202,7 @@ mod tests {
             started: Instant::from_micros(1_700_000_000_123_456),
             icmp: None,
             owner: None,
+            host: None,
         }
     }
 

@@ -97,6 +97,11 @@ pub enum UserSpaceReason {
     InterfaceGlob,
     /// It names the owning process, user, unit or cgroup, which only user space learns.
     Owner,
+    /// It names hosts, which only user space learns (from the flow's bytes or DNS answers).
+    Host,
+    /// It allows flows that may be DNS (port 53), whose answers name hosts for host rules: they
+    /// must be read in user space.
+    Dns,
     /// An earlier rule judged in user space could match the same flows.
     Overlaps { earlier: usize },
     /// All ids are taken, or too many user-space rules come before it to check.
@@ -111,6 +116,10 @@ impl std::fmt::Display for UserSpaceReason {
             UserSpaceReason::ProviderJudges => f.write_str("it allows while a product's filter judges too"),
             UserSpaceReason::InterfaceGlob => f.write_str("its interface glob has a wildcard iptables cannot match"),
             UserSpaceReason::Owner => f.write_str("it names the owning process, user, unit or cgroup"),
+            UserSpaceReason::Host => f.write_str("it names hosts, learnt from the flow's bytes or DNS answers"),
+            UserSpaceReason::Dns => {
+                f.write_str("it allows flows that may be DNS, whose answers name hosts for the host rules")
+            }
             UserSpaceReason::Overlaps { earlier } => {
                 write!(f, "rule {} before it is judged in user space and may match the same flows", earlier + 1)
             }
@@ -144,9 +153,13 @@ impl KernelPlan {
         let mut budget = OVERLAP_BUDGET;
         // Ranges of each earlier user-space rule, computed once.
         let mut user: Vec<(usize, Shape)> = Vec::new();
+        let hosts = rules.rules.iter().any(|r| !r.host.is_empty());
         for (i, rule) in rules.rules.iter().enumerate() {
             let hooks = hooks_of(rule.direction);
             let decided = static_verdict(rule, provider).and_then(|verdict| {
+                if hosts && verdict == KernelVerdict::Allow && may_be_dns(rule) {
+                    return Err(UserSpaceReason::Dns);
+                }
                 if user.len() > MAX_USER_RULES_CHECKED || usize::from(next_id) + hooks.len() > usize::from(MAX_IDS) + 1
                 {
                     return Err(UserSpaceReason::TooMany);
@@ -179,6 +192,8 @@ impl KernelPlan {
             }
         }
         let default = match rules.default_action {
+            // With host rules, DNS must reach user space: every rule that is not static keeps
+            // the default in user space anyway (a host rule is never static).
             Action::Allow if !provider => Some(KernelVerdict::Allow),
             Action::Drop => Some(KernelVerdict::Drop { silent: false }),
             _ => None,
@@ -215,10 +230,26 @@ fn hooks_of(d: DirectionMatch) -> &'static [Hook] {
     }
 }
 
+/// Whether a rule may match DNS flows (TCP or UDP to or from port 53), whose answers user space
+/// must read to learn names.
+fn may_be_dns(rule: &Rule) -> bool {
+    let proto = matches!(
+        rule.protocol,
+        crate::rules::ProtocolMatch::Any
+            | crate::rules::ProtocolMatch::Only(crate::flow::Protocol::Tcp | crate::flow::Protocol::Udp)
+    );
+    // Answers are read from DNS flows this host (or a client behind it) opened: remote port 53.
+    let outbound = rule.direction != DirectionMatch::Only(Direction::Inbound);
+    proto && outbound && rule.remote_ports.as_ref().is_none_or(|s| s.contains(53))
+}
+
 /// The kernel's verdict for a rule, or why it needs user space.
 fn static_verdict(rule: &Rule, provider: bool) -> Result<KernelVerdict, UserSpaceReason> {
     if !rule.owner.is_empty() {
         return Err(UserSpaceReason::Owner);
+    }
+    if !rule.host.is_empty() {
+        return Err(UserSpaceReason::Host);
     }
     let verdict = match rule.action {
         Action::Inspect { .. } => return Err(UserSpaceReason::Inspects),

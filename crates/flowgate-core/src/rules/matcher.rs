@@ -92,6 +92,7 @@ fn check_word(rule: &Rule, keyed: Keyed) -> u8 {
     };
     let unkeyed = rule.interface.is_some()
         || !rule.owner.is_empty()
+        || !rule.host.is_empty()
         || (!rule.remote.is_empty() && !keyed.remote_nets)
         || (!rule.local.is_empty() && !keyed.local_nets)
         || (rule.remote_ports.is_some() && !keyed.remote_ports)
@@ -189,6 +190,8 @@ pub struct CompiledRules {
     unindexed_from: usize,
     /// Some rule names an owner.
     any_owner_rules: bool,
+    /// Some rule names hosts.
+    any_host_rules: bool,
 }
 
 impl std::fmt::Debug for CompiledRules {
@@ -225,6 +228,7 @@ impl CompiledRules {
         CompiledRules {
             names: set.rules.iter().map(|r| r.name.as_str().into()).collect(),
             any_owner_rules: set.rules.iter().any(|r| !r.owner.is_empty()),
+            any_host_rules: set.rules.iter().any(|r| !r.host.is_empty()),
             rules: set.rules,
             default_action: set.default_action,
             remote: remote.build(),
@@ -251,13 +255,10 @@ impl CompiledRules {
         self.remote.heap_bytes() + self.local.heap_bytes()
     }
 
-    /// The first rule that matches `flow` (with its owner, where known), or the default action.
+    /// The first rule that matches `flow` (with its owner and host name, where known), or the
+    /// default action.
     pub fn classify(&self, flow: &Flow) -> Classification {
-        let view = match &flow.owner {
-            Some(o) => OwnerView::Known(o),
-            None => OwnerView::Unknown,
-        };
-        self.classify_as(flow, view)
+        self.classify_as(flow, owner_view(flow), host_view(flow))
     }
 
     /// Whether knowing the flow's owner could change its verdict: the first rule that matches
@@ -265,7 +266,10 @@ impl CompiledRules {
     /// flow for which this is false is judged as [`CompiledRules::classify`] judges it.
     pub fn owner_decides(&self, flow: &Flow) -> bool {
         self.any_owner_rules
-            && self.classify_as(flow, OwnerView::Pending).rule.is_some_and(|i| !self.rules[i].owner.is_empty())
+            && self
+                .classify_as(flow, OwnerView::Pending, host_view(flow))
+                .rule
+                .is_some_and(|i| !self.rules[i].owner.is_empty())
     }
 
     /// Some rule names an owner (process, user, unit, cgroup).
@@ -273,21 +277,54 @@ impl CompiledRules {
         self.any_owner_rules
     }
 
-    fn classify_as(&self, flow: &Flow, view: OwnerView<'_>) -> Classification {
+    /// Whether the host name the flow's own bytes may carry (SNI, HTTP Host) could change its
+    /// verdict: the first rule that matches while every host rule counts as matching names
+    /// hosts. Such a flow's first bytes are held and read before it is judged.
+    pub fn host_decides(&self, flow: &Flow) -> bool {
+        self.host_rule_pending(flow).is_some()
+    }
+
+    /// The host rule [`CompiledRules::host_decides`] found: the first that may match once the
+    /// host name is known.
+    pub fn host_rule_pending(&self, flow: &Flow) -> Option<usize> {
+        if !self.any_host_rules {
+            return None;
+        }
+        self.classify_as(flow, owner_view(flow), HostView::Pending).rule.filter(|&i| !self.rules[i].host.is_empty())
+    }
+
+    /// Some rule names hosts.
+    pub fn has_host_rules(&self) -> bool {
+        self.any_host_rules
+    }
+
+    /// The verdict once a flow's first bytes were looked at: the first rule that matches it
+    /// (with its host name, where known) and does not inspect (an inspect rule has had its
+    /// look), or the default action.
+    pub fn classify_inspected(&self, flow: &Flow) -> Classification {
+        let first = self.classify(flow);
+        let Some(i) = first.rule.filter(|_| matches!(first.action, Action::Inspect { .. })) else { return first };
+        let rest = self.rules.get(i + 1..).unwrap_or(&[]);
+        match rest.iter().position(|r| !matches!(r.action, Action::Inspect { .. }) && rule_matches(r, flow)) {
+            Some(k) => Classification { rule: Some(i + 1 + k), action: self.rules[i + 1 + k].action },
+            None => Classification { rule: None, action: self.default_action },
+        }
+    }
+
+    fn classify_as(&self, flow: &Flow, view: OwnerView<'_>, host: HostView<'_>) -> Classification {
         let want = flow_bits(flow);
         let accept = |rule: u32, check: u8| {
             check & want == want
-                && (check & FULL == 0 || self.rules.get(rule as usize).is_some_and(|r| matches_as(r, flow, view)))
+                && (check & FULL == 0 || self.rules.get(rule as usize).is_some_and(|r| matches_as(r, flow, view, host)))
         };
         let ports = has_ports(flow.protocol);
         let mut best = u32::MAX;
         self.remote.lookup(flow.remote, ports, &mut best, &accept);
         self.local.lookup(flow.local, ports, &mut best, &accept);
         let first = match best {
-            u32::MAX => self
-                .rules
-                .get(self.unindexed_from..)
-                .and_then(|tail| tail.iter().position(|r| matches_as(r, flow, view)).map(|i| self.unindexed_from + i)),
+            u32::MAX => self.rules.get(self.unindexed_from..).and_then(|tail| {
+                tail.iter().position(|r| matches_as(r, flow, view, host)).map(|i| self.unindexed_from + i)
+            }),
             i => Some(i as usize),
         };
         match first.and_then(|i| Some((i, self.rules.get(i)?.action))) {
@@ -338,14 +375,47 @@ fn has_ports(p: Protocol) -> bool {
 /// ports; an interface glob never matches a flow whose interface is unknown, owner fields never
 /// one whose owner is unknown.
 pub fn rule_matches(rule: &Rule, flow: &Flow) -> bool {
-    let view = match &flow.owner {
-        Some(o) => OwnerView::Known(o),
-        None => OwnerView::Unknown,
-    };
-    matches_as(rule, flow, view)
+    matches_as(rule, flow, owner_view(flow), host_view(flow))
 }
 
-fn matches_as(rule: &Rule, flow: &Flow, view: OwnerView<'_>) -> bool {
+fn owner_view(flow: &Flow) -> OwnerView<'_> {
+    match &flow.owner {
+        Some(o) => OwnerView::Known(o),
+        None => OwnerView::Unknown,
+    }
+}
+
+fn host_view(flow: &Flow) -> HostView<'_> {
+    match flow.host.as_ref().and_then(|h| h.name.as_deref()) {
+        Some(name) => HostView::Known(name),
+        None => HostView::Unknown,
+    }
+}
+
+/// What is known of a flow's host name while it is judged.
+#[derive(Copy, Clone, Debug)]
+enum HostView<'a> {
+    /// No name: rules that name hosts do not match.
+    Unknown,
+    /// Its first bytes are still to be read: rules that name hosts may match.
+    Pending,
+    Known(&'a str),
+}
+
+impl HostView<'_> {
+    fn admits(self, m: &super::HostMatch) -> bool {
+        if m.is_empty() {
+            return true;
+        }
+        match self {
+            HostView::Unknown => false,
+            HostView::Pending => true,
+            HostView::Known(name) => m.matches(name),
+        }
+    }
+}
+
+fn matches_as(rule: &Rule, flow: &Flow, view: OwnerView<'_>, host: HostView<'_>) -> bool {
     let ports_ok = |set: &Option<super::PortSet>, port: u16| match set {
         None => true,
         Some(s) => has_ports(flow.protocol) && s.contains(port),
@@ -361,6 +431,7 @@ fn matches_as(rule: &Rule, flow: &Flow, view: OwnerView<'_>) -> bool {
             Some(g) => flow.interface.as_deref().is_some_and(|i| g.matches(i)),
         }
         && view.admits(&rule.owner)
+        && host.admits(&rule.host)
 }
 
 #[cfg(test)]
@@ -384,6 +455,7 @@ mod tests {
             started: Instant::ZERO,
             icmp: None,
             owner: None,
+            host: None,
         }
     }
 
@@ -653,6 +725,7 @@ mod tests {
             started: Instant::ZERO,
             icmp: None,
             owner: None,
+            host: None,
         }
     }
 

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use wildmatch::WildMatch;
 
 use crate::flow::{Direction, Protocol};
+use crate::hosts::{HostPattern, HostSet};
 use crate::owner::OwnerMatch;
 
 /// What a rule, or the default, does with a flow it matches.
@@ -175,6 +176,8 @@ pub struct Rule {
     pub interface: Option<InterfaceGlob>,
     /// The owning process, user, unit and cgroup (empty: any flow, owned or not).
     pub owner: OwnerMatch,
+    /// Host names (empty: any flow, named or not).
+    pub host: HostMatch,
     pub action: Action,
     /// With `Action::Drop`: drop without telling the sender (no TCP reset, no ICMP unreachable).
     pub silent: bool,
@@ -193,9 +196,62 @@ impl Rule {
             direction: DirectionMatch::Any,
             interface: None,
             owner: OwnerMatch::default(),
+            host: HostMatch::default(),
             action,
             silent: false,
         }
+    }
+}
+
+/// The host names a rule matches: its `host` patterns and the names of its `hosts_file` lists
+/// (each list one compact set, shared by every copy of the rule). Empty: the rule does not look
+/// at names.
+#[derive(Clone, Default)]
+pub struct HostMatch {
+    /// What was written, as listings and lints show it: the patterns, then `file PATH (N names)`.
+    pub texts: Vec<String>,
+    pub sets: Vec<std::sync::Arc<HostSet>>,
+}
+
+impl HostMatch {
+    /// Names from patterns (`example.com`, `*.example.com`) and lists already read
+    /// (`(path, names)`).
+    pub fn new(patterns: &[HostPattern], lists: Vec<(String, std::sync::Arc<HostSet>)>) -> HostMatch {
+        let mut m = HostMatch::default();
+        if !patterns.is_empty() {
+            let mut set = HostSet::new();
+            for p in patterns {
+                set.insert(p);
+                m.texts.push(p.to_string());
+            }
+            m.sets.push(std::sync::Arc::new(set));
+        }
+        for (path, list) in lists {
+            m.texts.push(format!("file {path} ({} names)", list.len()));
+            m.sets.push(list);
+        }
+        m
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Whether `host` (a normalized name) is one of the rule's (any name, for a rule without).
+    pub fn matches(&self, host: &str) -> bool {
+        self.sets.is_empty() || self.sets.iter().any(|s| s.matches(host))
+    }
+}
+
+impl PartialEq for HostMatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.texts == other.texts
+    }
+}
+
+impl fmt::Debug for HostMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.texts).finish()
     }
 }
 

@@ -516,7 +516,7 @@ fn flows(t: &mut Text, s: &Value) {
     t.family(
         "flowgate_flow_updates_total",
         "counter",
-        "Later changes of a flow's verdict, by new verdict and source (provider: a product's filter on data; handle: the library, CLI or control socket; peek: an inspect window ended; rules: a reload).",
+        "Later changes of a flow's verdict, by new verdict and source (provider: a product's filter on data; handle: the library, CLI or control socket; peek: an inspect window ended; rules: a reload; host: the rules again once the host name was known; overlap: overlapping segments with different bytes; timeout: held bytes waited past hold_timeout).",
     );
     for verdict in VERDICTS {
         for (source, n) in at(s, &format!("/updates/{verdict}")).and_then(Value::as_object).into_iter().flatten() {
@@ -809,6 +809,11 @@ fn kernel(t: &mut Text, s: &Value) {
     for (key, help) in [
         ("owner_held", "New flows held until their owner was known (a rule naming an owner could decide them)."),
         ("owner_timeouts", "Owners not known within attribution_wait (then unknown)."),
+        ("hosts_found", "Flows whose own first bytes named their host (TLS SNI, QUIC SNI, HTTP Host)."),
+        ("dns_learnt", "Addresses learnt from DNS answers (names for the host rules)."),
+        ("overlap_conflicts", "Overlapping TCP segments whose bytes differed from the first copy (evasion attempts)."),
+        ("out_of_window", "Segments of an inspected stream that started past the span kept, dropped."),
+        ("hold_timeouts", "Flows whose held bytes waited past hold_timeout for a verdict."),
     ] {
         t.one(&format!("flowgate_{key}_total"), "counter", help, num(s, &format!("/total/{key}")));
     }

@@ -246,6 +246,12 @@ impl Running {
         let resolver = owners::Resolver::open(live.attribution)?;
         let attribution = resolver.as_ref().map_or("off", owners::Resolver::mechanism);
         let mut engines = engines(config, queues.len(), resolver.is_some());
+        // One table of names learnt from DNS answers: an answer one queue reads names flows
+        // every queue judges.
+        let dns_names = Arc::new(flowgate_core::dns_names::DnsNames::new(flowgate_core::engine::DNS_NAMES));
+        for e in &mut engines {
+            e.set_dns_names(dns_names.clone());
+        }
         if let Some(make) = filters {
             for (k, e) in engines.iter_mut().enumerate() {
                 e.set_flow_filter(make(k));

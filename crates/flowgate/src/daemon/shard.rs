@@ -294,8 +294,13 @@ impl Worker {
                 }
             }
             while let Some(r) = self.engine.poll_release() {
+                let changed = if r.accept { self.engine.take_rewrite(r.packet) } else { None };
                 if let Some(id) = held.remove(&r.packet) {
-                    answers.push((id, if r.accept { Verdict::Accept } else { Verdict::Drop }, None));
+                    match changed {
+                        // A drop inside a held packet: its judged first bytes go out alone.
+                        Some(bytes) => self.queue.accept_changed(id, &bytes),
+                        None => answers.push((id, if r.accept { Verdict::Accept } else { Verdict::Drop }, None)),
+                    }
                 }
             }
             for (id, v, m) in answers.drain(..) {

@@ -201,6 +201,7 @@ mod tests {
             started: Instant::ZERO,
             icmp: None,
             owner: None,
+            host: None,
         };
         Event {
             time: Instant::ZERO,

@@ -160,6 +160,9 @@ pub(crate) struct BySource {
     pub(crate) handle: u64,
     pub(crate) peek: u64,
     pub(crate) rules: u64,
+    pub(crate) host: u64,
+    pub(crate) overlap: u64,
+    pub(crate) timeout: u64,
 }
 
 /// Verdict changes (`flow.update`), by new verdict and source.
@@ -184,6 +187,9 @@ impl Updates {
             UpdateSource::Handle => to.handle += 1,
             UpdateSource::Peek => to.peek += 1,
             UpdateSource::Rules => to.rules += 1,
+            UpdateSource::Host => to.host += 1,
+            UpdateSource::Overlap => to.overlap += 1,
+            UpdateSource::Timeout => to.timeout += 1,
         }
     }
 }
@@ -248,6 +254,9 @@ impl Counts {
                 o.handle += u.handle;
                 o.peek += u.peek;
                 o.rules += u.rules;
+                o.host += u.host;
+                o.overlap += u.overlap;
+                o.timeout += u.timeout;
             }
             let (o, k) = (&mut out.closed, c.closed);
             o.fin += k.fin;
@@ -417,6 +426,7 @@ mod tests {
             forwarded: false,
             icmp: None,
             owner: None,
+            host: None,
             started: flowgate_core::Instant::ZERO,
         }
     }

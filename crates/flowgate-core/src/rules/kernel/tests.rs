@@ -257,6 +257,7 @@ fn random_flow(rng: &mut Rng, hook: Hook) -> Flow {
         started: Instant::from_micros(0),
         icmp: None,
         owner: None,
+        host: None,
     }
 }
 
