@@ -634,11 +634,14 @@ fn quic_is_dropped_by_the_initials_sni() {
 // 5. A product's FlowFilter: pass what it judged, peek 100 more, drop
 // ---------------------------------------------------------------------------------------------
 
+/// One `data` call a filter saw: the flow's remote port, the direction, the offset, the bytes.
+type DataCall = (u16, Direction, u64, Vec<u8>);
+
 /// Inspects flows to `port`: the first 100 outbound bytes are judged good (pass them, show the
 /// next 100), the next 100 bad (drop). Notes every `data` call.
 struct PeekThenDrop {
     ports: [u16; 2],
-    seen: Arc<Mutex<Vec<(u16, Direction, u64, Vec<u8>)>>>,
+    seen: Arc<Mutex<Vec<DataCall>>>,
 }
 
 impl FlowFilter for PeekThenDrop {
@@ -760,7 +763,7 @@ fn a_product_filter_passes_100_bytes_peeks_100_more_and_drops() {
         eprintln!("port {port} ({writes} writes): the sink got {} bytes, then {end:?}", got.len());
         ends.push((port, got, end));
     }
-    let calls: Vec<(u16, Direction, u64, Vec<u8>)> = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let calls: Vec<DataCall> = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     lab.host.in_ns(move || running.stop()).expect("stop");
     for (port, got, end) in ends {
         assert_eq!(got.len(), 100, "port {port}: the sink must get exactly the 100 judged bytes");
