@@ -24,6 +24,8 @@
 //! - [`event`]: the JSON-lines event format; [`formats`]: events as flowgate JSON lines,
 //!   Suricata EVE or OCSF records; [`community_id`]: the Community ID flow hash;
 //!   [`time`]: the core's clock type.
+//! - [`hosts`]: host-name patterns (`*.example.com`), compact sets of many names, blocklist files.
+//! - [`dns_names`]: names learned from DNS answers (address → name until the TTL), shared by engines.
 //!
 //! ## Driving the engine
 //!

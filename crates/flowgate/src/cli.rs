@@ -706,6 +706,15 @@ fn replay_cmd(capture: &Path, config_path: Option<&Path>, json: bool) -> ExitCod
                     e.malformed,
                     e.fragments
                 );
+                let defrag =
+                    [s.datagrams_reassembled, s.datagrams_refused, s.datagrams_incomplete, s.fragments_over_limits];
+                if defrag.iter().any(|&n| n > 0) {
+                    eprintln!(
+                        "IP fragments: {} datagrams reassembled, {} refused (conflicting or impossible fragments), {} \
+                         incomplete, {} fragments over the reassembly limits",
+                        defrag[0], defrag[1], defrag[2], defrag[3]
+                    );
+                }
             }
             ExitCode::SUCCESS
         }

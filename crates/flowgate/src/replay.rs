@@ -61,6 +61,15 @@
 //!   depending on the capturing OS.
 //!
 //! Raw IP (`RAW`, `IPV4`, `IPV6`) frames are the IP packet itself.
+//!
+//! **IP fragments.** A capture holds fragments as they were on the wire, whereas live the kernel
+//! (conntrack's defragmentation) hands NFQUEUE whole datagrams. So the replay puts fragments
+//! together first (`flowgate_core::defrag`, default limits: 1024 datagrams, 4 MiB, 30 s) and
+//! the engine sees each datagram once, whole, at the time of its last fragment. The summary
+//! counts the datagrams put together, those refused (fragments overlapping with different
+//! bytes, or that cannot be put together: none of their fragments reaches the engine), those
+//! never completed, and the fragments over the limits (passed on as they are: the engine counts
+//! them as fragments).
 
 use std::fmt;
 use std::fs::File;
@@ -73,6 +82,7 @@ use etherparse::{
     ArpHardwareId, EtherPayloadSlice, EtherType, Ethernet2Slice, LenSource, LinuxSllProtocolType, LinuxSllSlice,
     SingleVlanSlice,
 };
+use flowgate_core::defrag::{Defrag, DefragLimits, Defragmenter};
 use flowgate_core::{Engine, Event, EventFormat, Instant, Origin, PacketMeta, Stats};
 use pcap_file::pcap::PcapParser;
 use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
@@ -91,6 +101,17 @@ pub struct Summary {
     /// Frames that do not carry IP (ARP, LLDP, ...). Frames of link types the replay cannot read
     /// are an error, not counted here.
     pub non_ip_frames: u64,
+    /// IP datagrams put together from their fragments (each reached the engine once, whole).
+    pub datagrams_reassembled: u64,
+    /// Datagrams refused: fragments overlapping with different bytes, or that cannot be put
+    /// together (past 65,535 bytes, two different ends, IPv6 overlaps). None of their fragments
+    /// reached the engine.
+    pub datagrams_refused: u64,
+    /// Datagrams whose fragments never all arrived (timed out, or still missing at the end).
+    pub datagrams_incomplete: u64,
+    /// Fragments over the reassembly limits, passed to the engine as they are (which counts them
+    /// as fragments).
+    pub fragments_over_limits: u64,
     pub events: u64,
     #[serde(flatten)]
     pub engine: Stats,
@@ -136,6 +157,7 @@ pub fn replay_as(
 ) -> Result<Summary, ReplayError> {
     let mut summary = Summary::default();
     let mut last = Instant::ZERO;
+    let mut defrag = Defragmenter::new(DefragLimits::default());
     let mut buf = Vec::with_capacity(4096);
     let mut write_events = |engine: &mut Engine, summary: &mut Summary| -> io::Result<()> {
         while let Some(e) = engine.poll_event() {
@@ -161,7 +183,16 @@ pub fn replay_as(
         // A replay only reports what would have happened; the decisions themselves are unused.
         match link_payload(frame.link, frame.data) {
             Link::Ip(ip) => {
-                let _ = engine.handle_packet(frame.time, meta, ip);
+                defrag.expire(frame.time);
+                match defrag.push(frame.time, ip) {
+                    Defrag::NotFragment | Defrag::Overflow => {
+                        let _ = engine.handle_packet(frame.time, meta, ip);
+                    }
+                    Defrag::Complete(whole) => {
+                        let _ = engine.handle_packet(frame.time, meta, &whole);
+                    }
+                    Defrag::Incomplete | Defrag::Refused => {}
+                }
             }
             // Cut inside its link header: the engine counts an empty packet as truncated.
             Link::Truncated => {
@@ -177,6 +208,11 @@ pub fn replay_as(
     engine.close_all(last);
     write_events(engine, &mut summary)?;
     summary.engine = engine.stats();
+    let d = defrag.stats();
+    summary.datagrams_reassembled = d.completed;
+    summary.datagrams_refused = d.refused;
+    summary.datagrams_incomplete = d.expired + defrag.pending() as u64;
+    summary.fragments_over_limits = d.overflow;
     Ok(summary)
 }
 

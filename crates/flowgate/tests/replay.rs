@@ -1224,3 +1224,220 @@ fn damaged_captures_never_panic_or_hang() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// IP fragments: crafted captures of fragmented datagrams, put together before the engine.
+// ---------------------------------------------------------------------------------------------
+
+const FRAG_CONFIG: &str = "local_addresses = [\"198.51.100.1\", \"2001:db8:1::1\"]\n\
+                           [[rule]]\nname = \"no-mdns-port\"\nremote_ports = \"5353\"\naction = \"drop\"\n";
+
+/// An IPv4 packet 198.51.100.1:40000 -> 203.0.113.7:5353 (UDP, or a TCP SYN with options),
+/// identification `id`, DF clear.
+fn to_5353_v4(id: u16, tcp_syn: bool, payload: &[u8]) -> Vec<u8> {
+    let proto = if tcp_syn { etherparse::ip_number::TCP } else { etherparse::ip_number::UDP };
+    let mut h = etherparse::Ipv4Header::new(0, 64, proto, [198, 51, 100, 1], [203, 0, 113, 7]).expect("header");
+    h.identification = id;
+    h.dont_fragment = false;
+    let b = etherparse::PacketBuilder::ip(etherparse::IpHeaders::Ipv4(h, Default::default()));
+    let mut out = Vec::new();
+    if tcp_syn {
+        let mss = [etherparse::TcpOptionElement::MaximumSegmentSize(1460), etherparse::TcpOptionElement::Noop];
+        b.tcp(40000, 5353, 1, 65535).syn().options(&mss).expect("options").write(&mut out, payload).expect("write");
+    } else {
+        b.udp(40000, 5353).write(&mut out, payload).expect("write");
+    }
+    out
+}
+
+/// Cuts an IPv4 packet into fragments of `size` bytes of payload (a multiple of 8).
+fn fragments_v4(whole: &[u8], size: usize) -> Vec<Vec<u8>> {
+    let (h, rest) = etherparse::Ipv4Header::from_slice(whole).expect("IPv4");
+    let payload = &rest[..usize::from(h.total_len) - h.header_len()];
+    (0..payload.len())
+        .step_by(size)
+        .map(|a| {
+            let b = (a + size).min(payload.len());
+            let mut f = h.clone();
+            f.total_len = u16::try_from(h.header_len() + b - a).expect("len");
+            f.more_fragments = b < payload.len();
+            f.fragment_offset =
+                etherparse::IpFragOffset::try_new(u16::try_from(a / 8).expect("offset")).expect("offset");
+            f.header_checksum = f.calc_header_checksum();
+            cat(&[&f.to_bytes(), &payload[a..b]])
+        })
+        .collect()
+}
+
+/// An IPv6 UDP packet [2001:db8:1::1]:40000 -> [2001:db8:2::10]:5353, cut into fragments of
+/// `size` bytes (a multiple of 8) after the IPv6 header.
+fn fragments_v6(payload: &[u8], size: usize, id: u32) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let a = |last: u8, net: u8| {
+        let mut x = [0u8; 16];
+        x[..6].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, net]);
+        x[15] = last;
+        x
+    };
+    let mut whole = Vec::new();
+    etherparse::PacketBuilder::ipv6(a(1, 1), a(0x10, 2), 64)
+        .udp(40000, 5353)
+        .write(&mut whole, payload)
+        .expect("write");
+    let rest = &whole[40..];
+    let frags = (0..rest.len())
+        .step_by(size)
+        .map(|at| {
+            let end = (at + size).min(rest.len());
+            let offset = etherparse::IpFragOffset::try_new(u16::try_from(at / 8).expect("offset")).expect("offset");
+            let fh = etherparse::Ipv6FragmentHeader::new(etherparse::ip_number::UDP, offset, end < rest.len(), id);
+            let mut f = cat(&[&whole[..40], &fh.to_bytes(), &rest[at..end]]);
+            f[6] = 44;
+            let len = u16::try_from(f.len() - 40).expect("len");
+            f[4..6].copy_from_slice(&len.to_be_bytes());
+            f
+        })
+        .collect();
+    (whole, frags)
+}
+
+/// A raw-IP pcap of `packets`, one millisecond apart.
+fn raw_capture(tmp: &TempDir, name: &str, packets: &[Vec<u8>]) -> PathBuf {
+    let records: Vec<Vec<u8>> = packets
+        .iter()
+        .enumerate()
+        .map(|(i, p)| record(1_700_000_000, u32::try_from(i).expect("index") * 1000, p, full(p)))
+        .collect();
+    write(tmp, name, &pcap(false, 65_535, 101, &records))
+}
+
+/// `flowgate replay CAPTURE --config FRAG_CONFIG --json`: the events and the summary.
+fn replay_fragments(tmp: &TempDir, capture: &Path) -> (Vec<Value>, Value) {
+    let config = tmp.file("frag.toml", FRAG_CONFIG);
+    let out =
+        flowgate(&["replay", capture.to_str().expect("path"), "--config", config.to_str().expect("path"), "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "replay failed: {stderr}");
+    let events = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let summary = stderr
+        .lines()
+        .find(|l| l.starts_with("{\"summary\""))
+        .map(|l| serde_json::from_str::<Value>(l).expect("summary JSON")["summary"].clone())
+        .unwrap_or_else(|| panic!("no JSON summary in {stderr}"));
+    (events, summary)
+}
+
+/// A counter of a replay summary.
+fn count(summary: &Value, key: &str) -> u64 {
+    summary[key].as_u64().unwrap_or_else(|| panic!("no {key} in summary {summary}"))
+}
+
+/// The capture's one flow was judged by the port rule: `flow.new` and `flow.verdict` with its
+/// ports and the drop verdict, and it carried one packet of `ip_len` bytes out.
+fn judged_once(events: &[Value], summary: &Value, protocol: &str, local: &str, remote: &str, ip_len: usize) {
+    let new = events.iter().filter(|e| e["event"] == "flow.new").collect::<Vec<_>>();
+    assert_eq!(new.len(), 1, "one flow: {events:?}");
+    let f = &new[0]["flow"];
+    assert_eq!(
+        (f["protocol"].as_str(), f["local"].as_str(), f["remote"].as_str()),
+        (Some(protocol), Some(local), Some(remote))
+    );
+    assert_eq!(f["direction"], "outbound");
+    let verdict =
+        events.iter().find(|e| e["event"] == "flow.verdict").unwrap_or_else(|| panic!("no verdict: {events:?}"));
+    assert_eq!((verdict["verdict"].as_str(), verdict["rule"].as_str()), (Some("drop"), Some("no-mdns-port")));
+    assert_eq!(verdict["flow"]["id"], f["id"]);
+    let closed = events.iter().find(|e| e["event"] == "flow.closed").expect("closed at the end");
+    assert_eq!(
+        (closed["packets_out"].as_u64(), closed["bytes_out"].as_u64()),
+        (Some(1), Some(ip_len as u64)),
+        "{closed}"
+    );
+    assert_eq!(count(summary, "datagrams_reassembled"), 1, "{summary}");
+    assert_eq!((count(summary, "datagrams_refused"), count(summary, "datagrams_incomplete")), (0, 0), "{summary}");
+    assert_eq!(
+        (count(summary, "fragments"), count(summary, "packets")),
+        (0, 1),
+        "the engine saw one whole packet: {summary}"
+    );
+}
+
+#[test]
+fn a_udp_datagram_fragmented_in_order_is_judged_whole() {
+    let tmp = TempDir::new("frag-in-order");
+    let whole = to_5353_v4(0x4242, false, &(0..3000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let frags = fragments_v4(&whole, 1480);
+    assert_eq!(frags.len(), 3);
+    // Ethernet frames, with an ARP frame between the fragments.
+    let records: Vec<Vec<u8>> = [eth(&[], 0x0800, &frags[0]), eth(&[], 0x0806, &ARP), eth(&[], 0x0800, &frags[1])]
+        .into_iter()
+        .chain([eth(&[], 0x0800, &frags[2])])
+        .enumerate()
+        .map(|(i, f)| record(1_700_000_000, u32::try_from(i).expect("i") * 1000, &f, full(&f)))
+        .collect();
+    let capture = write(&tmp, "in-order.pcap", &pcap(false, 65_535, 1, &records));
+    let (events, summary) = replay_fragments(&tmp, &capture);
+    judged_once(&events, &summary, "udp", "198.51.100.1:40000", "203.0.113.7:5353", whole.len());
+    // Judged at the time of its last fragment.
+    let new = events.iter().find(|e| e["event"] == "flow.new").expect("new");
+    assert!(new["time"].as_str().is_some_and(|t| t.ends_with(":20.003000Z")), "{new}");
+    // The sentence says it too.
+    let config = tmp.file("frag.toml", FRAG_CONFIG);
+    let out = flowgate(&["replay", capture.to_str().expect("path"), "--config", config.to_str().expect("path")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("IP fragments: 1 datagrams reassembled, 0 refused"), "{stderr}");
+}
+
+#[test]
+fn a_udp_datagram_fragmented_out_of_order_is_judged_whole() {
+    let tmp = TempDir::new("frag-reversed");
+    let whole = to_5353_v4(7, false, &[0x5a; 3000]);
+    let mut frags = fragments_v4(&whole, 1480);
+    frags.reverse();
+    let (events, summary) = replay_fragments(&tmp, &raw_capture(&tmp, "reversed.pcap", &frags));
+    judged_once(&events, &summary, "udp", "198.51.100.1:40000", "203.0.113.7:5353", whole.len());
+}
+
+#[test]
+fn ipv6_fragments_are_judged_whole() {
+    let tmp = TempDir::new("frag-v6");
+    let (whole, frags) = fragments_v6(&[0x66; 3000], 1232, 0x0102_0304);
+    assert_eq!(frags.len(), 3);
+    let shuffled = vec![frags[1].clone(), frags[2].clone(), frags[0].clone()];
+    let (events, summary) = replay_fragments(&tmp, &raw_capture(&tmp, "v6.pcap", &shuffled));
+    judged_once(&events, &summary, "udp", "[2001:db8:1::1]:40000", "[2001:db8:2::10]:5353", whole.len());
+}
+
+#[test]
+fn a_tcp_syn_in_tiny_fragments_is_judged_whole() {
+    let tmp = TempDir::new("frag-syn");
+    let whole = to_5353_v4(99, true, &[]);
+    let mut frags = fragments_v4(&whole, 8);
+    assert_eq!(frags.len(), 4, "a 28-byte TCP header (MSS, padding) in 8-byte fragments");
+    // Last first, the first in the middle.
+    frags.swap(0, 3);
+    frags.swap(1, 3);
+    let (events, summary) = replay_fragments(&tmp, &raw_capture(&tmp, "syn.pcap", &frags));
+    judged_once(&events, &summary, "tcp", "198.51.100.1:40000", "203.0.113.7:5353", whole.len());
+}
+
+#[test]
+fn conflicting_overlapping_fragments_are_refused_and_counted() {
+    let tmp = TempDir::new("frag-conflict");
+    let whole = to_5353_v4(5, false, &[0x11; 3000]);
+    let frags = fragments_v4(&whole, 1480);
+    // A copy of the second fragment one 8-byte block earlier, overlapping the first fragment's
+    // last block with other bytes.
+    let mut evil = fragments_v4(&to_5353_v4(5, false, &[0x22; 3000]), 1480).remove(1);
+    let offset = (1480 - 8) / 8;
+    evil[6..8].copy_from_slice(&(0x2000u16 | offset).to_be_bytes());
+    let capture = raw_capture(&tmp, "conflict.pcap", &[frags[0].clone(), evil, frags[1].clone(), frags[2].clone()]);
+    let (events, summary) = replay_fragments(&tmp, &capture);
+    let summary = &summary;
+    assert!(events.is_empty(), "no flow is judged from refused fragments: {events:?}");
+    assert_eq!(count(summary, "datagrams_refused"), 1, "{summary}");
+    assert_eq!((count(summary, "datagrams_reassembled"), count(summary, "flows_opened")), (0, 0), "{summary}");
+    assert_eq!((count(summary, "fragments"), count(summary, "packets")), (0, 0), "none reached the engine: {summary}");
+}

@@ -271,7 +271,14 @@ impl Engine {
         }
         let first = self.first_verdict(class, filter_verdict);
         let (out, inn, peek) = modes_of(first.verdict);
-        let waits = window.filter(|&w| w > 0 && !matches!(first.verdict, NewFlowVerdict::Drop | NewFlowVerdict::Pause));
+        // The rules wait even when a DNS name already gives a verdict: the flow's own name, if
+        // its bytes carry one, is trusted first. A product's filter that drops or pauses it
+        // has the last word.
+        let blocked = match filter_verdict {
+            Some(v) => matches!(v, NewFlowVerdict::Drop | NewFlowVerdict::Pause),
+            None => pending.is_none() && matches!(first.verdict, NewFlowVerdict::Drop | NewFlowVerdict::Pause),
+        };
+        let waits = window.filter(|&w| w > 0 && !blocked);
         let Some(w) = waits else { return FirstModes { first, out, inn, peek, sniff: None } };
         if first.filter_inspects {
             // The filter's windows stand; a direction it does not look at is read by the rules.

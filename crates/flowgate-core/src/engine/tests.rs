@@ -988,7 +988,7 @@ fn inspect_rule(peek_outbound: u32, peek_inbound: u32) -> Vec<Rule> {
 }
 
 #[test]
-fn inspect_rule_allows_once_the_outbound_peek_has_passed() {
+fn inspect_rule_holds_the_openers_bytes_until_its_window_is_read_then_judges_past_it() {
     let mut e = engine_with_rules(inspect_rule(10, 0), Action::Allow);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let d = e.handle_packet(ms(0), OUT, &c.syn());
@@ -1001,33 +1001,43 @@ fn inspect_rule_allows_once_the_outbound_peek_has_passed() {
     assert_eq!((verdict, rule), (FlowVerdict::Inspect, Some("peek")));
     assert_eq!(peek, Some(Peek { outbound: 10, inbound: 0 }));
 
-    let first = c.send(b"012345");
-    assert_eq!(e.handle_packet(ms(3), OUT, &first), accepted(id, false));
-    // Inbound bytes do not fill the outbound window; a retransmission is not counted twice.
+    let first = c.send(b"GET /a");
+    let held = match e.handle_packet(ms(3), OUT, &first).action {
+        PacketAction::Hold(p) => p,
+        other => panic!("the opener's bytes wait: {other:?}"),
+    };
+    // Inbound bytes pass meanwhile and do not fill the outbound window; a copy of the held bytes
+    // is dropped (the held packet delivers them).
     assert_eq!(e.handle_packet(ms(4), IN, &c.reply(&[b'r'; 20])), accepted(id, false));
-    assert_eq!(e.handle_packet(ms(5), OUT, &first), accepted(id, false));
+    assert_eq!(e.handle_packet(ms(5), OUT, &first), dropped(id, false));
     assert!(events(&mut e).is_empty());
+    assert!(releases(&mut e).is_empty());
 
-    assert_eq!(e.handle_packet(ms(6), OUT, &c.send(b"6789")), accepted(id, true));
+    assert_eq!(e.handle_packet(ms(6), OUT, &c.send(b"bcde")), accepted(id, true));
+    assert_eq!(releases(&mut e), [Release { packet: held, accept: true }]);
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
-    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Peek));
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Host));
     assert_eq!(e.handle_packet(ms(7), IN, &c.reply(b"ok")), accepted(id, true));
     assert_eq!(e.flows()[0].verdict, FlowVerdict::Allow);
 }
 
 #[test]
-fn inspect_rule_allows_when_the_direction_ends_before_the_window_fills() {
+fn inspect_rule_judges_when_the_direction_ends_before_the_window_fills() {
     let mut e = engine_with_rules(inspect_rule(10, 0), Action::Allow);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
-    let _ = e.handle_packet(ms(3), OUT, &c.send(b"abc"));
+    let held = match e.handle_packet(ms(3), OUT, &c.send(b"GET")).action {
+        PacketAction::Hold(p) => p,
+        other => panic!("{other:?}"),
+    };
     assert!(events(&mut e).is_empty());
     let d = e.handle_packet(ms(4), OUT, &c.fin());
     assert_eq!(d, accepted(id, true));
+    assert_eq!(releases(&mut e), [Release { packet: held, accept: true }]);
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
-    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Peek));
+    assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Allow, None, UpdateSource::Host));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2483,4 +2493,5 @@ fn a_product_filter_judges_each_new_flow_knowing_its_owner() {
     assert_eq!(verdict_of(&ev[1]).2, Some("provider"));
 }
 
+mod hosts;
 mod inspect;
