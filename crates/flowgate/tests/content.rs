@@ -274,20 +274,35 @@ fn check_fetch(f: &Fetch, works: bool, body: &str, what: &str) {
 /// (neither `inspect` nor `pause`), and returns its id, verdict, rule and host; panics with the
 /// events of the flow when it does not settle.
 fn settled(d: &FlowgateRun, local: &str, remote: &str) -> (u64, String, String, Value) {
+    let id = poll_until(&format!("a flow {local} -> {remote} in the events"), Duration::from_secs(10), || {
+        flows_between(&d.events(), local, remote).first().copied()
+    });
+    let (v, r, h) = settled_flow(d, id);
+    (id, v, r, h)
+}
+
+/// Waits (up to 10 s) until flow `id` has a settled final verdict, and returns it, its rule and
+/// its host; panics with the flow's events when it does not settle.
+fn settled_flow(d: &FlowgateRun, id: u64) -> (String, String, Value) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ev = d.events();
-        let id = flows_between(&ev, local, remote).first().copied();
-        if let Some(id) = id
-            && let Some((v, r)) = final_verdict(&ev, id)
+        // "The last verdict event of a flow" must mean the last one decided: a flow's events are
+        // logged in the order they happened.
+        let mine = events_of(&ev, id);
+        let first_verdict = mine.iter().position(|e| e["event"] == "flow.verdict");
+        let early_update = mine.iter().position(|e| e["event"] == "flow.update");
+        if let (Some(v), Some(u)) = (first_verdict, early_update) {
+            assert!(u > v, "flow {id}: a flow.update is logged before its flow.verdict: {mine:#?}");
+        }
+        if let Some((v, r)) = final_verdict(&ev, id)
             && v != "inspect"
             && v != "pause"
         {
-            return (id, v, r, host_of(&ev, id).unwrap_or(Value::Null));
+            return (v, r, host_of(&ev, id).unwrap_or(Value::Null));
         }
         if Instant::now() >= deadline {
-            let mine: Vec<&Value> = id.map(|id| events_of(&ev, id)).unwrap_or_default();
-            panic!("the flow {local} -> {remote} has no settled verdict within 10 s; its events: {mine:#?}");
+            panic!("flow {id} has no settled verdict within 10 s; its events: {:#?}", events_of(&ev, id));
         }
         std::thread::sleep(Duration::from_millis(20)); // bounded polling of the event log
     }
@@ -547,13 +562,9 @@ fn dns_answers_make_host_rules_apply_to_plain_tcp() {
         .then(|| ev.to_vec())
     });
     let settle = |remote: &str, nth: usize| -> (u64, String, String, Value) {
-        let ids = flows_to(&ev, remote);
-        let id = ids[nth];
-        let ev = d.wait_events(&format!("flow {id} to {remote} settled"), |ev| {
-            final_verdict(ev, id).filter(|(v, _)| v != "inspect" && v != "pause").map(|_| ev.to_vec())
-        });
-        let (v, r) = final_verdict(&ev, id).unwrap_or_default();
-        (id, v, r, host_of(&ev, id).unwrap_or(Value::Null))
+        let id = flows_to(&ev, remote)[nth];
+        let (v, r, h) = settled_flow(&d, id);
+        (id, v, r, h)
     };
     let (_, v, _, h) = settle("203.0.113.11:7", 0);
     assert_eq!(v, "allow", "the flow before the answer: host {h}");
