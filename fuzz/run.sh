@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 FUZZ=$PWD
-TARGETS=(packet engine packet_stage conntrack nfqueue nflog sockdiag procinfo replay config netfilter control control_reply)
+TARGETS=(packet engine packet_stage conntrack nfqueue nflog sockdiag procinfo replay config netfilter control control_reply http dns hosts_file reassembly defrag tls quic)
 BIN=$FUZZ/target/x86_64-unknown-linux-gnu/release
 
 usage() {

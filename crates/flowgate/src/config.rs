@@ -1018,7 +1018,20 @@ fn hosts_list(
             message: format!("{field} {} holds no host names", path.display()),
         });
     }
-    let _ = report;
+    if report.bad > 0 {
+        // Third-party lists of a million lines carry some junk: it is skipped, said, not fatal.
+        let first: Vec<String> = report.first_bad.iter().map(ToString::to_string).collect();
+        warnings.push(Warning {
+            path: src.path.to_path_buf(),
+            line: src.line(&v.span()),
+            message: format!(
+                "{field} {}: {} entries are not host names and were skipped ({})",
+                path.display(),
+                report.bad,
+                first.join("; ")
+            ),
+        });
+    }
     Ok((path.display().to_string(), std::sync::Arc::new(set)))
 }
 
@@ -1318,8 +1331,11 @@ action = "drop"
     fn host_rules_take_names_lists_and_the_inspection_settings() {
         let dir = std::env::temp_dir().join(format!("flowgate-config-hosts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("block.txt"), "# ads\n0.0.0.0 ads.example tracker.example\nevil.example\n")
-            .expect("list");
+        std::fs::write(
+            dir.join("block.txt"),
+            "# ads\n0.0.0.0 ads.example tracker.example\nevil.example\nnot_a name!\n",
+        )
+        .expect("list");
         let config = dir.join("flowgate.toml");
         let text = "hosts_file = \"block.txt\"\nhold_timeout = \"3s\"\nhold_timeout_action = \"allow\"\n\
                     overlap_conflict = \"ignore\"\n[[rule]]\nname = \"one\"\nhost = \"*.example.com\"\naction = \"drop\"\n\
@@ -1337,6 +1353,7 @@ action = "drop"
         assert!(c.rules.rules[2].host.matches("b.example") && !c.rules.rules[2].host.matches("x.a.example"));
         assert_eq!(c.engine.hold_timeout, Duration::from_secs(3));
         assert!(!c.engine.hold_timeout_drop && !c.engine.overlap_drop);
+        assert!(c.warnings.iter().any(|w| w.line == 1 && w.message.contains("line 4")), "{:?}", c.warnings);
         let _ = std::fs::remove_dir_all(&dir);
         for (text, field, line) in [
             ("[[rule]]\naction = \"drop\"\nhost = \"exa mple.com\"\n", "host", 3),

@@ -63,6 +63,22 @@ impl Owners {
     pub(super) fn requests(&self) -> usize {
         self.requests.len()
     }
+
+    /// Keeps an event of a flow whose first events wait for its owner behind them; gives it
+    /// back if the flow does not wait.
+    pub(super) fn defer(&mut self, ev: Event) -> Option<Event> {
+        let id = match &ev.kind {
+            EventKind::FlowUpdate { flow, .. } => flow.id,
+            _ => return Some(ev),
+        };
+        match self.waiting.get_mut(&id) {
+            Some(w) => {
+                w.events.push(ev);
+                None
+            }
+            None => Some(ev),
+        }
+    }
 }
 
 impl Engine {
@@ -164,7 +180,7 @@ impl Engine {
         }
         for mut ev in w.events {
             match &mut ev.kind {
-                EventKind::FlowNew { flow } => flow.owner = owner.clone(),
+                EventKind::FlowNew { flow } | EventKind::FlowUpdate { flow, .. } => flow.owner = owner.clone(),
                 EventKind::FlowVerdict { flow, verdict, rule, peek } => {
                     flow.owner = owner.clone();
                     if let Some((v, f, p)) = &first {

@@ -114,10 +114,11 @@ impl Engine {
             if verdict != before.1 || direction.is_some() {
                 let flow = e.flow(&self.interfaces);
                 let rule = e.rule.clone();
-                self.events.push_back(Event {
-                    time: now,
-                    kind: EventKind::FlowUpdate { flow, verdict, rule, direction, source },
-                });
+                let ev = Event { time: now, kind: EventKind::FlowUpdate { flow, verdict, rule, direction, source } };
+                // Behind the flow's first events if they still wait for its owner.
+                if let Some(ev) = self.owners.defer(ev) {
+                    self.events.push_back(ev);
+                }
             }
         }
         if self.reviewing {

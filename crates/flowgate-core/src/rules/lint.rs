@@ -151,6 +151,13 @@ pub fn covers(a: &Rule, b: &Rule) -> bool {
         && ports_cover(&a.local_ports, &b.local_ports, b.protocol)
         && interface_covers(a.interface.as_ref(), b.interface.as_ref())
         && owner_covers(&a.owner, &b.owner)
+        && host_covers(&a.host, &b.host)
+}
+
+/// `a`'s host names cover `b`'s: `a` names none, or the same ones. Names never cover a rule
+/// without any: that rule also matches flows whose host is unknown.
+fn host_covers(a: &super::HostMatch, b: &super::HostMatch) -> bool {
+    a.is_empty() || (!b.is_empty() && a == b)
 }
 
 /// `a`'s owner fields match every owner `b`'s do: none given, or each the same as `b`'s (a glob
@@ -310,5 +317,24 @@ mod tests {
         assert!(matches!(&l[0], Lint::NeverMatches { rule: 0, .. }));
         assert!(matches!(&l[1], Lint::NeverMatches { rule: 1, .. }));
         assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn host_rules_shadow_only_rules_of_the_same_names() {
+        let named = |p: &str| {
+            r(p, |r| {
+                r.host =
+                    super::super::HostMatch::new(&[crate::hosts::HostPattern::parse(p).expect("pattern")], Vec::new())
+            })
+        };
+        let any = r("any", |_| {});
+        let lints = lint(&RuleSet { rules: vec![named("a.example"), any.clone()], default_action: Action::Allow });
+        assert!(!lints.iter().any(|l| matches!(l, Lint::Shadowed { .. })), "{lints:?}");
+        let lints =
+            lint(&RuleSet { rules: vec![named("a.example"), named("a.example")], default_action: Action::Allow });
+        assert!(lints.iter().any(|l| matches!(l, Lint::Shadowed { .. })), "{lints:?}");
+        let lints =
+            lint(&RuleSet { rules: vec![named("a.example"), named("b.example")], default_action: Action::Allow });
+        assert!(!lints.iter().any(|l| matches!(l, Lint::Shadowed { .. })), "{lints:?}");
     }
 }

@@ -55,7 +55,9 @@ pub struct ClientHello {
     /// names that are not printable ASCII are left out.
     pub alpn: Vec<String>,
     /// The ClientHello carries an `encrypted_client_hello` extension (type 0xfe0d): the real
-    /// server name is encrypted and `sni` is only the outer, public name.
+    /// server name is encrypted and `sni` is only the outer, public name. Browsers that have no
+    /// ECH configuration for the server send a GREASE extension that looks the same on the wire
+    /// (Chrome does on every connection), so `sni` may also be the real name.
     pub ech: bool,
 }
 

@@ -251,3 +251,28 @@ fn the_hold_timeout_ends_the_wait_for_a_name_with_what_is_known() {
     assert_eq!(final_verdict(&events(&mut e), id).map(|v| v.0), Some(FlowVerdict::Allow));
     assert_eq!(e.stats().hold_timeouts, 1);
 }
+
+#[test]
+fn a_host_verdict_given_before_the_owner_is_known_waits_behind_the_flows_first_events() {
+    let mut e = owner_engine(vec![host_rule("no-blocked", "*.blocked.example", Action::Drop)]);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:80");
+    let id = e.handle_packet(ms(0), OUT, &c.syn()).flow.expect("tracked");
+    let _ = e.handle_packet(ms(1), IN, &c.syn_ack());
+    let _ = e.handle_packet(ms(2), OUT, &c.ack());
+    let request = b"GET / HTTP/1.1\r\nHost: www.blocked.example\r\n\r\n";
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, request)), dropped(id, true));
+    assert!(events(&mut e).is_empty(), "the first events wait for the owner, the update behind them");
+    e.set_owner(id, Some(owner(42, "/usr/bin/curl", 0, "root")));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict", "flow.update"]);
+    for v in &ev {
+        let flow = match &v.kind {
+            EventKind::FlowNew { flow } | EventKind::FlowVerdict { flow, .. } | EventKind::FlowUpdate { flow, .. } => {
+                flow
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(flow.owner.as_ref().map(|o| o.pid), Some(42), "{}", v.kind.name());
+    }
+    assert_eq!(final_verdict(&ev, id).map(|v| v.0), Some(FlowVerdict::Drop));
+}
