@@ -173,6 +173,11 @@ impl Capture {
         Capture { w, path, clock_us: 1_796_000_000_000_000 }
     }
 
+    /// Capture time passes without a packet.
+    fn advance_ms(&mut self, ms: u64) {
+        self.clock_us += ms * 1000;
+    }
+
     fn packet(&mut self, ip: &[u8]) {
         self.clock_us += 50;
         let ts = std::time::Duration::from_micros(self.clock_us);
@@ -368,12 +373,30 @@ fn wrong(events: &[Value], expects: &[Expect]) -> Vec<String> {
         let host = host_of(mine, id).unwrap_or(Value::Null);
         let host_ok = e.host.is_none_or(|h| host["name"] == h && host["source"] == "sni");
         if verdict != e.verdict || !host_ok || ids.len() != 1 {
+            // The flow's verdicts in order: `event verdict/rule/source @time`.
+            let history: Vec<String> = mine
+                .iter()
+                .filter(|x| x["event"] == "flow.verdict" || x["event"] == "flow.update")
+                .map(|x| {
+                    let t = x["time"].as_str().unwrap_or("");
+                    format!(
+                        "{} {}/{}/{} @{}",
+                        x["event"].as_str().unwrap_or(""),
+                        x["verdict"].as_str().unwrap_or(""),
+                        x["rule"].as_str().unwrap_or(""),
+                        x["source"].as_str().unwrap_or("-"),
+                        t.get(t.len().saturating_sub(16)..).unwrap_or(t)
+                    )
+                })
+                .collect();
             bad.push(format!(
-                "{}: flow {id} (of {}) final verdict {verdict:?} rule {rule:?} host {host}; expected {} host {:?}",
+                "{}: flow {id} (of {}) final verdict {verdict:?} rule {rule:?} host {host}; expected {} host {:?}; \
+                 verdicts: {}",
                 e.what,
                 ids.len(),
                 e.verdict,
-                e.host
+                e.host,
+                history.join(", ")
             ));
         }
     }
@@ -468,29 +491,80 @@ fn one_byte_segments_in_reverse_order_are_put_back_in_order() {
     let mut cap = Capture::new(&dir, "reverse.pcap");
     let mut ports = Ports(20_000);
     let mut expects = Vec::new();
+    let mut stuck = Vec::new();
     for (name, shares) in [
         ("blocked.example", Shares::X25519),
         ("allowed.example", Shares::X25519),
         ("blocked.example", Shares::PostQuantum),
     ] {
         let ch = client_hello(name, shares);
+        let expect = |conn, what: String| {
+            if name == "blocked.example" { Expect::blocked(conn, what) } else { Expect::allowed(conn, what) }
+        };
+        // Every byte in a segment of its own, last first. More packets than a flow may hold
+        // (64): what is not held is dropped, and a real sender sends it again when its
+        // retransmission timer fires, as Linux does, collapsed into full-size segments.
         let conn = Conn::new(false, ports.next());
         conn.handshake(&mut cap);
         for i in (0..ch.len()).rev() {
             conn.data(&mut cap, &ch, i, i + 1);
         }
-        let what = format!("{name} {shares:?} as {} one-byte segments, last first", ch.len());
-        expects.push(if name == "blocked.example" { Expect::blocked(conn, what) } else { Expect::allowed(conn, what) });
-        // Reverse order of ordinary segments, too.
+        cap.advance_ms(200);
+        for from in (0..ch.len()).step_by(1460) {
+            conn.data(&mut cap, &ch, from, (from + 1460).min(ch.len()));
+        }
+        expects.push(expect(
+            conn,
+            format!("{name} {shares:?} as {} one-byte segments last first, then sent again", ch.len()),
+        ));
+        // Every byte in a segment of its own, in order (a sender writing byte by byte with
+        // Nagle off), then sent again as above.
+        let conn = Conn::new(false, ports.next());
+        conn.handshake(&mut cap);
+        for i in 0..ch.len() {
+            conn.data(&mut cap, &ch, i, i + 1);
+        }
+        cap.advance_ms(200);
+        for from in (0..ch.len()).step_by(1460) {
+            conn.data(&mut cap, &ch, from, (from + 1460).min(ch.len()));
+        }
+        expects.push(expect(
+            conn,
+            format!("{name} {shares:?} as {} one-byte segments in order, then sent again", ch.len()),
+        ));
+        // Within the bounds: the rest first, then the first 60 bytes one byte at a time, last first.
+        let conn = Conn::new(false, ports.next());
+        conn.handshake(&mut cap);
+        conn.data(&mut cap, &ch, 60, ch.len());
+        for i in (0..60).rev() {
+            conn.data(&mut cap, &ch, i, i + 1);
+        }
+        expects.push(expect(conn, format!("{name} {shares:?}: the rest, then 60 one-byte segments last first")));
+        // Reverse order of ordinary segments.
         let conn = Conn::new(false, ports.next());
         conn.handshake(&mut cap);
         let starts: Vec<usize> = (0..ch.len()).step_by(100).collect();
         for &from in starts.iter().rev() {
             conn.data(&mut cap, &ch, from, (from + 100).min(ch.len()));
         }
-        let what = format!("{name} {shares:?} as 100-byte segments, last first");
-        expects.push(if name == "blocked.example" { Expect::blocked(conn, what) } else { Expect::allowed(conn, what) });
+        expects.push(expect(conn, format!("{name} {shares:?} as 100-byte segments, last first")));
+        // One-byte segments last first and nothing sent again: the name cannot be read, and
+        // nothing may pass; the hold timeout ends it.
+        if name == "blocked.example" {
+            let conn = Conn::new(false, ports.next());
+            conn.handshake(&mut cap);
+            for i in (0..ch.len()).rev() {
+                conn.data(&mut cap, &ch, i, i + 1);
+            }
+            let what = format!("{name} {shares:?} as one-byte segments last first, never sent again");
+            stuck.push(Expect { conn, what, host: None, verdict: "drop" });
+        }
     }
+    // Capture time goes on past the hold timeout (default 10 s): another flow's packet.
+    cap.advance_ms(12_000);
+    let later = Conn::new(false, ports.next());
+    later.handshake(&mut cap);
+    expects.extend(stuck);
     let config = dir.write("config.toml", CONFIG.as_bytes());
     drop(cap.w);
     check(&replay(&cap.path, &config), &expects);
