@@ -308,6 +308,32 @@ fn settled_flow(d: &FlowgateRun, id: u64) -> (String, String, Value) {
     }
 }
 
+/// The verdict events of the flow between `local` and `remote` so far, one line each
+/// (`event verdict/rule/source time host`), for failure messages.
+fn history(d: &FlowgateRun, local: &str, remote: &str) -> String {
+    let ev = d.events();
+    let Some(&id) = flows_between(&ev, local, remote).first() else {
+        return format!("no flow {local} -> {remote} logged");
+    };
+    let lines: Vec<String> = events_of(&ev, id)
+        .iter()
+        .filter(|e| e["event"] == "flow.verdict" || e["event"] == "flow.update")
+        .map(|e| {
+            let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+            format!(
+                "{} {}/{}/{} {} host {}",
+                s(&e["event"]),
+                s(&e["verdict"]),
+                s(&e["rule"]),
+                s(&e["source"]),
+                s(&e["time"]),
+                e["flow"]["host"]
+            )
+        })
+        .collect();
+    format!("flow {id}:\n  {}", lines.join("\n  "))
+}
+
 /// Checks a settled flow: verdict and rule, and its host (name, source, ALPN; `ech` false).
 fn check_flow(d: &FlowgateRun, local: &str, remote: &str, want: (&str, Option<&str>), host: (&str, &str, &[&str])) {
     let (id, verdict, rule, h) = settled(d, local, remote);
@@ -875,5 +901,73 @@ fn a_hosts_file_of_a_million_names_loads_and_blocks_by_sni() {
         ("blocked.example", "sni", alpn),
     );
     check_flow(&d, &client(false, allowed.port), TLS_REMOTE, ("allow", None), ("allowed.example", "sni", alpn));
+    let _ = d.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A ClientHello sent one byte per segment
+// ---------------------------------------------------------------------------------------------
+
+/// Runs tiny_client.py in `ns`: (its local port, Ok(body) or Err(stderr)).
+fn tiny_get(ns: &Netns, cert: &TestCert, name: &str) -> (u16, Result<String, String>) {
+    let client = script("tiny_client.py");
+    let o = ns.run(&[
+        SYS_PYTHON,
+        &client,
+        "--addr",
+        "203.0.113.10",
+        "--server-name",
+        name,
+        "--ca",
+        &cert.cert,
+        "--timeout",
+        "8",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let port = err.lines().find_map(|l| l.strip_prefix("local_port ")?.trim().parse().ok()).unwrap_or(0);
+    (port, if o.status.success() { Ok(String::from_utf8_lossy(&o.stdout).into_owned()) } else { Err(err) })
+}
+
+#[test]
+fn a_client_hello_written_one_byte_at_a_time_is_still_dropped() {
+    require_root!();
+    require!("openssl", SYS_PYTHON);
+    let lab = Lab::new("tiny");
+    let cert = test_cert();
+    let tls = ScriptServer::tcp(&lab, "tls", SocketAddr::new(SRV_SERVICE_V4.into(), 443), Some(&cert));
+    // A short hold timeout: a flow whose name could not be read must not pass when it ends.
+    let config = host_rules(&format!("hold_timeout = \"3s\"\n{BLOCK_RULE}"));
+    let d = FlowgateRun::start(&lab.host, FLOWGATE.as_ref(), "tiny", &config, READY);
+    let blocking = !baseline();
+    for (ns, is_cli) in [(&lab.host, false), (&lab.cli, true)] {
+        let from = if is_cli { "cli (forwarded)" } else { "host (local)" };
+        let (bport, blocked) = tiny_get(ns, &cert, "blocked.example");
+        assert_ne!(bport, 0, "from {from}: the client never connected: {blocked:?}");
+        assert_eq!(
+            blocked.is_ok(),
+            !blocking,
+            "one byte at a time to blocked.example from {from}: {blocked:?}; the flow's verdicts: {}",
+            history(&d, &client(is_cli, bport), TLS_REMOTE)
+        );
+        let (aport, allowed) = tiny_get(ns, &cert, "allowed.example");
+        assert_eq!(
+            allowed.as_deref(),
+            Ok("hello allowed.example\n"),
+            "one byte at a time to allowed.example from {from}"
+        );
+        if blocking {
+            let r = tls.connection_from(&client(is_cli, bport));
+            assert!(r.as_ref().is_none_or(|r| r["bytes"] == 0), "from {from}: the server got bytes: {r:?}");
+        }
+        let alpn: &[&str] = &["http/1.1"];
+        check_flow(
+            &d,
+            &client(is_cli, bport),
+            TLS_REMOTE,
+            ("drop", Some("no-blocked")),
+            ("blocked.example", "sni", alpn),
+        );
+        check_flow(&d, &client(is_cli, aport), TLS_REMOTE, ("allow", None), ("allowed.example", "sni", alpn));
+    }
     let _ = d.stop();
 }
