@@ -47,6 +47,13 @@ command -v strip >/dev/null || need+=(binutils)
 command -v groff >/dev/null || need+=(groff-base)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+# Content inspection's live tests (crates/flowgate/tests/content.rs): openssl for the test
+# certificate and s_client, dnsmasq (dnsmasq-base) and dig (bind9-dnsutils) for DNS-learnt
+# hosts, python3-venv for the aioquic venv below.
+command -v openssl >/dev/null || need+=(openssl)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v dig >/dev/null || need+=(bind9-dnsutils)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2
@@ -62,6 +69,17 @@ fi
 if ! /usr/bin/python3 -c 'import communityid, ocsf_json_schema' 2>/dev/null; then
     /usr/bin/python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
         --break-system-packages communityid==1.5.0 ocsf-json-schema==1.2.0
+fi
+
+# The HTTP/3 client and server of the content tests (crates/flowgate/tests/content/quic_*.py) run
+# on aioquic (Debian has no package of it), installed with its dependencies at the versions
+# pinned in crates/flowgate/tests/content/requirements.txt into a venv of their own, where the
+# tests look for it.
+venv=/opt/flowgate-test-venv
+if ! "$venv/bin/python" -c 'import aioquic' 2>/dev/null; then
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+        -r crates/flowgate/tests/content/requirements.txt
 fi
 
 # Suricata's EVE schema, for the EVE records' validation: fetched from Debian's source package

@@ -1220,3 +1220,198 @@ impl Drop for Lab {
         drop(self.tunnel.take());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The daemon and its events (content inspection tests: tests/content.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// A directory of a test's files (configs, certificates, server logs), removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    /// `$TMPDIR/flowgate-<tag>-<pid>-<n>`, created empty.
+    pub fn new(tag: &str) -> ScratchDir {
+        let p = std::env::temp_dir().join(format!(
+            "flowgate-{}-{}-{}",
+            sanitize_tag(tag),
+            std::process::id(),
+            next_serial()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {p:?}: {e}"));
+        ScratchDir(p)
+    }
+
+    /// The path of `name` in the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `name` and returns its path.
+    pub fn write(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, contents).unwrap_or_else(|e| panic!("write {p:?}: {e}"));
+        p
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (bounded by `timeout`, then panics naming `what`) until `check` returns Some, calling it
+/// every 20 ms: for state that only shows in files (event logs, server logs).
+pub fn poll_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what}: not within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(20)); // bounded polling interval
+    }
+}
+
+/// Parses a file of JSON lines (an event log, a server's log); a missing file is empty, a torn
+/// last line (being written) is left out.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// `flowgate run` in a lab namespace, with its config in a [`ScratchDir`] of its own (`run_dir`,
+/// `log = events.jsonl` and `queues = 2` come first, then the caller's text). Its stdout and
+/// stderr go to the [`Child`]'s log (shown when a test fails); SIGTERM on drop.
+pub struct FlowgateRun {
+    pub child: Child,
+    pub dir: ScratchDir,
+    /// From the spawn to the daemon's ready line.
+    pub ready_after: Duration,
+    flowgate: PathBuf,
+    ns: String,
+}
+
+impl FlowgateRun {
+    /// Starts `flowgate` (the binary) in `ns` with `config` and waits (up to `ready_timeout`)
+    /// for its `flowgate: ready` line; panics with its log if it exits or is not ready in time.
+    pub fn start(ns: &Netns, flowgate: &Path, tag: &str, config: &str, ready_timeout: Duration) -> FlowgateRun {
+        let dir = ScratchDir::new(&format!("run-{tag}"));
+        let text = format!(
+            "run_dir = \"{}\"\nlog = \"{}\"\nqueues = 2\n{config}",
+            dir.path("run").display(),
+            dir.path("events.jsonl").display()
+        );
+        let conf = dir.write("flowgate.toml", text.as_bytes());
+        let t0 = Instant::now();
+        let mut child = ns.spawn(&[&flowgate.to_string_lossy(), "run", "--config", &conf.to_string_lossy()]);
+        child.set_term_timeout(Duration::from_secs(30));
+        let deadline = t0 + ready_timeout;
+        loop {
+            if child.log().contains("flowgate: ready") {
+                break;
+            }
+            if !child.is_running() {
+                panic!("flowgate exited before it was ready; config:\n{text}\nlog:\n{}", child.log());
+            }
+            if Instant::now() >= deadline {
+                panic!("flowgate not ready within {ready_timeout:?}; log:\n{}", child.log());
+            }
+            thread::sleep(Duration::from_millis(10)); // bounded polling of its log
+        }
+        FlowgateRun { child, dir, ready_after: t0.elapsed(), flowgate: flowgate.to_path_buf(), ns: ns.name.clone() }
+    }
+
+    /// Every event logged so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        json_lines(&self.dir.path("events.jsonl"))
+    }
+
+    /// Waits (up to 10 s) until the events logged so far satisfy `check`, and returns its value.
+    pub fn wait_events<T>(&self, what: &str, check: impl Fn(&[serde_json::Value]) -> Option<T>) -> T {
+        poll_until(what, Duration::from_secs(10), || check(&self.events()))
+    }
+
+    /// The daemon's own pid (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> i32 {
+        self.child.pid()
+    }
+
+    /// A line of `/proc/PID/status` of the daemon, in kB (`VmRSS`, `VmHWM`).
+    pub fn status_kb(&self, key: &str) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        s.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Runs the flowgate CLI (`flowgate ARGS... --run-dir RUN_DIR`) in the daemon's namespace.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let run_dir = self.dir.path("run");
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(&self.flowgate)
+            .args(args)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run flowgate {args:?}: {e}"))
+    }
+
+    /// SIGTERM, waits for the exit (must be status 0) and returns every event.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        self.child.signal(Signal::SIGTERM);
+        let st = self.child.wait_timeout(Duration::from_secs(30));
+        assert!(st.is_some_and(|s| s.success()), "flowgate exited with {st:?}; log:\n{}", self.child.log());
+        self.events()
+    }
+}
+
+/// The events of flow `id`, in log order.
+pub fn events_of(events: &[serde_json::Value], id: u64) -> Vec<&serde_json::Value> {
+    events.iter().filter(|e| e["flow"]["id"].as_u64() == Some(id)).collect()
+}
+
+/// The ids of the flows between `local` and `remote` (`addr:port` as events write them), first
+/// seen first.
+pub fn flows_between(events: &[serde_json::Value], local: &str, remote: &str) -> Vec<u64> {
+    flow_ids(events, |f| f["local"] == local && f["remote"] == remote)
+}
+
+/// The ids of the flows to `remote` (`addr:port`), first seen first.
+pub fn flows_to(events: &[serde_json::Value], remote: &str) -> Vec<u64> {
+    flow_ids(events, |f| f["remote"] == remote)
+}
+
+fn flow_ids(events: &[serde_json::Value], pick: impl Fn(&serde_json::Value) -> bool) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for e in events {
+        if pick(&e["flow"])
+            && let Some(id) = e["flow"]["id"].as_u64()
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// A flow's final verdict and rule: those of its last `flow.verdict` or `flow.update` event.
+pub fn final_verdict(events: &[serde_json::Value], id: u64) -> Option<(String, String)> {
+    events_of(events, id)
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "flow.verdict" || e["event"] == "flow.update")
+        .map(|e| (e["verdict"].as_str().unwrap_or("").to_string(), e["rule"].as_str().unwrap_or("").to_string()))
+}
+
+/// A flow's `host` object, from its last event that carries one (in `flow.host`, or beside
+/// `flow`).
+pub fn host_of(events: &[serde_json::Value], id: u64) -> Option<serde_json::Value> {
+    events_of(events, id)
+        .into_iter()
+        .rev()
+        .find_map(|e| [&e["flow"]["host"], &e["host"]].into_iter().find(|h| h.is_object()).cloned())
+}
