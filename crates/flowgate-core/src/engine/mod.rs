@@ -691,6 +691,13 @@ impl Engine {
             }
         }
 
+        if let Some(f) = p.tcp
+            && f.ack
+            && e.inspection().is_some_and(stream::Inspection::verifying)
+        {
+            self.acknowledged(slot, dir, p.ack);
+        }
+        let Some(e) = self.table.get_mut(slot) else { return ignored() };
         let mut range = (0, 0);
         let mut action = None;
         if !p.payload.is_empty() {

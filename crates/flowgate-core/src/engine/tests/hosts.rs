@@ -100,7 +100,16 @@ fn another_name_passes_once_read_and_the_flow_settles() {
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
     let hello = client_hello("allowed.example", &["h2"], 0, false);
-    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), accepted(id, true));
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), accepted(id, false));
+    // Read until the server acknowledges the hello: then the kernel may take the flow.
+    assert_eq!(
+        e.handle_packet(ms(4), IN, &tcp(c.s, c.c, c.sseq, 1_001 + hello.len() as u32 - 1, "A", b"")),
+        accepted(id, false)
+    );
+    assert_eq!(
+        e.handle_packet(ms(5), IN, &tcp(c.s, c.c, c.sseq, 1_001 + hello.len() as u32, "A", b"")),
+        accepted(id, true)
+    );
     let ev = events(&mut e);
     assert_eq!(final_verdict(&ev, id), Some((FlowVerdict::Allow, Some("default".into()), UpdateSource::Host)));
     assert_eq!(host_of(&ev, id).and_then(|h| h.name).as_deref(), Some("allowed.example"));
@@ -173,7 +182,7 @@ fn encrypted_client_hello_shows_its_outer_name_without_trusting_it() {
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
     let hello = client_hello("public.blocked.example", &["h2"], 0, true);
-    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), accepted(id, true));
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), accepted(id, false));
     let host = host_of(&events(&mut e), id).expect("host");
     assert!(host.ech);
     assert_eq!(host.outer_sni.as_deref(), Some("public.blocked.example"));
@@ -243,7 +252,7 @@ fn a_dns_answer_names_the_address_for_plain_tcp_and_the_first_byte_does_not_pass
     // Past its TTL the name is forgotten.
     let mut c = Conn::new("198.51.100.1:40001", "203.0.113.9:7");
     let id = handshake(&mut e, &mut c, secs(301));
-    assert_eq!(e.handle_packet(secs(302), OUT, &at(&c, 0, b"\x00\x01binary hello")), accepted(id, true));
+    assert_eq!(e.handle_packet(secs(302), OUT, &at(&c, 0, b"\x00\x01binary hello")), accepted(id, false));
 }
 
 #[test]
@@ -303,4 +312,23 @@ fn a_host_verdict_given_before_the_owner_is_known_waits_behind_the_flows_first_e
         assert_eq!(flow.owner.as_ref().map(|o| o.pid), Some(42), "{}", v.kind.name());
     }
     assert_eq!(final_verdict(&ev, id).map(|v| v.0), Some(FlowVerdict::Drop));
+}
+
+#[test]
+fn a_copy_that_differs_from_judged_bytes_the_receiver_has_not_acknowledged_is_evasion() {
+    // The allowed hello passes, is lost on the way (a short TTL), and a copy naming a blocked
+    // host follows: the receiver would keep the copy.
+    let mut e = blocking();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let good = client_hello("allowed.example", &["h2"], 0, false);
+    let bad = client_hello("blocked.example", &["h2"], 0, false);
+    assert_eq!(good.len(), bad.len());
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &good)), accepted(id, false));
+    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, &bad)), dropped(id, true));
+    assert_eq!(e.stats().overlap_conflicts, 1);
+    assert_eq!(
+        final_verdict(&events(&mut e), id).map(|v| (v.0, v.2)),
+        Some((FlowVerdict::Drop, UpdateSource::Overlap))
+    );
 }
