@@ -37,6 +37,8 @@ pub struct ParsedPacket<'a> {
     pub tcp: Option<TcpFlags>,
     /// TCP sequence number of the first payload byte (0 for other protocols).
     pub seq: u32,
+    /// TCP acknowledgment number, when the ACK flag is set (else 0).
+    pub ack: u32,
     /// Transport payload (TCP/UDP data; for ICMP the bytes after the ICMP header).
     pub payload: &'a [u8],
     /// An ICMP echo reply: its destination opened the exchange.
@@ -105,6 +107,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
         ip_len,
         tcp: None,
         seq: 0,
+        ack: 0,
         payload: &[],
         icmp_echo_reply: false,
         icmp: None,
@@ -117,6 +120,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedPacket<'_>, ParseError> {
             // A SYN takes one sequence number itself; data it carries (TCP Fast Open) starts after.
             p.seq = tcp.sequence_number().wrapping_add(u32::from(tcp.syn()));
             p.tcp = Some(TcpFlags { syn: tcp.syn(), ack: tcp.ack(), fin: tcp.fin(), rst: tcp.rst() });
+            p.ack = if tcp.ack() { tcp.acknowledgment_number() } else { 0 };
             p.payload = tcp.payload();
         }
         Some(TransportSlice::Udp(udp)) => {

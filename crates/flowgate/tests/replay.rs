@@ -165,10 +165,12 @@ fn rules_decide_with_the_rule_named() {
     assert_eq!(socat["peek"]["outbound"], 512);
     let udp = by_remote("203.0.113.10:5353");
     assert_eq!((udp["verdict"].as_str(), udp["rule"].as_str()), (Some("allow"), Some("udp-to-lab-server")));
-    // The 1000-byte request fills the 512-byte window: the rule's inspection ends in allow.
+    // The 1000-byte request fills the 512-byte window: the rules judge the flow again past the
+    // inspect rule, and the first later one that matches it (none: the default) allows it.
     let updates = events(&ev, "flow.update");
     assert_eq!(updates.len(), 1, "{updates:?}");
-    assert_eq!((updates[0]["verdict"].as_str(), updates[0]["source"].as_str()), (Some("allow"), Some("peek")));
+    assert_eq!((updates[0]["verdict"].as_str(), updates[0]["source"].as_str()), (Some("allow"), Some("host")));
+    assert_eq!(updates[0]["rule"], "default");
     assert_eq!(updates[0]["flow"]["id"], socat["flow"]["id"]);
     // Every event has the documented fields.
     for e in &ev {

@@ -355,6 +355,7 @@ impl Entry {
     pub(crate) fn settled(&self) -> bool {
         matches!(self.modes, [ModeTag::Allow, ModeTag::Allow] | [ModeTag::Drop, ModeTag::Drop])
             && (!self.has(bits::WATCH) || self.modes[0] == ModeTag::Drop)
+            && self.inspection().is_none_or(|i| !i.sniffing() && !i.verifying())
     }
 
     pub(crate) fn offset(&self, d: Direction) -> u64 {

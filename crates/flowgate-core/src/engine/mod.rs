@@ -157,9 +157,9 @@ pub struct EngineConfig {
     /// could decide is paused for it, at most this long (then its owner counts as unknown).
     /// `None`: owners are not asked for, and rules that name one never match.
     pub owner_wait: Option<Duration>,
-    /// Longest packets may be held without a verdict (bytes under inspection, a pause): then the
-    /// rules' wait for a host name ends with what is known, and what is still undecided gets
-    /// `hold_timeout_drop`'s verdict.
+    /// Longest packets may be held without a verdict (bytes under inspection, a pause): then
+    /// the flow gets `hold_timeout_drop`'s verdict (allowing, the rules' wait for a host name
+    /// ends first with what is known).
     pub hold_timeout: Duration,
     /// Held bytes still undecided at the hold timeout are dropped (else allowed).
     pub hold_timeout_drop: bool,
@@ -196,7 +196,7 @@ impl Default for EngineConfig {
             overlap_drop: true,
             sniff_window: 16 * 1024,
             max_inspect_span: 64 * 1024,
-            max_held_per_flow: 64,
+            max_held_per_flow: 512,
         }
     }
 }
@@ -342,8 +342,9 @@ pub struct Engine {
     stopwatch: Option<providers::Stopwatch>,
     faults: VecDeque<ProviderFault>,
     owners: owners::Owners,
-    /// Names learnt from DNS answers, shared with the other engines of a driver.
-    dns_names: Arc<DnsNames>,
+    /// Names learnt from DNS answers, shared with the other engines of a driver; made at the
+    /// first answer when no driver gave one.
+    dns_names: Option<Arc<DnsNames>>,
     /// When held packets of a flow must have a verdict, in the order set (one timeout for all).
     hold_deadlines: VecDeque<(Instant, FlowId)>,
     /// Accepted held packets that go out with these bytes instead.
@@ -390,7 +391,7 @@ impl Engine {
             stopwatch: None,
             faults: VecDeque::new(),
             owners: owners::Owners::default(),
-            dns_names: Arc::new(DnsNames::new(DNS_NAMES)),
+            dns_names: None,
             hold_deadlines: VecDeque::new(),
             rewrites: HashMap::new(),
             reviewing: false,
@@ -401,7 +402,7 @@ impl Engine {
     /// Shares a table of names learnt from DNS answers with other engines (one per queue): an
     /// answer one engine reads names the flows all of them judge.
     pub fn set_dns_names(&mut self, names: Arc<DnsNames>) {
-        self.dns_names = names;
+        self.dns_names = Some(names);
     }
 
     /// The bytes a released (accepted) held packet must go out with instead of its own, if it
@@ -690,6 +691,13 @@ impl Engine {
             }
         }
 
+        if let Some(f) = p.tcp
+            && f.ack
+            && e.inspection().is_some_and(stream::Inspection::verifying)
+        {
+            self.acknowledged(slot, dir, p.ack);
+        }
+        let Some(e) = self.table.get_mut(slot) else { return ignored() };
         let mut range = (0, 0);
         let mut action = None;
         if !p.payload.is_empty() {

@@ -72,6 +72,11 @@ impl Inspection {
     pub(super) fn stop_sniffing(&mut self) {
         self.sniff = None;
     }
+
+    /// Some direction's judged bytes are not acknowledged yet (see `Side::verify_to`).
+    pub(crate) fn verifying(&self) -> bool {
+        self.sides.iter().any(|s| s.verify_to.is_some())
+    }
 }
 
 /// The mode of a direction the rules read for a host name while a product's filter, which did
@@ -87,6 +92,10 @@ struct Side {
     allowed: u64,
     /// Bytes before this offset were shown to the product's filter.
     shown: u64,
+    /// The direction was judged and passes, but its receiver has not acknowledged the bytes
+    /// judged (up to this offset) yet: another copy of them could still take their place, so
+    /// copies are compared until then.
+    verify_to: Option<u64>,
 }
 
 /// The rules' wait for a host name.
@@ -170,7 +179,9 @@ fn line(e: &Entry, dir: Direction) -> u64 {
 pub(super) fn inspected(e: &Entry, dir: Direction) -> bool {
     match e.mode(dir) {
         Mode::Inspect { .. } => true,
-        Mode::Allow => e.inspection().and_then(|i| i.sniff.as_ref()).is_some_and(|s| s.dir == dir),
+        Mode::Allow => e
+            .inspection()
+            .is_some_and(|i| i.sniff.as_ref().is_some_and(|s| s.dir == dir) || i.sides[index(dir)].verify_to.is_some()),
         Mode::Pause => e.inspection().is_some_and(|i| i.sides[index(dir)].buf.is_some() || i.sniff.is_some()),
         Mode::Drop => false,
     }
@@ -293,10 +304,14 @@ impl Engine {
         }
         let ingested = true;
         let action = self.hold_packet(slot, now, dir, (start, end), raw, ingested);
-        let PacketAction::Hold(id) = action else { return action };
+        // Too many held: this copy is dropped, but its bytes were stored and are judged (the
+        // sender repeats them, and a different copy would be a conflict).
         self.progress(slot, now, dir);
         self.review_held(slot, now);
-        self.take_own_release(id)
+        match action {
+            PacketAction::Hold(id) => self.take_own_release(id),
+            other => other,
+        }
     }
 
     /// Holds the packet being judged for flow `slot` (inspection, or a pause), keeping its bytes
@@ -568,6 +583,7 @@ impl Engine {
         let Some(e) = self.table.get_mut(slot) else { return };
         let held = e.take_held();
         if held.is_empty() {
+            self.tidy_inspection(slot, false);
             return;
         }
         let mut kept = Vec::new();
@@ -637,18 +653,56 @@ impl Engine {
     /// the whole state once nothing is inspected or held.
     fn tidy_inspection(&mut self, slot: Slot, holding: bool) {
         let Some(e) = self.table.get_mut(slot) else { return };
-        let inspected_dirs = [inspected(e, Direction::Outbound), inspected(e, Direction::Inbound)];
+        let tcp = e.protocol == Protocol::Tcp;
+        let modes = [e.mode(Direction::Outbound), e.mode(Direction::Inbound)];
+        let ends = [e.offset(Direction::Outbound), e.offset(Direction::Inbound)];
         let Some(i) = e.inspection_mut() else { return };
-        for (k, on) in inspected_dirs.into_iter().enumerate() {
-            if !on {
-                i.sides[k].buf = None;
+        for k in 0..2 {
+            let sniffed_here = i.sniff.as_ref().is_some_and(|s| index(s.dir) == k);
+            let side = &mut i.sides[k];
+            match modes[k] {
+                Mode::Inspect { .. } | Mode::Pause => {}
+                Mode::Drop => {
+                    side.buf = None;
+                    side.verify_to = None;
+                }
+                Mode::Allow if sniffed_here || side.verify_to.is_some() => {}
+                Mode::Allow => {
+                    // Judged and passing: compare copies until the receiver has the bytes.
+                    if tcp && side.buf.as_ref().is_some_and(|b| b.contiguous_end() > b.start()) {
+                        side.verify_to = Some(ends[k]);
+                    } else {
+                        side.buf = None;
+                    }
+                }
             }
         }
         if !holding {
             i.deadline = None;
         }
-        if !holding && i.sniff.is_none() && !inspected_dirs.contains(&true) {
+        let idle = i.sides.iter().all(|s| s.buf.is_none() && s.verify_to.is_none());
+        if !holding && i.sniff.is_none() && idle {
             e.set_inspection(None);
+        }
+    }
+
+    /// A TCP acknowledgment travelling in `dir`: the other direction's receiver has the bytes
+    /// before `ack`, so a verified direction whose judged bytes it covers is done comparing.
+    pub(super) fn acknowledged(&mut self, slot: Slot, dir: Direction, ack: u32) {
+        let other = match dir {
+            Direction::Outbound => Direction::Inbound,
+            Direction::Inbound => Direction::Outbound,
+        };
+        let Some(e) = self.table.get_mut(slot) else { return };
+        let Some(next) = e.next_seq(other) else { return };
+        let at = e.offset(other) as i64 + i64::from(ack.wrapping_sub(next) as i32);
+        let Some(i) = e.inspection_mut() else { return };
+        let side = &mut i.sides[index(other)];
+        if side.verify_to.is_some_and(|v| at >= v as i64) {
+            side.verify_to = None;
+            side.buf = None;
+            let held = !e.held().is_empty();
+            self.tidy_inspection(slot, held);
         }
     }
 
@@ -710,8 +764,8 @@ impl Engine {
         self.review_held(slot, now);
     }
 
-    /// Held bytes that waited past the hold timeout: the rules' wait ends with what is known;
-    /// a filter's undecided bytes, or a pause, get the configured verdict.
+    /// Held bytes that waited past the hold timeout get the configured verdict: drop, or allow
+    /// (then the rules' wait for a name ends with what is known, and they judge first).
     pub(super) fn expire_holds(&mut self, now: Instant) {
         while let Some(&(at, id)) = self.hold_deadlines.front() {
             if at > now {
@@ -734,7 +788,15 @@ impl Engine {
                 i.deadline = None;
             }
             if self.table.get(slot).and_then(|e| e.inspection()).is_some_and(Inspection::sniffing) {
-                self.end_sniffing(slot, now, None);
+                if self.config.hold_timeout_drop {
+                    // Bytes that looked like the start of a name and never finished (a hello sent
+                    // a byte at a time, slower than the timeout) must not pass as nameless.
+                    if let Some(i) = self.table.get_mut(slot).and_then(|e| e.inspection_mut()) {
+                        i.stop_sniffing();
+                    }
+                } else {
+                    self.end_sniffing(slot, now, None);
+                }
             }
             let undecided = self.table.get(slot).is_some_and(|e| !e.held().is_empty());
             if undecided {
@@ -768,14 +830,16 @@ impl Engine {
         if let Sniff::Found(m) = message
             && m.response
         {
-            let n = self.dns_names.learn(&m, now);
+            let names =
+                self.dns_names.get_or_insert_with(|| Arc::new(crate::dns_names::DnsNames::new(super::DNS_NAMES)));
+            let n = names.learn(&m, now);
             self.stats.dns_learnt += n as u64;
         }
     }
 
     /// The name a DNS answer gave `remote`, as a host for a new flow.
     pub(super) fn dns_host(&self, remote: IpAddr, now: Instant) -> Option<Arc<Host>> {
-        let name = self.dns_names.lookup(remote, now)?;
+        let name = self.dns_names.as_ref()?.lookup(remote, now)?;
         Some(Arc::new(Host { name: Some(name), source: Some(HostSource::Dns), ..Host::default() }))
     }
 }

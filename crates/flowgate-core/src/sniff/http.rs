@@ -19,8 +19,12 @@
 //!   still a request, not another protocol: once its blank line arrives it is `Found` with
 //!   `host: None` and `ambiguous: true`, so the engine can treat it as an attempt to hide the
 //!   host rather than as "not HTTP".
-//! - Several spaces between the request line's words are accepted (RFC 9112 3 allows it); a tab
-//!   there, or a space at the end of the line, is not HTTP/1.x for us.
+//! - Several spaces between the request line's words are accepted (RFC 9112 3 allows it). A
+//!   request line httparse refuses (a tab between words, a blank after the version, a target
+//!   that is not UTF-8 or holds a control byte) but that still reads as `METHOD target
+//!   HTTP/1.x` to a lenient server is treated like a refused header section: found at the
+//!   blank line, ambiguous, no host. Refusing it as "not HTTP" would let a client hide its
+//!   host behind one odd byte.
 //! - Only `HTTP/1.0` and `HTTP/1.1` are HTTP/1.x: the HTTP/2 preface (`PRI * HTTP/2.0`) and
 //!   HTTP/0.9's `GET /` without a version are `NotThis`.
 
@@ -77,8 +81,9 @@ pub struct RequestHead {
 ///
 /// `NeedMore` until the head is complete (its blank line, `\r\n\r\n` or with bare LFs),
 /// `Found` then; `NotThis` as soon as the bytes cannot start an HTTP/1.x request (the method must
-/// be a token of at most 32 bytes followed by a space: a TLS record fails at byte 0, an SSH
-/// banner at the end of its first word), or when the head is longer than [`MAX_HEAD`]. Results
+/// be a token of at most 32 bytes followed by a space or tab: a TLS record fails at byte 0, an
+/// SSH banner at the end of its first word or line; a first line that does not end in
+/// `HTTP/1.0` or `HTTP/1.1` fails at its end), or when the head is longer than [`MAX_HEAD`]. Results
 /// are consistent over a growing stream: `NeedMore` on every prefix shorter than the head, then
 /// the same `Found` (bytes after the head are not read), or `NotThis` from some length on.
 pub fn request_head(stream: &[u8]) -> Sniff<RequestHead> {
@@ -91,21 +96,20 @@ pub fn request_head(stream: &[u8]) -> Sniff<RequestHead> {
         Sniff::NotThis => return Sniff::NotThis,
     };
     let line_and_rest = buf.get(start..).unwrap_or_default();
-    let method_end = line_and_rest.iter().position(|&b| b == b' ');
-    if method_end.map_or(line_and_rest.len() > MAX_METHOD, |end| end > MAX_METHOD) {
+    if !starts_with_method(line_and_rest) {
         return Sniff::NotThis;
     }
-
     let Some(newline) = line_and_rest.iter().position(|&b| b == b'\n') else {
-        // The request line is not complete: ask httparse whether what there is can start one.
-        return match request_line(line_and_rest) {
-            Some(_) => more(),
-            None => Sniff::NotThis,
-        };
+        return more();
     };
     let (line, fields) = line_and_rest.split_at(newline + 1);
     let Some((method, target)) = request_line(line) else {
-        return Sniff::NotThis;
+        // httparse refuses the line. If it still reads as an HTTP/1.x request line, a lenient
+        // server may answer it: a request whose host is not told, not another protocol.
+        return match lenient_request_line(line) {
+            Some((method, target)) => ambiguous_at_blank_line(buf, start + newline, method, target, more),
+            None => Sniff::NotThis,
+        };
     };
 
     let mut stack = [EMPTY_HEADER; STACK_HEADERS];
@@ -121,24 +125,60 @@ pub fn request_head(stream: &[u8]) -> Sniff<RequestHead> {
     match parsed {
         Outcome::Head(head) => Sniff::Found(head),
         Outcome::Partial => more(),
-        Outcome::Malformed => {
-            // The header section is not one httparse reads, but this is a request: it is found
-            // at its blank line (the request line's LF may be the first of the two).
-            let from = start + newline;
-            let tail = buf.get(from..).unwrap_or_default();
-            let ended = tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
-            if ended {
-                Sniff::Found(RequestHead {
-                    method: method.to_owned(),
-                    target: target.to_owned(),
-                    host: None,
-                    ambiguous: true,
-                })
-            } else {
-                more()
-            }
-        }
+        // The header section is not one httparse reads, but this is a request.
+        Outcome::Malformed => ambiguous_at_blank_line(buf, start + newline, method.to_owned(), target.to_owned(), more),
     }
+}
+
+/// A request whose head does not parse cleanly: `Found` (ambiguous, no host) once its blank
+/// line is in `buf`, looking from `from`, the request line's LF (which may be the first LF of
+/// the two); until then what `more` says.
+fn ambiguous_at_blank_line(
+    buf: &[u8],
+    from: usize,
+    method: String,
+    target: String,
+    more: impl Fn() -> Sniff<RequestHead>,
+) -> Sniff<RequestHead> {
+    let tail = buf.get(from..).unwrap_or_default();
+    let ended = tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
+    if ended { Sniff::Found(RequestHead { method, target, host: None, ambiguous: true }) } else { more() }
+}
+
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether `bytes` (from the request line's start) begin with a method: a token of at most
+/// [`MAX_METHOD`] bytes followed by a space or tab, or the start of one.
+fn starts_with_method(bytes: &[u8]) -> bool {
+    match bytes.iter().position(|&b| !is_token(b)) {
+        None => bytes.len() <= MAX_METHOD,
+        Some(end) => end > 0 && end <= MAX_METHOD && matches!(bytes.get(end), Some(b' ' | b'\t')),
+    }
+}
+
+/// A request line httparse refuses but that reads as HTTP/1.x to a lenient server: a method,
+/// blanks (spaces or tabs), a target, blanks, `HTTP/1.0` or `HTTP/1.1`, then blanks, CR and LF
+/// in any amount. The target is everything between the blanks (as lossy UTF-8).
+fn lenient_request_line(line: &[u8]) -> Option<(String, String)> {
+    let blank = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let end = line.iter().rposition(|b| !blank(b))? + 1;
+    let line = line.get(..end)?;
+    let rest = line.strip_suffix(b"HTTP/1.1").or_else(|| line.strip_suffix(b"HTTP/1.0"))?;
+    if !rest.last().is_some_and(|b| matches!(b, b' ' | b'\t')) {
+        return None;
+    }
+    let method_end = rest.iter().position(|&b| !is_token(b))?;
+    let method = rest.get(..method_end)?;
+    let target = rest.get(method_end..)?;
+    let target_start = target.iter().position(|b| !blank(b))?;
+    let target_end = target.iter().rposition(|b| !blank(b))? + 1;
+    let target = target.get(target_start..target_end)?;
+    if method.is_empty() || method.len() > MAX_METHOD {
+        return None;
+    }
+    Some((String::from_utf8_lossy(method).into_owned(), String::from_utf8_lossy(target).into_owned()))
 }
 
 enum Outcome {
@@ -173,9 +213,8 @@ fn skip_empty_lines(buf: &[u8]) -> Sniff<usize> {
     }
 }
 
-/// The method and target of a request line (with its LF), or of the start of one (then the
-/// returned strings may be empty or cut): `None` when the bytes cannot be an HTTP/1.x request
-/// line.
+/// The method and target of a request line (with its LF) as httparse reads it: `None` when it
+/// refuses the line.
 fn request_line(line: &[u8]) -> Option<(&str, &str)> {
     let mut config = ParserConfig::default();
     config.allow_multiple_spaces_in_request_line_delimiters(true);
@@ -340,8 +379,8 @@ mod tests {
         assert_eq!(request_head(b"SSH-2.0-OpenSSH_9.6\r\n"), Sniff::NotThis);
         assert_eq!(request_head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Sniff::NotThis, "HTTP/2 preface");
         assert_eq!(request_head(b"GET /\r\n"), Sniff::NotThis, "HTTP/0.9");
-        assert_eq!(request_head(b"GET / HTTP/1.1 \r\n"), Sniff::NotThis, "a space after the version");
-        assert_eq!(request_head(b"GET\t/ HTTP/1.1\r\n"), Sniff::NotThis, "a tab between words");
+        assert_eq!(request_head(b"GET(/ HTTP/1.1\r\n"), Sniff::NotThis, "a method ended by a non-token");
+        assert_eq!(request_head(b"GET / HTTP/1.1 x\r\n"), Sniff::NotThis, "a line ended by another word");
         assert_eq!(request_head(&[b'A'; MAX_METHOD + 1]), Sniff::NotThis, "a first word too long");
         assert_eq!(request_head(&[b'A'; MAX_METHOD]), Sniff::NeedMore);
         assert_eq!(request_head(b"GET / HTTP/1."), Sniff::NeedMore);
@@ -408,6 +447,24 @@ mod tests {
         assert_eq!((head.method.as_str(), head.target.as_str(), head.host, head.ambiguous), ("GET", "/a", None, true));
         assert_eq!(request_head(&folded[..folded.len() - 2]), Sniff::NeedMore);
         assert_eq!(host(b"GET / HTTP/1.1\r\nHo st: a.example\n\n"), (None, true));
+    }
+
+    #[test]
+    fn a_request_line_httparse_refuses_but_lenient_servers_take_is_ambiguous() {
+        for line in [
+            &b"GET / HTTP/1.1 \r\n"[..],
+            b"GET\t/ HTTP/1.1\r\n",
+            b"GET /\xfc HTTP/1.1\r\n",
+            b"GET /a\x01b\tHTTP/1.0\t\r\r\n",
+        ] {
+            let mut head = line.to_vec();
+            head.extend_from_slice(b"Host: blocked.example\r\n\r\n");
+            assert_eq!(request_head(&head[..head.len() - 1]), Sniff::NeedMore, "{line:?}");
+            let found = found(&head);
+            assert_eq!((found.method.as_str(), found.host, found.ambiguous), ("GET", None, true), "{line:?}");
+        }
+        assert_eq!(found(b"GET /\xfc HTTP/1.1\r\n\r\n").target, "/\u{fffd}");
+        assert_eq!(request_head(b"GET  HTTP/1.1\r\n\r\n"), Sniff::NotThis, "no target");
     }
 
     #[test]
