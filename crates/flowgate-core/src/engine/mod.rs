@@ -649,6 +649,7 @@ impl Engine {
         let closing_linger = self.config.timeouts.tcp_closing;
         let Some(e) = self.table.get_mut(slot) else { return ignored() };
         let id = e.id;
+        let was_dropped = e.verdict() == FlowVerdict::Drop;
         let local = e.local();
         let dir = if p.src == local.ip() && (p.src_port == local.port() || p.protocol == Protocol::Icmp) {
             Direction::Outbound
@@ -748,11 +749,12 @@ impl Engine {
             e.set(bits::KERNEL, true);
             e.seen_gen = generation;
         }
-        // A connection the data plane is about to tear down at both ends (its verdict changed
-        // away from this packet) must not be answered here: a reset to this packet's sender
-        // would close its socket before the teardown can reset the other end through it.
-        let quiet = action == PacketAction::Drop && e.has(bits::ENFORCE_QUEUED);
-        Decision { action, flow: Some(id), settled, silent: e.has(bits::SILENT) || quiet }
+        // A connection the data plane is about to tear down at both ends (its bytes in this
+        // packet dropped it) is left to it: this packet is only dropped, unmarked. A reset
+        // to its sender would close the local socket before the teardown resets the other end
+        // through it, and a mark set here could race the teardown's own.
+        let torn = action == PacketAction::Drop && !was_dropped && e.has(bits::ENFORCE_QUEUED);
+        Decision { action, flow: Some(id), settled: settled && !torn, silent: e.has(bits::SILENT) }
     }
 
     fn on_timer(&mut self, slot: Slot, now: Instant) {

@@ -1119,7 +1119,7 @@ fn flow_filter_drop_from_data_drops_the_flow() {
     e.set_flow_filter(f);
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
-    assert_eq!(e.handle_packet(ms(3), OUT, &c.send(b"EVIL!")), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(3), OUT, &c.send(b"EVIL!")), dropped(id, false));
     let ev = events(&mut e);
     assert_eq!(names(&ev), ["flow.update"]);
     assert_eq!(update_of(&ev[0]), (id, FlowVerdict::Drop, None, UpdateSource::Provider));

@@ -83,7 +83,7 @@ fn a_host_rule_holds_the_client_hello_until_its_name_and_drops_it_unseen() {
         PacketAction::Hold(p) => p,
         other => panic!("the first part must be held, got {other:?}"),
     };
-    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 100, &hello[100..])), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 100, &hello[100..])), dropped(id, false));
     assert_eq!(releases(&mut e), [Release { packet: first, accept: false }], "not one byte passed");
     let ev = events(&mut e);
     assert_eq!(final_verdict(&ev, id), Some((FlowVerdict::Drop, Some("no-blocked".into()), UpdateSource::Host)));
@@ -127,7 +127,7 @@ fn a_client_hello_split_anywhere_or_sent_backwards_byte_by_byte_names_the_same_h
             let id = handshake(&mut e, &mut c, ms(0));
             let first = e.handle_packet(ms(3), OUT, &at(&c, 0, &hello[..cut]));
             assert!(matches!(first.action, PacketAction::Hold(_)), "cut {cut}: {first:?}");
-            assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, cut, &hello[cut..])), dropped(id, true), "cut {cut}");
+            assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, cut, &hello[cut..])), dropped(id, false), "cut {cut}");
         }
         if hello.len() > EngineConfig::default().max_held_per_flow {
             continue;
@@ -139,7 +139,7 @@ fn a_client_hello_split_anywhere_or_sent_backwards_byte_by_byte_names_the_same_h
             let d = e.handle_packet(ms(3), OUT, &at(&c, k, &hello[k..k + 1]));
             assert!(matches!(d.action, PacketAction::Hold(_)), "byte {k}: {d:?}");
         }
-        assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, &hello[..1])), dropped(id, true));
+        assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, &hello[..1])), dropped(id, false));
         assert!(releases(&mut e).iter().all(|r| !r.accept));
         assert_eq!(host_of(&events(&mut e), id).and_then(|h| h.name).as_deref(), Some("a.blocked.example"));
     }
@@ -171,7 +171,7 @@ fn an_http_request_is_judged_by_its_host() {
     let request = b"GET / HTTP/1.1\r\nUser-Agent: t\r\nHost: x.blocked.example:80\r\n\r\n";
     let d = e.handle_packet(ms(3), OUT, &at(&c, 0, &request[..20]));
     assert!(matches!(d.action, PacketAction::Hold(_)));
-    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 20, &request[20..])), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 20, &request[20..])), dropped(id, false));
     let host = host_of(&events(&mut e), id).expect("host");
     assert_eq!((host.name.as_deref(), host.source), (Some("x.blocked.example"), Some(HostSource::Http)));
 }
@@ -184,7 +184,7 @@ fn with_encrypted_client_hello_a_dns_name_comes_before_the_outer_name() {
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
     let hello = client_hello("www.blocked.example", &["h2"], 0, true);
-    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), dropped(id, false));
     let host = host_of(&events(&mut e), id).expect("host");
     assert!(host.ech);
     assert_eq!(host.outer_sni.as_deref(), Some("www.blocked.example"));
@@ -199,7 +199,7 @@ fn with_encrypted_client_hello_a_dns_name_comes_before_the_outer_name() {
     let mut c = Conn::new("198.51.100.1:40001", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(2));
     let hello = client_hello("public.cdn.example", &["h2"], 0, true);
-    assert_eq!(e.handle_packet(ms(5), OUT, &at(&c, 0, &hello)), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(5), OUT, &at(&c, 0, &hello)), dropped(id, false));
     let host = host_of(&events(&mut e), id).expect("host");
     assert_eq!(host.outer_sni.as_deref(), Some("public.cdn.example"));
     assert_eq!((host.name.as_deref(), host.source), (Some("shop.blocked.example"), Some(HostSource::Dns)));
@@ -216,7 +216,7 @@ fn an_inspect_rule_hands_the_flow_to_the_first_later_rule_that_matches_with_its_
     let id = handshake(&mut e, &mut c, ms(0));
     assert_eq!(
         e.handle_packet(ms(3), OUT, &at(&c, 0, &client_hello("blocked.example", &[], 0, false))),
-        dropped(id, true)
+        dropped(id, false)
     );
     assert_eq!(final_verdict(&events(&mut e), id).map(|v| v.1), Some(Some("no-blocked".into())));
 }
@@ -258,7 +258,7 @@ fn a_dns_answer_names_the_address_for_plain_tcp_and_the_first_byte_does_not_pass
     // judge by the DNS name.
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.9:7");
     let id = handshake(&mut e, &mut c, ms(2));
-    assert_eq!(e.handle_packet(ms(5), OUT, &at(&c, 0, b"\x00\x01binary hello")), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(5), OUT, &at(&c, 0, b"\x00\x01binary hello")), dropped(id, false));
     let ev = events(&mut e);
     let host = host_of(&ev, id).unwrap_or_else(|| panic!("host: {ev:?}"));
     assert_eq!((host.name.as_deref(), host.source), (Some("cdn.blocked.example"), Some(HostSource::Dns)));
@@ -313,7 +313,7 @@ fn a_host_verdict_given_before_the_owner_is_known_waits_behind_the_flows_first_e
     let _ = e.handle_packet(ms(1), IN, &c.syn_ack());
     let _ = e.handle_packet(ms(2), OUT, &c.ack());
     let request = b"GET / HTTP/1.1\r\nHost: www.blocked.example\r\n\r\n";
-    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, request)), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, request)), dropped(id, false));
     assert!(events(&mut e).is_empty(), "the first events wait for the owner, the update behind them");
     e.set_owner(id, Some(owner(42, "/usr/bin/curl", 0, "root")));
     let ev = events(&mut e);
@@ -341,7 +341,7 @@ fn a_copy_that_differs_from_judged_bytes_the_receiver_has_not_acknowledged_is_ev
     let bad = client_hello("blocked.example", &["h2"], 0, false);
     assert_eq!(good.len(), bad.len());
     assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &good)), accepted(id, false));
-    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, &bad)), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, &bad)), dropped(id, false));
     assert_eq!(e.stats().overlap_conflicts, 1);
     assert_eq!(
         final_verdict(&events(&mut e), id).map(|v| (v.0, v.2)),
@@ -355,7 +355,7 @@ fn a_request_naming_two_hosts_is_evasion() {
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:80");
     let id = handshake(&mut e, &mut c, ms(0));
     let request = b"GET / HTTP/1.1\r\nHost: allowed.example\r\nHost: www.blocked.example\r\n\r\n";
-    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, request)), dropped(id, true));
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, request)), dropped(id, false));
     assert_eq!(
         final_verdict(&events(&mut e), id).map(|v| (v.0, v.2)),
         Some((FlowVerdict::Drop, UpdateSource::Overlap))
