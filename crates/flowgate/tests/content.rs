@@ -802,10 +802,19 @@ fn a_product_filter_passes_100_bytes_peeks_100_more_and_drops() {
     }
     let calls: Vec<DataCall> = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     lab.host.in_ns(move || running.stop()).expect("stop");
+    let ev = json_lines(&dir.path("events.jsonl"));
     for (port, got, end) in ends {
-        assert_eq!(got.len(), 100, "port {port}: the sink must get exactly the 100 judged bytes");
+        let remote = format!("{SRV_SERVICE_V4}:{port}");
+        let verdicts = flows_to(&ev, &remote).first().map_or(String::from("no flow logged"), |&id| {
+            let lines: Vec<String> = events_of(&ev, id)
+                .iter()
+                .map(|e| format!("{} {} {} {}", e["event"], e["verdict"], e["source"], e["time"]))
+                .collect();
+            lines.join("; ")
+        });
+        assert_eq!(got.len(), 100, "port {port}: the sink must get exactly the 100 judged bytes; events: {verdicts}");
         assert_eq!(got, data[..100], "port {port}: and they are the first 100");
-        assert_ne!(end, Ending::Timeout, "port {port}: the sink's connection was not torn down");
+        assert_ne!(end, Ending::Timeout, "port {port}: the sink's connection was not torn down; events: {verdicts}");
         let mine: Vec<(u64, &[u8])> = calls
             .iter()
             .filter(|c| c.0 == port)
@@ -820,7 +829,6 @@ fn a_product_filter_passes_100_bytes_peeks_100_more_and_drops() {
             "port {port}: data() must see offset 0 then 100, 100 bytes each"
         );
     }
-    let ev = json_lines(&dir.path("events.jsonl"));
     for port in [one_write, ten_writes] {
         let remote = format!("{SRV_SERVICE_V4}:{port}");
         let id = *flows_to(&ev, &remote).first().unwrap_or_else(|| panic!("no flow to {remote}"));
@@ -953,7 +961,8 @@ fn a_client_hello_written_one_byte_at_a_time_is_still_dropped() {
         assert_eq!(
             allowed.as_deref(),
             Ok("hello allowed.example\n"),
-            "one byte at a time to allowed.example from {from}"
+            "one byte at a time to allowed.example from {from}; the flow's verdicts: {}",
+            history(&d, &client(is_cli, aport), TLS_REMOTE)
         );
         if blocking {
             let r = tls.connection_from(&client(is_cli, bport));
