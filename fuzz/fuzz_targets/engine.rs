@@ -42,7 +42,7 @@ use flowgate_fuzz::Input;
 use libfuzzer_sys::fuzz_target;
 
 /// Rule sets the engine starts with and reloads, loaded through the real config loader.
-const RULES: [&str; 3] = [
+const RULES: [&str; 4] = [
     "",
     r#"
 default_action = "allow"
@@ -85,6 +85,27 @@ name = "icmp"
 protocol = "icmp"
 action = "inspect"
 peek = { outbound = 8, inbound = 8 }
+[[rule]]
+name = "named"
+host = ["*.example", "a.test"]
+action = "allow"
+"#,
+    r#"
+default_action = "allow"
+[[rule]]
+name = "no-blocked"
+host = "*.blocked.example"
+action = "drop"
+[[rule]]
+name = "look"
+remote_ports = "8000-9000"
+action = "inspect"
+peek = { outbound = 300, inbound = 0 }
+[[rule]]
+name = "web-by-name"
+host = "www.example"
+remote_ports = "80,443"
+action = "allow"
 "#,
 ];
 

@@ -747,7 +747,11 @@ impl Engine {
             e.set(bits::KERNEL, true);
             e.seen_gen = generation;
         }
-        Decision { action, flow: Some(id), settled, silent: e.has(bits::SILENT) }
+        // A connection the data plane is about to tear down at both ends (its verdict changed
+        // away from this packet) must not be answered here: a reset to this packet's sender
+        // would close its socket before the teardown can reset the other end through it.
+        let quiet = action == PacketAction::Drop && e.has(bits::ENFORCE_QUEUED);
+        Decision { action, flow: Some(id), settled, silent: e.has(bits::SILENT) || quiet }
     }
 
     fn on_timer(&mut self, slot: Slot, now: Instant) {

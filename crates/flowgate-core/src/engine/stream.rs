@@ -197,32 +197,20 @@ fn span_end(e: &Entry, dir: Direction) -> u64 {
     sniff.max(peek)
 }
 
-/// The host a ClientHello names for the rules: its SNI, unless Encrypted Client Hello hides the
-/// real name (then the outer name is kept as such, and the DNS name, if any, stays the name).
+/// The host a ClientHello names for the rules: its server name. With Encrypted Client Hello the
+/// server name is only the outer one (a public name, or the real one: browsers send a decoy ECH
+/// extension on every connection, and the two look the same on the wire), so a name a DNS answer
+/// gave the address comes first then, and the outer name is used only when there is none.
 fn host_of_hello(hello: ClientHello, source: HostSource, dns: Option<&Host>) -> Host {
     let dns_name = dns.filter(|h| h.source == Some(HostSource::Dns)).and_then(|h| h.name.clone());
-    if hello.ech {
-        Host {
-            source: dns_name.as_ref().map(|_| HostSource::Dns),
-            name: dns_name,
-            alpn: hello.alpn,
-            ech: true,
-            outer_sni: hello.sni,
-        }
-    } else {
-        match hello.sni {
-            Some(name) => {
-                Host { name: Some(name.into()), source: Some(source), alpn: hello.alpn, ech: false, outer_sni: None }
-            }
-            None => Host {
-                source: dns_name.as_ref().map(|_| HostSource::Dns),
-                name: dns_name,
-                alpn: hello.alpn,
-                ech: false,
-                outer_sni: None,
-            },
-        }
-    }
+    let (name, from) = match (hello.ech, dns_name, hello.sni.as_deref()) {
+        (true, Some(d), _) => (Some(d), Some(HostSource::Dns)),
+        (_, _, Some(sni)) => (Some(sni.into()), Some(source)),
+        (_, Some(d), None) => (Some(d), Some(HostSource::Dns)),
+        (_, None, None) => (None, None),
+    };
+    let outer_sni = if hello.ech { hello.sni } else { None };
+    Host { name, source: from, alpn: hello.alpn, ech: hello.ech, outer_sni }
 }
 
 impl Engine {

@@ -177,16 +177,32 @@ fn an_http_request_is_judged_by_its_host() {
 }
 
 #[test]
-fn encrypted_client_hello_shows_its_outer_name_without_trusting_it() {
+fn with_encrypted_client_hello_a_dns_name_comes_before_the_outer_name() {
+    // No DNS answer: the outer name is all there is (browsers send a decoy ECH extension on
+    // every connection, with the real name outside): it is judged, marked as outer.
     let mut e = blocking();
     let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:443");
     let id = handshake(&mut e, &mut c, ms(0));
-    let hello = client_hello("public.blocked.example", &["h2"], 0, true);
-    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), accepted(id, false));
+    let hello = client_hello("www.blocked.example", &["h2"], 0, true);
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, &hello)), dropped(id, true));
     let host = host_of(&events(&mut e), id).expect("host");
     assert!(host.ech);
-    assert_eq!(host.outer_sni.as_deref(), Some("public.blocked.example"));
-    assert_eq!(host.name, None, "the outer name is not the flow's");
+    assert_eq!(host.outer_sni.as_deref(), Some("www.blocked.example"));
+    assert_eq!((host.name.as_deref(), host.source), (Some("www.blocked.example"), Some(HostSource::Sni)));
+
+    // A DNS answer named the address: that name is judged, not the outer one.
+    let mut e = blocking();
+    let (client, server) = (sa("198.51.100.1:53000"), sa("198.51.100.53:53"));
+    let _ = e.handle_packet(ms(0), OUT, &udp(client, server, b"query"));
+    let answer = dns_answer("shop.blocked.example", "edge.cdn.example", &[[203, 0, 113, 7]], 300);
+    let _ = e.handle_packet(ms(1), IN, &udp(server, client, &answer));
+    let mut c = Conn::new("198.51.100.1:40001", "203.0.113.7:443");
+    let id = handshake(&mut e, &mut c, ms(2));
+    let hello = client_hello("public.cdn.example", &["h2"], 0, true);
+    assert_eq!(e.handle_packet(ms(5), OUT, &at(&c, 0, &hello)), dropped(id, true));
+    let host = host_of(&events(&mut e), id).expect("host");
+    assert_eq!(host.outer_sni.as_deref(), Some("public.cdn.example"));
+    assert_eq!((host.name.as_deref(), host.source), (Some("shop.blocked.example"), Some(HostSource::Dns)));
 }
 
 #[test]
