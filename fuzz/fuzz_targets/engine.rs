@@ -253,6 +253,13 @@ impl Harness {
             drop_unparsable: settings & 0x80 != 0,
             provider_budget: Duration::from_secs(3600),
             owner_wait: (extra & 0x40 != 0).then(|| short(50)),
+            // Short, small and strict or lenient, so the input reaches every bound.
+            hold_timeout: short(if extra & 0x80 != 0 { 200 } else { 3_000 }),
+            hold_timeout_drop: extra & 0x80 == 0,
+            overlap_drop: settings & 0x04 == 0,
+            sniff_window: if extra & 0x80 != 0 { 64 } else { 16 * 1024 },
+            max_inspect_span: if extra & 0x80 != 0 { 256 } else { 64 * 1024 },
+            max_held_per_flow: if extra & 0x80 != 0 { 4 } else { 512 },
         };
         let rules = rule_sets()[usize::from(extra >> 4) % RULES.len()].clone();
         let mut engine = Engine::new(config.clone(), rules);

@@ -194,7 +194,8 @@ impl Default for EngineConfig {
             hold_timeout: Duration::from_secs(10),
             hold_timeout_drop: true,
             overlap_drop: true,
-            sniff_window: 16 * 1024,
+            // A request head may be 32 KiB (nginx's limit), a ClientHello 16 KiB.
+            sniff_window: crate::sniff::http::MAX_HEAD.max(crate::sniff::tls::MAX_CLIENT_HELLO) as u32,
             max_inspect_span: 64 * 1024,
             max_held_per_flow: 512,
         }

@@ -389,6 +389,22 @@ impl Engine {
             }
             if found.is_none() && s.http {
                 match sniff::http::request_head(data) {
+                    // Two hosts in one head (two Host lines, a Host against the target, a line
+                    // servers read but the parser does not): which one the server takes is
+                    // unknown, so it is an evasion attempt, like overlapping bytes that differ.
+                    Sniff::Found(h) if h.ambiguous => {
+                        self.stats.overlap_conflicts += 1;
+                        if let Some(i) = self.table.get_mut(slot).and_then(|e| e.inspection_mut()) {
+                            i.stop_sniffing();
+                        }
+                        let verdict = if self.config.overlap_drop { DataVerdict::Drop } else { DataVerdict::Allow };
+                        if self.config.overlap_drop {
+                            self.apply(slot, now, verdict, None, UpdateSource::Overlap);
+                        } else {
+                            self.end_sniffing(slot, now, None);
+                        }
+                        return true;
+                    }
                     Sniff::Found(h) => {
                         found = Some(match h.host {
                             Some(name) => {

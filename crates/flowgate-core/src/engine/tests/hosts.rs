@@ -348,3 +348,17 @@ fn a_copy_that_differs_from_judged_bytes_the_receiver_has_not_acknowledged_is_ev
         Some((FlowVerdict::Drop, UpdateSource::Overlap))
     );
 }
+
+#[test]
+fn a_request_naming_two_hosts_is_evasion() {
+    let mut e = blocking();
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:80");
+    let id = handshake(&mut e, &mut c, ms(0));
+    let request = b"GET / HTTP/1.1\r\nHost: allowed.example\r\nHost: www.blocked.example\r\n\r\n";
+    assert_eq!(e.handle_packet(ms(3), OUT, &at(&c, 0, request)), dropped(id, true));
+    assert_eq!(
+        final_verdict(&events(&mut e), id).map(|v| (v.0, v.2)),
+        Some((FlowVerdict::Drop, UpdateSource::Overlap))
+    );
+    assert_eq!(e.stats().overlap_conflicts, 1);
+}
