@@ -568,7 +568,12 @@ fn run_one(kind: Kind, opts: &Opts, round: usize, request: &Arc<Vec<u8>>) -> Res
         Kind::Floor => floor = Some(Floor::start(&lab.host, judged.clone())?),
         Kind::Flowgate | Kind::Inspect => {
             let tmp = TempDir::new(&format!("{}-r{round}", kind.name()))?;
-            let extra = format!("default_action = \"allow\"\n{}", if kind == Kind::Inspect { HOST_RULE } else { "" });
+            // Owners are not asked for: their lookups are measured apart (`bench/owners.sh`);
+            // this measures the inspect path.
+            let extra = format!(
+                "default_action = \"allow\"\nattribution = \"off\"\n{}",
+                if kind == Kind::Inspect { HOST_RULE } else { "" }
+            );
             let config = daemon::write_config(&tmp, &extra)?;
             let ready = Daemon::start(&lab.host, &opts.flowgate, &config, &DAEMON)?;
             daemon = Some((ready.daemon, tmp));
@@ -628,7 +633,7 @@ fn run(opts: &Opts, command: &str) -> Result<()> {
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     for k in [Kind::Flowgate, Kind::Inspect] {
         let text = format!(
-            "run_dir = \"/nonexistent\"\nqueues = 2\ndefault_action = \"allow\"\n{}",
+            "run_dir = \"/nonexistent\"\nqueues = 2\ndefault_action = \"allow\"\nattribution = \"off\"\n{}",
             if k == Kind::Inspect { HOST_RULE } else { "" }
         );
         flowgate::config::parse(Path::new("inspect.toml"), &text)

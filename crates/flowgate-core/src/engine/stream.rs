@@ -658,6 +658,9 @@ impl Engine {
     fn tidy_inspection(&mut self, slot: Slot, holding: bool) {
         let Some(e) = self.table.get_mut(slot) else { return };
         let tcp = e.protocol == Protocol::Tcp;
+        // A local socket's retransmissions come from its own send queue, the same bytes: only
+        // a sender elsewhere (inbound bytes, a forwarded flow) can send a different copy.
+        let remote_sender = [e.has(bits::FORWARDED), true];
         let modes = [e.mode(Direction::Outbound), e.mode(Direction::Inbound)];
         let ends = [e.offset(Direction::Outbound), e.offset(Direction::Inbound)];
         let Some(i) = e.inspection_mut() else { return };
@@ -673,7 +676,7 @@ impl Engine {
                 Mode::Allow if sniffed_here || side.verify_to.is_some() => {}
                 Mode::Allow => {
                     // Judged and passing: compare copies until the receiver has the bytes.
-                    if tcp && side.buf.as_ref().is_some_and(|b| b.contiguous_end() > b.start()) {
+                    if tcp && remote_sender[k] && side.buf.as_ref().is_some_and(|b| b.contiguous_end() > b.start()) {
                         side.verify_to = Some(ends[k]);
                     } else {
                         side.buf = None;
