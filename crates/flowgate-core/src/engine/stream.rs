@@ -659,8 +659,11 @@ impl Engine {
         let Some(e) = self.table.get_mut(slot) else { return };
         let tcp = e.protocol == Protocol::Tcp;
         // A local socket's retransmissions come from its own send queue, the same bytes: only
-        // a sender elsewhere (inbound bytes, a forwarded flow) can send a different copy.
-        let remote_sender = [e.has(bits::FORWARDED), true];
+        // a sender elsewhere (inbound bytes, a forwarded flow) can send a different copy. Live,
+        // that spares local flows the packets until the acknowledgement; without a kernel to hand
+        // flows to (replay, where who sent a capture's packets is not known) every direction is
+        // compared.
+        let remote_sender = [e.has(bits::FORWARDED) || !self.config.kernel_offload, true];
         let modes = [e.mode(Direction::Outbound), e.mode(Direction::Inbound)];
         let ends = [e.offset(Direction::Outbound), e.offset(Direction::Inbound)];
         let Some(i) = e.inspection_mut() else { return };

@@ -74,7 +74,7 @@ fn segments_out_of_order_are_shown_in_order_and_released_together() {
     let id = handshake(&mut e, &mut c, ms(0));
     let late = hold_id(e.handle_packet(ms(3), OUT, &at(&c, 5, b"fghij")));
     assert!(log.lock().expect("log").data.is_empty(), "a gap: nothing to show yet");
-    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, b"abcde")), accepted(id, true));
+    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, b"abcde")), accepted(id, false));
     assert_eq!(log.lock().expect("log").data, [(id, Direction::Outbound, 0, b"abcdefghij".to_vec())]);
     assert_eq!(releases(&mut e), [Release { packet: late, accept: true }]);
 }
@@ -142,7 +142,7 @@ fn a_segment_far_past_what_is_kept_is_dropped() {
         Expect { action: PacketAction::Drop, flow: Some(id), settled: false }
     );
     assert_eq!(e.stats().out_of_window, 1);
-    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, b"0123456789")), accepted(id, true));
+    assert_eq!(e.handle_packet(ms(4), OUT, &at(&c, 0, b"0123456789")), accepted(id, false));
 }
 
 #[test]
@@ -155,7 +155,7 @@ fn a_window_far_into_the_stream_is_shown_and_what_passes_before_it_is_not_kept()
     for k in 0..200 {
         assert_eq!(e.handle_packet(ms(4 + k), OUT, &c.send(&chunk)), accepted(id, false), "chunk {k}");
     }
-    assert_eq!(e.handle_packet(ms(300), OUT, &c.send(b"ABCDEFGHIJKL")), accepted(id, true));
+    assert_eq!(e.handle_packet(ms(300), OUT, &c.send(b"ABCDEFGHIJKL")), accepted(id, false));
     let shown = log.lock().expect("log").data.clone();
     assert_eq!(shown[1], (id, Direction::Outbound, 200_010, b"ABCDEFGHIJ".to_vec()));
 }
