@@ -174,8 +174,6 @@ impl Engine {
             if let Some(window) = fm.sniff {
                 self.start_sniffing(w.slot, window);
             }
-            // The packets held meanwhile meet the verdict now (bytes among them are read first).
-            self.review_held(w.slot, self.last_now);
             first = Some((verdict, f, peek));
         }
         for mut ev in w.events {
@@ -192,6 +190,11 @@ impl Engine {
                 _ => {}
             }
             self.events.push_back(ev);
+        }
+        // The packets held meanwhile meet the verdict now (bytes among them are read first),
+        // after the first events: what reading them decides comes later.
+        if first.is_some() {
+            self.review_held(w.slot, self.last_now);
         }
     }
 }

@@ -380,3 +380,25 @@ fn a_request_naming_two_hosts_is_evasion() {
     );
     assert_eq!(e.stats().overlap_conflicts, 1);
 }
+
+#[test]
+fn bytes_held_while_the_owner_was_asked_are_read_after_the_flows_first_events() {
+    // A process rule holds the flow (its SYN, its request) until the owner is known; then the
+    // request is read for its name: its verdict comes after the first events (the engine fuzz
+    // target found it before them).
+    let rules = vec![
+        super::process_rule("curl", "/usr/bin/curl", Action::Allow),
+        host_rule("no-blocked", "*.blocked.example", Action::Drop),
+    ];
+    let mut e = owner_engine(rules);
+    let mut c = Conn::new("198.51.100.1:40000", "203.0.113.7:80");
+    let id = e.handle_packet(ms(0), OUT, &c.syn()).flow.expect("tracked");
+    let _ = e.handle_packet(ms(1), IN, &c.syn_ack());
+    let _ = e.handle_packet(ms(2), OUT, &c.ack());
+    let request = b"GET / HTTP/1.1\r\nHost: www.blocked.example\r\n\r\n";
+    assert!(matches!(e.handle_packet(ms(3), OUT, &at(&c, 0, request)).action, PacketAction::Hold(_)));
+    e.set_owner(id, Some(owner(7, "/usr/bin/wget", 0, "root")));
+    let ev = events(&mut e);
+    assert_eq!(names(&ev), ["flow.new", "flow.verdict", "flow.update"], "{ev:?}");
+    assert_eq!(final_verdict(&ev, id).map(|v| (v.0, v.2)), Some((FlowVerdict::Drop, UpdateSource::Host)));
+}
