@@ -285,7 +285,9 @@ impl Engine {
             return PacketAction::Drop;
         }
         let kept_from = buf.start();
-        if start >= kept_from + span as u64 || (span_end > 0 && start >= span_end.max(line_now) + span as u64) {
+        // (A direction the rules read while a product's filter judges has an endless window.)
+        let limit = kept_from.saturating_add(span as u64);
+        if start >= limit || (span_end > 0 && start >= span_end.max(line_now).saturating_add(span as u64)) {
             // Beyond anything kept: the receiver may not even take it; it comes again.
             self.stats.out_of_window += 1;
             return PacketAction::Drop;
